@@ -1,0 +1,369 @@
+"""`python -m shards.build`: transcode a labelled video collection into WebDataset tar shards for DALI.
+
+    python -m shards.build --csv kinetics400/train.csv --root kinetics400/videos --split train --out shards/k400/train
+    python -m shards.build --csv kinetics400/val.csv --root kinetics400/videos --split val --out shards/k400/val \
+        --classes shards/k400/train/manifest.json
+
+Flow: read the inputs (shards.inputs) -> plan: sort by key, shuffle with --seed -> a process pool transcodes
+(shards.transcode) while a single writer consumes the results in plan order through a bounded window (so the output
+is the same for any --workers and at most ~2 x workers videos are held in memory) -> tar shards + DALI indexes
+(shards.writer), a resume marker per finished shard (shards.resume) -> failures.jsonl, then manifest.json last.
+Format: shards/format.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import itertools
+import json
+import multiprocessing
+import os
+import random
+import signal
+import sys
+import time
+from collections import deque
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+from typing import Iterator
+
+from tqdm import tqdm
+
+from shards import format as fmt
+from shards.inputs import InputError, VideoInput, collect_inputs
+from shards.resume import BuildConflict, BuildState, inputs_digest
+from shards.transcode import CODECS, EncodeSettings, TranscodeResult, ffmpeg_version, transcode
+from shards.writer import ShardWriter, member_bytes
+
+MAX_PRINTED_FAILURES = 20
+
+
+def plan_order(videos: list[VideoInput], seed: int) -> list[VideoInput]:
+    """The order samples are written in: sorted by key (independent of listing order), then shuffled by seed."""
+    order = sorted(videos, key=lambda v: v.key)
+    random.Random(seed).shuffle(order)
+    return order
+
+
+def _ignore_sigint() -> None:
+    """Workers leave Ctrl-C to the main process, which stops the build (ffmpeg children still stop at once)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def ordered_transcodes(items: list[VideoInput], settings: EncodeSettings, workers: int, workdir: str,
+                       window: int | None = None) -> Iterator[tuple[VideoInput, TranscodeResult]]:
+    """Transcode `items` on `workers` processes, yielding results in the order of `items`.
+
+    At most `window` transcodes are submitted ahead of the one the writer waits for, which bounds memory (each
+    finished result holds its video bytes) and still lets fast videos run past a slow one.
+    """
+    if workers <= 1:
+        for item in items:
+            yield item, transcode(item.source, settings, workdir)
+        return
+    window = window or 2 * workers
+    # spawn: the pool may be started from a process that already runs threads (DALI, torch, pytest); forking
+    # such a process can deadlock. Workers need little more than shards.transcode.
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+                             initializer=_ignore_sigint) as pool:
+        pending: deque = deque()
+        feed = iter(items)
+        try:
+            for item in itertools.islice(feed, window):
+                pending.append((item, pool.submit(transcode, item.source, settings, workdir)))
+            while pending:
+                item, future = pending.popleft()
+                result = future.result()
+                nxt = next(feed, None)
+                if nxt is not None:
+                    pending.append((nxt, pool.submit(transcode, nxt.source, settings, workdir)))
+                yield item, result
+        finally:
+            for _, future in pending:
+                future.cancel()
+
+
+def sample_members(item: VideoInput, result: TranscodeResult, label: int, sample_id: int,
+                   codec: str) -> list[tuple[str, bytes]]:
+    """The tar members of one sample, in the order format.py lists them."""
+    info = result.info
+    meta = {
+        "key": item.key, "source": item.source, "label": label, "label_name": item.label_name,
+        "fps": round(info.fps, 6), "num_frames": info.num_frames, "width": info.width, "height": info.height,
+        "duration": round(info.duration, 6), "codec": codec, "sample_id": sample_id,
+    }
+    return [
+        (fmt.VIDEO_EXT, result.data),
+        (fmt.LABEL_EXT, str(label).encode()),
+        (fmt.META_EXT, json.dumps(meta, sort_keys=True, separators=(",", ":")).encode()),
+        (fmt.INFO_EXT, fmt.pack_info(info.num_frames, label, sample_id)),
+    ]
+
+
+def _write_text_atomically(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _format_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if n < 1000 or unit == "TB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1000
+    return f"{n:.1f} TB"
+
+
+class ShardSink:
+    """Groups transcoded samples into shards in plan order and records a resume marker per finished shard."""
+
+    def __init__(self, state: BuildState, split: str, codec: str, classes_index, kept: list[dict],
+                 max_bytes: int | None, max_samples: int | None) -> None:
+        self.state, self.split, self.codec, self.label_of = state, split, codec, classes_index
+        self.max_bytes, self.max_samples = max_bytes, max_samples
+        self.markers = list(kept)
+        self.next_sample_id = sum(m["num_samples"] for m in kept)
+        self.position = kept[-1]["plan_end"] if kept else 0  # plan position the next open shard starts at
+        self.writer: ShardWriter | None = None
+        self.pending_failures: list[dict] = []
+        self.shard_frames = 0
+        self.shard_duration = 0.0
+
+    def add_failure(self, item: VideoInput, reason: str) -> None:
+        self.pending_failures.append({"source": item.source, "key": item.key, "reason": reason})
+
+    def add_sample(self, position: int, item: VideoInput, result: TranscodeResult) -> None:
+        label = self.label_of(item.label_name)
+        members = sample_members(item, result, label, self.next_sample_id, self.codec)
+        size = sum(member_bytes(len(data)) for _, data in members)
+        if self.writer is not None and (
+                (self.max_samples and len(self.writer.keys) >= self.max_samples)
+                or (self.max_bytes and self.writer.bytes_written + size > self.max_bytes)):
+            self.close_shard(position)
+        if self.writer is None:
+            self.writer = ShardWriter(self.state.out_dir, fmt.shard_name(self.split, len(self.markers)),
+                                      self.state.work_dir)
+            self.first_sample_id = self.next_sample_id
+        self.writer.add_sample(item.key, members)
+        self.next_sample_id += 1
+        self.shard_frames += result.info.num_frames
+        self.shard_duration += result.info.duration
+
+    def close_shard(self, plan_end: int) -> None:
+        """Finish the open shard; it owns plan positions [self.position, plan_end) and their failures."""
+        record = self.writer.close()
+        marker = {
+            "shard": len(self.markers), "tar": record.tar, "index": record.index,
+            "num_samples": record.num_samples, "bytes": record.bytes, "sha256": record.sha256,
+            "first_sample_id": self.first_sample_id, "plan_start": self.position, "plan_end": plan_end,
+            "keys": record.keys, "failures": self.pending_failures, "num_frames": self.shard_frames,
+            "duration": round(self.shard_duration, 6),
+        }
+        self.state.record_shard(marker)
+        self.markers.append(marker)
+        self.writer, self.pending_failures = None, []
+        self.position, self.shard_frames, self.shard_duration = plan_end, 0, 0.0
+
+    def finish(self, plan_end: int) -> list[dict]:
+        """Close the last shard; returns the failures that belong to no shard (only when no shard was written)."""
+        if self.writer is not None:
+            self.close_shard(plan_end)
+            return []
+        if self.markers and self.pending_failures:
+            # Failures after the last written shard of an earlier run cannot happen (the last shard is closed
+            # at the end of the plan), but stay safe: attach them to the last shard's record.
+            self.markers[-1]["failures"].extend(self.pending_failures)
+            self.pending_failures = []
+        return self.pending_failures
+
+    def abort(self) -> None:
+        if self.writer is not None:
+            self.writer.abort()
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="python -m shards.build",
+        description="Transcode a labelled video collection into WebDataset tar shards + DALI index files.")
+    src = p.add_argument_group("inputs (exactly one of --csv, --list, --folders)")
+    src.add_argument("--csv", help="Kinetics annotation CSV (label,youtube_id,time_start,time_end,split[,is_cc])")
+    src.add_argument("--list", help="list file: one 'relative/path LABEL' per line (LABEL an index or a name)")
+    src.add_argument("--folders", help="a folder per class: DIR/<class name>/**/<video>")
+    src.add_argument("--root", help="video root for --csv (flat or a folder per label) and --list "
+                                    "(default: the list's folder)")
+    src.add_argument("--classes", help="class names in index order: a text file (one per line), a JSON list, "
+                                       "or a manifest.json to reuse (so val agrees with train)")
+    src.add_argument("--all-rows", action="store_true", help="--csv: use every row, ignoring the split column")
+    out = p.add_argument_group("output")
+    out.add_argument("--out", required=True, help="output directory (one split per directory)")
+    out.add_argument("--split", required=True, help="split name: shard prefix, and the CSV rows selected")
+    out.add_argument("--seed", type=int, default=0, help="shuffle seed for the order of samples across shards (default 0)")
+    out.add_argument("--shard-size-mb", type=float, default=None,
+                     help="start a new shard before one would exceed this size (default 1000 unless "
+                          "--samples-per-shard is given)")
+    out.add_argument("--samples-per-shard", type=int, default=None, help="at most this many samples per shard")
+    out.add_argument("--overwrite", action="store_true", help="discard an earlier build in --out and start over")
+    enc = p.add_argument_group("transcoding")
+    enc.add_argument("--codec", choices=CODECS, default="vp9",
+                     help="vp9: DALI decodes it on CPU and GPU; h264: GPU (NVDEC) only; mjpeg: intra-only, "
+                          "cheapest to decode, ~7x larger (default vp9)")
+    enc.add_argument("--short-side", type=int, default=320, help="scale so the short side has this many pixels (default 320)")
+    enc.add_argument("--fps", type=float, default=None, help="output frame rate (default: the source's)")
+    enc.add_argument("--gop", type=int, default=16, help="keyframe interval in frames: bounds the frames decoded per seek (default 16)")
+    enc.add_argument("--quality", type=int, default=None,
+                     help="crf for vp9 (default 36) and h264 (default 23); q:v 2-31 for mjpeg (default 3)")
+    enc.add_argument("--threads", type=int, default=1,
+                     help="ffmpeg threads per video; part of the output's identity (encoders' bytes depend on "
+                          "it). Parallelism comes from --workers (default 1)")
+    enc.add_argument("--min-frames", type=int, default=16, help="skip videos with fewer frames after transcoding (default 16)")
+    enc.add_argument("--tolerate-decode-errors", action="store_true",
+                     help="keep videos whose source has decoding errors (ffmpeg conceals them) instead of "
+                          "skipping them")
+    run = p.add_argument_group("running")
+    run.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0)),
+                     help="parallel transcoding processes (default: the CPUs available)")
+    run.add_argument("--timeout", type=float, default=600.0, help="seconds per video before ffmpeg is killed (default 600)")
+    run.add_argument("--quiet", action="store_true", help="no progress bar")
+    args = p.parse_args(argv)
+    if args.shard_size_mb is None and args.samples_per_shard is None:
+        args.shard_size_mb = 1000.0
+    if args.samples_per_shard is not None and args.samples_per_shard < 1:
+        p.error("--samples-per-shard must be >= 1")
+    if args.workers < 1:
+        p.error("--workers must be >= 1")
+    return args
+
+
+def build(args: argparse.Namespace) -> int:
+    """Run one build; returns the process exit code (0 done, 1 nothing to do or nothing succeeded)."""
+    started = time.perf_counter()
+    out_dir = Path(args.out)
+    try:
+        inputs = collect_inputs(csv_path=args.csv, list_path=args.list, folders=args.folders, root=args.root,
+                                split=args.split, classes_file=args.classes, all_rows=args.all_rows)
+        settings = EncodeSettings(codec=args.codec, short_side=args.short_side, fps=args.fps, gop=args.gop,
+                                  quality=args.quality, threads=args.threads, min_frames=args.min_frames,
+                                  timeout=args.timeout, tolerate_decode_errors=args.tolerate_decode_errors)
+    except (InputError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    plan = plan_order(inputs.videos, args.seed)
+    source_desc = args.csv or args.list or args.folders
+    if not plan:
+        extra = f" ({len(inputs.rejected)} rejected: {inputs.rejected[0]['reason']})" if inputs.rejected else ""
+        print(f"error: no inputs: {source_desc} lists no videos for split {args.split!r}{extra}", file=sys.stderr)
+        return 1
+
+    params = {
+        "split": args.split, **settings.output_params(), "seed": args.seed,
+        "shard_size_mb": args.shard_size_mb, "samples_per_shard": args.samples_per_shard,
+        "input": {"csv": args.csv, "list": args.list, "folders": args.folders, "root": args.root,
+                  "classes": args.classes, "all_rows": args.all_rows},
+    }
+    identity = {"params": params, "inputs_sha256": inputs_digest(plan, inputs.classes)}
+    state = BuildState(out_dir, args.split)
+    try:
+        resume = state.prepare(identity, overwrite=args.overwrite)
+    except BuildConflict as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    if resume.complete:
+        print(f"shards: {out_dir} already holds this build ({fmt.MANIFEST_NAME} present); nothing to do "
+              f"(use --overwrite to rebuild)", file=sys.stderr)
+        return 0
+
+    sink = ShardSink(state, args.split, args.codec, inputs.label_index, resume.markers,
+                     int(args.shard_size_mb * 1e6) if args.shard_size_mb else None, args.samples_per_shard)
+    start = sink.position
+    if resume.markers:
+        print(f"shards: resuming: keeping {len(resume.markers)} finished shard(s) "
+              f"({sink.next_sample_id} samples), {len(plan) - start} of {len(plan)} videos to go", file=sys.stderr)
+    run_ok = run_failed = 0
+    run_source_seconds = 0.0
+    printed = 0
+    bar = tqdm(total=len(plan), initial=start, unit="video", desc=f"shards {args.split}", disable=args.quiet,
+               dynamic_ncols=True, smoothing=0.05)
+    try:
+        results = contextlib.closing(ordered_transcodes(plan[start:], settings, args.workers, str(state.work_dir)))
+        with results as ordered:
+            for position, (item, result) in enumerate(ordered, start=start):
+                if result.ok:
+                    sink.add_sample(position, item, result)
+                    run_ok += 1
+                    run_source_seconds += result.info.duration
+                else:
+                    sink.add_failure(item, result.reason)
+                    run_failed += 1
+                    if printed < MAX_PRINTED_FAILURES:
+                        tqdm.write(f"skipped {item.source}: {result.reason}", file=sys.stderr)
+                        printed += 1
+                        if printed == MAX_PRINTED_FAILURES:
+                            tqdm.write("(further failures only in failures.jsonl)", file=sys.stderr)
+                bar.update(1)
+                bar.set_postfix(ok=run_ok, failed=run_failed, shards=len(sink.markers), refresh=False)
+        orphan_failures = sink.finish(len(plan))
+    except KeyboardInterrupt:
+        sink.abort()
+        bar.close()
+        print(f"\nshards: interrupted; {len(sink.markers)} finished shard(s) kept in {out_dir}; re-run the same "
+              f"command to resume", file=sys.stderr)
+        return 130
+    except BaseException:
+        sink.abort()
+        bar.close()
+        raise
+    bar.close()
+
+    failures = list(inputs.rejected) + [f for m in sink.markers for f in m["failures"]] + orphan_failures
+    _write_text_atomically(out_dir / fmt.FAILURES_NAME, "".join(json.dumps(f) + "\n" for f in failures))
+    num_samples = sum(m["num_samples"] for m in sink.markers)
+    if num_samples == 0:
+        state.finish()
+        first = f"; first: {failures[0]['source']}: {failures[0]['reason']}" if failures else ""
+        print(f"error: nothing succeeded: all {len(plan)} videos failed (see {out_dir / fmt.FAILURES_NAME}){first}",
+              file=sys.stderr)
+        return 1
+
+    removed = state.remove_stale_shards(len(sink.markers))
+    manifest = {
+        "format": fmt.FORMAT_VERSION,
+        "split": args.split,
+        "codec": args.codec,
+        "params": params,
+        "inputs_sha256": identity["inputs_sha256"],
+        "ffmpeg": ffmpeg_version(),
+        "classes": inputs.classes,
+        "num_samples": num_samples,
+        "num_failures": len(failures),
+        "num_inputs": len(plan) + len(inputs.rejected),
+        "num_frames": sum(m["num_frames"] for m in sink.markers),
+        "duration": round(sum(m["duration"] for m in sink.markers), 3),
+        "shards": [{k: m[k] for k in ("tar", "index", "num_samples", "bytes", "sha256", "first_sample_id")}
+                   for m in sink.markers],
+        "keys": [k for m in sink.markers for k in m["keys"]],
+    }
+    _write_text_atomically(out_dir / fmt.MANIFEST_NAME, json.dumps(manifest, indent=1) + "\n")
+    state.finish()
+
+    elapsed = time.perf_counter() - started
+    total_bytes = sum(m["bytes"] for m in sink.markers)
+    done_now = run_ok + run_failed
+    print(f"shards: {args.split}: {num_samples} samples in {len(sink.markers)} shards "
+          f"({_format_bytes(total_bytes)}, {args.codec}), {len(failures)} skipped "
+          f"(see {fmt.FAILURES_NAME}); this run: {done_now} videos in {elapsed:.1f} s = "
+          f"{done_now / elapsed:.2f} videos/s, {run_source_seconds / elapsed:.1f} source-s/s "
+          f"with {args.workers} workers -> {out_dir / fmt.MANIFEST_NAME}"
+          + (f" (removed stale {', '.join(removed)})" if removed else ""), file=sys.stderr)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return build(parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,313 @@
+"""`python -m shards.verify DIR`: check a shard directory against its manifest, down to decoded frame counts.
+
+Checks, each problem printed as one line naming the shard and sample:
+- the manifest: format, totals (num_samples, keys, failures.jsonl lines), per-shard first_sample_id continuity;
+- each shard: size and sha256 as the manifest says; its DALI index file equal, entry by entry, to the tar's
+  members as Python's tarfile reads them (name, data offset, size);
+- each sample: exactly the members KEY.mp4/.cls/.json/.info; key = manifest keys[sample_id]; cls, json and info
+  agree (label, label name against the class list, sample id, frame count); the MP4's own tables (stsz) agree
+  with the claimed frame count, width and height;
+- decoding (unless --no-decode): VP9 and MJPEG shards are read by a real DALI CPU pipeline
+  (`fn.readers.webdataset` with the index files -> `fn.decoders.video`), and each sample must decode to exactly
+  the number of frames its `.info` claims (the number the training pipeline uses to pick frames in the graph).
+  DALI's CPU decoder refuses H.264, so H.264 shards are decoded with ffmpeg instead (every frame, no rate
+  conversion), and the report says so.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tarfile
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from shards import format as fmt
+from shards.mp4info import read_mp4_video_info
+from shards.transcode import DALI_CPU_CODECS, count_decoded_frames
+from shards.writer import sha256_file
+
+EXPECTED_EXTS = (fmt.VIDEO_EXT, fmt.LABEL_EXT, fmt.META_EXT, fmt.INFO_EXT)
+
+
+def read_index_file(path: str | os.PathLike) -> list[list[tuple[str, int, int, str]]]:
+    """A DALI index file as samples of (ext, offset, size, name) components. Raises ValueError if malformed."""
+    with open(path) as f:
+        lines = f.read().splitlines()
+    if not lines:
+        raise ValueError("empty index file")
+    head = lines[0].split()
+    if len(head) != 2 or head[0] != "v1.2":
+        raise ValueError(f"first line {lines[0]!r} is not 'v1.2 <num_samples>'")
+    samples = []
+    for line in lines[1:]:
+        parts = line.split()
+        if len(parts) % 4:
+            raise ValueError(f"line {line[:80]!r} is not groups of 'ext offset size name'")
+        samples.append([(parts[i], int(parts[i + 1]), int(parts[i + 2]), parts[i + 3])
+                        for i in range(0, len(parts), 4)])
+    if int(head[1]) != len(samples):
+        raise ValueError(f"header says {head[1]} samples, file lists {len(samples)}")
+    return samples
+
+
+def _split_name(name: str) -> tuple[str, str]:
+    base = name.rsplit("/", 1)[-1]
+    key, _, ext = base.partition(".")
+    return key, ext
+
+
+def check_shard_members(tar_path: Path, idx_path: Path, on_sample) -> tuple[list[str], int]:
+    """Structural checks of one tar and its index. Each sample, as soon as its members are read, goes to
+    `on_sample({"key", "members": {ext: bytes}})` (so a 1 GB shard is never held in memory).
+    Returns (problems, number of samples)."""
+    problems: list[str] = []
+    index_components = []
+    current: dict | None = None
+    num_samples = 0
+    with tarfile.open(tar_path, "r:") as tar:
+        for member in tar:
+            if not member.isreg():
+                problems.append(f"{tar_path.name}: unexpected non-file member {member.name!r}")
+                continue
+            key, ext = _split_name(member.name)
+            data = tar.extractfile(member).read()
+            if current is None or current["key"] != key:
+                if current is not None:
+                    on_sample(current)
+                current = {"key": key, "members": {}}
+                num_samples += 1
+            if ext in current["members"]:
+                problems.append(f"{tar_path.name}: {member.name} appears twice")
+            current["members"][ext] = data
+            index_components.append((key, ext, member.offset_data, member.size, member.name))
+    if current is not None:
+        on_sample(current)
+    try:
+        index = read_index_file(idx_path)
+    except (OSError, ValueError) as e:
+        return problems + [f"{idx_path.name}: unreadable index ({e})"], num_samples
+    flat = [(_split_name(name)[0], ext, off, size, name) for comps in index for ext, off, size, name in comps]
+    if len(index) != num_samples:
+        problems.append(f"{idx_path.name}: index lists {len(index)} samples, tar holds {num_samples}")
+    if flat != index_components:
+        first = next((i for i, (a, b) in enumerate(zip(flat, index_components)) if a != b),
+                     min(len(flat), len(index_components)))
+        problems.append(f"{idx_path.name}: index disagrees with the tar at component {first} "
+                        f"(index {flat[first] if first < len(flat) else None}, "
+                        f"tar {index_components[first] if first < len(index_components) else None})")
+    return problems, num_samples
+
+
+def check_sample(sample: dict, expected_id: int, manifest: dict, where: str) -> tuple[list[str], int | None]:
+    """Consistency of one sample's members; returns (problems, claimed frame count)."""
+    key, members = sample["key"], sample["members"]
+    name = f"{where}: sample {key}"
+    if set(members) != set(EXPECTED_EXTS):
+        return [f"{name}: members {sorted(members)}, expected {sorted(EXPECTED_EXTS)}"], None
+    problems = []
+    try:
+        info = fmt.unpack_info(members[fmt.INFO_EXT])
+        meta = json.loads(members[fmt.META_EXT])
+        label = int(members[fmt.LABEL_EXT].decode())
+    except Exception as e:
+        return [f"{name}: unreadable .info/.json/.cls ({e})"], None
+    keys, classes = manifest["keys"], manifest["classes"]
+    listed = keys[expected_id] if expected_id < len(keys) else None
+    if listed != key:
+        problems.append(f"{name}: manifest keys[{expected_id}] is {listed!r}")
+    if info["sample_id"] != expected_id or meta.get("sample_id") != expected_id:
+        problems.append(f"{name}: sample_id info={info['sample_id']} json={meta.get('sample_id')}, "
+                        f"expected {expected_id} (position in shard order)")
+    if not (info["label"] == label == meta.get("label")):
+        problems.append(f"{name}: labels disagree: info={info['label']} cls={label} json={meta.get('label')}")
+    expected_name = classes[label] if 0 <= label < len(classes) else None
+    if label != -1 and meta.get("label_name") != expected_name:
+        problems.append(f"{name}: label {label} is {expected_name!r} in the class list, json says "
+                        f"{meta.get('label_name')!r}")
+    if meta.get("key") != key:
+        problems.append(f"{name}: json key {meta.get('key')!r}")
+    if info["num_frames"] != meta.get("num_frames"):
+        problems.append(f"{name}: frame count info={info['num_frames']} json={meta.get('num_frames')}")
+    try:
+        mp4 = read_mp4_video_info(members[fmt.VIDEO_EXT])
+        if mp4.num_frames != info["num_frames"]:
+            problems.append(f"{name}: MP4 holds {mp4.num_frames} frames, info claims {info['num_frames']}")
+        if (mp4.width, mp4.height) != (meta.get("width"), meta.get("height")):
+            problems.append(f"{name}: MP4 is {mp4.width}x{mp4.height}, json says {meta.get('width')}x"
+                            f"{meta.get('height')}")
+    except ValueError as e:
+        problems.append(f"{name}: unreadable MP4 ({e})")
+    return problems, info["num_frames"]
+
+
+def dali_frame_counts(tars: list[str], num_samples: int, batch_size: int = 4,
+                      num_threads: int | None = None) -> list[tuple[int, int, int]]:
+    """Decode every sample of `tars` with a DALI CPU pipeline (index files beside the tars), in shard order.
+
+    Returns per sample (decoded frames, height, width) of the decoded uint8[F, H, W, 3] video, plus nothing
+    else: the frame count is what matters. Raises RuntimeError naming the sample position if DALI fails.
+    """
+    from nvidia.dali import fn, pipeline_def, types
+
+    num_threads = num_threads or min(4, len(os.sched_getaffinity(0)))
+    batch_size = max(1, min(batch_size, num_samples))
+
+    @pipeline_def(batch_size=batch_size, num_threads=num_threads, device_id=None, prefetch_queue_depth=1,
+                  exec_dynamic=True)
+    def counting_pipeline():
+        video, info = fn.readers.webdataset(
+            paths=tars, index_paths=[fmt.index_path_for(t) for t in tars], ext=[fmt.VIDEO_EXT, fmt.INFO_EXT],
+            dtypes=[types.UINT8, types.INT32], missing_component_behavior="error", random_shuffle=False,
+            pad_last_batch=True, name="reader")
+        frames = fn.decoders.video(video, device="cpu")
+        return frames.shape(), info
+
+    pipe = counting_pipeline()
+    pipe.build()
+    counts: list[tuple[int, int, int]] = []
+    while len(counts) < num_samples:
+        try:
+            shapes, infos = pipe.run()
+        except Exception as e:
+            raise RuntimeError(f"DALI failed in the batch starting at sample {len(counts)}: "
+                               f"{' '.join(str(e).split())[:300]}") from None
+        for i in range(len(shapes)):
+            if len(counts) < num_samples:
+                f, h, w, _ = (int(x) for x in shapes.at(i))
+                counts.append((f, h, w))
+    return counts
+
+
+def verify(directory: str | os.PathLike, decode: bool = True, check_sha: bool = True,
+           log=lambda msg: print(msg, file=sys.stderr)) -> list[str]:
+    """Run every check on a shard directory; returns the list of problems (empty: the shards are sound)."""
+    directory = Path(directory)
+    started = time.perf_counter()
+    try:
+        manifest = fmt.read_manifest(directory)
+    except (FileNotFoundError, ValueError) as e:
+        return [str(e)]
+    problems: list[str] = []
+    shards = manifest["shards"]
+    keys = manifest["keys"]
+    if len(keys) != manifest["num_samples"] or sum(s["num_samples"] for s in shards) != manifest["num_samples"]:
+        problems.append(f"manifest: num_samples {manifest['num_samples']}, {len(keys)} keys, shards sum to "
+                        f"{sum(s['num_samples'] for s in shards)}")
+    if len(set(keys)) != len(keys):
+        problems.append("manifest: keys are not unique")
+    failures_path = directory / fmt.FAILURES_NAME
+    if failures_path.is_file():
+        with open(failures_path) as f:
+            lines = [ln for ln in f if ln.strip()]
+        if len(lines) != manifest.get("num_failures", len(lines)):
+            problems.append(f"{fmt.FAILURES_NAME}: {len(lines)} lines, manifest says {manifest['num_failures']}")
+    else:
+        problems.append(f"{fmt.FAILURES_NAME}: missing")
+
+    claimed: list[int | None] = []  # per sample id: the frame count its .info claims (None: unreadable)
+
+    def on_sample(sample: dict, where: str) -> None:
+        sample_problems, frames = check_sample(sample, len(claimed), manifest, where)
+        problems.extend(sample_problems)
+        claimed.append(frames)
+
+    for shard in shards:
+        tar_path = directory / shard["tar"]
+        idx_path = directory / shard["index"]
+        if shard["first_sample_id"] != len(claimed):
+            problems.append(f"{shard['tar']}: first_sample_id {shard['first_sample_id']}, expected {len(claimed)}")
+        if not tar_path.is_file() or not idx_path.is_file() or fmt.index_path_for(tar_path) != str(idx_path):
+            problems.append(f"{shard['tar']}: tar or its index file {shard['index']} missing")
+            claimed.extend([None] * shard["num_samples"])
+            continue
+        if tar_path.stat().st_size != shard["bytes"]:
+            problems.append(f"{shard['tar']}: {tar_path.stat().st_size} bytes, manifest says {shard['bytes']}")
+        elif check_sha and sha256_file(tar_path) != shard["sha256"]:
+            problems.append(f"{shard['tar']}: sha256 differs from the manifest (file changed or damaged)")
+        first = len(claimed)
+        try:
+            shard_problems, num_samples = check_shard_members(tar_path, idx_path,
+                                                              lambda sample: on_sample(sample, shard["tar"]))
+            problems += shard_problems
+        except tarfile.TarError as e:
+            problems.append(f"{shard['tar']}: unreadable tar ({e})")
+            num_samples = len(claimed) - first
+        if num_samples != shard["num_samples"]:
+            problems.append(f"{shard['tar']}: {num_samples} samples, manifest says {shard['num_samples']}")
+            claimed.extend([None] * max(0, shard["num_samples"] - num_samples))
+    log(f"verify: {directory}: {len(shards)} shards, {manifest['num_samples']} samples checked against the manifest"
+        f"{' (with sha256)' if check_sha else ''}")
+
+    if decode and not problems:
+        problems += _check_decoding(directory, manifest, claimed, log)
+    elif decode:
+        log("verify: skipping the decode check until the problems above are fixed")
+    log(f"verify: {'OK' if not problems else f'{len(problems)} problem(s)'} in {time.perf_counter() - started:.1f} s")
+    return problems
+
+
+def _check_decoding(directory: Path, manifest: dict, claimed: list[int | None], log) -> list[str]:
+    tars = [str(directory / s["tar"]) for s in manifest["shards"]]
+    keys = manifest["keys"]
+    problems = []
+    codec = manifest["codec"]
+    if codec in DALI_CPU_CODECS:
+        try:
+            decoded = dali_frame_counts(tars, len(keys))
+        except RuntimeError as e:
+            return [str(e)]
+        for sample_id, ((frames, _, _), claim) in enumerate(zip(decoded, claimed)):
+            if frames != claim:
+                problems.append(f"sample {keys[sample_id]} (id {sample_id}): DALI decoded {frames} frames, "
+                                f".info claims {claim}")
+        log(f"verify: DALI CPU decoder: {len(decoded)} samples, {sum(d[0] for d in decoded)} frames, "
+            f"every count as claimed" if not problems else f"verify: DALI decode: {len(problems)} mismatches")
+        return problems
+    # H.264 (and anything else DALI's CPU decoder cannot read): ffmpeg decodes every frame.
+    log(f"verify: DALI's CPU decoder cannot read {codec}; counting decoded frames with ffmpeg instead")
+    sample_id = 0
+    with tempfile.TemporaryDirectory() as tmp, ThreadPoolExecutor(min(4, os.cpu_count() or 1)) as pool:
+        for tar_path in tars:
+            jobs = []
+            with tarfile.open(tar_path, "r:") as tar:
+                for member in tar:
+                    if member.name.endswith("." + fmt.VIDEO_EXT):
+                        path = os.path.join(tmp, f"{sample_id}.mp4")
+                        with open(path, "wb") as f:
+                            f.write(tar.extractfile(member).read())
+                        jobs.append((sample_id, path, pool.submit(count_decoded_frames, path)))
+                        sample_id += 1
+            for sid, path, future in jobs:
+                try:
+                    frames = future.result()
+                except RuntimeError as e:
+                    problems.append(f"sample {keys[sid]} (id {sid}): ffmpeg cannot decode it ({e})")
+                    continue
+                finally:
+                    os.unlink(path)
+                if frames != claimed[sid]:
+                    problems.append(f"sample {keys[sid]} (id {sid}): ffmpeg decoded {frames} frames, "
+                                    f".info claims {claimed[sid]}")
+    log(f"verify: ffmpeg decoded all {sample_id} samples" + ("" if problems else ", every count as claimed"))
+    return problems
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m shards.verify", description=__doc__.split("\n\n")[0])
+    p.add_argument("directory", help="a shard directory (holding manifest.json)")
+    p.add_argument("--no-decode", action="store_true", help="skip decoding (structure and checksums only)")
+    p.add_argument("--no-sha", action="store_true", help="skip the sha256 of each shard (sizes still checked)")
+    args = p.parse_args(argv)
+    problems = verify(args.directory, decode=not args.no_decode, check_sha=not args.no_sha)
+    for problem in problems:
+        print(f"problem: {problem}", file=sys.stderr)
+    return 1 if problems else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
