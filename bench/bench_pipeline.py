@@ -1,0 +1,304 @@
+"""Input-pipeline throughput: this DALI pipeline against a VideoMAE-style decord + DataLoader baseline.
+
+    python -m bench.bench_pipeline --out bench/out/pipeline_cpu.json                 # CPU backend, this machine
+    python -m bench.bench_pipeline --device gpu --batch-size 32 --out bench/out/pipeline_h100.json \
+        --shards /data/k400/train                                                     # GPU backend on an H100
+
+Both loaders read the same tar shards on the same machine and cores, produce the same pretraining batches (16
+frames at stride 4 from a uniform random start, VideoMAE's multi-scale crop to 224, ImageNet normalization, a
+90% tube mask; K views per decoded clip) and deliver them on the training device:
+
+  dali      pipeline.build_loader(mode="pretrain", device=cpu|gpu, num_threads=N)
+  baseline  a torch DataLoader with N workers over the same tars (the `webdataset` package), each sample decoded
+            with decord's VideoReader (VideoMAE's loader) at the official indices, cropped, resized (torch bilinear,
+            antialiased), normalized and masked per view in Python/torch; pinned and copied to the GPU with
+            --device gpu.
+
+For K = 1, 2, 4 it reports, after `--warmup` batches, emitted clips/s (views, B*K per batch), decoded clips/s (B
+per batch), frames/s delivered (decoded clips x T) and an estimate of frames/s the decoders actually decode
+(decoding starts at the keyframe before the first sampled frame: about T*stride + GOP/2 per clip), plus the
+ratios dali / baseline (median over `--rounds` alternating rounds). `--sweep` adds runs over decode threads
+(dali) and workers (baseline) at K=1, for a plot.
+Without --shards, synthetic VP9 shards (shards.synth + shards.build, Kinetics-like 10 s clips) are built once
+under bench/out/pipeline_shards.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import io
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from shards import format as fmt
+
+MEAN = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1, 1)
+STD = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1, 1)
+
+
+# -- shards -----------------------------------------------------------------------------------------------------
+def make_bench_shards(out: Path, per_class: int, size: str, frames: int, short_side: int, workers: int) -> Path:
+    """Synthetic VP9 shards for the benchmark, built once (reused when the manifest exists)."""
+    from shards.build import main as build_main
+    from shards.synth import main as synth_main
+
+    shards = out / "train"
+    if (shards / fmt.MANIFEST_NAME).is_file():
+        return shards
+    videos = out / "videos"
+    assert synth_main(["--out", str(videos), "--classes", "4", "--per-class", str(per_class), "--size", size,
+                       "--frames", str(frames), "--workers", str(workers)]) == 0
+    assert build_main(["--csv", str(videos / "train.csv"), "--root", str(videos), "--split", "train",
+                       "--out", str(shards), "--short-side", str(short_side), "--samples-per-shard", "4",
+                       "--workers", str(workers), "--quiet"]) == 0
+    return shards
+
+
+def frame_counts(tars: list[str]) -> list[int]:
+    """num_frames of every sample, from the info members (read through the DALI index files)."""
+    counts = []
+    for tar in tars:
+        with open(fmt.index_path_for(tar)) as f, open(tar, "rb") as data:
+            for line in f.readlines()[1:]:
+                tokens = line.split()
+                comps = {tokens[i]: (int(tokens[i + 1]), int(tokens[i + 2])) for i in range(0, len(tokens), 4)}
+                data.seek(comps[fmt.INFO_EXT][0])
+                counts.append(fmt.unpack_info(data.read(comps[fmt.INFO_EXT][1]))["num_frames"])
+    return counts
+
+
+def expected_decoded_frames(counts: list[int], t: int, stride: int, gop: int) -> float:
+    """Mean frames a sequential decoder decodes per clip: from the keyframe at or before the first sampled frame
+    to the last sampled frame, averaged over the uniform start positions."""
+    total = 0.0
+    for n in counts:
+        starts = np.arange(max(n - t * stride, 0) + 1)
+        last = starts + stride * np.minimum(t - 1, (n - 1 - starts) // stride)
+        total += float(np.mean(last - starts // gop * gop + 1))
+    return total / len(counts)
+
+
+# -- the VideoMAE-style baseline --------------------------------------------------------------------------------
+def official_indices(n: int, t: int, stride: int, rng: np.random.Generator) -> list[int]:
+    """VideoMAE's pretraining sampling (VideoMAE._sample_train_indices / _video_TSN_decord_batch_loader)."""
+    skip = t * stride
+    offset = int(rng.integers(n - skip + 1)) + 1 if n - skip + 1 > 0 else 1
+    out = []
+    for _ in range(t):
+        out.append(offset - 1)
+        if offset + stride < n:
+            offset += stride
+    return out
+
+
+def multiscale_crop(h: int, w: int, size: int, rng: np.random.Generator) -> tuple[int, int, int, int]:
+    """GroupMultiScaleCrop._sample_crop_size (scales 1, .875, .75, .66, max_distort 1, more_fix_crop)."""
+    base = min(w, h)
+    sizes = [int(base * s) for s in (1, .875, .75, .66)]
+    sizes = [size if abs(s - size) < 3 else s for s in sizes]
+    pairs = [(sizes[j], sizes[i]) for i in range(4) for j in range(4) if abs(i - j) <= 1]
+    cw, ch = pairs[int(rng.integers(len(pairs)))]
+    ws, hs = (w - cw) // 4, (h - ch) // 4
+    offsets = [(0, 0), (4 * ws, 0), (0, 4 * hs), (4 * ws, 4 * hs), (2 * ws, 2 * hs), (0, 2 * hs), (4 * ws, 2 * hs),
+               (2 * ws, 4 * hs), (2 * ws, 0), (ws, hs), (3 * ws, hs), (ws, 3 * hs), (3 * ws, 3 * hs)]
+    ox, oy = offsets[int(rng.integers(len(offsets)))]
+    return oy, ox, ch, cw
+
+
+def tube_mask(t: int, size: int, patch: int, tubelet: int, ratio: float, rng: np.random.Generator) -> np.ndarray:
+    """TubeMaskingGenerator: int(ratio * tokens per slot) masked, the same pattern in every temporal slot."""
+    per_slot = (size // patch) ** 2
+    masked = int(ratio * per_slot)
+    pattern = np.hstack([np.zeros(per_slot - masked), np.ones(masked)])
+    rng.shuffle(pattern)
+    return np.tile(pattern, (t // tubelet, 1)).flatten().astype(bool)
+
+
+class DecordClips(torch.utils.data.IterableDataset):
+    """Pretraining samples from tar shards, decoded by decord and augmented per view in torch (CPU workers)."""
+
+    def __init__(self, tars: list[str], t: int, stride: int, size: int, repeats: int, seed: int = 0):
+        self.tars, self.t, self.stride, self.size, self.repeats, self.seed = tars, t, stride, size, repeats, seed
+
+    def __iter__(self):
+        import decord
+        import webdataset as wds
+
+        info = torch.utils.data.get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        if worker >= len(self.tars):
+            return  # fewer shards than workers: this worker has nothing to read
+        rng = np.random.default_rng([self.seed, worker])
+        epoch = 0
+        while True:
+            urls = list(self.tars)
+            np.random.default_rng([self.seed, epoch]).shuffle(urls)  # the same order in every worker
+            for sample in wds.WebDataset(urls[worker::workers], shardshuffle=False, workersplitter=None,
+                                         empty_check=False):
+                reader = decord.VideoReader(io.BytesIO(sample["mp4"]), num_threads=1)
+                frames = reader.get_batch(official_indices(len(reader), self.t, self.stride, rng)).asnumpy()
+                clip = torch.from_numpy(frames).permute(3, 0, 1, 2).float()           # [C, T, H, W], 0..255
+                views, masks = [], []
+                for _ in range(self.repeats):
+                    y0, x0, h, w = multiscale_crop(clip.shape[2], clip.shape[3], self.size, rng)
+                    crop = clip[:, :, y0:y0 + h, x0:x0 + w].transpose(0, 1)            # [T, C, h, w]
+                    crop = F.interpolate(crop, size=(self.size, self.size), mode="bilinear", align_corners=False,
+                                         antialias=True).transpose(0, 1)
+                    views.append((crop / 255.0 - MEAN) / STD)
+                    masks.append(torch.from_numpy(tube_mask(self.t, self.size, 16, 2, 0.9, rng)))
+                yield torch.stack(views), torch.stack(masks)
+            epoch += 1
+
+
+def baseline_batches(tars, batch_size, workers, repeats, t, stride, size, device):
+    loader = torch.utils.data.DataLoader(
+        DecordClips(tars, t, stride, size, repeats), batch_size=batch_size, num_workers=workers,
+        pin_memory=device.type == "cuda", worker_init_fn=lambda _: torch.set_num_threads(1),
+        persistent_workers=workers > 0, prefetch_factor=2 if workers > 0 else None)
+    for video, mask in loader:
+        yield {"video": video.to(device, non_blocking=True).flatten(0, 1),
+               "mask": mask.to(device, non_blocking=True).flatten(0, 1)}
+
+
+def dali_batches(shards, batch_size, threads, repeats, t, stride, size, device, decoder_groups=1):
+    from pipeline import build_loader
+
+    loader = build_loader(shards, "pretrain", batch_size, device=device.type.replace("cuda", "gpu"),
+                          num_frames=t, stride=stride, input_size=size, num_repeats=repeats, num_threads=threads,
+                          decoder_groups=decoder_groups)
+    while True:
+        yield from loader
+
+
+# -- measurement ------------------------------------------------------------------------------------------------
+def measure(batches, warmup: int, count: int, batch_size: int, repeats: int, t: int, device) -> dict:
+    start_wall = time.perf_counter()
+    for _ in range(warmup):
+        batch = next(batches)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    for _ in range(count):
+        batch = next(batches)
+        assert batch["video"].shape[0] == batch_size * repeats
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    seconds = time.perf_counter() - start
+    clips = batch_size * count
+    return {"seconds": round(seconds, 3), "startup_and_warmup_s": round(start - start_wall, 3),
+            "decoded_clips_per_s": round(clips / seconds, 2),
+            "clips_per_s": round(clips * repeats / seconds, 2),
+            "frames_per_s": round(clips * t / seconds, 1)}
+
+
+def run(kind: str, n: int, repeats: int, args, tars, device) -> dict:
+    if kind == "dali":
+        batches = dali_batches(args.shards, args.batch_size, n, repeats, args.num_frames, args.stride,
+                               args.input_size, device, args.decoder_groups)
+    else:
+        batches = baseline_batches(tars, args.batch_size, n, repeats, args.num_frames, args.stride, args.input_size,
+                                   device)
+    result = measure(batches, args.warmup, args.batches, args.batch_size, repeats, args.num_frames, device)
+    result["decoded_frames_per_s_est"] = round(result["decoded_clips_per_s"] * args.decoded_per_clip, 1)
+    result.update(loader=kind, repeats=repeats, **({"threads": n} if kind == "dali" else {"workers": n}))
+    del batches
+    print(f"  {kind:8s} K={repeats} {'threads' if kind == 'dali' else 'workers'}={n}: "
+          f"{result['clips_per_s']:8.2f} clips/s  {result['decoded_clips_per_s']:7.2f} decoded clips/s  "
+          f"{result['frames_per_s']:8.1f} frames/s", flush=True)
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.bench_pipeline", description=__doc__.split("\n\n")[0])
+    p.add_argument("--shards", help="shard directory/pattern (default: build synthetic shards under bench/out)")
+    p.add_argument("--device", choices=["cpu", "gpu"], default="cpu")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--batches", type=int, default=12, help="timed batches per run")
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--rounds", type=int, default=1, help="alternating rounds per K; ratios are the median")
+    p.add_argument("--repeats", default="1,2,4", help="K values")
+    p.add_argument("--cores", type=int, default=len(os.sched_getaffinity(0)),
+                   help="dali decode threads and baseline workers in the main comparison (default: all cores)")
+    p.add_argument("--sweep", default="1,2,4", help="threads/workers for the K=1 sweep ('' to skip)")
+    p.add_argument("--num-frames", type=int, default=16)
+    p.add_argument("--stride", type=int, default=4)
+    p.add_argument("--input-size", type=int, default=224)
+    p.add_argument("--decoder-groups", type=int, default=1, help="dali: concurrent decoder instances (GPU)")
+    p.add_argument("--gop", type=int, default=16,
+                   help="keyframe interval of the shards, for the decoded-frames estimate")
+    p.add_argument("--synth-size", default="426x240", help="synthetic videos: WIDTHxHEIGHT before transcoding")
+    p.add_argument("--synth-frames", type=int, default=250, help="synthetic videos: frames (10 s at 25 fps)")
+    p.add_argument("--synth-per-class", type=int, default=8)
+    p.add_argument("--out", help="JSON results")
+    args = p.parse_args(argv)
+
+    device = torch.device("cuda", 0) if args.device == "gpu" else torch.device("cpu")
+    if not args.shards:
+        args.shards = str(make_bench_shards(Path("bench/out/pipeline_shards"), args.synth_per_class,
+                                            args.synth_size, args.synth_frames, 240, args.cores))
+    tars = fmt.resolve_shards(args.shards)
+    counts = frame_counts(tars)
+    args.decoded_per_clip = expected_decoded_frames(counts, args.num_frames, args.stride, args.gop)
+    print(f"bench_pipeline: {len(counts)} videos in {len(tars)} shards, mean {np.mean(counts):.0f} frames; "
+          f"~{args.decoded_per_clip:.1f} frames decoded per clip; device {args.device}, {args.cores} cores",
+          flush=True)
+
+    results = []
+    for round_index in range(args.rounds):  # alternate the two loaders: drift on a shared machine hits both
+        for repeats in [int(k) for k in args.repeats.split(",")]:
+            for kind in ("baseline", "dali"):
+                results.append(dict(run(kind, args.cores, repeats, args, tars, device), round=round_index))
+    ratios = {}
+    for repeats in sorted({r["repeats"] for r in results}):
+        per_round = [{r["loader"]: r for r in results if r["repeats"] == repeats and r["round"] == i}
+                     for i in range(args.rounds)]
+        ratios[f"K={repeats}"] = {key: round(float(np.median([p["dali"][key] / p["baseline"][key]
+                                                              for p in per_round])), 2)
+                                  for key in ("clips_per_s", "decoded_clips_per_s")}
+        print(f"  ratio dali/baseline K={repeats}: {ratios[f'K={repeats}']['clips_per_s']:.2f}x clips/s "
+              f"(median of {args.rounds} round(s))")
+    sweep = []
+    for n in [int(x) for x in args.sweep.split(",") if x]:
+        for kind in ("baseline", "dali"):
+            sweep.append(run(kind, n, 1, args, tars, device))
+
+    report = {
+        "benchmark": "bench.bench_pipeline", "date": datetime.datetime.now().isoformat(timespec="seconds"),
+        "command": "python -m bench.bench_pipeline " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "machine": {"platform": platform.platform(), "processor": _cpu_name(), "cores": args.cores,
+                    "gpu": torch.cuda.get_device_name(0) if args.device == "gpu" else None},
+        "settings": {k: v for k, v in vars(args).items() if k not in ("out",)},
+        "dataset": {"videos": len(counts), "shards": len(tars), "mean_frames": float(np.mean(counts))},
+        "results": results, "ratios": ratios, "sweep": sweep,
+    }
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        tmp = args.out + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(report, f, indent=1)
+        os.replace(tmp, args.out)
+        print(f"bench_pipeline: -> {args.out}")
+    return 0
+
+
+def _cpu_name() -> str:
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,127 @@
+"""Options of the input pipeline, with VideoMAE's defaults per mode.
+
+`PipelineConfig` is plain data: the DALI graph (`pipeline.graph`) reads it, the loader (`pipeline.loader`) owns it.
+Fields left at `None` take the mode's default when `resolved()` is called:
+
+| option            | pretrain              | finetune                       | eval                          |
+|-------------------|-----------------------|--------------------------------|-------------------------------|
+| spatial crop      | multi-scale crop      | random resized crop            | short side -> size, 3 crops   |
+| flip              | off (official recipe) | on                             | off                           |
+| RandAugment       | -                     | n=4, m=7 (of 10)               | -                             |
+| random erasing    | -                     | p=0.25, per frame, pixel noise | -                             |
+| antialias resize  | on (PIL bilinear)     | off (torch bilinear)           | off                           |
+| shuffle           | shards + buffer       | shards + buffer                | none                          |
+| last batch        | dropped               | dropped                        | trimmed: every sample once    |
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Optional
+
+MODES = ("pretrain", "finetune", "eval")
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    mode: str = "pretrain"
+    num_frames: int = 16            # T, frames per clip
+    stride: int = 4                 # sampling rate between consecutive frames of a clip
+    input_size: int = 224           # output frames are input_size x input_size
+    num_repeats: int = 1            # K views per decoded clip (repeated augmentation)
+    # pretraining mask (official TubeMaskingGenerator: int(ratio * spatial tokens) per temporal slot)
+    mask_ratio: float = 0.9
+    patch_size: int = 16
+    tubelet_size: int = 2
+    # spatial augmentation
+    flip: Optional[bool] = None
+    scales: tuple[float, ...] = (1.0, 0.875, 0.75, 0.66)  # multi-scale crop, fractions of the short side
+    max_distort: int = 1
+    more_fix_crop: bool = True
+    rrc_scale: tuple[float, float] = (0.08, 1.0)           # random resized crop (fine-tuning)
+    rrc_ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    antialias: Optional[bool] = None
+    # fine-tuning extras
+    rand_augment: Optional[bool] = None
+    rand_augment_n: int = 4
+    rand_augment_m: int = 7          # magnitude on timm's 0..10 scale
+    erase_prob: Optional[float] = None
+    # evaluation protocol
+    eval_clips: int = 5
+    eval_crops: int = 3
+    short_side: Optional[int] = None  # eval: resize the short side to this before cropping (default input_size)
+    # normalization
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+    # reading
+    shuffle: Optional[bool] = None
+    shuffle_buffer: int = 512        # DALI reader shuffle buffer, samples (per rank)
+    use_mmap: bool = True            # map the tars (local disks); False reads them with plain I/O (network mounts)
+    drop_last: Optional[bool] = None
+    debug_outputs: bool = False      # also emit uint8 frames before normalization (preview/dump)
+    decoder_groups: int = 1          # GPU: split each batch over this many concurrent decoder instances (NVDEC
+                                     # engines); experimental, to be measured on the GPU (bench --decoder-groups)
+
+    def resolved(self) -> "PipelineConfig":
+        """A copy with every mode-dependent `None` replaced by the mode's default, validated."""
+        if self.mode not in MODES:
+            raise ValueError(f"mode {self.mode!r}: expected one of {MODES}")
+        train = self.mode != "eval"
+        cfg = dataclasses.replace(
+            self,
+            flip=(self.mode == "finetune") if self.flip is None else self.flip,
+            antialias=(self.mode == "pretrain") if self.antialias is None else self.antialias,
+            rand_augment=(self.mode == "finetune") if self.rand_augment is None else self.rand_augment,
+            erase_prob=(0.25 if self.mode == "finetune" else 0.0) if self.erase_prob is None else self.erase_prob,
+            shuffle=train if self.shuffle is None else self.shuffle,
+            drop_last=train if self.drop_last is None else self.drop_last,
+            short_side=self.input_size if self.short_side is None else self.short_side,
+            num_repeats=1 if self.mode == "eval" else self.num_repeats,
+        )
+        cfg._validate()
+        return cfg
+
+    def _validate(self) -> None:
+        if self.num_frames < 1 or self.stride < 1:
+            raise ValueError(f"num_frames={self.num_frames}, stride={self.stride}: both must be >= 1")
+        if self.decoder_groups < 1:
+            raise ValueError(f"decoder_groups={self.decoder_groups}: must be >= 1")
+        if self.num_repeats < 1:
+            raise ValueError(f"num_repeats={self.num_repeats}: must be >= 1")
+        if self.mode == "pretrain":
+            if self.input_size % self.patch_size:
+                raise ValueError(f"input_size={self.input_size} is not a multiple of patch_size={self.patch_size}")
+            if self.num_frames % self.tubelet_size:
+                raise ValueError(f"num_frames={self.num_frames} is not a multiple of tubelet_size={self.tubelet_size}")
+            if not 0.0 <= self.mask_ratio < 1.0:
+                raise ValueError(f"mask_ratio={self.mask_ratio}: must be in [0, 1)")
+        if self.mode == "eval":
+            if self.eval_clips < 1 or self.eval_crops < 1:
+                raise ValueError(f"eval_clips={self.eval_clips}, eval_crops={self.eval_crops}: both must be >= 1")
+            if self.short_side < self.input_size:
+                raise ValueError(f"short_side={self.short_side} is smaller than input_size={self.input_size}")
+        if not 0.0 <= self.erase_prob <= 1.0:
+            raise ValueError(f"erase_prob={self.erase_prob}: must be in [0, 1]")
+
+    # derived sizes ---------------------------------------------------------------------------------------------
+    @property
+    def views_per_sample(self) -> int:
+        """Rows per sample in a batch: K repeats (train) or clips x crops (eval)."""
+        return self.eval_clips * self.eval_crops if self.mode == "eval" else self.num_repeats
+
+    @property
+    def spatial_tokens(self) -> int:
+        return (self.input_size // self.patch_size) ** 2
+
+    @property
+    def num_tokens(self) -> int:
+        """N = T/tubelet * (H/patch) * (W/patch)."""
+        return self.num_frames // self.tubelet_size * self.spatial_tokens
+
+    @property
+    def masked_per_slot(self) -> int:
+        """Masked spatial tokens per temporal slot, as the official TubeMaskingGenerator counts them."""
+        return int(self.mask_ratio * self.spatial_tokens)

@@ -1,0 +1,391 @@
+"""The DALI graph: read a shard sample, choose frames, decode once, build K augmented views, normalize.
+
+Everything per sample happens here, in DALI operators: frame indices come from the sample's `KEY.info`
+(int32 [num_frames, label, sample_id]) and uniform draws; crops come from arithmetic on the decoded frame size;
+masks, flips and erasing boxes are random tensors shaped per view. One pipeline = one epoch of one rank.
+
+Outputs of one batch of B samples (K = views per sample: num_repeats, or clips x crops in eval):
+
+    video      float[B, K, C, T, S, S]   normalized, on the training device          (trainer)
+    sample_id  int64[B, K]              on the training device                      (trainer)
+    label      int64[B, K]              finetune/eval, on the training device       (trainer)
+    mask       bool[B, K, N]            pretrain, on the training device            (trainer)
+    frame_idx  int32[B, T] or [B, clips*T]  indices into the video, CPU             (inspection)
+    box        int32[B, K, 5]           (y0, x0, h, w, flipped) of each view, CPU  (inspection)
+    source     uint8[B, *]              "tar:offset:member" of the video, CPU      (inspection, recovery)
+    frames     uint8[B, K, T, S, S, C]  views before normalization (only with debug_outputs)
+
+Boxes are in source-frame pixels for pretrain/finetune and in short-side-resized pixels for eval.
+
+Skipping: an external source feeds one bool per sample per iteration (a whole-batch numpy array from the loader, the
+graph's only Python input; no per-sample callback); where it is True the expensive branch
+(decode, resize, RandAugment, normalize, erase) is not run and small placeholders are emitted instead. Every random
+draw except those inside RandAugment and the erasing noise is made outside the branch, so a skipped iteration
+advances the random state exactly like a decoded one: the loader uses this to fast-forward to a saved position in
+milliseconds per batch, and to make the batches prefetched past the end of an epoch free.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import numpy as np
+from nvidia.dali import OperatorConcurrency, StreamPolicy, fn, pipeline_def, types
+import nvidia.dali.math as dmath
+from nvidia.dali.auto_aug import augmentations as aa
+from nvidia.dali.auto_aug import rand_augment as ra
+from nvidia.dali.auto_aug.core import augmentation
+
+from pipeline.config import PipelineConfig
+from pipeline.masking import tube_mask_from_scores, tube_mask_scores
+
+RRC_ATTEMPTS = 10      # torchvision/VideoMAE random resized crop: 10 attempts, then a central fallback
+ERASE_ATTEMPTS = 10    # timm RandomErasing: 10 attempts per frame
+ERASE_AREA = (0.02, 1 / 3)
+ERASE_ASPECT = (0.3, 1 / 0.3)
+FIX_OFFSETS = [(0, 0), (4, 0), (0, 4), (4, 4), (2, 2)]                        # (x, y) multiples of the step
+MORE_FIX_OFFSETS = [(0, 2), (4, 2), (2, 4), (2, 0), (1, 1), (3, 1), (1, 3), (3, 3)]
+
+
+def output_names(cfg: PipelineConfig) -> list[str]:
+    names = ["video", "sample_id"]
+    if cfg.mode != "pretrain":
+        names.append("label")
+    if cfg.mode == "pretrain":
+        names.append("mask")
+    names += ["frame_idx", "box", "source"]
+    if cfg.debug_outputs:
+        names.append("frames")
+    return names
+
+
+def build_pipeline(cfg: PipelineConfig, paths: list[str], index_paths: list[str], *, batch_size: int, device: str,
+                   device_id: int | None, shard_id: int, num_shards: int, seed: int, num_threads: int,
+                   prefetch_depth: int, skip_source: Callable[[], np.ndarray]):
+    """A DALI pipeline reading `paths` as shard `shard_id` of `num_shards` (one epoch's worth)."""
+    parallel = {}
+    if device == "gpu" and cfg.decoder_groups > 1:  # let the decoder instances run at once, each on its stream
+        parallel = dict(concurrency=OperatorConcurrency.FULL, stream_policy=StreamPolicy.PER_OPERATOR)
+    return _video_pipeline(cfg, paths, index_paths, device, shard_id, num_shards, skip_source,
+                           batch_size=batch_size, num_threads=num_threads,
+                           device_id=device_id if device == "gpu" else None, seed=seed,
+                           prefetch_queue_depth=prefetch_depth, **parallel)
+
+
+@pipeline_def(enable_conditionals=True)
+def _video_pipeline(cfg, paths, index_paths, device, shard_id, num_shards, skip_source):
+    # module level, so that DALI's autograph converts this graph once per process, not once per pipeline
+    return _graph(cfg, paths, index_paths, device, shard_id, num_shards, skip_source)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+def _graph(cfg, paths, index_paths, device, shard_id, num_shards, skip_source):
+    mp4, info = fn.readers.webdataset(
+        paths=paths, index_paths=index_paths, ext=["mp4", "info"], dtypes=[types.UINT8, types.INT32],
+        missing_component_behavior="skip", random_shuffle=cfg.shuffle, initial_fill=cfg.shuffle_buffer,
+        dont_use_mmap=not cfg.use_mmap,
+        shard_id=shard_id, num_shards=num_shards, stick_to_shard=True, pad_last_batch=True,
+        name="reader")
+    skip = fn.external_source(source=skip_source, batch=True, dtype=types.BOOL, ndim=0, name="skip")
+    source = fn.get_property(mp4, key="source_info")
+    num_frames = dmath.max(info[0], 1)
+    k = cfg.views_per_sample
+    per_view = types.Constant(np.ones(k, dtype=np.int64))
+    sample_id = fn.cast(info[2], dtype=types.INT64) * per_view
+    label = fn.cast(info[1], dtype=types.INT64) * per_view
+
+    if cfg.mode == "eval":
+        frame_idx = eval_frame_indices(num_frames, cfg)
+        draws = {}
+    else:
+        frame_idx = train_frame_indices(num_frames, cfg, fn.random.uniform(range=[0.0, 1.0]))
+        draws = _view_draws(cfg)
+
+    if skip:
+        video, box, frames, mask = _placeholders(cfg, device)
+    else:
+        video, box, frames, mask = _decode_and_augment(mp4, frame_idx, info[2] % cfg.decoder_groups, draws, cfg,
+                                                       device)
+
+    outputs = {"video": video, "sample_id": _to(sample_id, device), "label": _to(label, device),
+               "frame_idx": frame_idx, "box": box, "source": source, "frames": frames, "mask": mask}
+    return tuple(outputs[name] for name in output_names(cfg))
+
+
+def _to(node, device):
+    return node.gpu() if device == "gpu" else node
+
+
+def _const(array, device):
+    return types.Constant(array, device="gpu" if device == "gpu" else "cpu")
+
+
+def _int(value: int):
+    return types.Constant(np.int32(value))
+
+
+# -- temporal sampling ------------------------------------------------------------------------------------------
+def train_frame_indices(num_frames, cfg: PipelineConfig, u):
+    """int32[T]: random start in [0, max(n - T*stride, 0)] (VideoMAE's uniform start over n - 64 + 1 positions),
+    then every `stride`-th frame; past the end the last frame on the stride grid repeats (edge padding)."""
+    span = cfg.num_frames * cfg.stride
+    max_start = dmath.max(num_frames - span, 0)
+    start = dmath.min(fn.cast(u * fn.cast(max_start + 1, dtype=types.FLOAT), dtype=types.INT32), max_start)
+    last_step = (num_frames - 1 - start) // cfg.stride
+    steps = types.Constant(np.arange(cfg.num_frames, dtype=np.int32))
+    return fn.cast(start + cfg.stride * dmath.min(steps, last_step), dtype=types.INT32)
+
+
+def eval_frame_indices(num_frames, cfg: PipelineConfig):
+    """int32[clips*T]: VideoMAE's test sampling. The video is read at `stride` (M = ceil(n/stride) positions,
+    repeated at the end up to T); clip c starts at position (c * (max(M, T) - T)) // (clips - 1)."""
+    t, clips, stride = cfg.num_frames, cfg.eval_clips, cfg.stride
+    positions = (num_frames + (stride - 1)) // stride
+    room = dmath.max(positions, t) - t
+    steps = types.Constant(np.arange(t, dtype=np.int32))
+    per_clip = []
+    for c in range(clips):
+        start = (room * c) // (clips - 1) if clips > 1 else room // 2
+        per_clip.append(stride * dmath.min(start + steps, positions - 1))
+    return fn.cast(fn.cat(*per_clip), dtype=types.INT32)
+
+
+# -- random draws (outside the conditional branch) --------------------------------------------------------------
+def _view_draws(cfg: PipelineConfig) -> dict:
+    k = cfg.num_repeats
+    uniform = lambda *shape: fn.random.uniform(range=[0.0, 1.0], shape=list(shape))  # noqa: E731
+    draws = {}
+    if cfg.mode == "pretrain":
+        draws["pair"], draws["offset"] = uniform(k), uniform(k)
+        draws["mask_scores"] = tube_mask_scores(k, cfg.spatial_tokens)
+    else:
+        draws["area"], draws["ratio"] = uniform(k, RRC_ATTEMPTS), uniform(k, RRC_ATTEMPTS)
+        draws["top"], draws["left"] = uniform(k, RRC_ATTEMPTS), uniform(k, RRC_ATTEMPTS)
+    draws["flip"] = (fn.random.coin_flip(probability=0.5, shape=[k], dtype=types.INT32) if cfg.flip
+                     else types.Constant(np.zeros(k, dtype=np.int32)))
+    if cfg.erase_prob > 0:
+        draws["erase"] = [uniform(k, cfg.num_frames)] + [uniform(k, cfg.num_frames, ERASE_ATTEMPTS) for _ in range(4)]
+    return draws
+
+
+def _first_valid(valid, values: list, attempts: int, axis: int):
+    """Select, along `axis` (the last), the values of the first attempt where `valid` holds.
+    Returns (selected values..., any_valid as float 0/1)."""
+    shape = [1] * axis + [attempts]
+    index = types.Constant(np.arange(attempts, dtype=np.float32).reshape(shape))
+    first = fn.reductions.min(index + (1.0 - fn.cast(valid, dtype=types.FLOAT)) * attempts, axes=[axis],
+                              keep_dims=True)
+    onehot = fn.cast(index == first, dtype=types.FLOAT)
+    chosen = [fn.reductions.sum(onehot * v, axes=[axis]) for v in values]
+    any_valid = fn.cast(fn.reductions.min(first, axes=[axis]) < attempts, dtype=types.FLOAT)
+    return chosen, any_valid
+
+
+def erase_boxes(cfg: PipelineConfig, u_apply, u_area, u_ratio, u_top, u_left):
+    """timm RandomErasing per frame (mode 'pixel', as VideoMAE applies it to the [T, C, H, W] clip): with
+    probability p, one box of area 2%..33% and aspect 0.3..3.3, first valid of 10 attempts.
+    Returns float[K, 5, T]: (apply, top, left, h, w) per view and frame."""
+    s = float(cfg.input_size)
+    area = s * s * (ERASE_AREA[0] + u_area * (ERASE_AREA[1] - ERASE_AREA[0]))
+    log_lo, log_hi = math.log(ERASE_ASPECT[0]), math.log(ERASE_ASPECT[1])
+    aspect = dmath.exp(log_lo + u_ratio * (log_hi - log_lo))
+    h = dmath.floor(dmath.sqrt(area * aspect) + 0.5)
+    w = dmath.floor(dmath.sqrt(area / aspect) + 0.5)
+    valid = (h < s) & (w < s)
+    top = dmath.floor(u_top * (s - h + 1.0))
+    left = dmath.floor(u_left * (s - w + 1.0))
+    (top, left, h, w), found = _first_valid(valid, [top, left, h, w], ERASE_ATTEMPTS, axis=2)
+    apply = fn.cast(u_apply < cfg.erase_prob, dtype=types.FLOAT) * found
+    return fn.stack(apply, top, left, h, w, axis=1)
+
+
+# -- decode + spatial augmentation (the skippable branch) -------------------------------------------------------
+def _placeholders(cfg: PipelineConfig, device: str):
+    k, t = cfg.views_per_sample, cfg.num_frames
+    video = fn.reshape(fn.zeros(shape=[k, 3, t, 1, 1], dtype=types.FLOAT), layout="FCDHW")
+    frames = fn.reshape(fn.zeros(shape=[k, t, 1, 1, 3], dtype=types.UINT8), layout="FDHWC")
+    box = fn.zeros(shape=[k, 5], dtype=types.INT32)
+    mask = fn.zeros(shape=[k, 1], dtype=types.BOOL)
+    return _to(video, device), box, _to(frames, device), _to(mask, device)
+
+
+def _decode(mp4, frame_idx, group, low: int, high: int, device: str):
+    """Decode with one decoder instance per group in [low, high): the batch is split by `group` (sample_id mod
+    groups) in a binary tree of conditionals, so that several NVDEC sessions can work at once."""
+    if high - low == 1:
+        return fn.decoders.video(mp4, device="mixed" if device == "gpu" else "cpu", frames=frame_idx)
+    middle = (low + high) // 2
+    if group < middle:
+        video = _decode(mp4, frame_idx, group, low, middle, device)
+    else:
+        video = _decode(mp4, frame_idx, group, middle, high, device)
+    return video
+
+
+def _decode_and_augment(mp4, frame_idx, group, draws, cfg: PipelineConfig, device: str):
+    video = _decode(mp4, frame_idx, group, 0, cfg.decoder_groups, device)
+    shape = video.shape()
+    height, width = fn.cast(shape[1], dtype=types.INT32), fn.cast(shape[2], dtype=types.INT32)
+    if cfg.mode == "eval":
+        frames, box = _eval_views(video, cfg)
+    else:
+        frames, box = _train_views(video, height, width, draws, cfg)
+    video = fn.crop_mirror_normalize(frames, dtype=types.FLOAT, output_layout="FCDHW",
+                                     mean=[255.0 * m for m in cfg.mean], std=[255.0 * s for s in cfg.std])
+    if cfg.mode != "eval" and cfg.erase_prob > 0:
+        video = _erase(video, erase_boxes(cfg, *draws["erase"]), cfg, device)
+    if cfg.mode == "pretrain":
+        slots = cfg.num_frames // cfg.tubelet_size
+        mask = tube_mask_from_scores(_to(draws["mask_scores"], device), cfg.num_repeats, cfg.spatial_tokens,
+                                     slots, cfg.masked_per_slot, device)
+    else:
+        mask = _to(fn.zeros(shape=[cfg.views_per_sample, 1], dtype=types.BOOL), device)
+    return video, box, frames, mask
+
+
+def _train_views(video, height, width, draws, cfg: PipelineConfig):
+    s = cfg.input_size
+    views, boxes = [], []
+    for k in range(cfg.num_repeats):
+        if cfg.mode == "pretrain":
+            y0, x0, h, w = multiscale_crop_box(height, width, draws["pair"][k], draws["offset"][k], cfg)
+        else:
+            y0, x0, h, w = random_resized_crop_box(height, width, draws["area"][k], draws["ratio"][k],
+                                                   draws["top"][k], draws["left"][k], cfg)
+        flip = draws["flip"][k]
+        # a reversed x range in the ROI mirrors the crop: flip costs nothing extra
+        x_from, x_to = x0 + flip * w, x0 + (1 - flip) * w
+        roi_start = fn.cast(fn.stack(y0, x_from), dtype=types.FLOAT)
+        roi_end = fn.cast(fn.stack(y0 + h, x_to), dtype=types.FLOAT)
+        views.append(fn.resize(video, roi_start=roi_start, roi_end=roi_end, size=[s, s], antialias=cfg.antialias,
+                               dtype=types.UINT8))
+        boxes.append(fn.cast(fn.stack(y0, x0, h, w, flip), dtype=types.INT32))
+    frames = fn.stack(*views) if len(views) > 1 else fn.expand_dims(views[0], axes=[0])
+    if cfg.rand_augment:
+        k, t = cfg.num_repeats, cfg.num_frames
+        frames = fn.reshape(_rand_augment(fn.reshape(frames, shape=[k * t, s, s, 3], layout="FHWC"), cfg),
+                            shape=[k, t, s, s, 3])
+    return fn.reshape(frames, layout="FDHWC"), fn.stack(*boxes)
+
+
+def multiscale_crop_box(height, width, u_pair, u_offset, cfg: PipelineConfig):
+    """VideoMAE's GroupMultiScaleCrop: crop sides int(short_side * scale) (snapped to input_size within 3 px),
+    a (w, h) scale pair at most `max_distort` apart, a fixed offset among 13 (more_fix_crop)."""
+    s = cfg.input_size
+    thousandths = [int(round(x * 1000)) for x in cfg.scales]  # int(base * scale) == base * thousandths // 1000
+    pairs = [(i, j) for i in range(len(cfg.scales)) for j in range(len(cfg.scales)) if abs(i - j) <= cfg.max_distort]
+    offsets = FIX_OFFSETS + (MORE_FIX_OFFSETS if cfg.more_fix_crop else [])
+    base = dmath.min(height, width)
+    p = dmath.min(fn.cast(u_pair * len(pairs), dtype=types.INT32), len(pairs) - 1)
+    o = dmath.min(fn.cast(u_offset * len(offsets), dtype=types.INT32), len(offsets) - 1)
+
+    def side(index_of_pair):
+        per_pair = [thousandths[index_of_pair(pair)] for pair in pairs]
+        scale = fn.lookup_table(p, keys=list(range(len(pairs))), values=per_pair, dtype=types.INT32)
+        crop = base * scale // 1000
+        return crop + fn.cast(dmath.abs(crop - s) < 3, dtype=types.INT32) * (s - crop)
+
+    crop_h, crop_w = side(lambda pair: pair[0]), side(lambda pair: pair[1])
+    x_mult = fn.lookup_table(o, keys=list(range(len(offsets))), values=[a for a, _ in offsets], dtype=types.INT32)
+    y_mult = fn.lookup_table(o, keys=list(range(len(offsets))), values=[b for _, b in offsets], dtype=types.INT32)
+    x0 = x_mult * ((width - crop_w) // 4)
+    y0 = y_mult * ((height - crop_h) // 4)
+    return y0, x0, crop_h, crop_w
+
+
+def random_resized_crop_box(height, width, u_area, u_ratio, u_top, u_left, cfg: PipelineConfig):
+    """VideoMAE's random_resized_crop (torchvision's algorithm): 10 attempts of area U(scale) * H * W and
+    log-uniform aspect ratio; the first that fits wins; otherwise a central crop clamped to the ratio range."""
+    hf, wf = fn.cast(height, dtype=types.FLOAT), fn.cast(width, dtype=types.FLOAT)
+    (s0, s1), (r0, r1) = cfg.rrc_scale, cfg.rrc_ratio
+    area = hf * wf * (s0 + u_area * (s1 - s0))
+    aspect = dmath.exp(math.log(r0) + u_ratio * (math.log(r1) - math.log(r0)))
+    w = dmath.floor(dmath.sqrt(area * aspect) + 0.5)
+    h = dmath.floor(dmath.sqrt(area / aspect) + 0.5)
+    valid = (w > 0.0) & (w <= wf) & (h > 0.0) & (h <= hf)
+    top = dmath.floor(u_top * (hf - h + 1.0))
+    left = dmath.floor(u_left * (wf - w + 1.0))
+    (top, left, h, w), found = _first_valid(valid, [top, left, h, w], RRC_ATTEMPTS, axis=0)
+    # fallback: whole frame, narrowed to the ratio range
+    in_ratio = wf / hf
+    too_narrow = fn.cast(in_ratio < r0, dtype=types.FLOAT)
+    too_wide = fn.cast(in_ratio > r1, dtype=types.FLOAT)
+    fb_w = wf + too_wide * (dmath.floor(hf * r1 + 0.5) - wf)
+    fb_h = hf + too_narrow * (dmath.floor(wf / r0 + 0.5) - hf)
+    fb_top, fb_left = dmath.floor((hf - fb_h) / 2.0), dmath.floor((wf - fb_w) / 2.0)
+    pick = lambda a, b: fn.cast(found * a + (1.0 - found) * b, dtype=types.INT32)  # noqa: E731
+    return pick(top, fb_top), pick(left, fb_left), pick(h, fb_h), pick(w, fb_w)
+
+
+@augmentation(mag_range=(0, 0.9), randomly_negate=True, mag_to_param=aa.sharpness_kernel, param_device="auto")
+def sharpness(data, kernel):
+    """DALI's RandAugment sharpness, on fn.filter (the suite's fn.experimental.filter alias warns on every use)."""
+    return fn.filter(data, kernel)
+
+
+@augmentation
+def equalize(data, _):
+    """DALI's RandAugment equalize, on fn.equalize (the suite's experimental alias warns on every use)."""
+    return fn.equalize(data)
+
+
+def rand_augment_suite() -> list:
+    """DALI's RandAugment suite (timm's ops with increasing magnitudes), without identity."""
+    replace = {aa.sharpness.name: sharpness, aa.equalize.name: equalize}
+    return [replace.get(a.name, a) for a in ra.get_rand_augment_suite(use_shape=True) if a.name != aa.identity.name]
+
+
+def _rand_augment(frames, cfg: PipelineConfig):
+    """timm's RandAugment (rand-m{m}-n{n}, increasing magnitudes): n layers, each applying with probability 0.5 one
+    op drawn from the suite, at magnitude m of 10, identically to every frame of the sample (DALI treats FHWC as one
+    sample). Applied once per clip to its stacked views, so the K views of a clip share the draw: building a
+    RandAugment graph per view would cost seconds of graph construction per view and epoch. timm's magnitude noise
+    (mstd=0.5) has no DALI counterpart: the magnitude is fixed."""
+    suite = rand_augment_suite()
+    s = cfg.input_size
+    coins = fn.random.coin_flip(probability=0.5, shape=[cfg.rand_augment_n], dtype=types.INT32)
+    for layer in range(cfg.rand_augment_n):
+        if coins[layer]:
+            frames = ra.apply_rand_augment(suite, frames, n=1, m=cfg.rand_augment_m, num_magnitude_bins=11,
+                                           shape=[s, s], fill_value=128)
+    return frames
+
+
+def _erase(video, params, cfg: PipelineConfig, device: str):
+    """Fill each erasing box with per-pixel N(0, 1) noise (values are already normalized)."""
+    k, t, s = cfg.num_repeats, cfg.num_frames, cfg.input_size
+    p = _to(fn.reshape(params, shape=[k, 5, 1, t, 1, 1]), device)  # -> broadcast over [K, C, T, H, W]
+    apply, top, left, h, w = (p[:, i] for i in range(5))
+    yy = _const(np.arange(s, dtype=np.float32).reshape(1, 1, 1, s, 1), device)
+    xx = _const(np.arange(s, dtype=np.float32).reshape(1, 1, 1, 1, s), device)
+    inside = (yy >= top) & (yy < top + h) & (xx >= left) & (xx < left + w)
+    m = apply * fn.cast(inside, dtype=types.FLOAT)
+    noise = fn.random.normal(video, device=device)
+    return fn.reshape(video + m * (noise - video), layout="FCDHW")
+
+
+def _eval_views(video, cfg: PipelineConfig):
+    """5 clips x 3 crops: short side resized to `short_side`; crops of input_size at (c * (L - S)) // (crops-1)
+    along the long side (VideoMAE's int(c * (L - S) / (crops - 1))), centred along the short side.
+    Views are clip-major: view = clip * crops + crop."""
+    s, t, clips, crops = cfg.input_size, cfg.num_frames, cfg.eval_clips, cfg.eval_crops
+    resized = fn.resize(video, resize_shorter=cfg.short_side, antialias=cfg.antialias, dtype=types.UINT8)
+    shape = resized.shape()
+    hr, wr = fn.cast(shape[1], dtype=types.INT32), fn.cast(shape[2], dtype=types.INT32)
+    long_is_h = fn.cast(hr > wr, dtype=types.INT32)
+    long_side, short_side = dmath.max(hr, wr), dmath.min(hr, wr)
+    across = (short_side - s) // 2
+    views, boxes = [], []
+    for c in range(crops):
+        along = (c * (long_side - s)) // (crops - 1) if crops > 1 else (long_side - s) // 2
+        y0 = long_is_h * along + (1 - long_is_h) * across
+        x0 = (1 - long_is_h) * along + long_is_h * across
+        start = fn.stack(y0, x0)
+        crop = fn.slice(resized, start=start, shape=[s, s], axis_names="HW")          # [clips*T, S, S, C]
+        views.append(fn.reshape(crop, shape=[clips, t, s, s, 3], layout="FDHWC"))
+        boxes.append(fn.stack(y0, x0, _int(s), _int(s), _int(0)))
+    frames = fn.stack(*views, axis=1) if crops > 1 else fn.expand_dims(views[0], axes=[1])  # [clips, crops, ...]
+    frames = fn.reshape(frames, shape=[clips * crops, t, s, s, 3], layout="FDHWC")
+    box = fn.stack(*(boxes * clips))                                                        # clip-major
+    return frames, box

@@ -1,0 +1,496 @@
+"""`build_loader`: epochs of DALI batches as torch tensors, with exact resume and corrupt-sample recovery.
+
+Epochs. Each epoch is read by a fresh DALI pipeline: the tar list in an order permuted per epoch (same permutation on
+every rank), DALI's sharding by rank (`shard_id=rank`, `num_shards=world_size`, contiguous ranges of that order),
+the reader's shuffle buffer seeded per epoch and rank, `pad_last_batch` so that every rank reads ceil(N / world)
+samples (a rank with one sample fewer repeats its last one). Every sample is read exactly once per epoch across
+ranks, and every rank yields the same number of training batches.
+
+Last batch. Training (pretrain/finetune) drops the last partial batch (`drop_last`; its samples are still read);
+with `drop_last=False` it is filled with DALI's padding (repeats of the rank's last sample). Eval trims the
+padding: every sample is yielded exactly once; ranks may yield one batch more or fewer than each other.
+
+Resume. DALI's own checkpointing cannot be used: `fn.decoders.video` does not implement it (a pipeline with
+`enable_checkpointing=True` fails to build). `state_dict()` = (epoch, batches handed out in the epoch, the
+corrupt-sample list). A restarted loader rebuilds the epoch's pipeline and runs the handed-out batches again
+with the `skip` input set, which reads the samples and draws every random number (order, frame starts, crops, flips, masks, erasing boxes) without decoding (a few
+milliseconds per batch), so it continues exactly where it stopped: no sample repeated, none skipped. (RandAugment's
+internal draws and the erasing noise are not replayed.) If world size, batch size, seed, mode or dataset changed,
+the saved epoch restarts from its beginning (repeats at most one epoch) with a warning.
+
+Corrupt samples. When DALI fails on a batch, the loader finds the responsible sample (DALI names it in
+decoder-creation errors; otherwise the failing batch is re-read without decoding and each of its videos is
+decoded alone), logs one line, counts it in `stats`, substitutes it (see `pipeline.shardset`) and rebuilds the
+pipeline at the same position. The failing batch is then produced again, with the substitute. Never a crash, unless
+no sample of the batch fails on its own (then the original error is raised).
+
+Handoff without copies. DALI's dynamic executor (the default in 2.4) allocates new output buffers per iteration
+and never writes into a buffer it has returned, so pipeline outputs are handed to torch through DLPack
+(`torch.from_dlpack(TensorList.as_tensor())`: same memory, no copy; views of one clip are already consecutive, so
+[B, K, ...] -> [B*K, ...] is a view). On the GPU, `pipe.outputs(cuda_stream=torch's current stream)` makes that
+stream wait on DALI's completion event: no host synchronization. The remaining hazard is the other end of the
+buffer's life: DALI frees an output in the order of its own stream when the last reference dies, which can happen
+(in Python) while kernels that read it are still queued on torch's stream; DALI could then hand the memory to a
+later batch and overwrite it under those kernels (DALI 2.4 keeps the output's deallocation order on its own stream:
+`Executor2::Outputs` pops outputs with set_output_order=false). The loader therefore keeps a reference to every batch it handed
+out until a CUDA event, recorded on torch's current stream when the *next* batch is requested, has completed
+(polled with `Event.query()`, never waited on). Consumers that use a batch on another stream, or keep it after
+asking for the next one, must synchronize themselves. The only copies left are inside the graph: stacking the K
+uint8 views (1/4 of the output size) and DALI's own operator outputs.
+"""
+
+from __future__ import annotations
+
+import collections
+import gc
+import logging
+import os
+import re
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+import torch
+
+from pipeline import graph
+from pipeline.config import PipelineConfig
+from pipeline.shardset import ShardSet, split_source
+
+log = logging.getLogger("pipeline")
+STATE_FORMAT = "videomae-pipeline/1"
+_SOURCE_RE = re.compile(r'"([^"\n]+?\.tar:\d+:[^"\n]+)"')
+
+
+@dataclass
+class LoaderStats:
+    batches: int = 0                  # batches handed out since construction
+    samples: int = 0                  # samples (not views) in them
+    corrupt_samples: int = 0          # distinct samples substituted because DALI could not decode them
+    corrupt: list[str] = field(default_factory=list)   # "tar:member: reason", one per corrupt sample
+    rebuilds: int = 0                 # pipelines rebuilt to recover from a failure
+    fast_forwarded: int = 0           # batches replayed without decoding (resume, recovery)
+
+    def as_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+class _SkipSchedule:
+    """Feeds the graph's `skip` input, one call per pipeline iteration: True before `start` (fast-forward) and from
+    `stop` on (the prefetch past the end of the epoch costs nothing)."""
+
+    def __init__(self, batch_size: int, start: int, stop: int | None = None):
+        self.batch_size, self.start, self.stop, self.calls = batch_size, start, stop, 0
+
+    def __call__(self) -> np.ndarray:
+        i = self.calls
+        self.calls += 1
+        skip = i < self.start or (self.stop is not None and i >= self.stop)
+        return np.full(self.batch_size, skip, dtype=np.bool_)
+
+
+class _GpuKeepAlive:
+    """Holds DALI output buffers until torch's stream has passed the point where the consumer finished with them."""
+
+    def __init__(self):
+        self._pending: collections.deque = collections.deque()
+        self._last: Any = None
+
+    def handed_out(self, outputs) -> None:
+        self._last = outputs
+
+    def next_requested(self, stream: torch.cuda.Stream) -> None:
+        if self._last is not None:
+            event = torch.cuda.Event()
+            event.record(stream)
+            self._pending.append((event, self._last))
+            self._last = None
+        while self._pending and self._pending[0][0].query():
+            self._pending.popleft()
+
+    def __len__(self) -> int:
+        return len(self._pending)
+
+
+class _EpochRun:
+    def __init__(self, pipe, schedule: _SkipSchedule, epoch: int, position: int):
+        self.pipe, self.schedule, self.epoch, self.position = pipe, schedule, epoch, position
+
+
+class VideoLoader:
+    """Iterates one epoch per `iter()`; see the module docstring and `build_loader`."""
+
+    def __init__(self, shards: str | os.PathLike | Sequence[str | os.PathLike], cfg: PipelineConfig,
+                 batch_size: int, *, device: str = "cpu", device_id: int | None = None, rank: int = 0,
+                 world_size: int = 1, seed: int = 0, num_threads: int | None = None, prefetch_depth: int = 2,
+                 state: dict | None = None):
+        if device not in ("cpu", "gpu"):
+            raise ValueError(f"device {device!r}: expected 'cpu' or 'gpu'")
+        if batch_size < 1:
+            raise ValueError(f"batch_size={batch_size}: must be >= 1")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank={rank} is outside world_size={world_size}")
+        self.cfg = cfg.resolved()
+        self.batch_size, self.device, self.rank, self.world_size, self.seed = batch_size, device, rank, world_size, seed
+        self.prefetch_depth = prefetch_depth
+        if device == "gpu":
+            self.device_id = device_id if device_id is not None else int(os.environ.get("LOCAL_RANK", 0))
+            self.torch_device = torch.device("cuda", self.device_id)
+        else:
+            self.device_id, self.torch_device = None, torch.device("cpu")
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+        self.num_threads = num_threads or max(1, (os.cpu_count() or 2) // max(local, 1))
+        self.stats = LoaderStats()
+        self._names = graph.output_names(self.cfg)
+        self._keepalive = _GpuKeepAlive() if device == "gpu" else None
+        self._view_consts: dict = {}
+        self._expected_samples: int | None = None
+
+        self.shards = ShardSet(shards)
+        if device == "cpu":
+            self.shards.check_cpu_decodable()
+        self.epoch, position = 0, 0
+        if state is not None:
+            self.epoch, position = self._restore(state)
+        for key, reason in self.shards.structural_problems().items():
+            self._block(key, reason)
+        self.num_samples = -1
+        self._run = self._open(self.epoch, position)
+
+    # -- sizes ---------------------------------------------------------------------------------------------------
+    @property
+    def samples_per_rank(self) -> int:
+        """Samples each rank reads per epoch, padding included: ceil(N / world_size)."""
+        return -(-self.num_samples // self.world_size)
+
+    @property
+    def rank_samples(self) -> int:
+        """Distinct samples of this rank's part of an epoch (DALI's contiguous partition of the epoch's order)."""
+        n, w, r = self.num_samples, self.world_size, self.rank
+        return n * (r + 1) // w - n * r // w
+
+    def __len__(self) -> int:
+        if self.cfg.mode == "eval":
+            return -(-self.rank_samples // self.batch_size)
+        if self.cfg.drop_last:
+            return self.samples_per_rank // self.batch_size
+        return -(-self.samples_per_rank // self.batch_size)
+
+    @property
+    def position(self) -> int:
+        """Batches of the current epoch handed out so far."""
+        return self._run.position
+
+    # -- iteration -----------------------------------------------------------------------------------------------
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        """Yields the rest of the current epoch (all of it, unless resumed or interrupted), then moves to the next."""
+        if len(self) == 0:
+            log.warning("pipeline: rank %d has no complete batch in an epoch (%d samples, batch size %d)",
+                        self.rank, self.samples_per_rank, self.batch_size)
+        epoch = self.epoch
+        while self.epoch == epoch and self._run.position < len(self):
+            index = self._run.position
+            outputs = self._fetch()
+            self._run.position += 1
+            batch = self._to_torch(outputs, index)
+            if self._run.position == len(self):
+                self._advance_epoch()  # the next epoch decodes while this batch trains
+            if batch is not None:
+                yield batch
+        if len(self) == 0:
+            self._advance_epoch()
+
+    def _advance_epoch(self) -> None:
+        self._drop_pipeline()
+        self._run = self._open(self.epoch + 1, 0)
+        self.epoch += 1
+
+    def _drop_pipeline(self) -> None:
+        """Free the current pipeline now: DALI pipeline objects sit in reference cycles, and their threads and
+        buffers would otherwise wait for the garbage collector."""
+        self._run = None
+        gc.collect()
+
+    def _fetch(self):
+        if self._keepalive is not None:
+            self._keepalive.next_requested(torch.cuda.current_stream(self.torch_device))
+        while True:
+            pipe = self._run.pipe
+            try:
+                if self.device == "gpu":
+                    outputs = pipe.outputs(cuda_stream=torch.cuda.current_stream(self.torch_device))
+                else:
+                    outputs = pipe.outputs()
+                pipe.schedule_run()
+                return outputs
+            except RuntimeError as error:
+                del pipe
+                self._recover(self._run, error)
+
+    def _to_torch(self, outputs, index: int) -> dict[str, Any] | None:
+        """Batch `index` of the epoch as torch tensors (views of DALI's buffers), trimmed in eval."""
+        cfg, views, b = self.cfg, self.cfg.views_per_sample, self.batch_size
+        out = dict(zip(self._names, outputs))
+        if self._keepalive is not None:
+            self._keepalive.handed_out(outputs)
+        batch: dict[str, Any] = {"video": _as_torch(out["video"]).flatten(0, 1),
+                                 "sample_id": _as_torch(out["sample_id"]).reshape(-1)}
+        if "label" in out:
+            batch["label"] = _as_torch(out["label"]).reshape(-1)
+        if "mask" in out:
+            batch["mask"] = _as_torch(out["mask"]).flatten(0, 1)
+        if cfg.mode == "eval":
+            batch["clip"], batch["crop"] = self._eval_view_ids(b)
+        if cfg.debug_outputs:
+            frame_idx = _as_torch(out["frame_idx"]).to(torch.int64)                    # [B, T] or [B, clips*T]
+            if cfg.mode == "eval":
+                frame_idx = frame_idx.view(b, cfg.eval_clips, 1, cfg.num_frames).expand(
+                    b, cfg.eval_clips, cfg.eval_crops, cfg.num_frames).reshape(b * views, cfg.num_frames)
+            else:
+                frame_idx = frame_idx.repeat_interleave(views, dim=0)
+            batch["frame_idx"] = frame_idx
+            batch["box"] = _as_torch(out["box"]).reshape(b * views, 5)
+            batch["frames"] = _as_torch(out["frames"]).flatten(0, 1)
+            batch["source"] = [bytes(np.array(out["source"][i])).decode() for i in range(b)]
+        keep = self._kept_samples(index, batch["sample_id"])
+        if keep is not None:
+            if not keep.any():
+                return None
+            batch = _select_samples(batch, keep, views)
+        self.stats.batches += 1
+        self.stats.samples += batch["video"].shape[0] // views
+        return batch
+
+    def _kept_samples(self, index: int, sample_id: torch.Tensor) -> np.ndarray | None:
+        """Eval only: which samples of batch `index` to keep (not DALI's padding past this rank's samples, not a
+        substituted corrupt sample). None: all of them."""
+        if self.cfg.mode != "eval":
+            return None
+        b, views = self.batch_size, self.cfg.views_per_sample
+        keep = np.arange(b) < self.rank_samples - index * b
+        bad = self._bad_ids
+        if bad:
+            ids = sample_id.view(b, views)[:, 0].cpu().numpy()
+            keep &= ~np.isin(ids, list(bad))
+        return None if keep.all() else keep
+
+    def _eval_view_ids(self, b: int):
+        key = b
+        if key not in self._view_consts:
+            cfg = self.cfg
+            clip = torch.arange(cfg.eval_clips).repeat_interleave(cfg.eval_crops).repeat(b)
+            crop = torch.arange(cfg.eval_crops).repeat(cfg.eval_clips).repeat(b)
+            self._view_consts[key] = (clip.to(self.torch_device), crop.to(self.torch_device))
+        return self._view_consts[key]
+
+    # -- pipelines -----------------------------------------------------------------------------------------------
+    def _epoch_seed(self, epoch: int) -> int:
+        return int(np.random.SeedSequence([self.seed, epoch, self.rank]).generate_state(1)[0] & 0x3FFFFFFF)
+
+    def _open(self, epoch: int, position: int, inspect_batch: int | None = None) -> _EpochRun:
+        """Build the pipeline of `epoch` and fast-forward it (without decoding) to `position`."""
+        order = self.shards.epoch_order(self.seed, epoch, self.cfg.shuffle)
+        index_paths = self.shards.patched_index_paths(keep_own_info=self.cfg.mode == "eval")
+        start = position if inspect_batch is None else inspect_batch + 1
+        schedule = _SkipSchedule(self.batch_size, start)
+        pipe = graph.build_pipeline(
+            self.cfg, [self.shards.tars[i] for i in order], [index_paths[i] for i in order],
+            batch_size=self.batch_size, device=self.device, device_id=self.device_id, shard_id=self.rank,
+            num_shards=self.world_size, seed=self._epoch_seed(epoch), num_threads=self.num_threads,
+            prefetch_depth=self.prefetch_depth, skip_source=schedule)
+        pipe.build()
+        n = pipe.reader_meta("reader")["epoch_size"]
+        if self.num_samples < 0:
+            self.num_samples = n
+            if n < self.world_size:
+                raise ValueError(f"{n} samples cannot be split over {self.world_size} ranks")
+            if self._expected_samples is not None and self._expected_samples != n and position:
+                log.warning("pipeline: the saved loader state counted %d samples, the shards hold %d; restarting "
+                            "epoch %d from its beginning", self._expected_samples, n, epoch)
+                position = 0
+        elif n != self.num_samples:
+            raise RuntimeError(f"the shards now hold {n} samples, {self.num_samples} before")
+        schedule.stop = len(self) if inspect_batch is None else inspect_batch + 1
+        pipe.schedule_run()
+        for _ in range(position):
+            pipe.outputs()
+            pipe.schedule_run()
+        self.stats.fast_forwarded += position
+        return _EpochRun(pipe, schedule, epoch, position)
+
+    # -- corrupt samples -----------------------------------------------------------------------------------------
+    @property
+    def _bad_ids(self) -> set[int]:
+        if self.cfg.mode != "eval" or not self.shards.blocked:
+            return set()
+        if getattr(self, "_bad_ids_cache", None) is None or self._bad_ids_key != len(self.shards.blocked):
+            self._bad_ids_cache, self._bad_ids_key = self.shards.blocked_sample_ids(), len(self.shards.blocked)
+        return self._bad_ids_cache
+
+    def _block(self, key: str, reason: str) -> None:
+        tar, member = split_source(key)
+        if f"{tar}:{member}" in self.shards.blocked:
+            return
+        self.shards.block(key, reason)
+        self.stats.corrupt_samples += 1
+        self.stats.corrupt.append(f"{tar}:{member}: {reason}")
+        log.warning("pipeline: skipping corrupt sample %s in %s (%s); %d skipped so far",
+                    member, tar, reason, self.stats.corrupt_samples)
+
+    def _recover(self, run: _EpochRun, error: RuntimeError) -> None:
+        reason = _error_reason(error)
+        sources = sorted(set(_SOURCE_RE.findall(str(error))))
+        if not sources:
+            sources = self._find_failing_samples(run)
+        sources = [s for s in sources if f"{split_source(s)[0]}:{split_source(s)[1]}" not in self.shards.blocked]
+        if not sources:
+            raise error
+        for source in sources:
+            self._block(source, reason)
+        epoch, position = run.epoch, run.position
+        del run
+        self._drop_pipeline()
+        self.stats.rebuilds += 1
+        self._run = self._open(epoch, position)
+
+    def _find_failing_samples(self, run: _EpochRun) -> list[str]:
+        """Re-read the failing batch without decoding, then decode each of its videos alone."""
+        inspect = self._open(run.epoch, run.position, inspect_batch=run.position)
+        outputs = dict(zip(self._names, inspect.pipe.outputs()))
+        del inspect
+        gc.collect()
+        failing = []
+        for i in range(self.batch_size):
+            source = bytes(np.array(outputs["source"][i])).decode()
+            frames = np.array(outputs["frame_idx"][i]).astype(np.int32)
+            tar, member = split_source(source)
+            offset = int(source[len(tar) + 1:].partition(":")[0])
+            size = self._member_size(tar, member)
+            if size is None or not self._decodes(self.shards.read_member(tar, offset, size), frames):
+                failing.append(source)
+        return failing
+
+    def _member_size(self, tar: str, member: str) -> int | None:
+        for sample in self.shards.index(tar)[1]:
+            for _, size, name in sample.components.values():
+                if name == member:
+                    return size
+        return None
+
+    def _decodes(self, mp4: bytes, frames: np.ndarray) -> bool:
+        from nvidia.dali import fn, pipeline_def, types
+
+        @pipeline_def(batch_size=1, num_threads=1, prefetch_queue_depth=1,
+                      device_id=self.device_id if self.device == "gpu" else None)
+        def probe():
+            video = fn.external_source(name="mp4", dtype=types.UINT8, ndim=1)
+            idx = fn.external_source(name="idx", dtype=types.INT32, ndim=1)
+            return fn.decoders.video(video, device="mixed" if self.device == "gpu" else "cpu", frames=idx)
+
+        pipe = probe()
+        try:
+            pipe.build()
+            pipe.run(mp4=[np.frombuffer(mp4, dtype=np.uint8)], idx=[frames])
+            return len(mp4) > 0
+        except RuntimeError:
+            return False
+        finally:
+            del pipe
+
+    # -- state ---------------------------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """Where the next batch comes from. Batches already handed out count as consumed."""
+        return {"format": STATE_FORMAT, "epoch": self.epoch, "position": self._run.position, "seed": self.seed,
+                "world_size": self.world_size, "batch_size": self.batch_size, "num_samples": self.num_samples,
+                "mode": self.cfg.mode, "blocked": dict(self.shards.blocked)}
+
+    def _restore(self, state: dict) -> tuple[int, int]:
+        if state.get("format") != STATE_FORMAT:
+            raise ValueError(f"loader state of format {state.get('format')!r}, expected {STATE_FORMAT!r}")
+        for key, reason in state.get("blocked", {}).items():
+            tar, _ = split_source(key)
+            if tar in self.shards.tars:
+                self._block(key, reason)
+        epoch, position = int(state["epoch"]), int(state["position"])
+        same = {k: state.get(k) for k in ("seed", "world_size", "batch_size", "mode")} == \
+            {"seed": self.seed, "world_size": self.world_size, "batch_size": self.batch_size, "mode": self.cfg.mode}
+        if not same:
+            log.warning("pipeline: the saved loader state was made with other settings (seed, world size, batch "
+                        "size or mode); restarting epoch %d from its beginning", epoch)
+            return epoch, 0
+        self._expected_samples = state.get("num_samples")
+        return epoch, position
+
+    def close(self) -> None:
+        """Stop decoding and delete the patched index files. The loader cannot be iterated afterwards."""
+        self._drop_pipeline()
+        self.shards.close()
+
+    def __del__(self):
+        try:
+            self.shards.close()
+        except Exception:
+            pass
+
+
+def _select_samples(batch: dict, keep: np.ndarray, views: int) -> dict:
+    """Keep the rows of the kept samples: a view when they are a prefix, an indexed copy otherwise (rare)."""
+    count = int(keep.sum())
+    prefix = bool(keep[:count].all())
+    rows = torch.from_numpy(np.repeat(keep, views)).nonzero().flatten()
+    out = {}
+    for key, value in batch.items():
+        if isinstance(value, list):
+            out[key] = [v for v, k in zip(value, keep) if k]
+        elif prefix:
+            out[key] = value[:count * views]
+        else:
+            out[key] = value[rows.to(value.device)]
+    return out
+
+
+def _as_torch(tensor_list) -> torch.Tensor:
+    return torch.from_dlpack(tensor_list.as_tensor())
+
+
+def _error_reason(error: Exception) -> str:
+    """The most specific line of a DALI error message."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    for line in lines:
+        if line.startswith(("Assert on", "Error", "[/")) and "failed:" in line:
+            return line.split("failed:", 1)[1].strip()[:200]
+    for line in reversed(lines):
+        if "pipeline object is no longer valid" not in line and not line.startswith("C++ context"):
+            return line[:200]
+    return "DALI error"
+
+
+def build_loader(shards: str | os.PathLike | Sequence[str | os.PathLike], mode: str, batch_size: int, *,
+                 device: str = "cpu", num_frames: int = 16, stride: int = 4, input_size: int = 224,
+                 num_repeats: int = 1, mask_ratio: float = 0.9, patch_size: int = 16, tubelet_size: int = 2,
+                 flip: bool | None = None, seed: int = 0, rank: int = 0, world_size: int = 1,
+                 num_threads: int | None = None, state: dict | None = None, device_id: int | None = None,
+                 prefetch_depth: int = 2, config: PipelineConfig | None = None, **options: Any) -> VideoLoader:
+    """A loader over `shards` (directory, brace pattern, glob, tar, or a list of these).
+
+    `batch_size` counts clips per rank per step before repeats: each batch holds batch_size * K rows, K =
+    `num_repeats` (train) or eval_clips * eval_crops (eval). Extra keyword options are `PipelineConfig` fields
+    (e.g. `rand_augment=False`, `erase_prob=0.0`, `eval_clips=1`, `short_side=256`, `debug_outputs=True`);
+    `config` replaces all of them.
+
+    Yields dicts of torch tensors on the training device (cuda:device_id for "gpu", cpu for "cpu"):
+        video      float32[B*K, 3, T, S, S]  normalized with ImageNet mean/std
+        mask       bool[B*K, N]              pretrain: N = T/tubelet * (S/patch)^2, (t, h, w) order, True = masked
+        label      int64[B*K]                finetune, eval
+        sample_id  int64[B*K]                the sample's id in the dataset (manifest["keys"][sample_id])
+        clip, crop int64[B*V]                eval: view v of a sample is clip v // crops, crop v % crops
+    The K (or V) views of one sample are consecutive rows.
+    """
+    if config is None:
+        config = PipelineConfig(mode=mode, num_frames=num_frames, stride=stride, input_size=input_size,
+                                num_repeats=num_repeats, mask_ratio=mask_ratio, patch_size=patch_size,
+                                tubelet_size=tubelet_size, flip=flip, **options)
+    elif options:
+        raise TypeError("pass options either through `config` or as keywords, not both")
+    return VideoLoader(shards, config, batch_size, device=device, device_id=device_id, rank=rank,
+                       world_size=world_size, seed=seed, num_threads=num_threads, prefetch_depth=prefetch_depth,
+                       state=state)

@@ -1,0 +1,251 @@
+"""The shards a loader reads: resolution, codec check, per-epoch order and corrupt-sample substitution.
+
+DALI's webdataset reader identifies a sample by its position in the index files. Skipping a corrupt sample by
+removing it would shift every later position (and so the shuffle and the shard partition of every rank), so a
+blocked sample is instead *substituted*: a patched copy of its shard's index file points the sample's members at a
+healthy neighbour in the same tar. Positions, counts, shuffles and rank partitions stay exactly as before; the loader
+then either emits the neighbour in the sample's place (training: one duplicate per corrupt sample) or drops the
+sample's rows (eval, where the neighbour's video is read under the corrupt sample's own id).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from shards import format as fmt
+
+CPU_DECODABLE = {"vp8", "vp9", "mjpeg"}
+_FOURCC_CODECS = {
+    b"avc1": "h264", b"avc3": "h264", b"hvc1": "hevc", b"hev1": "hevc", b"vp09": "vp9", b"vp08": "vp8",
+    b"av01": "av1", b"mp4v": "mpeg4", b"jpeg": "mjpeg", b"mjpa": "mjpeg", b"mjpb": "mjpeg", b"MJPG": "mjpeg",
+}
+
+
+@dataclass
+class IndexedSample:
+    line: int                                   # 1-based line in the index file (0 is the header)
+    components: dict[str, tuple[int, int, str]]  # ext -> (offset, size, member name)
+
+    @property
+    def key(self) -> str:
+        name = next(iter(self.components.values()))[2]
+        return name.rsplit("/", 1)[-1].partition(".")[0]
+
+
+def read_index(index_path: str) -> tuple[str, list[IndexedSample]]:
+    """Parse a DALI "v1.2" index file: (header line, samples in order)."""
+    with open(index_path) as f:
+        header = f.readline().rstrip("\n")
+        samples = []
+        for line_no, line in enumerate(f, start=1):
+            tokens = line.split()
+            if not tokens:
+                continue
+            if len(tokens) % 4:
+                raise ValueError(f"{index_path}: line {line_no} is not '<ext> <offset> <size> <name>' groups")
+            comps = {tokens[i]: (int(tokens[i + 1]), int(tokens[i + 2]), tokens[i + 3])
+                     for i in range(0, len(tokens), 4)}
+            samples.append(IndexedSample(line_no, comps))
+    if not header.startswith("v1.2"):
+        raise ValueError(f"{index_path}: index version {header.split()[0] if header else '?'!r}, expected v1.2")
+    return header, samples
+
+
+def sniff_codec(mp4: bytes) -> str | None:
+    """The codec of the first video track of an mp4, read from its sample description ('stsd' box)."""
+    pos = mp4.find(b"stsd")  # then version+flags, entry count, and the first entry's size and fourcc
+    if pos < 0 or pos + 20 > len(mp4):
+        return None
+    fourcc = mp4[pos + 16:pos + 20]
+    return _FOURCC_CODECS.get(fourcc, fourcc.decode("latin-1").strip() or None)
+
+
+def manifest_codec(directory: str) -> str | None:
+    path = Path(directory) / fmt.MANIFEST_NAME
+    if not path.is_file():
+        return None
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    for holder in (manifest, manifest.get("build", {}), manifest.get("params", {}), manifest.get("args", {})):
+        if isinstance(holder, dict) and isinstance(holder.get("codec"), str):
+            return holder["codec"].lower().replace("libvpx-vp9", "vp9").replace("libx264", "h264")
+    return None
+
+
+class ShardSet:
+    """Local tar shards with their index files, plus the loader's substitutions for corrupt samples."""
+
+    def __init__(self, spec: str | os.PathLike | Sequence[str | os.PathLike]):
+        self.tars: list[str] = fmt.resolve_shards(spec)
+        self.index_paths: list[str] = [fmt.index_path_for(t) for t in self.tars]
+        self._index_cache: dict[str, tuple[str, list[IndexedSample]]] = {}
+        self.blocked: dict[str, str] = {}        # "tar:member" -> reason
+        self._patch_dir: str | None = None
+
+    # -- inspection --------------------------------------------------------------------------------------------
+    def index(self, tar: str) -> tuple[str, list[IndexedSample]]:
+        if tar not in self._index_cache:
+            self._index_cache[tar] = read_index(fmt.index_path_for(tar))
+        return self._index_cache[tar]
+
+    def codec(self, tar: str) -> str | None:
+        """The manifest's codec for the tar's directory, else the codec of the tar's first video."""
+        codec = manifest_codec(os.path.dirname(os.path.abspath(tar)))
+        if codec:
+            return codec
+        for sample in self.index(tar)[1]:
+            if fmt.VIDEO_EXT in sample.components:
+                offset, size, _ = sample.components[fmt.VIDEO_EXT]
+                with open(tar, "rb") as f:
+                    f.seek(offset)
+                    return sniff_codec(f.read(size))
+        return None
+
+    def check_cpu_decodable(self) -> None:
+        """Raise a one-line error naming the first shard whose codec DALI's CPU decoder cannot read."""
+        seen: dict[str, str | None] = {}
+        for tar in self.tars:
+            directory = os.path.dirname(os.path.abspath(tar))
+            if directory not in seen or manifest_codec(directory) is None:
+                seen[directory] = self.codec(tar)
+            codec = seen[directory]
+            if codec is not None and codec not in CPU_DECODABLE:
+                raise ValueError(f"{tar}: codec {codec} cannot be decoded by DALI's CPU video decoder (VP8, VP9 and "
+                                 f"MJPEG only); use device='gpu' or rebuild the shards as VP9")
+
+    def read_member(self, tar: str, offset: int, size: int) -> bytes:
+        with open(tar, "rb") as f:
+            f.seek(offset)
+            return f.read(size)
+
+    def structural_problems(self) -> dict[str, str]:
+        """Samples whose index entry cannot be valid (empty video, info of the wrong size): "tar:member" -> reason."""
+        problems = {}
+        info_size = 4 * len(fmt.INFO_FIELDS)
+        for tar in self.tars:
+            for sample in self.index(tar)[1]:
+                video = sample.components.get(fmt.VIDEO_EXT)
+                info = sample.components.get(fmt.INFO_EXT)
+                if video is None or info is None:
+                    continue  # DALI skips samples with a missing component (missing_component_behavior="skip")
+                if video[1] == 0:
+                    problems[f"{tar}:{video[2]}"] = "empty video member"
+                elif info[1] != info_size:
+                    problems[f"{tar}:{video[2]}"] = f"info member of {info[1]} bytes, expected {info_size}"
+        return problems
+
+    # -- epoch order -------------------------------------------------------------------------------------------
+    def epoch_order(self, seed: int, epoch: int, shuffle: bool) -> list[int]:
+        """Tar order for an epoch: a permutation shared by every rank (same seed), or the given order."""
+        if not shuffle:
+            return list(range(len(self.tars)))
+        rng = np.random.default_rng([seed, epoch, 0x5A4D])
+        return [int(i) for i in rng.permutation(len(self.tars))]
+
+    # -- substitutions -----------------------------------------------------------------------------------------
+    def block(self, source: str, reason: str) -> str:
+        """Block a sample named "tar:member" (or "tar:offset:member" as DALI reports it). Returns "tar:member"."""
+        tar, member = split_source(source)
+        key = f"{tar}:{member}"
+        self.blocked[key] = reason
+        return key
+
+    def blocked_sample_ids(self) -> set[int]:
+        """Sample ids (from their own info members) of the blocked samples whose info is readable."""
+        ids = set()
+        for key in self.blocked:
+            tar, member = split_source(key)
+            sample = self._find(tar, member)
+            if sample is None or fmt.INFO_EXT not in sample.components:
+                continue
+            offset, size, _ = sample.components[fmt.INFO_EXT]
+            data = self.read_member(tar, offset, size)
+            if len(data) == 4 * len(fmt.INFO_FIELDS):
+                ids.add(fmt.unpack_info(data)["sample_id"])
+        return ids
+
+    def _find(self, tar: str, member: str) -> IndexedSample | None:
+        if tar not in self.tars:
+            return None
+        for sample in self.index(tar)[1]:
+            if any(c[2] == member for c in sample.components.values()):
+                return sample
+        return None
+
+    def patched_index_paths(self, keep_own_info: bool) -> list[str]:
+        """Index paths for DALI, with patched copies for tars that hold blocked samples.
+
+        A blocked sample's members are redirected to the nearest healthy sample of the same tar; with
+        `keep_own_info` its info member stays its own (so its rows keep its id and can be dropped), otherwise the
+        whole sample becomes a duplicate of the neighbour.
+        """
+        if not self.blocked:
+            return list(self.index_paths)
+        by_tar: dict[str, set[str]] = {}
+        for key in self.blocked:
+            tar, member = split_source(key)
+            by_tar.setdefault(tar, set()).add(member)
+        if self._patch_dir is None:
+            self._patch_dir = tempfile.mkdtemp(prefix="videomae-pipeline-idx-")
+        out = []
+        for tar, index_path in zip(self.tars, self.index_paths):
+            if tar not in by_tar:
+                out.append(index_path)
+                continue
+            header, samples = self.index(tar)
+            bad = [any(c[2] in by_tar[tar] for c in s.components.values()) for s in samples]
+            if all(bad):
+                raise RuntimeError(f"{tar}: every sample is corrupt; remove the shard")
+            lines = []
+            for i, sample in enumerate(samples):
+                comps = dict(sample.components)
+                if bad[i]:
+                    donor = _nearest_good(i, bad)
+                    if keep_own_info and fmt.INFO_EXT in comps:
+                        comps[fmt.VIDEO_EXT] = samples[donor].components[fmt.VIDEO_EXT]
+                    else:
+                        comps = dict(samples[donor].components)
+                lines.append(" ".join(f"{ext} {o} {s} {n}" for ext, (o, s, n) in comps.items()))
+            digest = hashlib.sha1(("\n".join(lines) + str(keep_own_info)).encode()).hexdigest()[:12]
+            path = os.path.join(self._patch_dir, f"{Path(tar).stem}.{digest}.idx")
+            if not os.path.exists(path):
+                tmp = path + ".tmp"
+                with open(tmp, "w") as f:
+                    f.write("\n".join([header, *lines]) + "\n")
+                os.replace(tmp, path)
+            out.append(path)
+        return out
+
+    def close(self) -> None:
+        if self._patch_dir is not None:
+            shutil.rmtree(self._patch_dir, ignore_errors=True)
+            self._patch_dir = None
+
+
+def _nearest_good(i: int, bad: list[bool]) -> int:
+    for distance in range(1, len(bad)):
+        for j in (i - distance, i + distance):
+            if 0 <= j < len(bad) and not bad[j]:
+                return j
+    raise RuntimeError("no healthy sample to substitute")
+
+
+def split_source(source: str) -> tuple[str, str]:
+    """Split DALI's "tar:offset:member" (or our "tar:member") into (tar, member)."""
+    tar, sep, rest = source.rpartition(".tar:")
+    if not sep:
+        raise ValueError(f"{source!r} does not name a tar member")
+    tar = tar + ".tar"
+    offset, sep2, member = rest.partition(":")
+    return (tar, member) if sep2 and offset.isdigit() else (tar, rest)

@@ -1,0 +1,216 @@
+"""Small, real VP9 shards for the pipeline tests (independent of `shards.build`).
+
+Each test video is made from numpy frames piped into the ffmpeg binary (libvpx-vp9, lossless, GOP 16) and
+written into WebDataset tar shards in the format of `shards/format.py` (`KEY.mp4`, `KEY.cls`, `KEY.json`,
+`KEY.info`, a DALI index beside each tar, a manifest). The frames are gray (neutral chroma, so colour conversion and
+chroma subsampling leave them intact) and made of 16x16 blocks (aligned to the codec's macroblocks):
+
+    frame[t, y, x] = level(t) + pattern(y, x)
+
+`level(t)` differs by `LEVEL_STEP` grey levels between consecutive frames and `pattern` is a fixed block texture
+(the same in every frame, different per video), so any frame of any crop is matched to its index without ambiguity
+by its nearest neighbour among the PyAV-decoded frames (cropped and resized the same way), and crops stay visible.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import subprocess
+import tarfile
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from shards import format as fmt
+
+LEVEL_STEP = 3
+LEVEL_BASE = 16
+PATTERN_AMPLITUDE = 24
+MAX_FRAMES = (255 - 2 * PATTERN_AMPLITUDE - LEVEL_BASE) // LEVEL_STEP  # levels stay inside 0..255
+
+
+def ffmpeg_exe() -> str:
+    import imageio_ffmpeg
+
+    return imageio_ffmpeg.get_ffmpeg_exe()
+
+
+def synthetic_frames(num_frames: int, height: int, width: int, seed: int) -> np.ndarray:
+    """uint8[T, H, W, 3] grey frames: per-frame level + a fixed 16x16-block texture chosen by `seed`."""
+    if num_frames > MAX_FRAMES:
+        raise ValueError(f"at most {MAX_FRAMES} frames keep distinct grey levels")
+    rng = np.random.default_rng(seed)
+    blocks = rng.integers(-PATTERN_AMPLITUDE, PATTERN_AMPLITUDE + 1, size=(-(-height // 16), -(-width // 16)))
+    pattern = np.kron(blocks, np.ones((16, 16), dtype=np.int64))[:height, :width]
+    levels = LEVEL_BASE + PATTERN_AMPLITUDE + LEVEL_STEP * np.arange(num_frames)
+    frames = levels[:, None, None] + pattern[None]
+    return np.repeat(frames[..., None], 3, axis=-1).astype(np.uint8)
+
+
+def encode(frames: np.ndarray, codec: str = "vp9", fps: int = 25, gop: int = 16, faststart: bool = False) -> bytes:
+    """Encode uint8[T, H, W, 3] frames into an mp4 with the ffmpeg binary (vp9 lossless, or h264); `faststart`
+    puts the index (moov) before the frame data."""
+    t, h, w, _ = frames.shape
+    if codec == "vp9":
+        vargs = ["-c:v", "libvpx-vp9", "-lossless", "1", "-deadline", "realtime", "-cpu-used", "8"]
+    elif codec == "h264":
+        vargs = ["-c:v", "libx264", "-crf", "4", "-preset", "ultrafast"]
+    else:
+        raise ValueError(f"unknown codec {codec}")
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "v.mp4")
+        cmd = [ffmpeg_exe(), "-v", "error", "-y", "-f", "rawvideo", "-pix_fmt", "rgb24", "-s", f"{w}x{h}",
+               "-r", str(fps), "-i", "-", *vargs, "-g", str(gop), "-keyint_min", str(gop),
+               "-pix_fmt", "yuv420p", "-an", *(["-movflags", "+faststart"] if faststart else []), out]
+        subprocess.run(cmd, input=np.ascontiguousarray(frames).tobytes(), check=True)
+        return Path(out).read_bytes()
+
+
+def decode_pyav(mp4: bytes) -> np.ndarray:
+    """All frames of an mp4 as uint8[T, H, W, 3] RGB, decoded with PyAV (the independent reference)."""
+    import av
+
+    with av.open(io.BytesIO(mp4)) as container:
+        return np.stack([f.to_ndarray(format="rgb24") for f in container.decode(video=0)])
+
+
+_DECODED: dict[bytes, np.ndarray] = {}
+
+
+def decode_cached(video: "TestVideo") -> np.ndarray:
+    """`decode_pyav(video.mp4)`, decoded once per process."""
+    key = video.mp4[:64] + len(video.mp4).to_bytes(8, "little") + video.key.encode()
+    if key not in _DECODED:
+        _DECODED[key] = decode_pyav(video.mp4)
+    return _DECODED[key]
+
+
+@dataclass
+class TestVideo:
+    key: str
+    mp4: bytes
+    num_frames: int
+    label: int
+    sample_id: int = -1
+    valid: bool = True  # False for deliberately corrupt members
+
+
+@dataclass
+class TestShards:
+    directory: str
+    tars: list[str]
+    videos: list[TestVideo]
+    by_id: dict[int, TestVideo] = field(default_factory=dict)
+
+
+def write_shards(directory: str | os.PathLike, videos: list[TestVideo], per_shard: int, split: str = "train",
+                 codec: str = "vp9", classes: list[str] | None = None) -> TestShards:
+    """Write `videos` (in order, sample ids 0..n-1) into tar shards + DALI indexes + manifest under `directory`."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    tars, shard_entries = [], []
+    for shard_index, first in enumerate(range(0, len(videos), per_shard)):
+        group = videos[first:first + per_shard]
+        tar_path = directory / fmt.shard_name(split, shard_index)
+        members = []
+        with tarfile.open(tar_path, "w", format=tarfile.USTAR_FORMAT) as tar:
+            for i, video in enumerate(group):
+                video.sample_id = first + i
+                meta = {"key": video.key, "source": f"synthetic/{video.key}", "label": video.label,
+                        "label_name": f"class{video.label}", "fps": 25.0, "num_frames": video.num_frames,
+                        "codec": codec, "sample_id": video.sample_id}
+                parts = [(fmt.VIDEO_EXT, video.mp4), (fmt.LABEL_EXT, str(video.label).encode()),
+                         (fmt.META_EXT, json.dumps(meta).encode()),
+                         (fmt.INFO_EXT, fmt.pack_info(video.num_frames, video.label, video.sample_id))]
+                for ext, data in parts:
+                    info = tarfile.TarInfo(f"{video.key}.{ext}")
+                    info.size = len(data)
+                    info.mtime = 0
+                    header_start = tar.offset  # a USTAR header with a short name is one 512-byte block
+                    tar.addfile(info, io.BytesIO(data))
+                    members.append((info.name, header_start + fmt.TAR_BLOCK, info.size))
+        fmt.write_dali_index(members, fmt.index_path_for(tar_path))
+        tars.append(str(tar_path))
+        shard_entries.append({"tar": tar_path.name, "index": Path(fmt.index_path_for(tar_path)).name,
+                              "num_samples": len(group), "first_sample_id": first})
+    manifest = {"format": fmt.FORMAT_VERSION, "split": split, "codec": codec, "num_samples": len(videos),
+                "classes": classes or sorted({f"class{v.label}" for v in videos}),
+                "shards": shard_entries, "keys": [v.key for v in videos]}
+    tmp = directory / (fmt.MANIFEST_NAME + ".tmp")
+    tmp.write_text(json.dumps(manifest, indent=1))
+    os.replace(tmp, directory / fmt.MANIFEST_NAME)
+    result = TestShards(str(directory), tars, videos)
+    result.by_id = {v.sample_id: v for v in videos}
+    return result
+
+
+def make_test_shards(directory: str | os.PathLike, frame_counts: list[int], height: int = 64, width: int = 96,
+                     per_shard: int = 4, num_classes: int = 3, split: str = "train", codec: str = "vp9",
+                     seed: int = 0) -> TestShards:
+    """One synthetic video per entry of `frame_counts` (video i: seed + i texture, label i % num_classes)."""
+    videos = []
+    for i, n in enumerate(frame_counts):
+        frames = synthetic_frames(n, height, width, seed + i)
+        videos.append(TestVideo(f"vid{i:04d}", encode(frames, codec=codec), n, i % num_classes))
+    return write_shards(directory, videos, per_shard, split=split, codec=codec)
+
+
+def make_corrupt_shards(directory: str | os.PathLike, frame_counts: list[int], height: int = 64, width: int = 96,
+                        per_shard: int = 4, garbage_at: int = 1, truncated_at: int = 4, damaged_at: int | None = None,
+                        seed: int = 0) -> TestShards:
+    """Like `make_test_shards`, but the mp4 of sample `garbage_at` is random bytes, the mp4 of sample
+    `truncated_at` is the first third of a valid file (its index lost), and 2000 bytes of the frame data of sample
+    `damaged_at` (index first, so the file still opens) are overwritten with random bytes a third of the way in."""
+    rng = np.random.default_rng(seed)
+    videos = []
+    for i, n in enumerate(frame_counts):
+        mp4 = encode(synthetic_frames(n, height, width, seed + i), faststart=i == damaged_at)
+        valid = True
+        if i == garbage_at:
+            mp4, valid = rng.integers(0, 256, size=len(mp4), dtype=np.uint8).tobytes(), False
+        elif i == truncated_at:
+            mp4, valid = mp4[: len(mp4) // 3], False
+        elif i == damaged_at:
+            at = len(mp4) // 3
+            mp4 = mp4[:at] + rng.integers(0, 256, size=2000, dtype=np.uint8).tobytes() + mp4[at + 2000:]
+            valid = False
+        videos.append(TestVideo(f"vid{i:04d}", mp4, n, i % 3, valid=valid))
+    return write_shards(directory, videos, per_shard)
+
+
+# -- shared, lazily built shard sets (one temporary directory per test process) ---------------------------------
+_ROOT: str | None = None
+_CACHE: dict[str, TestShards] = {}
+TRAIN_FRAME_COUNTS = [40, 60, 20, 33, 50, 9, 63, 45, 30, 55, 12, 27]  # 3 shorter than 4 x 4 frames
+
+
+def _root() -> str:
+    global _ROOT
+    if _ROOT is None:
+        import atexit
+        import shutil
+        _ROOT = tempfile.mkdtemp(prefix="pipeline-test-shards-")
+        atexit.register(shutil.rmtree, _ROOT, ignore_errors=True)
+    return _ROOT
+
+
+def cached(name: str, build) -> TestShards:
+    """Build a shard set once per process under a private temporary directory."""
+    if name not in _CACHE:
+        _CACHE[name] = build(os.path.join(_root(), name))
+    return _CACHE[name]
+
+
+def train_shards() -> TestShards:
+    """12 VP9 videos of 64x96, 9..63 frames, 4 per shard (3 shards)."""
+    return cached("train", lambda d: make_test_shards(d, TRAIN_FRAME_COUNTS, height=64, width=96, per_shard=4))
+
+
+def eval_shards() -> TestShards:
+    """5 VP9 videos of 48x80 (short side 48: eval views at input_size 48 need no resampling), 2 per shard."""
+    return cached("eval", lambda d: make_test_shards(d, [40, 25, 63, 17, 33], height=48, width=80, per_shard=2,
+                                                     split="val", seed=100))

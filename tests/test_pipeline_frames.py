@@ -1,0 +1,103 @@
+"""Frame selection and decoding: the pipeline's frames against PyAV's decode of the same mp4 bytes."""
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import pipeline_shards as ps
+from pipeline import build_loader
+
+T, STRIDE = 4, 4
+
+
+def official_test_indices(n: int, t: int, stride: int, clips: int) -> list[list[int]]:
+    """VideoMAE's test-mode sampling (kinetics.py, mode 'test'), transcribed: every `stride`-th frame, repeated at
+    the end up to t, clip c starting at int(c * (len - t) / (clips - 1))."""
+    all_index = list(range(0, n, stride))
+    while len(all_index) < t:
+        all_index.append(all_index[-1])
+    step = max(1.0 * (len(all_index) - t) / (clips - 1), 0)
+    return [all_index[int(c * step):int(c * step) + t] for c in range(clips)]
+
+
+def reference_view(decoded: np.ndarray, frame_idx, box, size: int, antialias: bool) -> np.ndarray:
+    """Crop `box` = (y0, x0, h, w, flipped) from PyAV frames, resize to size x size (bilinear), mirror if flipped."""
+    y0, x0, h, w, flipped = [int(v) for v in box]
+    crop = torch.from_numpy(decoded[np.asarray(frame_idx), y0:y0 + h, x0:x0 + w]).permute(0, 3, 1, 2).float()
+    out = F.interpolate(crop, size=(size, size), mode="bilinear", align_corners=False, antialias=antialias)
+    if flipped:
+        out = out.flip(-1)
+    return out.permute(0, 2, 3, 1).numpy()
+
+
+def nearest_index(frame: np.ndarray, decoded: np.ndarray, box, size: int, antialias: bool) -> int:
+    """The index of the PyAV frame whose view (same crop, same resize) is closest to `frame`."""
+    views = reference_view(decoded, np.arange(len(decoded)), box, size, antialias)
+    return int(np.abs(views - frame[None].astype(np.float32)).mean(axis=(1, 2, 3)).argmin())
+
+
+def test_eval_views_equal_pyav_frames_at_reported_indices():
+    shards = ps.eval_shards()
+    loader = build_loader(shards.directory, "eval", 2, num_frames=T, stride=STRIDE, input_size=48,
+                          debug_outputs=True)
+    seen = set()
+    for batch in loader:
+        assert batch["frames"].shape[1:] == (T, 48, 48, 3)
+        for row in range(batch["frames"].shape[0]):
+            video = shards.by_id[int(batch["sample_id"][row])]
+            decoded = ps.decode_cached(video)
+            clip, crop = int(batch["clip"][row]), int(batch["crop"][row])
+            idx = batch["frame_idx"][row].numpy()
+            assert idx.tolist() == official_test_indices(video.num_frames, T, STRIDE, 5)[clip]
+            y0, x0, h, w, flipped = batch["box"][row].tolist()
+            # 48 x 80 frames, short side already 48: crops along the width at int(crop * (80 - 48) / 2)
+            assert (y0, x0, h, w, flipped) == (0, crop * 16, 48, 48, 0)
+            got = batch["frames"][row].numpy().astype(int)
+            expected = decoded[idx, y0:y0 + h, x0:x0 + w].astype(int)
+            assert np.abs(got - expected).max() <= 1  # YUV->RGB rounding differs by at most one level
+            seen.add((video.sample_id, clip, crop))
+    assert seen == {(v.sample_id, c, k) for v in shards.videos for c in range(5) for k in range(3)}
+
+
+@pytest.mark.parametrize("mode", ["pretrain", "finetune"])
+def test_train_views_match_pyav_crops(mode):
+    shards = ps.train_shards()
+    options = dict(rand_augment=False, erase_prob=0.0) if mode == "finetune" else {}
+    loader = build_loader(shards.directory, mode, 4, num_frames=T, stride=STRIDE, input_size=48, num_repeats=2,
+                          debug_outputs=True, seed=3, **options)
+    antialias = loader.cfg.antialias
+    checked = 0
+    for batch in loader:
+        for row in range(0, batch["frames"].shape[0], 3):  # a subset of rows keeps the test fast
+            video = shards.by_id[int(batch["sample_id"][row])]
+            decoded = ps.decode_cached(video)
+            idx, box = batch["frame_idx"][row].numpy(), batch["box"][row].numpy()
+            got = batch["frames"][row].numpy()
+            expected = reference_view(decoded, idx, box, 48, antialias)
+            assert np.abs(got - expected).mean() < 1.5, f"row {row}: view differs from the reference crop"
+            for t in range(T):
+                assert nearest_index(got[t], decoded, box, 48, antialias) == idx[t]
+            checked += 1
+    assert checked >= 4
+
+
+def test_stride_bounds_and_edge_padding():
+    shards = ps.train_shards()
+    starts: dict[int, set] = {}
+    loader = build_loader(shards.directory, "pretrain", 4, num_frames=T, stride=STRIDE, input_size=48,
+                          debug_outputs=True, drop_last=False)
+    for _ in range(4):
+        for batch in loader:
+            for row in range(batch["frame_idx"].shape[0]):
+                n = shards.by_id[int(batch["sample_id"][row])].num_frames
+                idx = batch["frame_idx"][row].numpy()
+                assert 0 <= idx.min() and idx.max() < n
+                if n >= T * STRIDE:
+                    assert 0 <= idx[0] <= n - T * STRIDE
+                    assert np.all(np.diff(idx) == STRIDE)
+                else:  # short video: from frame 0, the last frame on the stride grid repeats
+                    last = (n - 1) // STRIDE * STRIDE
+                    assert idx.tolist() == [min(STRIDE * j, last) for j in range(T)]
+                starts.setdefault(n, set()).add(int(idx[0]))
+    assert len(starts[63]) > 1, "random starts should vary across epochs"

@@ -1,0 +1,161 @@
+"""Epochs, last-batch policies, exact resume, corrupt samples, codec check and shard specifications."""
+
+import json
+import logging
+import os
+
+import pytest
+import torch
+
+import pipeline_shards as ps
+from pipeline import build_loader
+from shards import format as fmt
+
+SMALL = dict(num_frames=4, stride=4, input_size=48)
+
+
+def records(batches) -> list:
+    return [{k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in b.items()} for b in batches]
+
+
+def assert_same_batches(a: list, b: list) -> None:
+    assert len(a) == len(b)
+    for x, y in zip(a, b):
+        assert x.keys() == y.keys()
+        for key in x:
+            if isinstance(x[key], torch.Tensor):
+                assert torch.equal(x[key], y[key]), key
+            else:
+                assert x[key] == y[key], key
+
+
+def test_training_epoch_drops_last_partial_batch_and_reshuffles():
+    shards = ps.train_shards()
+    loader = build_loader(shards.directory, "pretrain", 5, **SMALL)
+    assert len(loader) == 2 and loader.num_samples == 12
+    orders = []
+    for epoch in range(3):
+        assert loader.epoch == epoch
+        ids = [i for b in loader for i in b["sample_id"].tolist()]
+        assert len(ids) == 10 and len(set(ids)) == 10
+        orders.append(ids)
+    assert loader.epoch == 3 and loader.state_dict()["position"] == 0
+    assert orders[0] != orders[1] != orders[2]
+
+
+def test_training_epoch_with_padding_covers_every_sample():
+    loader = build_loader(ps.train_shards().directory, "finetune", 5, drop_last=False, rand_augment=False, **SMALL)
+    assert len(loader) == 3
+    batches = list(loader)
+    assert [b["video"].shape[0] for b in batches] == [5, 5, 5]       # DALI pads the last batch with repeats
+    assert set(i for b in batches for i in b["sample_id"].tolist()) == set(range(12))
+
+
+def test_eval_yields_every_sample_exactly_once():
+    shards = ps.eval_shards()
+    loader = build_loader(shards.directory, "eval", 2, **SMALL)
+    assert len(loader) == 3
+    batches = list(loader)
+    assert [b["video"].shape[0] for b in batches] == [30, 30, 15]    # 5 samples x 15 views, last batch trimmed
+    ids = torch.cat([b["sample_id"] for b in batches])
+    assert sorted(ids.tolist()) == sorted(list(range(5)) * 15)
+    clip, crop = torch.cat([b["clip"] for b in batches]), torch.cat([b["crop"] for b in batches])
+    for sid in range(5):
+        views = sorted(zip(clip[ids == sid].tolist(), crop[ids == sid].tolist()))
+        assert views == [(c, k) for c in range(5) for k in range(3)]
+    labels = torch.cat([b["label"] for b in batches])
+    assert all(labels[ids == v.sample_id].eq(v.label).all() for v in shards.videos)
+
+
+@pytest.mark.parametrize("stop_after", [2, 4])  # mid-epoch, and exactly at the end of epoch 0 (4 batches)
+def test_resume_continues_exactly(stop_after):
+    directory = ps.train_shards().directory
+    options = dict(num_repeats=2, debug_outputs=True, seed=7, **SMALL)
+    uninterrupted = build_loader(directory, "pretrain", 3, **options)
+    expected = records(list(uninterrupted) + list(uninterrupted))       # two epochs
+
+    first = build_loader(directory, "pretrain", 3, **options)
+    got = []
+    for batch in first:
+        got += records([batch])
+        if len(got) == stop_after:
+            break
+    state = json.loads(json.dumps(first.state_dict()))                 # what a trainer would save
+    del first
+    resumed = build_loader(directory, "pretrain", 3, state=state, **options)
+    assert resumed.epoch == stop_after // 4 and resumed.position == stop_after % 4
+    got += records(resumed)
+    if stop_after < 4:
+        got += records(resumed)
+    assert_same_batches(got, expected)
+    assert resumed.stats.fast_forwarded == stop_after % 4
+
+
+def test_resume_with_other_settings_restarts_the_epoch(caplog):
+    directory = ps.train_shards().directory
+    loader = build_loader(directory, "pretrain", 3, **SMALL)
+    iterator = iter(loader)
+    next(iterator), next(iterator)
+    state = loader.state_dict()
+    with caplog.at_level(logging.WARNING, logger="pipeline"):
+        resumed = build_loader(directory, "pretrain", 4, state=state, **SMALL)
+    assert resumed.position == 0 and resumed.epoch == 0
+    assert "restarting epoch 0" in caplog.text
+
+
+def test_corrupt_samples_are_skipped_counted_and_reported(tmp_path, caplog):
+    # sample 6 has 16 frames: its clip (start 0) decodes through the damaged bytes, which DALI reports without
+    # naming the sample, so the loader must find it by decoding the batch's videos one by one
+    shards = ps.make_corrupt_shards(tmp_path / "bad", [40] * 6 + [16, 40], garbage_at=1, truncated_at=4,
+                                    damaged_at=6)
+    bad = {v.sample_id for v in shards.videos if not v.valid}
+    with caplog.at_level(logging.WARNING, logger="pipeline"):
+        loader = build_loader(shards.directory, "pretrain", 2, **SMALL)
+        for _ in range(2):
+            ids = [i for b in loader for i in b["sample_id"].tolist()]
+            assert len(ids) == 8 and not bad & set(ids)                # substitutes are healthy neighbours
+    assert loader.stats.corrupt_samples == 3
+    lines = [r.getMessage() for r in caplog.records if "corrupt sample" in r.getMessage()]
+    assert len(lines) == 3 and all("\n" not in line for line in lines)
+    for v in shards.videos:
+        if not v.valid:
+            assert any(f"{v.key}.mp4" in line and "train-00000" in line for line in lines)
+
+    evaluator = build_loader(shards.directory, "eval", 3, state=loader.state_dict(), **SMALL)
+    ids = torch.cat([b["sample_id"] for b in evaluator])
+    assert sorted(ids.tolist()) == sorted([i for i in range(8) if i not in bad] * 15)
+
+
+def test_cpu_backend_rejects_h264_shards_in_one_line(tmp_path):
+    frames = ps.synthetic_frames(8, 64, 96, 0)
+    videos = [ps.TestVideo(f"h{i}", ps.encode(frames, codec="h264"), 8, 0) for i in range(2)]
+    shards = ps.write_shards(tmp_path / "h264", videos, per_shard=2, codec="h264")
+    with pytest.raises(ValueError) as error:
+        build_loader(shards.directory, "pretrain", 2, **SMALL)
+    message = str(error.value)
+    assert "\n" not in message and shards.tars[0] in message and "h264" in message
+    # without a codec in the manifest, the codec is read from the first video
+    manifest_path = os.path.join(shards.directory, fmt.MANIFEST_NAME)
+    manifest = json.load(open(manifest_path))
+    del manifest["codec"]
+    json.dump(manifest, open(manifest_path, "w"))
+    with pytest.raises(ValueError, match="codec h264"):
+        build_loader(shards.tars, "pretrain", 2, **SMALL)
+
+
+def test_shard_specifications_brace_glob_and_list():
+    shards = ps.train_shards()
+    brace = os.path.join(shards.directory, "train-{000000..000002}.tar")
+    glob_spec = os.path.join(shards.directory, "train-*.tar")
+    for spec in (brace, glob_spec, shards.tars, [shards.tars[0], shards.tars[1:]][0:1] + shards.tars[1:]):
+        assert build_loader(spec, "pretrain", 2, **SMALL).num_samples == 12
+    with pytest.raises(FileNotFoundError):
+        build_loader(os.path.join(shards.directory, "train-{000000..000009}.tar"), "pretrain", 2, **SMALL)
+
+
+def test_decoder_groups_split_the_batch_without_changing_it():
+    directory = ps.train_shards().directory
+    options = dict(num_repeats=2, debug_outputs=True, **SMALL)
+    plain = records(build_loader(directory, "pretrain", 4, **options))
+    grouped = records(build_loader(directory, "pretrain", 4, decoder_groups=3, **options))
+    assert_same_batches(plain, grouped)
