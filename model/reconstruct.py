@@ -1,0 +1,226 @@
+"""`python -m model.reconstruct`: what a pretrained VideoMAE sees and what it fills in, as a PNG.
+
+    python -m model.reconstruct --checkpoint runs/pretrain/checkpoint-00008000.pt --shards data/val --out recon.png
+
+A pretraining batch is drawn from the shards by the pipeline (`pipeline.build_loader(mode="pretrain")` with
+`debug_outputs`, so the uint8 frames before normalization come from the DALI graph itself, with the graph's own
+tube mask), the pretraining model predicts the masked tubelets, and a grid is drawn per clip: original frames,
+the masked input (masked tubelets greyed out), and the reconstruction, at a few time steps.
+
+Un-normalizing the predictions. With `norm_pix_loss` (the VideoMAE default) the decoder predicts each masked
+tubelet's pixels normalized per channel by that tubelet's own mean and unbiased std (see `model.pixel_loss`), so the
+absolute colour and contrast of a masked tubelet are not predicted at all. As the official VideoMAE visualization
+(run_videomae_vis.py) does, the picture maps predictions back with the mean and std of the original tubelet:
+`pixels = pred * (std + 1e-6) + mean`; the shapes and textures inside each tubelet are the model's, the tubelet's
+average colour and contrast are borrowed from the original. Visible tubelets are shown from the original.
+Without `norm_pix_loss` the predictions are pixels in [0, 1] already and are shown as they are.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from model.layers import tubelet_view
+from model.pixel_loss import TARGET_EPS, pixel_stats
+
+MASK_GREY = 0.5
+
+
+def tubelet_pixels(pixels: torch.Tensor, tubelet: int, patch: int) -> torch.Tensor:
+    """pixels: float[B, C, T, H, W] -> float[B, N, tubelet*patch*patch, C]: per token (t, h, w order) its pixels in
+    (dt, dh, dw) order, each with its channels: the layout of the pretraining target before flattening."""
+    tv = tubelet_view(pixels, tubelet, patch)            # [B, T', H', W', C, t, p, p]
+    return tv.flatten(1, 3).flatten(3).transpose(2, 3)
+
+
+def untubelet(tokens: torch.Tensor, grid: tuple[int, int, int], tubelet: int, patch: int) -> torch.Tensor:
+    """Inverse of `tubelet_pixels`: float[B, N, tubelet*patch*patch, C] -> float[B, C, T, H, W]."""
+    b, _, _, c = tokens.shape
+    tg, hg, wg = grid
+    x = tokens.transpose(2, 3).reshape(b, tg, hg, wg, c, tubelet, patch, patch)
+    return x.permute(0, 4, 1, 5, 2, 6, 3, 7).reshape(b, c, tg * tubelet, hg * patch, wg * patch)
+
+
+def unnormalize_video(video: torch.Tensor) -> torch.Tensor:
+    """The pipeline's ImageNet-normalized `video: float[B, C, T, H, W]` back to pixels in [0, 1]."""
+    mean, std = pixel_stats(video.shape[1])
+    shape = (1, -1, 1, 1, 1)
+    return video.float() * torch.tensor(std, device=video.device).view(shape) + \
+        torch.tensor(mean, device=video.device).view(shape)
+
+
+def reconstruct_pixels(video: torch.Tensor, mask: torch.Tensor, pred: torch.Tensor, tubelet: int, patch: int,
+                       norm_pix: bool = True) -> torch.Tensor:
+    """The reconstructed clip in pixels: float32[B, C, T, H, W] (about [0, 1]; not clamped).
+
+    video: float[B, C, T, H, W] ImageNet-normalized (the model's input); mask: bool[B, N] (True = masked, M per
+    row); pred: float[B, M, tubelet*patch*patch*C], masked tokens in increasing token order, pixel-major then
+    channel (what `VideoMAEPretrain` returns). Visible tubelets are the original pixels; masked ones are `pred`,
+    mapped back with the original tubelet's per-channel mean and unbiased std when `norm_pix` (see the module
+    docstring). Feeding the exact training target as `pred` gives the original clip back.
+    """
+    b, c, t, h, w = video.shape
+    grid = (t // tubelet, h // patch, w // patch)
+    tokens = tubelet_pixels(unnormalize_video(video), tubelet, patch)     # [B, N, P, C]
+    masked = tokens[mask]                                                  # [B*M, P, C], batch then token order
+    values = pred.float().reshape(masked.shape)
+    if norm_pix:
+        mean = masked.mean(dim=-2, keepdim=True)
+        std = masked.var(dim=-2, unbiased=True, keepdim=True).sqrt()
+        values = values * (std + TARGET_EPS) + mean
+    out = tokens.clone()
+    out[mask] = values
+    return untubelet(out, grid, tubelet, patch)
+
+
+def mask_video(mask: torch.Tensor, shape: tuple[int, ...], tubelet: int, patch: int) -> torch.Tensor:
+    """mask: bool[B, N] -> bool[B, 1, T, H, W], True on every pixel of a masked tubelet."""
+    b, _, t, h, w = shape
+    tokens = mask[:, :, None, None].expand(b, mask.shape[1], tubelet * patch * patch, 1)
+    return untubelet(tokens, (t // tubelet, h // patch, w // patch), tubelet, patch)
+
+
+# ---------------------------------------------------------------------------------------------------- running
+def load_pretraining_model(checkpoint_or_model: str | os.PathLike | nn.Module) -> nn.Module:
+    from model.checkpoint import resolve_checkpoint_path
+    from model.loading import load_pretrained
+    from model.videomae import VideoMAEPretrain
+
+    if isinstance(checkpoint_or_model, nn.Module):
+        model, source = checkpoint_or_model, type(checkpoint_or_model).__name__
+    else:
+        source = str(checkpoint_or_model)
+        model = load_pretrained(resolve_checkpoint_path(checkpoint_or_model))
+    if not isinstance(model, VideoMAEPretrain):
+        raise ValueError(f"{source}: a {type(model).__name__} has no decoder; reconstruction needs a pretraining "
+                         "checkpoint")
+    return model
+
+
+@torch.no_grad()
+def reconstruct(checkpoint_or_model: str | os.PathLike | nn.Module, shards: Any, *, num: int = 2, seed: int = 0,
+                mask_ratio: float = 0.9, stride: int = 4, device: str = "cpu") -> dict[str, Any]:
+    """One pretraining batch of `num` clips from `shards`, reconstructed. Returns numpy arrays:
+
+        frames      uint8[B, T, H, W, C]    the pipeline's views before normalization
+        masked      float32[B, T, H, W, C]  the frames with masked tubelets grey
+        recon       float32[B, T, H, W, C]  the reconstruction in [0, 1]
+        mask        bool[B, N]              (t, h, w) token order, True = masked
+        frame_idx   int64[B, T]             indices into the videos
+        keys        list[str]               sample keys
+        loss        float                   the model's loss on this batch
+    """
+    from pipeline import build_loader
+
+    model = load_pretraining_model(checkpoint_or_model)
+    cfg = model.cfg
+    torch_device = torch.device("cuda" if device == "gpu" else "cpu")
+    model = model.to(torch_device).eval()
+    loader = build_loader(shards, "pretrain", num, device=device, num_frames=cfg.num_frames, stride=stride,
+                          input_size=cfg.img_size, patch_size=cfg.patch_size, tubelet_size=cfg.tubelet_size,
+                          mask_ratio=mask_ratio, seed=seed, debug_outputs=True,
+                          shuffle_buffer=64)  # a picture needs no 512-sample shuffle buffer filled first
+    try:
+        if len(loader) == 0:
+            raise ValueError(f"{shards}: {loader.num_samples} clips, fewer than --num {num}")
+        batch = next(iter(loader))
+        video = batch["video"].to(torch_device).float()
+        mask = batch["mask"].to(torch_device)
+        loss, pred = model(video, mask)
+        recon = reconstruct_pixels(video, mask, pred, cfg.tubelet_size, cfg.patch_size, cfg.norm_pix_loss)
+        hidden = mask_video(mask, tuple(video.shape), cfg.tubelet_size, cfg.patch_size)
+        frames = batch["frames"].cpu().numpy().copy()
+        frame_idx = batch["frame_idx"].cpu().numpy().copy()
+        sources = list(batch["source"])
+    finally:
+        loader.close()
+    original = torch.from_numpy(frames).float().div(255.0)                       # [B, T, H, W, C]
+    hidden_thwc = hidden.cpu().permute(0, 2, 3, 4, 1)                              # [B, T, H, W, 1]
+    masked = torch.where(hidden_thwc, torch.full_like(original, MASK_GREY), original)
+    return {
+        "frames": frames,
+        "masked": masked.numpy(),
+        "recon": recon.clamp(0, 1).permute(0, 2, 3, 4, 1).cpu().numpy(),
+        "mask": mask.cpu().numpy(),
+        "frame_idx": frame_idx,
+        "keys": [s.rpartition(":")[2].rpartition("/")[2].partition(".")[0] for s in sources],
+        "loss": float(loss),
+    }
+
+
+def draw(result: dict[str, Any], out: str | os.PathLike, num_times: int = 4, mask_ratio: float | None = None) -> None:
+    """The grid: per clip three rows (original, masked input, reconstruction), `num_times` columns spread over T."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    frames, masked, recon = result["frames"], result["masked"], result["recon"]
+    b, t = frames.shape[:2]
+    times = np.unique(np.linspace(0, t - 1, min(t, num_times)).round().astype(int))
+    ratio = float(result["mask"].mean()) if mask_ratio is None else mask_ratio
+    rows = [("original", lambda i, ti: frames[i, ti]), (f"masked ({100 * ratio:.0f}%)", lambda i, ti: masked[i, ti]),
+            ("reconstruction", lambda i, ti: recon[i, ti])]
+    fig, axes = plt.subplots(3 * b, len(times), figsize=(1.8 * len(times), 1.9 * 3 * b), squeeze=False)
+    for i in range(b):
+        for r, (name, image_of) in enumerate(rows):
+            for c, ti in enumerate(times):
+                ax = axes[3 * i + r, c]
+                ax.imshow(image_of(i, ti))
+                ax.set_xticks([])
+                ax.set_yticks([])
+                if r == 0:
+                    ax.set_title(f"t={ti} (frame {result['frame_idx'][i, ti]})", fontsize=7)
+                if c == 0:
+                    ax.set_ylabel(f"{result['keys'][i]}\n{name}" if r == 0 else name, fontsize=7)
+    fig.suptitle(f"VideoMAE reconstruction (loss {result['loss']:.4f})", fontsize=9)
+    fig.tight_layout()
+    out = str(out)
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    tmp = out + ".tmp.png"
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m model.reconstruct",
+                                description="Draw original / masked / reconstructed frames of a pretraining "
+                                            "checkpoint on clips from shards (PNG).")
+    p.add_argument("--checkpoint", required=True, help="pretraining checkpoint (ours, HF or official), or a run dir")
+    p.add_argument("--shards", required=True, help="shard directory, brace pattern, glob or tar")
+    p.add_argument("--out", required=True, help="PNG to write")
+    p.add_argument("--num", type=int, default=2, help="clips to show (default 2)")
+    p.add_argument("--seed", type=int, default=0, help="which clips, crops and masks (default 0)")
+    p.add_argument("--frames", type=int, default=4, help="time steps shown per clip (default 4)")
+    p.add_argument("--mask-ratio", type=float, default=0.9, help="tube masking ratio (default 0.9)")
+    p.add_argument("--stride", type=int, default=4, help="frame sampling rate (default 4)")
+    p.add_argument("--device", choices=["cpu", "gpu"], default="cpu")
+    args = p.parse_args(argv)
+    if args.num < 1 or args.frames < 1:
+        p.error("--num and --frames must be >= 1")
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    try:
+        result = reconstruct(args.checkpoint, args.shards, num=args.num, seed=args.seed, mask_ratio=args.mask_ratio,
+                             stride=args.stride, device=args.device)
+    except (OSError, ValueError) as e:
+        print(f"error: {str(e).splitlines()[0]}", file=sys.stderr)
+        return 2
+    draw(result, args.out, args.frames)
+    n = len(result["keys"])
+    print(f"reconstruct: {n} clip{'s' if n != 1 else ''}, {100 * result['mask'].mean():.0f}% of tubelets masked, "
+          f"loss {result['loss']:.4f} -> {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
