@@ -1,0 +1,174 @@
+"""Our checkpoint format ("videomae-fast/1"): written atomically, last N kept, loadable with `weights_only=True`.
+
+A checkpoint is one `torch.save`d dict:
+
+    format        "videomae-fast/1"
+    kind          "pretrain" | "classify"
+    model_config  VideoMAEConfig.to_dict()
+    model         state_dict of the bare model (unwrapped from DDP and torch.compile)
+    class_names   list[str] | None
+    step, epoch   optimizer steps taken; loader epoch in progress
+    optimizer     optimizer.state_dict()
+    scheduler     CosineSchedule.state_dict()
+    scaler        GradScaler.state_dict() (fp16 only) | None
+    model_ema     EMA weights (fine-tuning with EMA) | None
+    rng           [per rank] {"torch", "cuda", "numpy", "python"}
+    loader        [per rank] loader.state_dict()
+    train_config  the resolved training configuration (plain dict)
+
+Every value is a tensor or a plain Python container of str/int/float/bool/None, so `torch.load(...,
+weights_only=True)` reads it (numpy's RNG state is stored as a tensor for that reason). `model.load_pretrained`
+reads `model_config`, `model`, `kind` and `class_names`; the rest serves `train.py --resume`.
+
+Files are `checkpoint-{step:08d}.pt` in the run directory. A save writes `*.pt.tmp-{pid}` first, then renames it
+(`os.replace` is atomic on POSIX filesystems), so a crash never leaves a half-written file under a real name.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+FORMAT = "videomae-fast/1"
+_NAME = re.compile(r"^checkpoint-(\d{8,})\.pt$")
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The bare module under DistributedDataParallel and/or torch.compile wrappers."""
+    while True:
+        if hasattr(model, "_orig_mod"):  # torch.compile's OptimizedModule
+            model = model._orig_mod
+        elif isinstance(model, nn.parallel.DistributedDataParallel):
+            model = model.module
+        else:
+            return model
+
+
+def checkpoint_name(step: int) -> str:
+    return f"checkpoint-{step:08d}.pt"
+
+
+def list_checkpoints(run_dir: str | os.PathLike) -> list[Path]:
+    """Complete checkpoints in `run_dir`, oldest step first (temp files are ignored)."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in run_dir.iterdir() if (m := _NAME.match(p.name))]
+    return [p for _, p in sorted(found)]
+
+
+def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
+    found = list_checkpoints(run_dir)
+    return found[-1] if found else None
+
+
+def save_atomic(payload: dict, path: str | os.PathLike) -> Path:
+    """torch.save to a temp name in the same directory, flush to disk, then rename over `path`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(payload, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return path
+
+
+def save_checkpoint(payload: dict, run_dir: str | os.PathLike, step: int, keep_last: int = 0) -> Path:
+    """Write `checkpoint-{step}.pt` atomically, then delete all but the newest `keep_last` (0 keeps all)."""
+    if payload.get("format") != FORMAT:
+        raise ValueError(f"checkpoint payload must have format={FORMAT!r}")
+    path = save_atomic(payload, Path(run_dir) / checkpoint_name(step))
+    if keep_last > 0:
+        for old in list_checkpoints(run_dir)[:-keep_last]:
+            old.unlink(missing_ok=True)
+    return path
+
+
+def resolve_checkpoint_path(path: str | os.PathLike) -> Path:
+    """A run directory resolves to its latest checkpoint; any other path is returned as it is."""
+    p = Path(path)
+    if p.is_dir() and (latest := latest_checkpoint(p)) is not None:
+        return latest
+    return p
+
+
+def stored_num_classes(path: str | os.PathLike) -> int | None:
+    """Class count of a classifier checkpoint without building a model: ours (model_config), a Hugging Face
+    directory (config.json) or an official .pth (head.weight rows). None for pretraining checkpoints and for files
+    that cannot be read safely here (the loader checks those itself)."""
+    path = Path(path)
+    if path.is_dir():
+        config = path / "config.json"
+        if not config.is_file():
+            return None
+        hf = json.loads(config.read_text())
+        if not any("Classification" in a for a in hf.get("architectures") or []):
+            return None
+        return len(hf["id2label"]) if hf.get("id2label") else hf.get("num_labels")
+    try:
+        obj = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    except Exception:  # official files may pickle argparse namespaces: not loaded unsafely just to peek
+        return None
+    if not isinstance(obj, dict):
+        return None
+    if obj.get("format") == FORMAT:
+        return int(obj["model_config"]["num_classes"]) if obj.get("kind") == "classify" else None
+    state = obj.get("model", obj.get("module", obj))
+    head = state.get("head.weight") if isinstance(state, dict) else None
+    return int(head.shape[0]) if isinstance(head, torch.Tensor) else None
+
+
+def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict:
+    """Read one of our checkpoints; raises ValueError (one line, naming the file) for anything else."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: checkpoint not found")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # truncated file, not a torch file, foreign pickles
+        raise ValueError(f"{path}: not a readable checkpoint ({type(e).__name__}: {str(e).splitlines()[0]})") from e
+    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
+        got = ckpt.get("format") if isinstance(ckpt, dict) else type(ckpt).__name__
+        raise ValueError(f"{path}: format {got!r}, expected {FORMAT!r}")
+    return ckpt
+
+
+def capture_rng_state() -> dict[str, Any]:
+    """This process's RNG states (torch CPU, every CUDA device, numpy global, python `random`)."""
+    np_state = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
+                  "has_gauss": int(np_state[3]), "cached_gaussian": float(np_state[4])},
+        "python": _to_lists(random.getstate()),
+    }
+
+
+def restore_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"].cpu())
+    if state.get("cuda") and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
+    n = state["numpy"]
+    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                         n["cached_gaussian"]))
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+
+
+def _to_lists(value: Any) -> Any:
+    return [_to_lists(v) for v in value] if isinstance(value, tuple) else value

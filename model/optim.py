@@ -1,0 +1,111 @@
+"""AdamW with VideoMAE's parameter groups: no weight decay on biases, norms and embeddings; layer-wise lr decay.
+
+Grouping follows the official code (MCG-NJU/VideoMAE `optim_factory.get_parameter_groups`): a parameter gets no
+weight decay when it is 1-D (biases, LayerNorm weights), its name ends in ".bias", or the model lists it in
+`no_weight_decay()` (positional embeddings, tokens). With layer decay d < 1, a parameter in layer i of L+2 layers
+(0 = patch embedding and tokens, 1..L = blocks, L+1 = head and final norm) trains at lr x d ** (L + 1 - i), stored
+as the group's `lr_scale` and applied by `model.schedule.CosineSchedule.apply`.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Callable, Iterable
+
+import torch
+from torch import nn
+
+_BLOCK_INDEX = re.compile(r"(?:^|\.)blocks\.(\d+)\.")
+
+
+def vit_layer_id(name: str, num_layers: int) -> int:
+    """Layer id of a ViT parameter in [0, num_layers + 1], as `get_num_layer_for_vit` in the official code.
+
+    Used only when the model has no `layer_id_for` of its own.
+    """
+    if re.search(r"(^|\.)(cls_token|mask_token|pos_embed)$", name) or re.search(r"(^|\.)patch_embed\.", name):
+        return 0
+    match = _BLOCK_INDEX.search(name)
+    if match:
+        return int(match.group(1)) + 1
+    return num_layers + 1
+
+
+def param_groups(
+    model: nn.Module,
+    weight_decay: float,
+    layer_decay: float | None = None,
+    skip_names: Iterable[str] = (),
+) -> list[dict]:
+    """Parameter groups for `torch.optim.AdamW`: one per (layer, decay/no-decay), each with `lr_scale`.
+
+    `skip_names` adds to `model.no_weight_decay()`. Names may match exactly or as a suffix after a dot (so that
+    "pos_embed" also matches "encoder.pos_embed").
+    """
+    skip = set(skip_names)
+    if hasattr(model, "no_weight_decay"):
+        skip |= set(model.no_weight_decay())
+
+    layer_of: Callable[[str], int] | None = None
+    scales: list[float] | None = None
+    if layer_decay is not None and layer_decay < 1.0:
+        if not hasattr(model, "get_num_layers"):
+            raise ValueError(f"layer_decay={layer_decay} needs a model with get_num_layers() "
+                             f"({type(model).__name__} has none)")
+        num_layers = int(model.get_num_layers())
+        scales = [layer_decay ** (num_layers + 1 - i) for i in range(num_layers + 2)]
+        if hasattr(model, "layer_id_for"):
+            layer_of = model.layer_id_for
+        else:
+            layer_of = lambda n: vit_layer_id(n, num_layers)  # noqa: E731
+
+    groups: dict[str, dict] = {}
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        no_decay = param.ndim <= 1 or name.endswith(".bias") or _matches(name, skip)
+        key = "no_decay" if no_decay else "decay"
+        scale = 1.0
+        if layer_of is not None:
+            layer = int(layer_of(name))
+            scale = scales[layer]
+            key = f"layer_{layer}_{key}"
+        group = groups.setdefault(key, {"params": [], "names": [], "weight_decay": 0.0 if no_decay else weight_decay,
+                                        "lr_scale": scale})
+        group["params"].append(param)
+        group["names"].append(name)
+    return list(groups.values())
+
+
+def _matches(name: str, skip: set[str]) -> bool:
+    if name in skip:
+        return True
+    return any(name.endswith("." + s) for s in skip)
+
+
+def build_adamw(
+    model: nn.Module,
+    lr: float,
+    weight_decay: float,
+    betas: tuple[float, float] = (0.9, 0.999),
+    eps: float = 1e-8,
+    layer_decay: float | None = None,
+    fused: bool | None = None,
+) -> torch.optim.AdamW:
+    """AdamW over `param_groups(model, ...)`.
+
+    `fused=None` picks the fused CUDA kernel when the parameters live on a GPU (one kernel launch for all
+    parameters instead of a loop or foreach chunks) and the default implementation on the CPU.
+    """
+    groups = param_groups(model, weight_decay, layer_decay)
+    if fused is None:
+        fused = any(p.is_cuda for g in groups for p in g["params"])
+    for g in groups:
+        g.pop("names")
+    return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
+                             fused=bool(fused))
+
+
+def describe_groups(model: nn.Module, weight_decay: float, layer_decay: float | None = None) -> list[dict]:
+    """Groups with parameter names instead of tensors (for logs and tests)."""
+    return [{k: v for k, v in g.items() if k != "params"} for g in param_groups(model, weight_decay, layer_decay)]
