@@ -1,0 +1,67 @@
+#!/usr/bin/env bash
+# The GPU suite: checks and measures everything that needs an NVIDIA GPU, in one command, within 10 minutes on an
+# H100 machine (16 cores, no network, no DALI installed), writing logs and JSON under OUTDIR.
+#
+#   bash bench/gpu.sh [PART] [OUTDIR] [DATA]
+#
+#   PART    all (default) | checks | pipeline | train
+#             checks:   machine facts (bench.gpu_env), GPU tests (pipeline GPU backend vs CPU backend, H.264 on
+#                       NVDEC, zero-copy handoff, resume, corrupt samples; Triton loss kernel on CUDA)
+#             pipeline: bench.bench_pipeline --device gpu against the decord + DataLoader baseline, K = 1, 2, 4,
+#                       VP9 shards with a thread/worker sweep, then H.264 shards
+#             train:    bench.bench_train: ViT-B pretraining step fed by the real pipeline vs in-memory tensors
+#   OUTDIR  default bench/out/gpu
+#   DATA    folder with shard directories vp9/ and h264/ (default .gpu/data; build them with bench/gpu_data.sh
+#           on a machine that has ffmpeg)
+#
+# Offline machine: what the machine lacks is carried in as parts, from the project root (see README, "GPU suite"):
+#   .stage/pN      DALI and its small dependencies (../shared/offline-gpu/stage-dali.sh), unpacked here
+#   .whl/          optional extra wheels (decord for the baseline), installed beside DALI
+#   .gpu/ff/       optional ffmpeg (ffmpeg.xz + the imageio_ffmpeg package) for tests that encode their own clips
+set -u
+part=${1:-all}; out=${2:-bench/out/gpu}; data=${3:-.gpu/data}
+root=$(cd "$(dirname "$0")/.." && pwd); cd "$root"
+mkdir -p "$out"
+export PYTHONPATH=$root${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
+
+# -- bring in what an offline machine lacks ------------------------------------------------------------------------
+if ! python3 -c "import nvidia.dali" 2>/dev/null && ls .stage/p*/part.* >/dev/null 2>&1; then
+  if [ ! -d .stage/site/nvidia/dali ]; then
+    mkdir -p .stage/whl && cat .stage/p*/part.* | tar -x -C .stage/whl &&
+      python3 -m pip install -q --no-index --no-deps --target .stage/site .stage/whl/*.whl .whl/*.whl 2>&1 | tail -2
+  fi
+  export PYTHONPATH=$root/.stage/site:$PYTHONPATH
+fi
+if ! python3 -c "import imageio_ffmpeg" 2>/dev/null && [ -f .gpu/ff/ffmpeg.xz ]; then
+  [ -x /tmp/ffmpeg ] || python3 -c "import lzma, shutil; shutil.copyfileobj(lzma.open('.gpu/ff/ffmpeg.xz'), open('/tmp/ffmpeg', 'wb'))"
+  chmod +x /tmp/ffmpeg
+  export IMAGEIO_FFMPEG_EXE=/tmp/ffmpeg PYTHONPATH=$root/.gpu/ff/site:$PYTHONPATH
+fi
+
+# -- run one step with a time limit; its log goes to OUTDIR, its tail to the console ------------------------------
+step() {
+  local name=$1 limit=$2; shift 2
+  local t0=$SECONDS
+  echo "=== $name (limit ${limit}s): $*"
+  timeout "$limit" "$@" >"$out/$name.log" 2>&1
+  local rc=$?
+  echo "--- $name: rc=$rc in $((SECONDS - t0))s"
+  tail -n "${TAIL:-12}" "$out/$name.log"
+}
+
+cores=$(nproc)
+if [ "$part" = all ] || [ "$part" = checks ]; then
+  step env 90 python3 -m bench.gpu_env --out "$out/env.json"
+  step tests_gpu 200 python3 -m pytest -q -p no:cacheprovider tests/test_pipeline_gpu.py tests/test_model_fused_loss.py
+fi
+if [ "$part" = all ] || [ "$part" = pipeline ]; then
+  step pipeline_vp9 200 python3 -m bench.bench_pipeline --device gpu --shards "$data/vp9" --batch-size 32 \
+    --cores "$cores" --batches 8 --warmup 2 --sweep 4,8,16 --out "$out/pipeline_vp9.json"
+  step pipeline_h264 100 python3 -m bench.bench_pipeline --device gpu --shards "$data/h264" --batch-size 32 \
+    --cores "$cores" --batches 8 --warmup 2 --sweep "" --out "$out/pipeline_h264.json"
+fi
+if [ "$part" = all ] || [ "$part" = train ]; then
+  step train_saturation 300 python3 -m bench.bench_train --config configs/pretrain_vitb_k400.yaml --steps 60 \
+    --log-interval 10 --warmup 2 --out "$out/train_saturation.json" data.train="$data/vp9" data.batch_size=16
+fi
+echo "=== results in $out"
