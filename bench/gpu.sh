@@ -4,11 +4,12 @@
 #
 #   bash bench/gpu.sh [PART] [OUTDIR] [DATA]
 #
-#   PART    all (default) | checks | pipeline | train
+#   PART    all (default) | checks | train | pipeline | h264
 #             checks:   machine facts (bench.gpu_env), GPU tests (pipeline GPU backend vs CPU backend, H.264 on
 #                       NVDEC, zero-copy handoff, resume, corrupt samples; Triton loss kernel on CUDA)
 #             pipeline: bench.bench_pipeline --device gpu against the decord + DataLoader baseline, K = 1, 2, 4,
-#                       VP9 shards with a thread/worker sweep, then H.264 shards
+#                       VP9 shards, with a thread/worker sweep point
+#             h264:     the same on H.264 shards (NVDEC only)
 #             train:    bench.bench_train: ViT-B pretraining step fed by the real pipeline vs in-memory tensors
 #   OUTDIR  default bench/out/gpu
 #   DATA    folder with shard directories vp9/ and h264/ (default .gpu/data; build them with bench/gpu_data.sh
@@ -17,7 +18,7 @@
 # Offline machine: what the machine lacks is carried in as parts, from the project root (see README, "GPU suite"):
 #   .stage/pN      DALI and its small dependencies (../shared/offline-gpu/stage-dali.sh), unpacked here
 #   .whl/          optional extra wheels (decord for the baseline), installed beside DALI
-#   .gpu/ff/       optional ffmpeg (ffmpeg.xz + the imageio_ffmpeg package) for tests that encode their own clips
+#   .ffm/          optional ffmpeg (ffmpeg.xz + the imageio_ffmpeg package) for tests that encode their own clips
 set -u
 part=${1:-all}; out=${2:-bench/out/gpu}; data=${3:-.gpu/data}
 root=$(cd "$(dirname "$0")/.." && pwd); cd "$root"
@@ -32,10 +33,10 @@ if ! python3 -c "import nvidia.dali" 2>/dev/null && ls .stage/p*/part.* >/dev/nu
   fi
   export PYTHONPATH=$root/.stage/site:$PYTHONPATH
 fi
-if ! python3 -c "import imageio_ffmpeg" 2>/dev/null && [ -f .gpu/ff/ffmpeg.xz ]; then
-  [ -x /tmp/ffmpeg ] || python3 -c "import lzma, shutil; shutil.copyfileobj(lzma.open('.gpu/ff/ffmpeg.xz'), open('/tmp/ffmpeg', 'wb'))"
+if ! python3 -c "import imageio_ffmpeg" 2>/dev/null && [ -f .ffm/ffmpeg.xz ]; then
+  [ -x /tmp/ffmpeg ] || python3 -c "import lzma, shutil; shutil.copyfileobj(lzma.open('.ffm/ffmpeg.xz'), open('/tmp/ffmpeg', 'wb'))"
   chmod +x /tmp/ffmpeg
-  export IMAGEIO_FFMPEG_EXE=/tmp/ffmpeg PYTHONPATH=$root/.gpu/ff/site:$PYTHONPATH
+  export IMAGEIO_FFMPEG_EXE=/tmp/ffmpeg PYTHONPATH=$root/.ffm/site:$PYTHONPATH
 fi
 
 # -- run one step with a time limit; its log goes to OUTDIR, its tail to the console ------------------------------
@@ -51,17 +52,24 @@ step() {
 
 cores=$(nproc)
 if [ "$part" = all ] || [ "$part" = checks ]; then
-  step env 90 python3 -m bench.gpu_env --out "$out/env.json"
-  step tests_gpu 200 python3 -m pytest -q -p no:cacheprovider tests/test_pipeline_gpu.py tests/test_model_fused_loss.py
+  step env 60 python3 -m bench.gpu_env --out "$out/env.json"
+  step tests_gpu 90 python3 -m pytest -q -p no:cacheprovider tests/test_pipeline_gpu.py tests/test_model_fused_loss.py
+fi
+# The carried sets are small (96 videos): read each 8 times per epoch so that per-epoch costs (DALI builds a
+# pipeline per epoch) weigh as on a real dataset, not every few batches.
+repeat=8
+ntar=$(ls "$data/vp9"/train-*.tar | wc -l); range="{000000..$(printf %06d $((ntar - 1)))}"
+vp9_repeated="$data/vp9/train-{$(printf "$range,%.0s" $(seq $repeat) | sed 's/,$//')}.tar"
+if [ "$part" = all ] || [ "$part" = train ]; then
+  step train_saturation 220 python3 -m bench.bench_train --config configs/pretrain_vitb_k400.yaml --steps 60 \
+    --log-interval 10 --warmup 2 --out "$out/train_saturation.json" data.train="$vp9_repeated" data.batch_size=16
 fi
 if [ "$part" = all ] || [ "$part" = pipeline ]; then
-  step pipeline_vp9 200 python3 -m bench.bench_pipeline --device gpu --shards "$data/vp9" --batch-size 32 \
-    --cores "$cores" --batches 8 --warmup 2 --sweep 4,8,16 --out "$out/pipeline_vp9.json"
-  step pipeline_h264 100 python3 -m bench.bench_pipeline --device gpu --shards "$data/h264" --batch-size 32 \
-    --cores "$cores" --batches 8 --warmup 2 --sweep "" --out "$out/pipeline_h264.json"
+  step pipeline_vp9 170 python3 -m bench.bench_pipeline --device gpu --shards "$data/vp9" --shard-repeat $repeat \
+    --batch-size 32 --cores "$cores" --batches 12 --warmup 2 --sweep 4 --out "$out/pipeline_vp9.json"
 fi
-if [ "$part" = all ] || [ "$part" = train ]; then
-  step train_saturation 300 python3 -m bench.bench_train --config configs/pretrain_vitb_k400.yaml --steps 60 \
-    --log-interval 10 --warmup 2 --out "$out/train_saturation.json" data.train="$data/vp9" data.batch_size=16
+if [ "$part" = all ] || [ "$part" = h264 ]; then
+  step pipeline_h264 120 python3 -m bench.bench_pipeline --device gpu --shards "$data/h264" --shard-repeat $repeat \
+    --batch-size 32 --cores "$cores" --batches 12 --warmup 2 --sweep "" --out "$out/pipeline_h264.json"
 fi
 echo "=== results in $out"

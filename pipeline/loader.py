@@ -74,18 +74,29 @@ class LoaderStats:
         return dict(self.__dict__)
 
 
+# Backends whose decoder must never see an empty batch. DALI 2.4's mixed (NVDEC) video decoder hands an empty
+# batch on with no dimensions, which the resize after it rejects ("The number of dimensions 0 does not match any of
+# the allowed layouts"; seen on an H100, 2026-11-25), so a skipped iteration there still decodes its first sample.
+NEVER_EMPTY_DEVICES = frozenset({"gpu"})
+
+
 class _SkipSchedule:
     """Feeds the graph's `skip` input, one call per pipeline iteration: True before `start` (fast-forward) and from
-    `stop` on (the prefetch past the end of the epoch costs nothing)."""
+    `stop` on (the prefetch past the end of the epoch costs nothing). With `keep_one`, the first sample of a
+    skipped iteration is decoded anyway (and its output discarded), so no operator sees an empty batch; the random
+    draws made outside the branch, and so every later batch, are the same either way."""
 
-    def __init__(self, batch_size: int, start: int, stop: int | None = None):
-        self.batch_size, self.start, self.stop, self.calls = batch_size, start, stop, 0
+    def __init__(self, batch_size: int, start: int, stop: int | None = None, keep_one: bool = False):
+        self.batch_size, self.start, self.stop, self.calls, self.keep_one = batch_size, start, stop, 0, keep_one
 
     def __call__(self) -> np.ndarray:
         i = self.calls
         self.calls += 1
         skip = i < self.start or (self.stop is not None and i >= self.stop)
-        return np.full(self.batch_size, skip, dtype=np.bool_)
+        flags = np.full(self.batch_size, skip, dtype=np.bool_)
+        if skip and self.keep_one:
+            flags[0] = False
+        return flags
 
 
 class _GpuKeepAlive:
@@ -148,6 +159,8 @@ class VideoLoader:
         self.shards = ShardSet(shards)
         if device == "cpu":
             self.shards.check_cpu_decodable()
+        else:
+            self.shards.check_gpu_decodable()
         self.epoch, position = 0, 0
         if state is not None:
             self.epoch, position = self._restore(state)
@@ -287,14 +300,20 @@ class VideoLoader:
         return int(np.random.SeedSequence([self.seed, epoch, self.rank]).generate_state(1)[0] & 0x3FFFFFFF)
 
     def _open(self, epoch: int, position: int, inspect_batch: int | None = None) -> _EpochRun:
-        """Build the pipeline of `epoch` and fast-forward it (without decoding) to `position`."""
+        """Build the pipeline of `epoch` and fast-forward it to `position` (without decoding, or decoding one
+        sample per batch on backends in NEVER_EMPTY_DEVICES)."""
         order = self.shards.epoch_order(self.seed, epoch, self.cfg.shuffle)
         index_paths = self.shards.patched_index_paths(keep_own_info=self.cfg.mode == "eval")
-        start = position if inspect_batch is None else inspect_batch + 1
-        schedule = _SkipSchedule(self.batch_size, start)
+        inspecting = inspect_batch is not None
+        start = inspect_batch + 1 if inspecting else position
+        # Inspection decodes nothing, so it runs on the CPU backend whatever the loader's: the draws that choose
+        # samples and frames are CPU operators in both, and an all-skipped batch is fine there.
+        device = "cpu" if inspecting else self.device
+        schedule = _SkipSchedule(self.batch_size, start, keep_one=device in NEVER_EMPTY_DEVICES)
         pipe = graph.build_pipeline(
             self.cfg, [self.shards.tars[i] for i in order], [index_paths[i] for i in order],
-            batch_size=self.batch_size, device=self.device, device_id=self.device_id, shard_id=self.rank,
+            batch_size=self.batch_size, device=device, device_id=None if inspecting else self.device_id,
+            shard_id=self.rank,
             num_shards=self.world_size, seed=self._epoch_seed(epoch), num_threads=self.num_threads,
             prefetch_depth=self.prefetch_depth, skip_source=schedule)
         pipe.build()

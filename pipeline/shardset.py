@@ -69,6 +69,9 @@ def sniff_codec(mp4: bytes) -> str | None:
     return _FOURCC_CODECS.get(fourcc, fourcc.decode("latin-1").strip() or None)
 
 
+NVDEC_VP9_MIN_SIDE = 128
+
+
 def manifest_codec(directory: str) -> str | None:
     path = Path(directory) / fmt.MANIFEST_NAME
     if not path.is_file():
@@ -123,6 +126,24 @@ class ShardSet:
             if codec is not None and codec not in CPU_DECODABLE:
                 raise ValueError(f"{tar}: codec {codec} cannot be decoded by DALI's CPU video decoder (VP8, VP9 and "
                                  f"MJPEG only); use device='gpu' or rebuild the shards as VP9")
+
+    def check_gpu_decodable(self) -> None:
+        """Raise a one-line error for VP8/VP9 shards built below NVDEC's smallest frame: on an H100, DALI's mixed
+        decoder refused VP9 under 128x128 ("Video is too small ... supported: 128x128", seen 2026-11-25), failing
+        every sample. Only the manifest's build settings are consulted; shards without a manifest pass."""
+        for directory in sorted({os.path.dirname(os.path.abspath(tar)) for tar in self.tars}):
+            path = Path(directory) / fmt.MANIFEST_NAME
+            if not path.is_file():
+                continue
+            try:
+                short_side = json.loads(path.read_text()).get("params", {}).get("short_side")
+            except (OSError, ValueError):
+                continue
+            codec = manifest_codec(directory)
+            if codec in ("vp8", "vp9") and isinstance(short_side, int) and short_side < NVDEC_VP9_MIN_SIDE:
+                raise ValueError(f"{directory}: {codec} shards with short side {short_side} px are below NVDEC's "
+                                 f"{NVDEC_VP9_MIN_SIDE} px minimum; use device='cpu' or rebuild with --short-side "
+                                 f">= {NVDEC_VP9_MIN_SIDE}")
 
     def read_member(self, tar: str, offset: int, size: int) -> bytes:
         with open(tar, "rb") as f:

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import pipeline_shards as ps
+import pipeline.loader as loader_module
 from pipeline import build_loader
 from shards import format as fmt
 
@@ -67,8 +68,12 @@ def test_eval_yields_every_sample_exactly_once():
     assert all(labels[ids == v.sample_id].eq(v.label).all() for v in shards.videos)
 
 
-@pytest.mark.parametrize("stop_after", [2, 4])  # mid-epoch, and exactly at the end of epoch 0 (4 batches)
-def test_resume_continues_exactly(stop_after):
+@pytest.mark.parametrize("stop_after,never_empty", [(2, False), (4, False), (2, True)])
+def test_resume_continues_exactly(stop_after, never_empty, monkeypatch):
+    """stop_after: mid-epoch, and exactly at the end of epoch 0 (4 batches). never_empty: fast-forward as on the
+    GPU backend, decoding the first sample of each skipped batch."""
+    if never_empty:
+        monkeypatch.setattr(loader_module, "NEVER_EMPTY_DEVICES", frozenset({"cpu", "gpu"}))
     directory = ps.train_shards().directory
     options = dict(num_repeats=2, debug_outputs=True, seed=7, **SMALL)
     uninterrupted = build_loader(directory, "pretrain", 3, **options)
@@ -159,3 +164,14 @@ def test_decoder_groups_split_the_batch_without_changing_it():
     plain = records(build_loader(directory, "pretrain", 4, **options))
     grouped = records(build_loader(directory, "pretrain", 4, decoder_groups=3, **options))
     assert_same_batches(plain, grouped)
+
+
+def test_gpu_backend_refuses_vp9_below_nvdec_minimum(shard_dirs, tmp_path):
+    from pipeline.shardset import NVDEC_VP9_MIN_SIDE, ShardSet
+
+    with pytest.raises(ValueError, match="below NVDEC") as error:
+        ShardSet(str(shard_dirs["train"])).check_gpu_decodable()  # built at short side 96
+    assert "\n" not in str(error.value) and str(shard_dirs["train"]) in str(error.value)
+    manifest = json.loads((shard_dirs["train"] / fmt.MANIFEST_NAME).read_text())
+    assert manifest["params"]["short_side"] < NVDEC_VP9_MIN_SIDE
+    ShardSet(ps.train_shards().directory).check_gpu_decodable()  # no build settings: nothing to refuse
