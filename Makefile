@@ -23,7 +23,10 @@ demo: $(STAMP)
 	$(PY) -m bench.demo --out $(DEMO)
 
 bench: $(STAMP)
-	$(PY) -m bench.cpu_suite
+	PYTHON=$(PY) bash bench/cpu_suite.sh
+
+bench-gpu:  # on a GPU machine, with its own python3 (see bench/gpu.sh for offline machines)
+	bash bench/gpu.sh
 
 clean:
 	rm -rf $(DEMO) build *.egg-info

@@ -425,3 +425,21 @@ def load_pretrained(path: str | os.PathLike, kind: str | None = None, num_classe
         raise CheckpointError(f"{path}: {len(class_names)} class names for {cfg.num_classes} classes")
     model.class_names = list(class_names) if class_names is not None else None
     return model.eval()
+
+
+def load_model_of_kind(checkpoint_or_model: str | os.PathLike | nn.Module, kind: type, what: str,
+                       why: str) -> nn.Module:
+    """`checkpoint_or_model` as a model of class `kind`: a model passes through, a path goes through
+    `load_pretrained` (a run directory means its latest checkpoint). Another class is a one-line error naming the
+    source: "SOURCE: a X is not a WHAT (WHY)"."""
+    from model.checkpoint import resolve_checkpoint_path
+
+    if isinstance(checkpoint_or_model, nn.Module):
+        model, source = checkpoint_or_model, type(checkpoint_or_model).__name__
+    else:
+        source = str(checkpoint_or_model)
+        model = load_pretrained(resolve_checkpoint_path(checkpoint_or_model))
+    if not isinstance(model, kind):
+        raise ValueError(f"{source}: a {type(model).__name__} is not a {what} ({why})")
+    return model
+

@@ -56,19 +56,11 @@ def resolve_device(device: str | None) -> str:
 
 def load_classifier(checkpoint_or_model: str | os.PathLike | nn.Module) -> nn.Module:
     """A `VideoMAEClassifier` from a model or anything `load_pretrained` reads; a clear error otherwise."""
-    from model.checkpoint import resolve_checkpoint_path
-    from model.loading import load_pretrained
+    from model.loading import load_model_of_kind
     from model.videomae import VideoMAEClassifier
 
-    if isinstance(checkpoint_or_model, nn.Module):
-        model, source = checkpoint_or_model, type(checkpoint_or_model).__name__
-    else:
-        source = str(checkpoint_or_model)
-        model = load_pretrained(resolve_checkpoint_path(checkpoint_or_model))
-    if not isinstance(model, VideoMAEClassifier):
-        raise ValueError(f"{source}: a {type(model).__name__} is not a classifier (a pretraining checkpoint has no "
-                         "classification head; fine-tune it first)")
-    return model
+    return load_model_of_kind(checkpoint_or_model, VideoMAEClassifier, "classifier",
+                              "a pretraining checkpoint has no classification head; fine-tune it first")
 
 
 # ---------------------------------------------------------------------------------------------------- shards

@@ -91,19 +91,11 @@ def mask_video(mask: torch.Tensor, shape: tuple[int, ...], tubelet: int, patch: 
 
 # ---------------------------------------------------------------------------------------------------- running
 def load_pretraining_model(checkpoint_or_model: str | os.PathLike | nn.Module) -> nn.Module:
-    from model.checkpoint import resolve_checkpoint_path
-    from model.loading import load_pretrained
+    from model.loading import load_model_of_kind
     from model.videomae import VideoMAEPretrain
 
-    if isinstance(checkpoint_or_model, nn.Module):
-        model, source = checkpoint_or_model, type(checkpoint_or_model).__name__
-    else:
-        source = str(checkpoint_or_model)
-        model = load_pretrained(resolve_checkpoint_path(checkpoint_or_model))
-    if not isinstance(model, VideoMAEPretrain):
-        raise ValueError(f"{source}: a {type(model).__name__} has no decoder; reconstruction needs a pretraining "
-                         "checkpoint")
-    return model
+    return load_model_of_kind(checkpoint_or_model, VideoMAEPretrain, "pretraining model",
+                              "reconstruction needs a pretraining checkpoint, with its decoder")
 
 
 @torch.no_grad()
