@@ -85,3 +85,16 @@ def shard_dirs(shard_build_args) -> dict[str, Path]:
         assert build_main(args) == 0, f"shard build failed: {args}"
         dirs[split] = Path(args[args.index("--out") + 1])
     return dirs
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny models run fastest on one thread; on a loaded shared CPU, OpenMP's barriers cost ~100x per op.
+    Use with `pytestmark = pytest.mark.usefixtures("one_torch_thread")`."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+

@@ -20,6 +20,7 @@ from transformers import VideoMAEForPreTraining, VideoMAEForVideoClassification 
 
 from model import (CHECKPOINT_FORMAT, CheckpointError, VideoMAEConfig, VideoMAEPretrain, build_model,  # noqa: E402
                    load_pretrained)
+from model_weights import randomize_  # noqa: E402
 
 GEOMETRY = dict(image_size=32, patch_size=8, num_frames=4, tubelet_size=2)
 ENCODER = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=256)
@@ -27,14 +28,6 @@ DECODER = dict(decoder_hidden_size=32, decoder_num_hidden_layers=2, decoder_num_
                decoder_intermediate_size=128)
 # what an official .pth does not record: geometry and head counts of non-standard widths
 OFFICIAL_OVERRIDES = dict(num_frames=4, img_size=32, num_heads=4, decoder_num_heads=2, head_norm_eps=1e-5)
-
-
-def randomize_(model: torch.nn.Module, seed: int) -> None:
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            noise = torch.randn(p.shape, generator=g)
-            p.copy_(1 + 0.1 * noise if ("norm" in name and name.endswith("weight")) else 0.05 * noise)
 
 
 def official_layout(hf_state: dict[str, torch.Tensor], kind: str) -> dict[str, torch.Tensor]:

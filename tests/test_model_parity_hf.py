@@ -17,19 +17,12 @@ from transformers import VideoMAEConfig as HFConfig  # noqa: E402
 from transformers import VideoMAEForPreTraining, VideoMAEForVideoClassification  # noqa: E402
 
 from model import VideoMAEClassifier, VideoMAEPretrain, load_pretrained  # noqa: E402
+from model_weights import randomize_  # noqa: E402
 
 SMALL = dict(image_size=32, patch_size=8, num_frames=4, tubelet_size=2, hidden_size=64, num_hidden_layers=2,
              num_attention_heads=4, intermediate_size=256)
 DECODER = dict(decoder_hidden_size=32, decoder_num_hidden_layers=2, decoder_num_attention_heads=2,
                decoder_intermediate_size=128)
-
-
-def randomize_(model: torch.nn.Module, seed: int) -> None:
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            noise = torch.randn(p.shape, generator=g)
-            p.copy_(1 + 0.1 * noise if ("norm" in name and name.endswith("weight")) else 0.05 * noise)
 
 
 def clip(b: int = 2, seed: int = 0) -> torch.Tensor:

@@ -22,13 +22,7 @@ SHORT_SIDE = 96  # transcode size for the tests (the CLI default is 320, as the 
 WORKERS = 2      # same transcode settings (threads per ffmpeg) in predict() and in the reference below
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """Tiny models run fastest on one thread; on a loaded shared CPU, OpenMP's barriers cost ~100x per op."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def tiny_config(**overrides) -> VideoMAEConfig:

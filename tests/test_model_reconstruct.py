@@ -20,13 +20,7 @@ from model.reconstruct import main, mask_video, reconstruct, reconstruct_pixels,
 TUBELET, PATCH = 2, 16
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """Tiny models run fastest on one thread; on a loaded shared CPU, OpenMP's barriers cost ~100x per op."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def tiny_config(**overrides) -> VideoMAEConfig:
