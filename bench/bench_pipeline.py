@@ -18,7 +18,8 @@ For K = 1, 2, 4 it reports, after `--warmup` batches, emitted clips/s (views, B*
 per batch), frames/s delivered (decoded clips x T) and an estimate of frames/s the decoders actually decode
 (decoding starts at the keyframe before the first sampled frame: about T*stride + GOP/2 per clip), plus the
 ratios dali / baseline (median over `--rounds` alternating rounds). `--sweep` adds runs over decode threads
-(dali) and workers (baseline) at K=1, for a plot.
+(dali) and workers (baseline) at K=1, for a plot; `--decode-sweep` compares the GPU backend's decoding strategies
+(NVDEC instances, CPU decoding threads feeding GPU augmentation, or both) before anything else.
 Without --shards, synthetic VP9 shards (shards.synth + shards.build, Kinetics-like 10 s clips) are built once
 under bench/out/pipeline_shards.
 """
@@ -169,12 +170,13 @@ def baseline_batches(tars, batch_size, workers, repeats, t, stride, size, device
                "mask": mask.to(device, non_blocking=True).flatten(0, 1)}
 
 
-def dali_batches(shards, batch_size, threads, repeats, t, stride, size, device, decoder_groups=1):
+def dali_batches(shards, batch_size, threads, repeats, t, stride, size, device, decoder_groups=1,
+                 cpu_decoder_groups=0):
     from pipeline import build_loader
 
     loader = build_loader(shards, "pretrain", batch_size, device=device.type.replace("cuda", "gpu"),
                           num_frames=t, stride=stride, input_size=size, num_repeats=repeats, num_threads=threads,
-                          decoder_groups=decoder_groups)
+                          decoder_groups=decoder_groups, cpu_decoder_groups=cpu_decoder_groups)
     while True:
         yield from loader
 
@@ -200,10 +202,12 @@ def measure(batches, warmup: int, count: int, batch_size: int, repeats: int, t: 
             "frames_per_s": round(clips * t / seconds, 1)}
 
 
-def run(kind: str, n: int, repeats: int, args, tars, device) -> dict:
+def run(kind: str, n: int, repeats: int, args, tars, device, decode: tuple[int, int] | None = None) -> dict:
+    """One loader at one setting; `decode` = (decoder_groups, cpu_decoder_groups) for dali (default: the args')."""
+    groups, cpu_groups = decode or (args.decoder_groups, args.cpu_decoder_groups)
     if kind == "dali":
         batches = dali_batches(tars, args.batch_size, n, repeats, args.num_frames, args.stride,
-                               args.input_size, device, args.decoder_groups)
+                               args.input_size, device, groups, cpu_groups)
     else:
         batches = baseline_batches(tars, args.batch_size, n, repeats, args.num_frames, args.stride, args.input_size,
                                    device)
@@ -212,9 +216,12 @@ def run(kind: str, n: int, repeats: int, args, tars, device) -> dict:
     queued = 2 * n if kind == "baseline" else 2
     result = measure(batches, args.warmup + queued, args.batches, args.batch_size, repeats, args.num_frames, device)
     result["decoded_frames_per_s_est"] = round(result["decoded_clips_per_s"] * args.decoded_per_clip, 1)
-    result.update(loader=kind, repeats=repeats, **({"threads": n} if kind == "dali" else {"workers": n}))
+    result.update(loader=kind, repeats=repeats, **({"threads": n, "decoder_groups": groups,
+                                                     "cpu_decoder_groups": cpu_groups} if kind == "dali" else
+                                                    {"workers": n}))
     del batches
-    print(f"  {kind:8s} K={repeats} {'threads' if kind == 'dali' else 'workers'}={n}: "
+    strategy = f" groups={groups} cpu_groups={cpu_groups}" if kind == "dali" else ""
+    print(f"  {kind:8s} K={repeats} {'threads' if kind == 'dali' else 'workers'}={n}{strategy}: "
           f"{result['clips_per_s']:8.2f} clips/s  {result['decoded_clips_per_s']:7.2f} decoded clips/s  "
           f"{result['frames_per_s']:8.1f} frames/s", flush=True)
     return result
@@ -239,6 +246,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--stride", type=int, default=4)
     p.add_argument("--input-size", type=int, default=224)
     p.add_argument("--decoder-groups", type=int, default=1, help="dali: concurrent decoder instances (GPU)")
+    p.add_argument("--cpu-decoder-groups", type=int, default=0,
+                   help="dali, GPU backend: how many of the decoder groups decode on CPU threads (hybrid)")
+    p.add_argument("--decode-sweep", default="",
+                   help="dali only, GPU backend: decoding strategies G:C (decoder groups : of them on the CPU) to "
+                        "compare at K=--decode-sweep-k with --cores threads, e.g. '1:0,2:0,4:0,1:1,2:1,4:1'")
+    p.add_argument("--decode-sweep-k", type=int, default=2)
     p.add_argument("--gop", type=int, default=16,
                    help="keyframe interval of the shards, for the decoded-frames estimate")
     p.add_argument("--synth-size", default="426x240", help="synthetic videos: WIDTHxHEIGHT before transcoding")
@@ -262,6 +275,7 @@ def main(argv: list[str] | None = None) -> int:
 
     results: list[dict] = []
     sweep: list[dict] = []
+    decode_sweep: list[dict] = []
     ratios: dict = {}
 
     def save() -> None:  # after every run: a run cut short by a time limit keeps what was measured
@@ -272,7 +286,7 @@ def main(argv: list[str] | None = None) -> int:
                         "gpu": torch.cuda.get_device_name(0) if args.device == "gpu" else None},
             "settings": {k: v for k, v in vars(args).items() if k not in ("out",)},
             "dataset": {"videos": len(counts), "shards": len(tars), "mean_frames": float(np.mean(counts))},
-            "results": results, "ratios": ratios, "sweep": sweep,
+            "results": results, "ratios": ratios, "sweep": sweep, "decode_sweep": decode_sweep,
         }
         if args.out:
             Path(args.out).parent.mkdir(parents=True, exist_ok=True)
@@ -281,8 +295,14 @@ def main(argv: list[str] | None = None) -> int:
                 json.dump(report, f, indent=1)
             os.replace(tmp, args.out)
 
+    # Decoding strategies first when asked for: which one feeds a GPU fastest is the question a time-limited GPU
+    # run most needs answered. Then the comparison with the baseline.
+    for spec in [x for x in args.decode_sweep.split(",") if x]:
+        groups, cpu_groups = (int(v) for v in spec.split(":"))
+        decode_sweep.append(run("dali", args.cores, args.decode_sweep_k, args, tars, device, (groups, cpu_groups)))
+        save()
     for round_index in range(args.rounds):  # alternate the two loaders: drift on a shared machine hits both
-        for repeats in [int(k) for k in args.repeats.split(",")]:
+        for repeats in [int(k) for k in args.repeats.split(",") if k]:
             for kind in ("baseline", "dali"):
                 results.append(dict(run(kind, args.cores, repeats, args, tars, device), round=round_index))
                 save()

@@ -4,9 +4,12 @@
 #
 #   bash bench/gpu.sh [PART] [OUTDIR] [DATA]
 #
-#   PART    all (default) | checks | train | pipeline | h264
-#             checks:   machine facts (bench.gpu_env), GPU tests (pipeline GPU backend vs CPU backend, H.264 on
-#                       NVDEC, zero-copy handoff, resume, corrupt samples; Triton loss kernel on CUDA)
+#   PART    all (default) | checks | decode | train | pipeline | h264
+#             checks:   machine facts (bench.gpu_env), GPU tests (pipeline GPU backend vs CPU backend for each
+#                       decoding strategy, H.264 on NVDEC, zero-copy handoff, resume, corrupt samples; Triton loss
+#                       kernel on CUDA)
+#             decode:   the GPU backend's decoding strategies side by side (bench.bench_pipeline --decode-sweep,
+#                       K = 2): NVDEC x1/x2/x4, CPU threads + GPU augmentation, and hybrids
 #             pipeline: bench.bench_pipeline --device gpu against the decord + DataLoader baseline, K = 1, 2, 4,
 #                       VP9 shards, with a thread/worker sweep point
 #             h264:     the same on H.264 shards (NVDEC only)
@@ -53,13 +56,18 @@ step() {
 cores=$(nproc)
 if [ "$part" = all ] || [ "$part" = checks ]; then
   step env 60 python3 -m bench.gpu_env --out "$out/env.json"
-  step tests_gpu 90 python3 -m pytest -q -p no:cacheprovider tests/test_pipeline_gpu.py tests/test_model_fused_loss.py
+  step tests_gpu 150 python3 -m pytest -q -p no:cacheprovider tests/test_pipeline_gpu.py tests/test_model_fused_loss.py
 fi
 # The carried sets are small (96 videos): read each 8 times per epoch so that per-epoch costs (DALI builds a
 # pipeline per epoch) weigh as on a real dataset, not every few batches.
 repeat=8
 ntar=$(ls "$data/vp9"/train-*.tar | wc -l); range="{000000..$(printf %06d $((ntar - 1)))}"
 vp9_repeated="$data/vp9/train-{$(printf "$range,%.0s" $(seq $repeat) | sed 's/,$//')}.tar"
+if [ "$part" = all ] || [ "$part" = decode ]; then
+  step pipeline_decode 100 python3 -m bench.bench_pipeline --device gpu --shards "$data/vp9" --shard-repeat $repeat \
+    --batch-size 32 --cores "$cores" --batches 10 --warmup 2 --repeats "" --sweep "" \
+    --decode-sweep 1:0,2:0,4:0,1:1,2:1,4:1,4:2 --out "$out/pipeline_decode.json"
+fi
 if [ "$part" = all ] || [ "$part" = train ]; then
   step train_saturation 220 python3 -m bench.bench_train --config configs/pretrain_vitb_k400.yaml --steps 60 \
     --log-interval 10 --warmup 2 --out "$out/train_saturation.json" data.train="$vp9_repeated" data.batch_size=16

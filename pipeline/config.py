@@ -62,8 +62,10 @@ class PipelineConfig:
     use_mmap: bool = True            # map the tars (local disks); False reads them with plain I/O (network mounts)
     drop_last: Optional[bool] = None
     debug_outputs: bool = False      # also emit uint8 frames before normalization (preview/dump)
-    decoder_groups: int = 1          # GPU: split each batch over this many concurrent decoder instances (NVDEC
-                                     # engines); experimental, to be measured on the GPU (bench --decoder-groups)
+    # decoding strategy (GPU backend; experimental, to be measured: bench.bench_pipeline --decode-sweep)
+    decoder_groups: int = 1          # split each batch over this many concurrent decoder instances (NVDEC engines)
+    cpu_decoder_groups: int = 0      # of those, how many decode on CPU threads, then move to the GPU for
+                                     # augmentation (hybrid decoding; = decoder_groups: CPU decode, GPU augment)
 
     def resolved(self) -> "PipelineConfig":
         """A copy with every mode-dependent `None` replaced by the mode's default, validated."""
@@ -89,6 +91,9 @@ class PipelineConfig:
             raise ValueError(f"num_frames={self.num_frames}, stride={self.stride}: both must be >= 1")
         if self.decoder_groups < 1:
             raise ValueError(f"decoder_groups={self.decoder_groups}: must be >= 1")
+        if not 0 <= self.cpu_decoder_groups <= self.decoder_groups:
+            raise ValueError(f"cpu_decoder_groups={self.cpu_decoder_groups}: must be in [0, decoder_groups="
+                             f"{self.decoder_groups}]")
         if self.num_repeats < 1:
             raise ValueError(f"num_repeats={self.num_repeats}: must be >= 1")
         if self.mode == "pretrain":
@@ -111,6 +116,14 @@ class PipelineConfig:
     def views_per_sample(self) -> int:
         """Rows per sample in a batch: K repeats (train) or clips x crops (eval)."""
         return self.eval_clips * self.eval_crops if self.mode == "eval" else self.num_repeats
+
+    def decodes_on(self, device: str) -> set[str]:
+        """The decoders a `device` backend uses: {"cpu"} on the CPU backend; on the GPU backend "mixed" (NVDEC)
+        and/or "cpu" (hybrid), by `cpu_decoder_groups`."""
+        if device == "cpu":
+            return {"cpu"}
+        return ({"cpu"} if self.cpu_decoder_groups else set()) | \
+            ({"mixed"} if self.cpu_decoder_groups < self.decoder_groups else set())
 
     @property
     def spatial_tokens(self) -> int:

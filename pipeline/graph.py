@@ -17,12 +17,14 @@ Outputs of one batch of B samples (K = views per sample: num_repeats, or clips x
 
 Boxes are in source-frame pixels for pretrain/finetune and in short-side-resized pixels for eval.
 
-Skipping: an external source feeds one bool per sample per iteration (a whole-batch numpy array from the loader, the
-graph's only Python input; no per-sample callback); where it is True the expensive branch
-(decode, resize, RandAugment, normalize, erase) is not run and small placeholders are emitted instead. Every random
+Plan: an external source feeds one int32 per sample per iteration (a whole-batch numpy array from the loader, the
+graph's only Python input; no per-sample callback). A sample planned -1 is skipped: the expensive branch (decode,
+resize, RandAugment, normalize, erase) is not run for it and small placeholders are emitted instead. Every random
 draw except those inside RandAugment and the erasing noise is made outside the branch, so a skipped iteration
 advances the random state exactly like a decoded one: the loader uses this to fast-forward to a saved position in
-milliseconds per batch, and to make the batches prefetched past the end of an epoch free.
+milliseconds per batch, and to make the batches prefetched past the end of an epoch free. A sample planned g >= 0
+is decoded by decoder instance g of `decoder_groups` (groups below `cpu_decoder_groups` on CPU threads): the loader
+spreads positions over the groups so that no instance ever sees an empty batch.
 """
 
 from __future__ import annotations
@@ -62,32 +64,34 @@ def output_names(cfg: PipelineConfig) -> list[str]:
 
 def build_pipeline(cfg: PipelineConfig, paths: list[str], index_paths: list[str], *, batch_size: int, device: str,
                    device_id: int | None, shard_id: int, num_shards: int, seed: int, num_threads: int,
-                   prefetch_depth: int, skip_source: Callable[[], np.ndarray]):
-    """A DALI pipeline reading `paths` as shard `shard_id` of `num_shards` (one epoch's worth)."""
+                   prefetch_depth: int, plan_source: Callable[[], np.ndarray]):
+    """A DALI pipeline reading `paths` as shard `shard_id` of `num_shards` (one epoch's worth); `plan_source()`
+    returns int32[batch_size] per iteration (see the module docstring)."""
     parallel = {}
     if device == "gpu" and cfg.decoder_groups > 1:  # let the decoder instances run at once, each on its stream
         parallel = dict(concurrency=OperatorConcurrency.FULL, stream_policy=StreamPolicy.PER_OPERATOR)
-    return _video_pipeline(cfg, paths, index_paths, device, shard_id, num_shards, skip_source,
+    return _video_pipeline(cfg, paths, index_paths, device, shard_id, num_shards, plan_source,
                            batch_size=batch_size, num_threads=num_threads,
                            device_id=device_id if device == "gpu" else None, seed=seed,
                            prefetch_queue_depth=prefetch_depth, **parallel)
 
 
 @pipeline_def(enable_conditionals=True)
-def _video_pipeline(cfg, paths, index_paths, device, shard_id, num_shards, skip_source):
+def _video_pipeline(cfg, paths, index_paths, device, shard_id, num_shards, plan_source):
     # module level, so that DALI's autograph converts this graph once per process, not once per pipeline
-    return _graph(cfg, paths, index_paths, device, shard_id, num_shards, skip_source)
+    return _graph(cfg, paths, index_paths, device, shard_id, num_shards, plan_source)
 
 
 # ---------------------------------------------------------------------------------------------------------------
-def _graph(cfg, paths, index_paths, device, shard_id, num_shards, skip_source):
+def _graph(cfg, paths, index_paths, device, shard_id, num_shards, plan_source):
     mp4, info = fn.readers.webdataset(
         paths=paths, index_paths=index_paths, ext=["mp4", "info"], dtypes=[types.UINT8, types.INT32],
         missing_component_behavior="skip", random_shuffle=cfg.shuffle, initial_fill=cfg.shuffle_buffer,
         dont_use_mmap=not cfg.use_mmap,
         shard_id=shard_id, num_shards=num_shards, stick_to_shard=True, pad_last_batch=True,
         name="reader")
-    skip = fn.external_source(source=skip_source, batch=True, dtype=types.BOOL, ndim=0, name="skip")
+    plan = fn.external_source(source=plan_source, batch=True, dtype=types.INT32, ndim=0, name="plan")
+    skip = plan < 0
     source = fn.get_property(mp4, key="source_info")
     num_frames = dmath.max(info[0], 1)
     k = cfg.views_per_sample
@@ -105,8 +109,7 @@ def _graph(cfg, paths, index_paths, device, shard_id, num_shards, skip_source):
     if skip:
         video, box, frames, mask = _placeholders(cfg, device)
     else:
-        video, box, frames, mask = _decode_and_augment(mp4, frame_idx, info[2] % cfg.decoder_groups, draws, cfg,
-                                                       device)
+        video, box, frames, mask = _decode_and_augment(mp4, frame_idx, plan, draws, cfg, device)
 
     outputs = {"video": video, "sample_id": _to(sample_id, device), "label": _to(label, device),
                "frame_idx": frame_idx, "box": box, "source": source, "frames": frames, "mask": mask}
@@ -210,21 +213,26 @@ def _placeholders(cfg: PipelineConfig, device: str):
     return _to(video, device), box, _to(frames, device), _to(mask, device)
 
 
-def _decode(mp4, frame_idx, group, low: int, high: int, device: str):
-    """Decode with one decoder instance per group in [low, high): the batch is split by `group` (sample_id mod
-    groups) in a binary tree of conditionals, so that several NVDEC sessions can work at once."""
+def _decode(mp4, frame_idx, group, low: int, high: int, cfg: PipelineConfig, device: str):
+    """Decode with one decoder instance per group in [low, high): the batch is split by `group` in a binary tree
+    of conditionals, so that several decoder sessions can work at once. On the GPU backend, groups below
+    `cpu_decoder_groups` decode on the pipeline's CPU threads and move their frames to the GPU (hybrid)."""
     if high - low == 1:
-        return fn.decoders.video(mp4, device="mixed" if device == "gpu" else "cpu", frames=frame_idx)
+        if device != "gpu":
+            return fn.decoders.video(mp4, device="cpu", frames=frame_idx)
+        if low < cfg.cpu_decoder_groups:
+            return fn.decoders.video(mp4, device="cpu", frames=frame_idx).gpu()
+        return fn.decoders.video(mp4, device="mixed", frames=frame_idx)
     middle = (low + high) // 2
     if group < middle:
-        video = _decode(mp4, frame_idx, group, low, middle, device)
+        video = _decode(mp4, frame_idx, group, low, middle, cfg, device)
     else:
-        video = _decode(mp4, frame_idx, group, middle, high, device)
+        video = _decode(mp4, frame_idx, group, middle, high, cfg, device)
     return video
 
 
 def _decode_and_augment(mp4, frame_idx, group, draws, cfg: PipelineConfig, device: str):
-    video = _decode(mp4, frame_idx, group, 0, cfg.decoder_groups, device)
+    video = _decode(mp4, frame_idx, group, 0, cfg.decoder_groups, cfg, device)
     shape = video.shape()
     height, width = fn.cast(shape[1], dtype=types.INT32), fn.cast(shape[2], dtype=types.INT32)
     if cfg.mode == "eval":

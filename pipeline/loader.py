@@ -74,29 +74,34 @@ class LoaderStats:
         return dict(self.__dict__)
 
 
-# Backends whose decoder must never see an empty batch. DALI 2.4's mixed (NVDEC) video decoder hands an empty
+# Backends whose decoders must never see an empty batch. DALI 2.4's mixed (NVDEC) video decoder hands an empty
 # batch on with no dimensions, which the resize after it rejects ("The number of dimensions 0 does not match any of
-# the allowed layouts"; seen on an H100, 2026-11-25), so a skipped iteration there still decodes its first sample.
+# the allowed layouts"; seen on an H100, 2026-11-25), so a skipped iteration there still decodes one sample per
+# decoder instance.
 NEVER_EMPTY_DEVICES = frozenset({"gpu"})
 
 
-class _SkipSchedule:
-    """Feeds the graph's `skip` input, one call per pipeline iteration: True before `start` (fast-forward) and from
-    `stop` on (the prefetch past the end of the epoch costs nothing). With `keep_one`, the first sample of a
-    skipped iteration is decoded anyway (and its output discarded), so no operator sees an empty batch; the random
-    draws made outside the branch, and so every later batch, are the same either way."""
+class _DecodePlan:
+    """Feeds the graph's `plan` input, one call per pipeline iteration: int32[batch_size], -1 for a sample to skip,
+    else the decoder instance (group) that decodes it. Iterations before `start` (fast-forward) and from `stop` on
+    (the prefetch past the end of the epoch costs nothing) are skipped. Positions cycle through the groups, so every
+    instance gets a sample whenever batch_size >= groups; with `keep_one`, the first `groups` samples of a skipped
+    iteration are decoded anyway (and their output discarded), so no decoder sees an empty batch. The random draws
+    are made outside the decode branch, so every later batch is the same whatever was skipped."""
 
-    def __init__(self, batch_size: int, start: int, stop: int | None = None, keep_one: bool = False):
-        self.batch_size, self.start, self.stop, self.calls, self.keep_one = batch_size, start, stop, 0, keep_one
+    def __init__(self, batch_size: int, groups: int, start: int, stop: int | None = None, keep_one: bool = False):
+        self.start, self.stop, self.calls, self.keep_one = start, stop, 0, keep_one
+        self.groups = np.arange(batch_size, dtype=np.int32) % groups
+        self.kept = min(groups, batch_size) if keep_one else 0
 
     def __call__(self) -> np.ndarray:
         i = self.calls
         self.calls += 1
-        skip = i < self.start or (self.stop is not None and i >= self.stop)
-        flags = np.full(self.batch_size, skip, dtype=np.bool_)
-        if skip and self.keep_one:
-            flags[0] = False
-        return flags
+        if not (i < self.start or (self.stop is not None and i >= self.stop)):
+            return self.groups.copy()
+        plan = np.full(len(self.groups), -1, dtype=np.int32)
+        plan[:self.kept] = self.groups[:self.kept]
+        return plan
 
 
 class _GpuKeepAlive:
@@ -123,7 +128,7 @@ class _GpuKeepAlive:
 
 
 class _EpochRun:
-    def __init__(self, pipe, schedule: _SkipSchedule, epoch: int, position: int):
+    def __init__(self, pipe, schedule: _DecodePlan, epoch: int, position: int):
         self.pipe, self.schedule, self.epoch, self.position = pipe, schedule, epoch, position
 
 
@@ -138,6 +143,9 @@ class VideoLoader:
             raise ValueError(f"device {device!r}: expected 'cpu' or 'gpu'")
         if batch_size < 1:
             raise ValueError(f"batch_size={batch_size}: must be >= 1")
+        if cfg.decoder_groups > batch_size:
+            raise ValueError(f"decoder_groups={cfg.decoder_groups} exceeds batch_size={batch_size}: some decoder "
+                             f"instances would never get a sample")
         if not 0 <= rank < world_size:
             raise ValueError(f"rank={rank} is outside world_size={world_size}")
         self.cfg = cfg.resolved()
@@ -157,9 +165,10 @@ class VideoLoader:
         self._expected_samples: int | None = None
 
         self.shards = ShardSet(shards)
-        if device == "cpu":
+        decoders = self.cfg.decodes_on(device)
+        if "cpu" in decoders:
             self.shards.check_cpu_decodable()
-        else:
+        if "mixed" in decoders:
             self.shards.check_gpu_decodable()
         self.epoch, position = 0, 0
         if state is not None:
@@ -301,7 +310,7 @@ class VideoLoader:
 
     def _open(self, epoch: int, position: int, inspect_batch: int | None = None) -> _EpochRun:
         """Build the pipeline of `epoch` and fast-forward it to `position` (without decoding, or decoding one
-        sample per batch on backends in NEVER_EMPTY_DEVICES)."""
+        sample per decoder instance per batch on backends in NEVER_EMPTY_DEVICES)."""
         order = self.shards.epoch_order(self.seed, epoch, self.cfg.shuffle)
         index_paths = self.shards.patched_index_paths(keep_own_info=self.cfg.mode == "eval")
         inspecting = inspect_batch is not None
@@ -309,13 +318,14 @@ class VideoLoader:
         # Inspection decodes nothing, so it runs on the CPU backend whatever the loader's: the draws that choose
         # samples and frames are CPU operators in both, and an all-skipped batch is fine there.
         device = "cpu" if inspecting else self.device
-        schedule = _SkipSchedule(self.batch_size, start, keep_one=device in NEVER_EMPTY_DEVICES)
+        schedule = _DecodePlan(self.batch_size, self.cfg.decoder_groups, start,
+                               keep_one=device in NEVER_EMPTY_DEVICES)
         pipe = graph.build_pipeline(
             self.cfg, [self.shards.tars[i] for i in order], [index_paths[i] for i in order],
             batch_size=self.batch_size, device=device, device_id=None if inspecting else self.device_id,
             shard_id=self.rank,
             num_shards=self.world_size, seed=self._epoch_seed(epoch), num_threads=self.num_threads,
-            prefetch_depth=self.prefetch_depth, skip_source=schedule)
+            prefetch_depth=self.prefetch_depth, plan_source=schedule)
         pipe.build()
         n = pipe.reader_meta("reader")["epoch_size"]
         if self.num_samples < 0:

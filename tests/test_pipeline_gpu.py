@@ -30,13 +30,19 @@ SMALL = dict(num_frames=4, stride=4, input_size=48)
 ONE_LEVEL = 1 / 255 / 0.224  # one grey level in normalized units
 
 
+# How the GPU backend decodes: NVDEC alone, two NVDEC instances, CPU threads then GPU augmentation, and both.
+DECODE_STRATEGIES = {"nvdec": {}, "nvdec-x2": dict(decoder_groups=2), "cpu-decode": dict(cpu_decoder_groups=1),
+                     "hybrid": dict(decoder_groups=2, cpu_decoder_groups=1)}
+
+
+@pytest.mark.parametrize("strategy", DECODE_STRATEGIES)
 @pytest.mark.parametrize("mode", ["pretrain", "eval"])
-def test_gpu_backend_reproduces_cpu_backend(mode):
+def test_gpu_backend_reproduces_cpu_backend(mode, strategy):
     shards = gpu_train_shards() if mode == "pretrain" else gpu_eval_shards()
     options = dict(num_repeats=2, seed=5, debug_outputs=True, **SMALL) if mode == "pretrain" else \
         dict(debug_outputs=True, **SMALL)
     cpu = list(build_loader(shards.directory, mode, 4, device="cpu", **options))
-    gpu = list(build_loader(shards.directory, mode, 4, device="gpu", **options))
+    gpu = list(build_loader(shards.directory, mode, 4, device="gpu", **options, **DECODE_STRATEGIES[strategy]))
     assert len(cpu) == len(gpu) > 0
     for a, b in zip(cpu, gpu):
         for key in ("video", "sample_id", "mask", "label", "clip", "crop"):
@@ -83,9 +89,10 @@ def test_gpu_handoff_is_zero_copy_and_buffers_are_released():
     assert len(loader._keepalive) <= 1  # finished batches are handed back to DALI without waiting
 
 
-def test_gpu_resume_continues_exactly():
+@pytest.mark.parametrize("strategy", ["nvdec", "hybrid"])
+def test_gpu_resume_continues_exactly(strategy):
     directory = gpu_train_shards().directory
-    options = dict(num_repeats=2, seed=9, debug_outputs=True, device="gpu", **SMALL)
+    options = dict(num_repeats=2, seed=9, debug_outputs=True, device="gpu", **SMALL, **DECODE_STRATEGIES[strategy])
     expected = [{k: v.cpu() for k, v in b.items() if isinstance(v, torch.Tensor)}
                 for b in build_loader(directory, "pretrain", 3, **options)]
     first = build_loader(directory, "pretrain", 3, **options)

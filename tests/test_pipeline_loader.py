@@ -4,6 +4,7 @@ import json
 import logging
 import os
 
+import numpy as np
 import pytest
 import torch
 
@@ -68,14 +69,14 @@ def test_eval_yields_every_sample_exactly_once():
     assert all(labels[ids == v.sample_id].eq(v.label).all() for v in shards.videos)
 
 
-@pytest.mark.parametrize("stop_after,never_empty", [(2, False), (4, False), (2, True)])
-def test_resume_continues_exactly(stop_after, never_empty, monkeypatch):
+@pytest.mark.parametrize("stop_after,never_empty,groups", [(2, False, 1), (4, False, 1), (2, True, 1), (2, True, 2)])
+def test_resume_continues_exactly(stop_after, never_empty, groups, monkeypatch):
     """stop_after: mid-epoch, and exactly at the end of epoch 0 (4 batches). never_empty: fast-forward as on the
-    GPU backend, decoding the first sample of each skipped batch."""
+    GPU backend, decoding the first sample (per decoder group) of each skipped batch."""
     if never_empty:
         monkeypatch.setattr(loader_module, "NEVER_EMPTY_DEVICES", frozenset({"cpu", "gpu"}))
     directory = ps.train_shards().directory
-    options = dict(num_repeats=2, debug_outputs=True, seed=7, **SMALL)
+    options = dict(num_repeats=2, debug_outputs=True, seed=7, decoder_groups=groups, **SMALL)
     uninterrupted = build_loader(directory, "pretrain", 3, **options)
     expected = records(list(uninterrupted) + list(uninterrupted))       # two epochs
 
@@ -164,6 +165,40 @@ def test_decoder_groups_split_the_batch_without_changing_it():
     plain = records(build_loader(directory, "pretrain", 4, **options))
     grouped = records(build_loader(directory, "pretrain", 4, decoder_groups=3, **options))
     assert_same_batches(plain, grouped)
+
+
+def test_decode_plan_never_leaves_a_decoder_group_empty():
+    """Every decoder instance gets a sample in every iteration, skipped ones included, when it must never see an
+    empty batch (NVDEC); without that need a skipped iteration decodes nothing."""
+    plan = loader_module._DecodePlan(batch_size=5, groups=3, start=2, stop=4, keep_one=True)
+    rows = [plan() for _ in range(5)]
+    for i, row in enumerate(rows):
+        assert row.dtype == np.int32 and row.shape == (5,)
+        assert set(row[row >= 0].tolist()) == {0, 1, 2}, i
+        assert (row < 0).any() == (i < 2 or i >= 4), i
+    assert rows[2].tolist() == [0, 1, 2, 0, 1]
+    lazy = loader_module._DecodePlan(batch_size=5, groups=3, start=1)
+    assert (lazy() < 0).all() and (lazy() >= 0).all()
+    with pytest.raises(ValueError, match="decoder_groups=3 exceeds batch_size=2"):
+        build_loader(ps.train_shards().directory, "pretrain", 2, decoder_groups=3, **SMALL)
+
+
+def test_hybrid_decoding_needs_cpu_decodable_shards(tmp_path):
+    """The GPU backend's CPU decoder groups read only what DALI's CPU decoder reads: H.264 shards are refused in one
+    line before any pipeline is built (no GPU needed to get there)."""
+    from pipeline.config import PipelineConfig
+
+    cfg = PipelineConfig(decoder_groups=4, cpu_decoder_groups=1).resolved()
+    assert cfg.decodes_on("gpu") == {"cpu", "mixed"} and cfg.decodes_on("cpu") == {"cpu"}
+    assert PipelineConfig(cpu_decoder_groups=1).resolved().decodes_on("gpu") == {"cpu"}
+    assert PipelineConfig().resolved().decodes_on("gpu") == {"mixed"}
+    with pytest.raises(ValueError, match="cpu_decoder_groups=3"):
+        PipelineConfig(decoder_groups=2, cpu_decoder_groups=3).resolved()
+    shards = ps.make_test_shards(tmp_path / "h264", [24, 30], height=48, width=64, per_shard=2, codec="h264")
+    with pytest.raises(ValueError, match="h264 cannot be decoded by DALI's CPU video decoder") as error:
+        build_loader(shards.directory, "pretrain", 2, device="gpu", decoder_groups=2, cpu_decoder_groups=1,
+                     **SMALL)
+    assert "\n" not in str(error.value)
 
 
 def test_gpu_backend_refuses_vp9_below_nvdec_minimum(shard_dirs, tmp_path):
