@@ -249,8 +249,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cpu-decoder-groups", type=int, default=0,
                    help="dali, GPU backend: how many of the decoder groups decode on CPU threads (hybrid)")
     p.add_argument("--decode-sweep", default="",
-                   help="dali only, GPU backend: decoding strategies G:C (decoder groups : of them on the CPU) to "
-                        "compare at K=--decode-sweep-k with --cores threads, e.g. '1:0,2:0,4:0,1:1,2:1,4:1'")
+                   help="dali only, GPU backend: decoding strategies G:C[:N] (decoder groups : of them on the CPU "
+                        ": threads, default --cores) to compare at K=--decode-sweep-k, e.g. '1:0,1:0:32,2:0,1:1,4:3'. "
+                        "DALI's mixed decoder decodes as many videos at once as the pipeline has threads, each "
+                        "decoder group with its own pool")
     p.add_argument("--decode-sweep-k", type=int, default=2)
     p.add_argument("--gop", type=int, default=16,
                    help="keyframe interval of the shards, for the decoded-frames estimate")
@@ -298,8 +300,8 @@ def main(argv: list[str] | None = None) -> int:
     # Decoding strategies first when asked for: which one feeds a GPU fastest is the question a time-limited GPU
     # run most needs answered. Then the comparison with the baseline.
     for spec in [x for x in args.decode_sweep.split(",") if x]:
-        groups, cpu_groups = (int(v) for v in spec.split(":"))
-        decode_sweep.append(run("dali", args.cores, args.decode_sweep_k, args, tars, device, (groups, cpu_groups)))
+        groups, cpu_groups, threads = ([int(v) for v in spec.split(":")] + [args.cores])[:3]
+        decode_sweep.append(run("dali", threads, args.decode_sweep_k, args, tars, device, (groups, cpu_groups)))
         save()
     for round_index in range(args.rounds):  # alternate the two loaders: drift on a shared machine hits both
         for repeats in [int(k) for k in args.repeats.split(",") if k]:

@@ -9,7 +9,8 @@
 #                       decoding strategy, H.264 on NVDEC, zero-copy handoff, resume, corrupt samples; Triton loss
 #                       kernel on CUDA)
 #             decode:   the GPU backend's decoding strategies side by side (bench.bench_pipeline --decode-sweep,
-#                       K = 2): NVDEC x1/x2/x4, CPU threads + GPU augmentation, and hybrids
+#                       K = 2): NVDEC with 1x/2x threads, NVDEC x2/x4 instances, CPU threads + GPU
+#                       augmentation, and hybrids with 1/2 to 3/4 of each batch decoded on the CPU
 #             pipeline: bench.bench_pipeline --device gpu against the decord + DataLoader baseline, K = 1, 2, 4,
 #                       VP9 shards, with a thread/worker sweep point
 #             h264:     the same on H.264 shards (NVDEC only)
@@ -64,9 +65,9 @@ repeat=8
 ntar=$(ls "$data/vp9"/train-*.tar | wc -l); range="{000000..$(printf %06d $((ntar - 1)))}"
 vp9_repeated="$data/vp9/train-{$(printf "$range,%.0s" $(seq $repeat) | sed 's/,$//')}.tar"
 if [ "$part" = all ] || [ "$part" = decode ]; then
-  step pipeline_decode 100 python3 -m bench.bench_pipeline --device gpu --shards "$data/vp9" --shard-repeat $repeat \
+  step pipeline_decode 120 python3 -m bench.bench_pipeline --device gpu --shards "$data/vp9" --shard-repeat $repeat \
     --batch-size 32 --cores "$cores" --batches 10 --warmup 2 --repeats "" --sweep "" \
-    --decode-sweep 1:0,2:0,4:0,1:1,2:1,4:1,4:2 --out "$out/pipeline_decode.json"
+    --decode-sweep "1:0,1:0:$((2 * cores)),2:0,4:0,1:1,2:1,3:2,4:3" --out "$out/pipeline_decode.json"
 fi
 if [ "$part" = all ] || [ "$part" = train ]; then
   step train_saturation 220 python3 -m bench.bench_train --config configs/pretrain_vitb_k400.yaml --steps 60 \
