@@ -269,8 +269,9 @@ def check_config(cfg: Config, mode: str) -> dict:
             raise ConfigError(f"model.pretrained: {path} holds no checkpoint-*.pt and no Hugging Face config.json")
         stored = stored_num_classes(path)
         if stored is not None and stored != facts["num_classes"]:
-            raise ConfigError(f"{path}: checkpoint has {stored} classes but the {'evaluation' if mode == 'eval' else 'training'}"
-                              f" data has {facts['num_classes']}")
+            data = "evaluation" if mode == "eval" else "training"
+            raise ConfigError(f"{path}: checkpoint has {stored} classes but the {data} data has "
+                              f"{facts['num_classes']}")
     return facts
 
 

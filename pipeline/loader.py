@@ -11,12 +11,13 @@ with `drop_last=False` it is filled with DALI's padding (repeats of the rank's l
 padding: every sample is yielded exactly once; ranks may yield one batch more or fewer than each other.
 
 Resume. DALI's own checkpointing cannot be used: `fn.decoders.video` does not implement it (a pipeline with
-`enable_checkpointing=True` fails to build). `state_dict()` = (epoch, batches handed out in the epoch, the
-corrupt-sample list). A restarted loader rebuilds the epoch's pipeline and runs the handed-out batches again
-with the `skip` input set, which reads the samples and draws every random number (order, frame starts, crops, flips, masks, erasing boxes) without decoding (a few
-milliseconds per batch), so it continues exactly where it stopped: no sample repeated, none skipped. (RandAugment's
-internal draws and the erasing noise are not replayed.) If world size, batch size, seed, mode or dataset changed,
-the saved epoch restarts from its beginning (repeats at most one epoch) with a warning.
+`enable_checkpointing=True` fails to build). `state_dict()` = (epoch, batches handed out in the epoch, the corrupt-
+sample list). A restarted loader rebuilds the epoch's pipeline and runs the handed-out batches again with the
+graph's `plan` input set to skip, which reads the samples and draws every random number (order, frame starts, crops,
+flips, masks, erasing boxes) without decoding (a few milliseconds per batch), so it continues exactly where it
+stopped: no sample repeated, none skipped. (RandAugment's internal draws and the erasing noise are not replayed.) If
+world size, batch size, seed, mode or dataset changed, the saved epoch restarts from its beginning (repeats at most
+one epoch) with a warning.
 
 Corrupt samples. When DALI fails on a batch, the loader finds the responsible sample (DALI names it in
 decoder-creation errors; otherwise the failing batch is re-read without decoding and each of its videos is
@@ -24,19 +25,19 @@ decoded alone), logs one line, counts it in `stats`, substitutes it (see `pipeli
 pipeline at the same position. The failing batch is then produced again, with the substitute. Never a crash, unless
 no sample of the batch fails on its own (then the original error is raised).
 
-Handoff without copies. DALI's dynamic executor (the default in 2.4) allocates new output buffers per iteration
-and never writes into a buffer it has returned, so pipeline outputs are handed to torch through DLPack
+Handoff without copies. DALI's dynamic executor (the default in 2.4) allocates new output buffers per iteration and
+never writes into a buffer it has returned, so pipeline outputs are handed to torch through DLPack
 (`torch.from_dlpack(TensorList.as_tensor())`: same memory, no copy; views of one clip are already consecutive, so
 [B, K, ...] -> [B*K, ...] is a view). On the GPU, `pipe.outputs(cuda_stream=torch's current stream)` makes that
 stream wait on DALI's completion event: no host synchronization. The remaining hazard is the other end of the
 buffer's life: DALI frees an output in the order of its own stream when the last reference dies, which can happen
 (in Python) while kernels that read it are still queued on torch's stream; DALI could then hand the memory to a
 later batch and overwrite it under those kernels (DALI 2.4 keeps the output's deallocation order on its own stream:
-`Executor2::Outputs` pops outputs with set_output_order=false). The loader therefore keeps a reference to every batch it handed
-out until a CUDA event, recorded on torch's current stream when the *next* batch is requested, has completed
-(polled with `Event.query()`, never waited on). Consumers that use a batch on another stream, or keep it after
-asking for the next one, must synchronize themselves. The only copies left are inside the graph: stacking the K
-uint8 views (1/4 of the output size) and DALI's own operator outputs.
+`Executor2::Outputs` pops outputs with set_output_order=false). The loader therefore keeps a reference to every
+batch it handed out until a CUDA event, recorded on torch's current stream when the *next* batch is requested, has
+completed (polled with `Event.query()`, never waited on). Consumers that use a batch on another stream, or keep it
+after asking for the next one, must synchronize themselves. The only copies left are inside the graph: stacking the
+K uint8 views (1/4 of the output size) and DALI's own operator outputs.
 """
 
 from __future__ import annotations
@@ -85,14 +86,14 @@ class _DecodePlan:
     """Feeds the graph's `plan` input, one call per pipeline iteration: int32[batch_size], -1 for a sample to skip,
     else the decoder instance (group) that decodes it. Iterations before `start` (fast-forward) and from `stop` on
     (the prefetch past the end of the epoch costs nothing) are skipped. Positions cycle through the groups, so every
-    instance gets a sample whenever batch_size >= groups; with `keep_one`, the first `groups` samples of a skipped
+    instance gets a sample whenever batch_size >= groups; with `never_empty`, the first `groups` samples of a skipped
     iteration are decoded anyway (and their output discarded), so no decoder sees an empty batch. The random draws
     are made outside the decode branch, so every later batch is the same whatever was skipped."""
 
-    def __init__(self, batch_size: int, groups: int, start: int, stop: int | None = None, keep_one: bool = False):
-        self.start, self.stop, self.calls, self.keep_one = start, stop, 0, keep_one
+    def __init__(self, batch_size: int, groups: int, start: int, stop: int | None = None, never_empty: bool = False):
+        self.start, self.stop, self.calls, self.never_empty = start, stop, 0, never_empty
         self.groups = np.arange(batch_size, dtype=np.int32) % groups
-        self.kept = min(groups, batch_size) if keep_one else 0
+        self.kept = min(groups, batch_size) if never_empty else 0
 
     def __call__(self) -> np.ndarray:
         i = self.calls
@@ -319,7 +320,7 @@ class VideoLoader:
         # samples and frames are CPU operators in both, and an all-skipped batch is fine there.
         device = "cpu" if inspecting else self.device
         schedule = _DecodePlan(self.batch_size, self.cfg.decoder_groups, start,
-                               keep_one=device in NEVER_EMPTY_DEVICES)
+                               never_empty=device in NEVER_EMPTY_DEVICES)
         pipe = graph.build_pipeline(
             self.cfg, [self.shards.tars[i] for i in order], [index_paths[i] for i in order],
             batch_size=self.batch_size, device=device, device_id=None if inspecting else self.device_id,

@@ -201,7 +201,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     out = p.add_argument_group("output")
     out.add_argument("--out", required=True, help="output directory (one split per directory)")
     out.add_argument("--split", required=True, help="split name: shard prefix, and the CSV rows selected")
-    out.add_argument("--seed", type=int, default=0, help="shuffle seed for the order of samples across shards (default 0)")
+    out.add_argument("--seed", type=int, default=0,
+                     help="shuffle seed for the order of samples across shards (default 0)")
     out.add_argument("--shard-size-mb", type=float, default=None,
                      help="start a new shard before one would exceed this size (default 1000 unless "
                           "--samples-per-shard is given)")
@@ -211,22 +212,26 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     enc.add_argument("--codec", choices=CODECS, default="vp9",
                      help="vp9: DALI decodes it on CPU and GPU; h264: GPU (NVDEC) only; mjpeg: intra-only, "
                           "cheapest to decode, ~7x larger (default vp9)")
-    enc.add_argument("--short-side", type=int, default=320, help="scale so the short side has this many pixels (default 320)")
+    enc.add_argument("--short-side", type=int, default=320,
+                     help="scale so the short side has this many pixels (default 320)")
     enc.add_argument("--fps", type=float, default=None, help="output frame rate (default: the source's)")
-    enc.add_argument("--gop", type=int, default=16, help="keyframe interval in frames: bounds the frames decoded per seek (default 16)")
+    enc.add_argument("--gop", type=int, default=16,
+                     help="keyframe interval in frames: bounds the frames decoded per seek (default 16)")
     enc.add_argument("--quality", type=int, default=None,
                      help="crf for vp9 (default 36) and h264 (default 23); q:v 2-31 for mjpeg (default 3)")
     enc.add_argument("--threads", type=int, default=1,
                      help="ffmpeg threads per video; part of the output's identity (encoders' bytes depend on "
                           "it). Parallelism comes from --workers (default 1)")
-    enc.add_argument("--min-frames", type=int, default=16, help="skip videos with fewer frames after transcoding (default 16)")
+    enc.add_argument("--min-frames", type=int, default=16,
+                     help="skip videos with fewer frames after transcoding (default 16)")
     enc.add_argument("--tolerate-decode-errors", action="store_true",
                      help="keep videos whose source has decoding errors (ffmpeg conceals them) instead of "
                           "skipping them")
     run = p.add_argument_group("running")
     run.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0)),
                      help="parallel transcoding processes (default: the CPUs available)")
-    run.add_argument("--timeout", type=float, default=600.0, help="seconds per video before ffmpeg is killed (default 600)")
+    run.add_argument("--timeout", type=float, default=600.0,
+                     help="seconds per video before ffmpeg is killed (default 600)")
     run.add_argument("--quiet", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
     if args.shard_size_mb is None and args.samples_per_shard is None:

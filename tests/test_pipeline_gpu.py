@@ -107,8 +107,8 @@ def test_gpu_resume_continues_exactly(strategy):
 
 
 def test_gpu_skips_corrupt_samples(tmp_path):
-    shards = ps.make_corrupt_shards(tmp_path / "bad", [40] * 6 + [16, 40], garbage_at=1, truncated_at=4, height=128, width=160,
-                                    damaged_at=6)
+    shards = ps.make_corrupt_shards(tmp_path / "bad", [40] * 6 + [16, 40], garbage_at=1, truncated_at=4,
+                                    height=128, width=160, damaged_at=6)
     loader = build_loader(shards.directory, "pretrain", 2, device="gpu", **SMALL)
     ids = [i for b in loader for i in b["sample_id"].tolist()]
     assert len(ids) == 8 and not {1, 4} & set(ids)

@@ -170,7 +170,7 @@ def test_decoder_groups_split_the_batch_without_changing_it():
 def test_decode_plan_never_leaves_a_decoder_group_empty():
     """Every decoder instance gets a sample in every iteration, skipped ones included, when it must never see an
     empty batch (NVDEC); without that need a skipped iteration decodes nothing."""
-    plan = loader_module._DecodePlan(batch_size=5, groups=3, start=2, stop=4, keep_one=True)
+    plan = loader_module._DecodePlan(batch_size=5, groups=3, start=2, stop=4, never_empty=True)
     rows = [plan() for _ in range(5)]
     for i, row in enumerate(rows):
         assert row.dtype == np.int32 and row.shape == (5,)
