@@ -18,6 +18,7 @@
 #   OUTDIR  default bench/out/gpu
 #   DATA    folder with shard directories vp9/ and h264/ (default .gpu/data; build them with bench/gpu_data.sh
 #           on a machine that has ffmpeg)
+#   BUDGET  (environment) seconds for the whole run, default 590
 #
 # Offline machine: what the machine lacks is carried in as parts, from the project root (see README, "GPU suite"):
 #   .stage/pN      DALI and its small dependencies (../shared/offline-gpu/stage-dali.sh), unpacked here
@@ -44,9 +45,14 @@ if ! python3 -c "import imageio_ffmpeg" 2>/dev/null && [ -f .ffm/ffmpeg.xz ]; th
 fi
 
 # -- run one step with a time limit; its log goes to OUTDIR, its tail to the console ------------------------------
+# The whole suite stays within BUDGET seconds (default 590: a 10-minute call): each step's limit is cut to what is
+# left, and a step with under 15 s left is skipped and said so.
+budget=${BUDGET:-590}
 step() {
   local name=$1 limit=$2; shift 2
-  local t0=$SECONDS
+  local t0=$SECONDS left=$((budget - SECONDS))
+  if [ "$left" -lt 15 ]; then echo "=== $name: skipped, ${left}s left of the ${budget}s budget"; return; fi
+  [ "$limit" -gt "$left" ] && limit=$left
   echo "=== $name (limit ${limit}s): $*"
   timeout "$limit" "$@" >"$out/$name.log" 2>&1
   local rc=$?
