@@ -475,8 +475,8 @@ def train(cfg: Config, mode: str, resume: str | None, facts: dict) -> int:
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     from model import flops
-    from model.checkpoint import (FORMAT, capture_rng_state, latest_checkpoint, load_checkpoint, restore_rng_state,
-                                  save_checkpoint)
+    from model.checkpoint import (capture_rng_state, latest_checkpoint, load_checkpoint, model_payload,
+                                  restore_rng_state, save_checkpoint)
     from model.optim import build_adamw
     from model.schedule import CosineSchedule
 
@@ -564,8 +564,8 @@ def train(cfg: Config, mode: str, resume: str | None, facts: dict) -> int:
         if not dist.is_main:
             return None
         return save_checkpoint({
-            "format": FORMAT, "kind": kind, "model_config": model_cfg.to_dict(), "model": model.state_dict(),
-            "class_names": facts["class_names"] if kind == "classify" else None, "step": step,
+            **model_payload(kind, model_cfg, model, facts["class_names"] if kind == "classify" else None),
+            "step": step,
             "epoch": getattr(loader, "epoch", None), "optimizer": optimizer.state_dict(),
             "scheduler": schedule.state_dict(), "scaler": scaler.state_dict() if scaler else None,
             "model_ema": ema.module.state_dict() if ema else None, "rng": rngs, "loader": loaders,

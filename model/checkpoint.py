@@ -52,6 +52,13 @@ def unwrap_model(model: nn.Module) -> nn.Module:
             return model
 
 
+def model_payload(kind: str, model_config: Any, model: nn.Module, class_names: list[str] | None = None) -> dict:
+    """The part of a checkpoint that `model.load_pretrained` reads: format, kind, config, bare weights, labels.
+    `model_config` is a VideoMAEConfig; `model` may be wrapped (DDP, torch.compile). Training adds its state."""
+    return {"format": FORMAT, "kind": kind, "model_config": model_config.to_dict(),
+            "model": unwrap_model(model).state_dict(), "class_names": class_names}
+
+
 def checkpoint_name(step: int) -> str:
     return f"checkpoint-{step:08d}.pt"
 

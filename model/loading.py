@@ -30,13 +30,13 @@ from typing import Any
 import torch
 from torch import nn
 
+from .checkpoint import FORMAT as CHECKPOINT_FORMAT
 from .config import VideoMAEConfig
 from .layers import sinusoid_position_table
 from .videomae import VideoMAEClassifier, VideoMAEPretrain
 
 log = logging.getLogger("model.load")
 
-CHECKPOINT_FORMAT = "videomae-fast/1"
 KINDS = ("pretrain", "classify")
 
 # official head counts by width (modeling_finetune.py / modeling_pretrain.py), for state dicts without a config

@@ -18,8 +18,8 @@ transformers = pytest.importorskip("transformers")
 from transformers import VideoMAEConfig as HFConfig  # noqa: E402
 from transformers import VideoMAEForPreTraining, VideoMAEForVideoClassification  # noqa: E402
 
-from model import (CHECKPOINT_FORMAT, CheckpointError, VideoMAEConfig, VideoMAEPretrain, build_model,  # noqa: E402
-                   load_pretrained)
+from model import CheckpointError, VideoMAEConfig, VideoMAEPretrain, build_model, load_pretrained  # noqa: E402
+from model.checkpoint import model_payload  # noqa: E402
 from model_weights import randomize_  # noqa: E402
 
 GEOMETRY = dict(image_size=32, patch_size=8, num_frames=4, tubelet_size=2)
@@ -138,8 +138,7 @@ def test_own_checkpoint_round_trip_and_fine_tuning_start(tmp_path, caplog):
     with torch.no_grad():
         clf.head.weight.normal_()  # make the head matter
     path = tmp_path / "checkpoint-00000010.pt"
-    torch.save({"format": CHECKPOINT_FORMAT, "kind": "classify", "model_config": cfg.to_dict(),
-                "model": clf.state_dict(), "class_names": ["a", "b", "c"], "step": 10, "optimizer": {}}, path)
+    torch.save({**model_payload("classify", cfg, clf, ["a", "b", "c"]), "step": 10, "optimizer": {}}, path)
     loaded = load_pretrained(path, fused_attn=False)
     assert loaded.class_names == ["a", "b", "c"] and loaded.cfg.fused_attn is False
     video = clip(2, 4)
@@ -148,8 +147,7 @@ def test_own_checkpoint_round_trip_and_fine_tuning_start(tmp_path, caplog):
 
     pre = build_model("pretrain", cfg)
     path = tmp_path / "pretrain.pt"
-    torch.save({"format": CHECKPOINT_FORMAT, "kind": "pretrain", "model_config": cfg.to_dict(),
-                "model": pre.state_dict(), "class_names": None}, path)
+    torch.save(model_payload("pretrain", cfg, pre), path)
     assert isinstance(load_pretrained(path), VideoMAEPretrain)
     with caplog.at_level(logging.WARNING, logger="model.load"):
         start = load_pretrained(path, kind="classify", num_classes=5)

@@ -13,9 +13,10 @@ import numpy as np
 import pytest
 import torch
 
-from model import CHECKPOINT_FORMAT, VideoMAEConfig, build_model
-from model.checkpoint import save_atomic
+from model import build_model
+from model.checkpoint import model_payload, save_atomic
 from model.predict import load_classifier, main, predict, write_prediction_shards
+from model_weights import tiny_config
 
 CLASS_NAMES = ["archery", "bowling", "cooking", "dancing", "eating", "fencing"]
 SHORT_SIDE = 96  # transcode size for the tests (the CLI default is 320, as the training shards)
@@ -25,22 +26,13 @@ WORKERS = 2      # same transcode settings (threads per ffmpeg) in predict() and
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-def tiny_config(**overrides) -> VideoMAEConfig:
-    base = dict(embed_dim=64, depth=2, num_heads=2, img_size=64, num_frames=8, decoder_embed_dim=32,
-                decoder_num_heads=2, decoder_depth=1, num_classes=len(CLASS_NAMES),
-                init_scale=1.0)  # a full-size head: scores far from uniform, so averaging mistakes show
-    base.update(overrides)
-    return VideoMAEConfig.from_name("small", **base)
-
-
 @pytest.fixture(scope="module")
 def classifier_ckpt(tmp_path_factory):
     torch.manual_seed(0)
-    cfg = tiny_config()
-    model = build_model("classify", cfg)
+    # init_scale 1: a full-size head, scores far from uniform, so averaging mistakes show
+    cfg = tiny_config(num_classes=len(CLASS_NAMES), init_scale=1.0)
     path = tmp_path_factory.mktemp("predict") / "classifier.pt"
-    save_atomic({"format": CHECKPOINT_FORMAT, "kind": "classify", "model_config": cfg.to_dict(),
-                 "model": model.state_dict(), "class_names": CLASS_NAMES}, path)
+    save_atomic(model_payload("classify", cfg, build_model("classify", cfg), CLASS_NAMES), path)
     return path
 
 
@@ -122,7 +114,7 @@ def test_predict_averages_15_views_and_skips_bad_inputs(classifier_ckpt, inputs)
 
 def test_predict_accepts_a_model_and_labels_by_index_without_names(inputs):
     torch.manual_seed(1)
-    model = build_model("classify", tiny_config(num_classes=3))  # class_names is None
+    model = build_model("classify", tiny_config(num_classes=3, init_scale=1.0))  # class_names is None
     (r,) = predict(model, inputs["good"][1:2], device="cpu", short_side=SHORT_SIDE, single_view=True, topk=2)
     assert r["ok"] and len(r["top"]) == 2
     assert [t["label"] for t in r["top"]] == [str(t["index"]) for t in r["top"]]
@@ -132,8 +124,7 @@ def test_predict_accepts_a_model_and_labels_by_index_without_names(inputs):
 def test_pretraining_checkpoint_is_refused(tmp_path):
     cfg = tiny_config()
     path = tmp_path / "pretrain.pt"
-    save_atomic({"format": CHECKPOINT_FORMAT, "kind": "pretrain", "model_config": cfg.to_dict(),
-                 "model": build_model("pretrain", cfg).state_dict(), "class_names": None}, path)
+    save_atomic(model_payload("pretrain", cfg, build_model("pretrain", cfg)), path)
     with pytest.raises(ValueError, match="not a classifier"):
         load_classifier(path)
 

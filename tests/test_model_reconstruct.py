@@ -12,10 +12,11 @@ import numpy as np
 import pytest
 import torch
 
-from model import CHECKPOINT_FORMAT, VideoMAEConfig, build_model
-from model.checkpoint import save_atomic
+from model import build_model
+from model.checkpoint import model_payload, save_atomic
 from model.pixel_loss import norm_pix_target_reference
 from model.reconstruct import main, mask_video, reconstruct, reconstruct_pixels, tubelet_pixels, untubelet
+from model_weights import tiny_config
 
 TUBELET, PATCH = 2, 16
 
@@ -23,20 +24,12 @@ TUBELET, PATCH = 2, 16
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-def tiny_config(**overrides) -> VideoMAEConfig:
-    base = dict(embed_dim=64, depth=2, num_heads=2, img_size=64, num_frames=8, decoder_embed_dim=32,
-                decoder_num_heads=2, decoder_depth=1)
-    base.update(overrides)
-    return VideoMAEConfig.from_name("small", **base)
-
-
 @pytest.fixture(scope="module")
 def pretrain_ckpt(tmp_path_factory):
     torch.manual_seed(0)
     cfg = tiny_config()
     path = tmp_path_factory.mktemp("recon") / "pretrain.pt"
-    save_atomic({"format": CHECKPOINT_FORMAT, "kind": "pretrain", "model_config": cfg.to_dict(),
-                 "model": build_model("pretrain", cfg).state_dict(), "class_names": None}, path)
+    save_atomic(model_payload("pretrain", cfg, build_model("pretrain", cfg)), path)
     return path
 
 
@@ -129,7 +122,6 @@ def test_reconstruct_cli_writes_the_picture(pretrain_ckpt, shard_dirs, tmp_path,
 def test_classifier_checkpoint_is_refused(tmp_path, shard_dirs):
     cfg = tiny_config()
     path = tmp_path / "cls.pt"
-    save_atomic({"format": CHECKPOINT_FORMAT, "kind": "classify", "model_config": cfg.to_dict(),
-                 "model": build_model("classify", cfg).state_dict(), "class_names": None}, path)
+    save_atomic(model_payload("classify", cfg, build_model("classify", cfg)), path)
     with pytest.raises(ValueError, match="pretraining checkpoint"):
         reconstruct(path, shard_dirs["train"])
