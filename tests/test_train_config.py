@@ -8,7 +8,7 @@ import pytest
 
 import train
 from model import VideoMAEClassifier, VideoMAEConfig
-from model.checkpoint import FORMAT, save_checkpoint
+from model.checkpoint import model_payload, save_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 SYNTHETIC = ["data.source=synthetic", "data.synthetic_samples=8", "data.synthetic_classes=3", "data.num_frames=2",
@@ -78,8 +78,7 @@ def test_cli_class_count_disagrees_with_checkpoint(tmp_path):
     cfg = VideoMAEConfig.from_name("small", num_frames=2, img_size=16, patch_size=8, depth=1, embed_dim=16,
                                    num_heads=1, num_classes=5)
     model = VideoMAEClassifier(cfg)
-    save_checkpoint({"format": FORMAT, "kind": "classify", "model_config": cfg.to_dict(),
-                     "model": model.state_dict(), "class_names": None}, tmp_path / "ft", step=1)
+    save_checkpoint(model_payload("classify", cfg, model), tmp_path / "ft", step=1)
     out = tmp_path / "run"
     proc = run_cli("eval", f"run.out_dir={out}", f"model.pretrained={tmp_path / 'ft'}", *SYNTHETIC, cwd=tmp_path)
     assert_one_line_error(proc, "checkpoint has 5 classes but the evaluation data has 3", out)
