@@ -99,38 +99,31 @@ def test_gather_tubelets_matches_conv_patch_order():
     torch.testing.assert_close(tub[0, n], video[0, :, tb:2 * tb, 2 * p:3 * p, 3 * p:4 * p], rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("fast", ["fused_attn", "sparse_embed", "fused_loss"])
-def test_each_fast_path_equals_reference(fast):
-    ref_cfg = tiny_cfg(**REFERENCE)
+def assert_variant_matches(cfg: VideoMAEConfig, **variant) -> None:
+    """The model with `variant` switched on, given the same weights and inputs, gives the reference model's
+    predictions, loss and every parameter's gradient (fp32: within float rounding)."""
     torch.manual_seed(0)
-    ref = VideoMAEPretrain(ref_cfg)
-    fast_model = VideoMAEPretrain(ref_cfg.replace(**{fast: True}))
-    fast_model.load_state_dict(ref.state_dict())
-    video, mask = make_inputs(ref_cfg)
+    ref = VideoMAEPretrain(cfg).train()
+    other = VideoMAEPretrain(cfg.replace(**variant)).train()
+    other.load_state_dict(ref.state_dict())
+    video, mask = make_inputs(cfg)
     l1, p1 = ref(video, mask)
-    l2, p2 = fast_model(video, mask)
+    l2, p2 = other(video, mask)
     l1.backward()
     l2.backward()
     torch.testing.assert_close(p2, p1, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(l2, l1, rtol=1e-5, atol=1e-6)
-    for (name, a), (_, b) in zip(ref.named_parameters(), fast_model.named_parameters()):
+    for (name, a), (_, b) in zip(ref.named_parameters(), other.named_parameters()):
         torch.testing.assert_close(b.grad, a.grad, rtol=1e-4, atol=1e-6, msg=lambda m: f"{name}: {m}")
 
 
+@pytest.mark.parametrize("fast", ["fused_attn", "sparse_embed", "fused_loss"])
+def test_each_fast_path_equals_reference(fast):
+    assert_variant_matches(tiny_cfg(**REFERENCE), **{fast: True})
+
+
 def test_grad_checkpointing_same_gradients():
-    cfg = tiny_cfg(drop_path_rate=0.0)
-    torch.manual_seed(0)
-    a = VideoMAEPretrain(cfg).train()
-    b = VideoMAEPretrain(cfg.replace(grad_checkpointing=True)).train()
-    b.load_state_dict(a.state_dict())
-    video, mask = make_inputs(cfg)
-    la, _ = a(video, mask)
-    lb, _ = b(video, mask)
-    la.backward()
-    lb.backward()
-    torch.testing.assert_close(la, lb)
-    for (name, pa), (_, pb) in zip(a.named_parameters(), b.named_parameters()):
-        torch.testing.assert_close(pb.grad, pa.grad, msg=lambda m: f"{name}: {m}")
+    assert_variant_matches(tiny_cfg(drop_path_rate=0.0), grad_checkpointing=True)
 
 
 def test_classifier_fused_attention_equals_reference():
