@@ -112,8 +112,3 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
             h.update(block)
     return h.hexdigest()
 
-
-def tar_members(path: str | os.PathLike) -> list[tuple[str, int, int]]:
-    """(name, data offset, size) of the regular files in a tar, read with Python's tarfile (for checks)."""
-    with tarfile.open(path, "r:") as tar:
-        return [(m.name, m.offset_data, m.size) for m in tar.getmembers() if m.isreg()]
