@@ -10,12 +10,16 @@ Outputs of one batch of B samples (K = views per sample: num_repeats, or clips x
     sample_id  int64[B, K]              on the training device                      (trainer)
     label      int64[B, K]              finetune/eval, on the training device       (trainer)
     mask       bool[B, K, N]            pretrain, on the training device            (trainer)
-    frame_idx  int32[B, T] or [B, clips*T]  indices into the video, CPU             (inspection)
+    frame_idx  int32[B, T] or [B, clips*T]  indices into the video's timeline, CPU  (inspection)
     box        int32[B, K, 5]           (y0, x0, h, w, flipped) of each view, CPU  (inspection)
     source     uint8[B, *]              "tar:offset:member" of the video, CPU      (inspection, recovery)
     frames     uint8[B, K, T, S, S, C]  views before normalization (only with debug_outputs)
 
 Boxes are in source-frame pixels for pretrain/finetune and in short-side-resized pixels for eval.
+
+Videos stored in P stride phases (`shards.build --phases P`; P divides the stride) are P members per sample: the
+reader reads all of them, and the clip's frames, all of phase start % P, are decoded from that member at positions
+index // P (`phase_member`). Everything else sees timeline indices.
 
 Plan: an external source feeds one int32 per sample per iteration (a whole-batch numpy array from the loader, the
 graph's only Python input; no per-sample callback). A sample planned -1 is skipped: the expensive branch (decode,
@@ -41,6 +45,7 @@ from nvidia.dali.auto_aug.core import augmentation
 
 from pipeline.config import PipelineConfig
 from pipeline.masking import tube_mask_from_scores, tube_mask_scores
+from shards import format as fmt
 
 RRC_ATTEMPTS = 10      # torchvision/VideoMAE random resized crop: 10 attempts, then a central fallback
 ERASE_ATTEMPTS = 10    # timm RandomErasing: 10 attempts per frame
@@ -64,35 +69,37 @@ def output_names(cfg: PipelineConfig) -> list[str]:
 
 def build_pipeline(cfg: PipelineConfig, paths: list[str], index_paths: list[str], *, batch_size: int, device: str,
                    device_id: int | None, shard_id: int, num_shards: int, seed: int, num_threads: int,
-                   prefetch_depth: int, plan_source: Callable[[], np.ndarray]):
+                   prefetch_depth: int, plan_source: Callable[[], np.ndarray], phases: int = 1):
     """A DALI pipeline reading `paths` as shard `shard_id` of `num_shards` (one epoch's worth); `plan_source()`
-    returns int32[batch_size] per iteration (see the module docstring)."""
+    returns int32[batch_size] per iteration (see the module docstring); `phases`: the shards' stride phases."""
     parallel = {}
     if device == "gpu" and cfg.decoder_groups > 1:  # let the decoder instances run at once, each on its stream
         parallel = dict(concurrency=OperatorConcurrency.FULL, stream_policy=StreamPolicy.PER_OPERATOR)
-    return _video_pipeline(cfg, paths, index_paths, device, shard_id, num_shards, plan_source,
+    return _video_pipeline(cfg, paths, index_paths, device, shard_id, num_shards, plan_source, phases,
                            batch_size=batch_size, num_threads=num_threads,
                            device_id=device_id if device == "gpu" else None, seed=seed,
                            prefetch_queue_depth=prefetch_depth, **parallel)
 
 
 @pipeline_def(enable_conditionals=True)
-def _video_pipeline(cfg, paths, index_paths, device, shard_id, num_shards, plan_source):
+def _video_pipeline(cfg, paths, index_paths, device, shard_id, num_shards, plan_source, phases):
     # module level, so that DALI's autograph converts this graph once per process, not once per pipeline
-    return _graph(cfg, paths, index_paths, device, shard_id, num_shards, plan_source)
+    return _graph(cfg, paths, index_paths, device, shard_id, num_shards, plan_source, phases)
 
 
 # ---------------------------------------------------------------------------------------------------------------
-def _graph(cfg, paths, index_paths, device, shard_id, num_shards, plan_source):
-    mp4, info = fn.readers.webdataset(
-        paths=paths, index_paths=index_paths, ext=["mp4", "info"], dtypes=[types.UINT8, types.INT32],
+def _graph(cfg, paths, index_paths, device, shard_id, num_shards, plan_source, phases):
+    video_exts = fmt.video_exts(phases)
+    *members, info = fn.readers.webdataset(
+        paths=paths, index_paths=index_paths, ext=[*video_exts, fmt.INFO_EXT],
+        dtypes=[types.UINT8] * len(video_exts) + [types.INT32],
         missing_component_behavior="skip", random_shuffle=cfg.shuffle, initial_fill=cfg.shuffle_buffer,
         dont_use_mmap=not cfg.use_mmap,
         shard_id=shard_id, num_shards=num_shards, stick_to_shard=True, pad_last_batch=True,
         name="reader")
     plan = fn.external_source(source=plan_source, batch=True, dtype=types.INT32, ndim=0, name="plan")
     skip = plan < 0
-    source = fn.get_property(mp4, key="source_info")
+    source = fn.get_property(members[0], key="source_info")
     num_frames = dmath.max(info[0], 1)
     k = cfg.views_per_sample
     per_view = types.Constant(np.ones(k, dtype=np.int64))
@@ -106,10 +113,11 @@ def _graph(cfg, paths, index_paths, device, shard_id, num_shards, plan_source):
         frame_idx = train_frame_indices(num_frames, cfg, fn.random.uniform(range=[0.0, 1.0]))
         draws = _view_draws(cfg)
 
+    mp4, positions = phase_member(members, frame_idx) if phases > 1 else (members[0], frame_idx)
     if skip:
         video, box, frames, mask = _placeholders(cfg, device)
     else:
-        video, box, frames, mask = _decode_and_augment(mp4, frame_idx, plan, draws, cfg, device)
+        video, box, frames, mask = _decode_and_augment(mp4, positions, plan, draws, cfg, device)
 
     outputs = {"video": video, "sample_id": _to(sample_id, device), "label": _to(label, device),
                "frame_idx": frame_idx, "box": box, "source": source, "frames": frames, "mask": mask}
@@ -152,6 +160,18 @@ def eval_frame_indices(num_frames, cfg: PipelineConfig):
         start = (room * c) // (clips - 1) if clips > 1 else room // 2
         per_clip.append(stride * dmath.min(start + steps, positions - 1))
     return fn.cast(fn.cat(*per_clip), dtype=types.INT32)
+
+
+def phase_member(members: list, frame_idx):
+    """(encoded video, int32 positions) of a clip in videos stored in P = len(members) phases: member
+    frame_idx[0] % P at frame_idx // P. All of a clip's frames share that phase when P divides the stride."""
+    phases = len(members)
+    phase = frame_idx[0] - phases * (frame_idx[0] // phases)
+    chosen = members[0]
+    for p in range(1, phases):  # per-sample selection, in the graph (DALI conditionals merge the branches)
+        if phase == p:
+            chosen = members[p]
+    return chosen, fn.cast(frame_idx // phases, dtype=types.INT32)
 
 
 # -- random draws (outside the conditional branch) --------------------------------------------------------------

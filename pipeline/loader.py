@@ -166,6 +166,10 @@ class VideoLoader:
         self._expected_samples: int | None = None
 
         self.shards = ShardSet(shards)
+        if self.cfg.stride % self.shards.phases:
+            raise ValueError(f"{self.shards.tars[0]}: shards stored in {self.shards.phases} stride phases need a "
+                             f"stride that {self.shards.phases} divides, got stride={self.cfg.stride} (rebuild with "
+                             f"--phases dividing it, or 1)")
         decoders = self.cfg.decodes_on(device)
         if "cpu" in decoders:
             self.shards.check_cpu_decodable()
@@ -326,7 +330,7 @@ class VideoLoader:
             batch_size=self.batch_size, device=device, device_id=None if inspecting else self.device_id,
             shard_id=self.rank,
             num_shards=self.world_size, seed=self._epoch_seed(epoch), num_threads=self.num_threads,
-            prefetch_depth=self.prefetch_depth, plan_source=schedule)
+            prefetch_depth=self.prefetch_depth, plan_source=schedule, phases=self.shards.phases)
         pipe.build()
         n = pipe.reader_meta("reader")["epoch_size"]
         if self.num_samples < 0:
@@ -393,17 +397,20 @@ class VideoLoader:
             source = bytes(np.array(outputs["source"][i])).decode()
             frames = np.array(outputs["frame_idx"][i]).astype(np.int32)
             tar, member = split_source(source)
-            offset = int(source[len(tar) + 1:].partition(":")[0])
-            size = self._member_size(tar, member)
-            if size is None or not self._decodes(self.shards.read_member(tar, offset, size), frames):
+            clip = self._clip_member(tar, member, frames)
+            if clip is None or not self._decodes(self.shards.read_member(tar, clip[0], clip[1]), clip[2]):
                 failing.append(source)
         return failing
 
-    def _member_size(self, tar: str, member: str) -> int | None:
+    def _clip_member(self, tar: str, member: str, frames: np.ndarray) -> tuple[int, int, np.ndarray] | None:
+        """(offset, size, positions) of the video member a clip of timeline `frames` is decoded from, in the
+        sample whose first video member is `member` (with P phases: member frames[0] % P at frames // P)."""
+        phases = self.shards.phases
         for sample in self.shards.index(tar)[1]:
-            for _, size, name in sample.components.values():
-                if name == member:
-                    return size
+            first = sample.components.get(self.shards.video_exts[0])
+            if first is not None and first[2] == member:
+                chosen = sample.components.get(self.shards.video_exts[int(frames[0]) % phases])
+                return None if chosen is None else (chosen[0], chosen[1], frames // phases)
         return None
 
     def _decodes(self, mp4: bytes, frames: np.ndarray) -> bool:

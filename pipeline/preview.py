@@ -11,7 +11,8 @@ taken from the DALI graph's own outputs (nothing recomputed here):
     keys       str[V]                the sample's key (tar member name without extension)
     sources    str[V]                "tar:offset:member" of the video
     sample_id  int64[V]
-    frame_idx  int64[V, T]           indices into the transcoded video
+    frame_idx  int64[V, T]           indices into the transcoded video's timeline (with --phases, frame i is
+                                     frame i // P of member p{i % P})
     boxes      int32[V, 5]           (y0, x0, h, w, flipped): source-frame pixels; eval: short-side-resized pixels
     mask       bool[V, N]            pretrain only, (t, h, w) token order, True = masked
     label      int64[V]              finetune/eval

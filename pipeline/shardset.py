@@ -95,6 +95,24 @@ class ShardSet:
         self._index_cache: dict[str, tuple[str, list[IndexedSample]]] = {}
         self.blocked: dict[str, str] = {}        # "tar:member" -> reason
         self._patch_dir: str | None = None
+        self.phases = self._phases()
+        self.video_exts = fmt.video_exts(self.phases)  # the first names the sample (source, codec, blocking)
+
+    def _phases(self) -> int:
+        """Phases of the videos (shards.format), the same in every tar: read from each tar's first sample."""
+        found: dict[int, str] = {}
+        for tar in self.tars:
+            samples = self.index(tar)[1]
+            if samples:
+                try:
+                    found.setdefault(fmt.phases_of(samples[0].components), tar)
+                except ValueError as e:
+                    raise ValueError(f"{tar}: {e}") from None
+        if len(found) > 1:
+            (p1, t1), (p2, t2) = sorted(found.items())[:2]
+            raise ValueError(f"{t1} stores videos in {p1} phase(s), {t2} in {p2}: one loader reads one layout "
+                             f"(rebuild one set with the other's --phases)")
+        return next(iter(found), 1)
 
     # -- inspection --------------------------------------------------------------------------------------------
     def index(self, tar: str) -> tuple[str, list[IndexedSample]]:
@@ -108,8 +126,8 @@ class ShardSet:
         if codec:
             return codec
         for sample in self.index(tar)[1]:
-            if fmt.VIDEO_EXT in sample.components:
-                offset, size, _ = sample.components[fmt.VIDEO_EXT]
+            if self.video_exts[0] in sample.components:
+                offset, size, _ = sample.components[self.video_exts[0]]
                 with open(tar, "rb") as f:
                     f.seek(offset)
                     return sniff_codec(f.read(size))
@@ -156,11 +174,12 @@ class ShardSet:
         info_size = 4 * len(fmt.INFO_FIELDS)
         for tar in self.tars:
             for sample in self.index(tar)[1]:
-                video = sample.components.get(fmt.VIDEO_EXT)
+                videos = [sample.components.get(ext) for ext in self.video_exts]
                 info = sample.components.get(fmt.INFO_EXT)
-                if video is None or info is None:
+                if None in videos or info is None:
                     continue  # DALI skips samples with a missing component (missing_component_behavior="skip")
-                if video[1] == 0:
+                video = videos[0]
+                if any(v[1] == 0 for v in videos):
                     problems[f"{tar}:{video[2]}"] = "empty video member"
                 elif info[1] != info_size:
                     problems[f"{tar}:{video[2]}"] = f"info member of {info[1]} bytes, expected {info_size}"
@@ -234,7 +253,8 @@ class ShardSet:
                 if bad[i]:
                     donor = _nearest_good(i, bad)
                     if keep_own_info and fmt.INFO_EXT in comps:
-                        comps[fmt.VIDEO_EXT] = samples[donor].components[fmt.VIDEO_EXT]
+                        for ext in self.video_exts:
+                            comps[ext] = samples[donor].components[ext]
                     else:
                         comps = dict(samples[donor].components)
                 lines.append(" ".join(f"{ext} {o} {s} {n}" for ext, (o, s, n) in comps.items()))

@@ -82,10 +82,18 @@ _DECODED: dict[bytes, np.ndarray] = {}
 
 
 def decode_cached(video: "TestVideo") -> np.ndarray:
-    """`decode_pyav(video.mp4)`, decoded once per process."""
+    """`decode_pyav(video.mp4)`, decoded once per process; for a video stored in P phases, its members decoded and
+    interleaved back into timeline order (frame i = frame i // P of member i % P)."""
     key = video.mp4[:64] + len(video.mp4).to_bytes(8, "little") + video.key.encode()
     if key not in _DECODED:
-        _DECODED[key] = decode_pyav(video.mp4)
+        if video.phase_mp4s:
+            phases = [decode_pyav(mp4) for mp4 in video.phase_mp4s]
+            timeline = np.empty((sum(len(p) for p in phases), *phases[0].shape[1:]), dtype=phases[0].dtype)
+            for p, frames in enumerate(phases):
+                timeline[p::len(phases)] = frames
+            _DECODED[key] = timeline
+        else:
+            _DECODED[key] = decode_pyav(video.mp4)
     return _DECODED[key]
 
 
@@ -97,6 +105,7 @@ class TestVideo:
     label: int
     sample_id: int = -1
     valid: bool = True  # False for deliberately corrupt members
+    phase_mp4s: list[bytes] | None = None  # stored in len(phase_mp4s) stride phases: member p = frames p::P
 
 
 @dataclass
@@ -123,7 +132,10 @@ def write_shards(directory: str | os.PathLike, videos: list[TestVideo], per_shar
                 meta = {"key": video.key, "source": f"synthetic/{video.key}", "label": video.label,
                         "label_name": f"class{video.label}", "fps": 25.0, "num_frames": video.num_frames,
                         "codec": codec, "sample_id": video.sample_id}
-                parts = [(fmt.VIDEO_EXT, video.mp4), (fmt.LABEL_EXT, str(video.label).encode()),
+                members_of_video = video.phase_mp4s or [video.mp4]
+                if video.phase_mp4s:
+                    meta["phases"] = len(members_of_video)
+                parts = [*zip(fmt.video_exts(len(members_of_video)), members_of_video), (fmt.LABEL_EXT, str(video.label).encode()),
                          (fmt.META_EXT, json.dumps(meta).encode()),
                          (fmt.INFO_EXT, fmt.pack_info(video.num_frames, video.label, video.sample_id))]
                 for ext, data in parts:
@@ -150,12 +162,17 @@ def write_shards(directory: str | os.PathLike, videos: list[TestVideo], per_shar
 
 def make_test_shards(directory: str | os.PathLike, frame_counts: list[int], height: int = 64, width: int = 96,
                      per_shard: int = 4, num_classes: int = 3, split: str = "train", codec: str = "vp9",
-                     seed: int = 0) -> TestShards:
-    """One synthetic video per entry of `frame_counts` (video i: seed + i texture, label i % num_classes)."""
+                     seed: int = 0, phases: int = 1) -> TestShards:
+    """One synthetic video per entry of `frame_counts` (video i: seed + i texture, label i % num_classes); with
+    `phases` > 1 stored as that many members, member p encoding frames p, p + phases, ..."""
     videos = []
     for i, n in enumerate(frame_counts):
         frames = synthetic_frames(n, height, width, seed + i)
-        videos.append(TestVideo(f"vid{i:04d}", encode(frames, codec=codec), n, i % num_classes))
+        if phases == 1:
+            videos.append(TestVideo(f"vid{i:04d}", encode(frames, codec=codec), n, i % num_classes))
+            continue
+        members = [encode(frames[p::phases], codec=codec) for p in range(phases)]
+        videos.append(TestVideo(f"vid{i:04d}", members[0], n, i % num_classes, phase_mp4s=members))
     return write_shards(directory, videos, per_shard, split=split, codec=codec)
 
 
@@ -205,12 +222,13 @@ def cached(name: str, build) -> TestShards:
     return _CACHE[name]
 
 
-def train_shards() -> TestShards:
-    """12 VP9 videos of 64x96, 9..63 frames, 4 per shard (3 shards)."""
-    return cached("train", lambda d: make_test_shards(d, TRAIN_FRAME_COUNTS, height=64, width=96, per_shard=4))
+def train_shards(phases: int = 1) -> TestShards:
+    """12 VP9 videos of 64x96, 9..63 frames, 4 per shard (3 shards), in `phases` stride phases."""
+    return cached(f"train-p{phases}", lambda d: make_test_shards(d, TRAIN_FRAME_COUNTS, height=64, width=96,
+                                                                 per_shard=4, phases=phases))
 
 
-def eval_shards() -> TestShards:
+def eval_shards(phases: int = 1) -> TestShards:
     """5 VP9 videos of 48x80 (short side 48: eval views at input_size 48 need no resampling), 2 per shard."""
-    return cached("eval", lambda d: make_test_shards(d, [40, 25, 63, 17, 33], height=48, width=80, per_shard=2,
-                                                     split="val", seed=100))
+    return cached(f"eval-p{phases}", lambda d: make_test_shards(d, [40, 25, 63, 17, 33], height=48, width=80,
+                                                                per_shard=2, split="val", seed=100, phases=phases))

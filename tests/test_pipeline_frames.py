@@ -1,4 +1,5 @@
-"""Frame selection and decoding: the pipeline's frames against PyAV's decode of the same mp4 bytes."""
+"""Frame selection and decoding: the pipeline's frames against PyAV's decode of the same mp4 bytes (put back in
+timeline order for videos stored in stride phases)."""
 
 import numpy as np
 import pytest
@@ -37,8 +38,10 @@ def nearest_index(frame: np.ndarray, decoded: np.ndarray, box, size: int, antial
     return int(np.abs(views - frame[None].astype(np.float32)).mean(axis=(1, 2, 3)).argmin())
 
 
-def test_eval_views_equal_pyav_frames_at_reported_indices():
-    shards = ps.eval_shards()
+# phases: videos stored as stride-phase members (shards.build --phases)
+@pytest.mark.parametrize("phases", [1, 4, 2])
+def test_eval_views_equal_pyav_frames_at_reported_indices(phases):
+    shards = ps.eval_shards(phases)
     loader = build_loader(shards.directory, "eval", 2, num_frames=T, stride=STRIDE, input_size=48,
                           debug_outputs=True)
     seen = set()
@@ -60,9 +63,9 @@ def test_eval_views_equal_pyav_frames_at_reported_indices():
     assert seen == {(v.sample_id, c, k) for v in shards.videos for c in range(5) for k in range(3)}
 
 
-@pytest.mark.parametrize("mode", ["pretrain", "finetune"])
-def test_train_views_match_pyav_crops(mode):
-    shards = ps.train_shards()
+@pytest.mark.parametrize("mode,phases", [("pretrain", 1), ("finetune", 1), ("pretrain", 4), ("finetune", 2)])
+def test_train_views_match_pyav_crops(mode, phases):
+    shards = ps.train_shards(phases)
     options = dict(rand_augment=False, erase_prob=0.0) if mode == "finetune" else {}
     loader = build_loader(shards.directory, mode, 4, num_frames=T, stride=STRIDE, input_size=48, num_repeats=2,
                           debug_outputs=True, seed=3, **options)
@@ -101,3 +104,11 @@ def test_stride_bounds_and_edge_padding():
                     assert idx.tolist() == [min(STRIDE * j, last) for j in range(T)]
                 starts.setdefault(n, set()).add(int(idx[0]))
     assert len(starts[63]) > 1, "random starts should vary across epochs"
+
+
+def test_phases_must_divide_the_stride_and_agree_across_shards():
+    shards = ps.eval_shards(4)
+    with pytest.raises(ValueError, match="need a stride that 4 divides, got stride=2"):
+        build_loader(shards.directory, "eval", 2, num_frames=T, stride=2, input_size=48)
+    with pytest.raises(ValueError, match="stores videos in 1 phase"):
+        build_loader(ps.eval_shards(1).tars + shards.tars, "eval", 2, num_frames=T, stride=STRIDE, input_size=48)

@@ -132,6 +132,34 @@ def test_corrupt_samples_are_skipped_counted_and_reported(tmp_path, caplog):
     assert sorted(ids.tolist()) == sorted([i for i in range(8) if i not in bad] * 15)
 
 
+def test_corrupt_phase_members_are_skipped(tmp_path, caplog):
+    # videos stored in 4 phases: sample 1's phase-0 member is random bytes (every eval view decodes phase 0),
+    # sample 5's every member is;
+    videos = ps.make_test_shards(tmp_path / "good", [40] * 8, phases=4).videos
+    rng = np.random.default_rng(0)
+    garbage = lambda data: rng.integers(0, 256, size=len(data), dtype=np.uint8).tobytes()  # noqa: E731
+    videos[1].phase_mp4s[0] = videos[1].mp4 = garbage(videos[1].mp4)
+    videos[5].phase_mp4s = [garbage(m) for m in videos[5].phase_mp4s]
+    videos[5].mp4 = videos[5].phase_mp4s[0]
+    # sample 3's phase-0 member opens (index first) but its frame data is damaged: DALI's error names no sample,
+    # so the loader decodes the batch's clips one by one, each from the member its phase picks
+    damaged = ps.encode(ps.synthetic_frames(40, 64, 96, 3)[0::4], faststart=True)
+    at = len(damaged) // 2
+    damaged = damaged[:at] + garbage(damaged[at:at + 1000]) + damaged[at + 1000:]
+    videos[3].phase_mp4s[0] = videos[3].mp4 = damaged
+    shards = ps.write_shards(tmp_path / "bad", videos, per_shard=4)
+    with caplog.at_level(logging.WARNING, logger="pipeline"):
+        evaluator = build_loader(shards.directory, "eval", 3, **SMALL)
+        ids = torch.cat([b["sample_id"] for b in evaluator]).tolist()
+    assert sorted(set(ids)) == [0, 2, 4, 6, 7] and len(ids) == 5 * 15
+    lines = [r.getMessage() for r in caplog.records if "corrupt sample" in r.getMessage()]
+    assert len(lines) == 3 and all(any(f"vid000{i}.p0.mp4" in line for line in lines) for i in (1, 3, 5))
+    trainer = build_loader(shards.directory, "pretrain", 2, **SMALL)
+    for _ in range(2):  # sample 5 fails whichever phase a clip picks; sample 1 only when it picks phase 0
+        ids = [i for b in trainer for i in b["sample_id"].tolist()]
+        assert len(ids) == 8 and 5 not in ids
+
+
 def test_cpu_backend_rejects_h264_shards_in_one_line(tmp_path):
     frames = ps.synthetic_frames(8, 64, 96, 0)
     videos = [ps.TestVideo(f"h{i}", ps.encode(frames, codec="h264"), 8, 0) for i in range(2)]
