@@ -47,20 +47,23 @@ STD = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1, 1)
 
 
 # -- shards -----------------------------------------------------------------------------------------------------
-def make_bench_shards(out: Path, per_class: int, size: str, frames: int, short_side: int, workers: int) -> Path:
-    """Synthetic VP9 shards for the benchmark, built once (reused when the manifest exists)."""
+def make_bench_shards(out: Path, per_class: int, size: str, frames: int, short_side: int, workers: int,
+                      phases: int = 1) -> Path:
+    """Synthetic VP9 shards for the benchmark, built once (reused when the manifest exists); `phases` > 1 stores
+    the same videos in stride phases."""
     from shards.build import main as build_main
     from shards.synth import main as synth_main
 
-    shards = out / "train"
+    shards = out / ("train" if phases == 1 else f"train-phases{phases}")
     if (shards / fmt.MANIFEST_NAME).is_file():
         return shards
     videos = out / "videos"
-    assert synth_main(["--out", str(videos), "--classes", "4", "--per-class", str(per_class), "--size", size,
-                       "--frames", str(frames), "--workers", str(workers)]) == 0
+    if not (videos / "train.csv").is_file():
+        assert synth_main(["--out", str(videos), "--classes", "4", "--per-class", str(per_class), "--size", size,
+                           "--frames", str(frames), "--workers", str(workers)]) == 0
     assert build_main(["--csv", str(videos / "train.csv"), "--root", str(videos), "--split", "train",
                        "--out", str(shards), "--short-side", str(short_side), "--samples-per-shard", "4",
-                       "--workers", str(workers), "--quiet"]) == 0
+                       "--phases", str(phases), "--workers", str(workers), "--quiet"]) == 0
     return shards
 
 
@@ -77,14 +80,16 @@ def frame_counts(tars: list[str]) -> list[int]:
     return counts
 
 
-def expected_decoded_frames(counts: list[int], t: int, stride: int, gop: int) -> float:
+def expected_decoded_frames(counts: list[int], t: int, stride: int, gop: int, phases: int = 1) -> float:
     """Mean frames a sequential decoder decodes per clip: from the keyframe at or before the first sampled frame
-    to the last sampled frame, averaged over the uniform start positions."""
+    to the last sampled frame, averaged over the uniform start positions. In a video stored in `phases` phases
+    (P dividing the stride) a clip runs through one phase, whose keyframes sit every `gop` frames from its start."""
     total = 0.0
     for n in counts:
         starts = np.arange(max(n - t * stride, 0) + 1)
         last = starts + stride * np.minimum(t - 1, (n - 1 - starts) // stride)
-        total += float(np.mean(last - starts // gop * gop + 1))
+        first_stored, last_stored = starts // phases, last // phases
+        total += float(np.mean(last_stored - first_stored // gop * gop + 1))
     return total / len(counts)
 
 
@@ -202,8 +207,10 @@ def measure(batches, warmup: int, count: int, batch_size: int, repeats: int, t: 
             "frames_per_s": round(clips * t / seconds, 1)}
 
 
-def run(kind: str, n: int, repeats: int, args, tars, device, decode: tuple[int, int] | None = None) -> dict:
-    """One loader at one setting; `decode` = (decoder_groups, cpu_decoder_groups) for dali (default: the args')."""
+def run(kind: str, n: int, repeats: int, args, tars, device, decode: tuple[int, int] | None = None,
+        layout: str = "timeline") -> dict:
+    """One loader at one setting; `decode` = (decoder_groups, cpu_decoder_groups) for dali (default: the args');
+    `layout` names the shards' frame order ("timeline", or "phasesP" for shards stored in stride phases)."""
     groups, cpu_groups = decode or (args.decoder_groups, args.cpu_decoder_groups)
     if kind == "dali":
         batches = dali_batches(tars, args.batch_size, n, repeats, args.num_frames, args.stride,
@@ -215,12 +222,14 @@ def run(kind: str, n: int, repeats: int, args, tars, device, decode: tuple[int, 
     # untimed, so the timed window sees steady-state production, not a queue filled during start-up.
     queued = 2 * n if kind == "baseline" else 2
     result = measure(batches, args.warmup + queued, args.batches, args.batch_size, repeats, args.num_frames, device)
-    result["decoded_frames_per_s_est"] = round(result["decoded_clips_per_s"] * args.decoded_per_clip, 1)
-    result.update(loader=kind, repeats=repeats, **({"threads": n, "decoder_groups": groups,
+    result["decoded_frames_per_s_est"] = round(result["decoded_clips_per_s"] * args.decoded_per_clip[layout], 1)
+    result.update(loader=kind, layout=layout, repeats=repeats, **({"threads": n, "decoder_groups": groups,
                                                      "cpu_decoder_groups": cpu_groups} if kind == "dali" else
                                                     {"workers": n}))
     del batches
     strategy = f" groups={groups} cpu_groups={cpu_groups}" if kind == "dali" else ""
+    if layout != "timeline":
+        strategy += f" {layout}"
     print(f"  {kind:8s} K={repeats} {'threads' if kind == 'dali' else 'workers'}={n}{strategy}: "
           f"{result['clips_per_s']:8.2f} clips/s  {result['decoded_clips_per_s']:7.2f} decoded clips/s  "
           f"{result['frames_per_s']:8.1f} frames/s", flush=True)
@@ -254,6 +263,10 @@ def main(argv: list[str] | None = None) -> int:
                         "DALI's mixed decoder decodes as many videos at once as the pipeline has threads, each "
                         "decoder group with its own pool")
     p.add_argument("--decode-sweep-k", type=int, default=2)
+    p.add_argument("--phases", type=int, default=0,
+                   help="also run dali on the same videos stored in this many stride phases (shards.build "
+                        "--phases), in every comparison and decode-sweep run; 0: off")
+    p.add_argument("--phase-shards", help="with --shards and --phases: the phase-ordered shards of the same videos")
     p.add_argument("--gop", type=int, default=16,
                    help="keyframe interval of the shards, for the decoded-frames estimate")
     p.add_argument("--synth-size", default="426x240", help="synthetic videos: WIDTHxHEIGHT before transcoding")
@@ -263,17 +276,33 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     device = torch.device("cuda", 0) if args.device == "gpu" else torch.device("cpu")
+    if args.phases and args.shards and not args.phase_shards:
+        p.error("--phases with --shards needs --phase-shards (the same videos built with shards.build --phases)")
+    synthetic = lambda phases: str(make_bench_shards(  # noqa: E731
+        Path("bench/out/pipeline_shards"), args.synth_per_class, args.synth_size, args.synth_frames, 240,
+        args.cores, phases))
     if not args.shards:
-        args.shards = str(make_bench_shards(Path("bench/out/pipeline_shards"), args.synth_per_class,
-                                            args.synth_size, args.synth_frames, 240, args.cores))
+        args.shards = synthetic(1)
+        if args.phases:
+            args.phase_shards = synthetic(args.phases)
     # Repeating the shard list lengthens an epoch without more data: a loader's per-epoch costs (DALI builds a
     # pipeline per epoch; DataLoader reshuffles) then weigh as they would on a real dataset, not every few batches.
     tars = fmt.resolve_shards(args.shards) * args.shard_repeat
     counts = frame_counts(tars)
-    args.decoded_per_clip = expected_decoded_frames(counts, args.num_frames, args.stride, args.gop)
+    layouts = {"timeline": tars}
+    args.decoded_per_clip = {"timeline": expected_decoded_frames(counts, args.num_frames, args.stride, args.gop)}
+    if args.phases:
+        phase_tars = fmt.resolve_shards(args.phase_shards) * args.shard_repeat
+        if sorted(frame_counts(phase_tars)) != sorted(counts):
+            p.error(f"{args.phase_shards}: not the same videos as {args.shards} (frame counts differ)")
+        layouts[f"phases{args.phases}"] = phase_tars
+        args.decoded_per_clip[f"phases{args.phases}"] = expected_decoded_frames(
+            counts, args.num_frames, args.stride, args.gop, args.phases)
+    per_clip = ", ".join(f"{v:.1f} ({k})" for k, v in args.decoded_per_clip.items())
     print(f"bench_pipeline: {len(counts)} videos in {len(tars)} shards, mean {np.mean(counts):.0f} frames; "
-          f"~{args.decoded_per_clip:.1f} frames decoded per clip; device {args.device}, {args.cores} cores",
-          flush=True)
+          f"~{per_clip} frames decoded per clip by a decoder that seeks to the keyframe before it (DALI 2.4's CPU "
+          f"decoder decodes from the stream's start instead: bench.bench_decode); device {args.device}, "
+          f"{args.cores} cores", flush=True)
 
     results: list[dict] = []
     sweep: list[dict] = []
@@ -301,25 +330,35 @@ def main(argv: list[str] | None = None) -> int:
     # run most needs answered. Then the comparison with the baseline.
     for spec in [x for x in args.decode_sweep.split(",") if x]:
         groups, cpu_groups, threads = ([int(v) for v in spec.split(":")] + [args.cores])[:3]
-        decode_sweep.append(run("dali", threads, args.decode_sweep_k, args, tars, device, (groups, cpu_groups)))
-        save()
-    for round_index in range(args.rounds):  # alternate the two loaders: drift on a shared machine hits both
+        for layout, layout_tars in layouts.items():
+            decode_sweep.append(run("dali", threads, args.decode_sweep_k, args, layout_tars, device,
+                                    (groups, cpu_groups), layout))
+            save()
+    # the loaders compared, alternated within each round so that drift on a shared machine hits all of them
+    loaders = [("baseline", "timeline")] + [("dali", layout) for layout in layouts]
+    for round_index in range(args.rounds):
         for repeats in [int(k) for k in args.repeats.split(",") if k]:
-            for kind in ("baseline", "dali"):
-                results.append(dict(run(kind, args.cores, repeats, args, tars, device), round=round_index))
+            for kind, layout in loaders:
+                results.append(dict(run(kind, args.cores, repeats, args, layouts[layout], device, layout=layout),
+                                    round=round_index))
                 save()
+    # (loader, baseline) pairs: dali against the VideoMAE-style baseline; phase-ordered dali also against dali
+    pairs = [(("dali", layout), ("baseline", "timeline")) for layout in layouts]
+    pairs += [(("dali", layout), ("dali", "timeline")) for layout in layouts if layout != "timeline"]
     for repeats in sorted({r["repeats"] for r in results}):
-        per_round = [{r["loader"]: r for r in results if r["repeats"] == repeats and r["round"] == i}
+        per_round = [{(r["loader"], r["layout"]): r for r in results if r["repeats"] == repeats and r["round"] == i}
                      for i in range(args.rounds)]
-        ratios[f"K={repeats}"] = {key: round(float(np.median([p["dali"][key] / p["baseline"][key]
-                                                              for p in per_round])), 2)
-                                  for key in ("clips_per_s", "decoded_clips_per_s")}
-        print(f"  ratio dali/baseline K={repeats}: {ratios[f'K={repeats}']['clips_per_s']:.2f}x clips/s "
-              f"(median of {args.rounds} round(s))")
+        for this, base in pairs:
+            name = " ".join([f"K={repeats}"] + ([this[1]] if this[1] != "timeline" else [])
+                            + (["vs dali"] if base[0] == "dali" else []))
+            ratios[name] = {key: round(float(np.median([p[this][key] / p[base][key] for p in per_round])), 2)
+                            for key in ("clips_per_s", "decoded_clips_per_s")}
+            print(f"  ratio {' '.join(this)} / {' '.join(base)}, K={repeats}: {ratios[name]['clips_per_s']:.2f}x "
+                  f"clips/s (median of {args.rounds} round(s))")
     save()
     for n in [int(x) for x in args.sweep.split(",") if x]:
-        for kind in ("baseline", "dali"):
-            sweep.append(run(kind, n, 1, args, tars, device))
+        for kind, layout in loaders:
+            sweep.append(run(kind, n, 1, args, layouts[layout], device, layout=layout))
             save()
     if args.out:
         print(f"bench_pipeline: -> {args.out}")

@@ -9,8 +9,12 @@ out=bench/out/cpu
 mkdir -p "$out"
 echo "== shard build throughput (workers 1 and 2, vp9 / h264 / mjpeg)"
 $py -m bench.bench_shards --out "$out/shards.json"
-echo "== input pipeline: DALI CPU backend vs decord + DataLoader (K = 1, 2, 4; thread/worker sweep)"
-$py -m bench.bench_pipeline --shard-repeat 2 --batches 12 --warmup 2 --rounds 2 --sweep 1,2 --out "$out/pipeline.json"
+echo "== input pipeline: DALI CPU backend vs decord + DataLoader (K = 1, 2, 4; thread/worker sweep;"
+echo "   the same videos in timeline order and in 4 stride phases)"
+$py -m bench.bench_pipeline --shard-repeat 2 --batches 12 --warmup 2 --rounds 2 --sweep 1,2 --phases 4 \
+  --out "$out/pipeline.json"
+echo "== decoding alone: seek probe, timeline-order vs 4-phase shards of the same videos"
+$py -m bench.bench_decode --rounds 3 --out "$out/decode.json"
 echo "== model training step: reference vs fused, fp32 vs bf16 (ViT-S, 8 x 112 px, to stay short on a CPU)"
 $py -m bench.bench_model --device cpu --size small --frames 8 --img 112 --batch 2 --steps 2 --warmup 1 \
   --variants ref-fp32,fused-fp32,ref-bf16,fused-bf16 --out "$out/model.json"

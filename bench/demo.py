@@ -4,7 +4,8 @@
 
 1. `shards.synth` makes 4 motion classes (96 train + 24 val videos each: move left/right, rotate clockwise/
    counterclockwise), in the Kinetics layout;
-2. `shards.build` transcodes them to VP9 WebDataset shards (train, then val with train's classes); `shards.verify`;
+2. `shards.build` transcodes them to VP9 WebDataset shards, each video stored in 4 stride phases (train, then val
+   with train's classes); `shards.verify`;
 3. `train.py pretrain` (configs/demo_pretrain.yaml): VideoMAE tube-masked pretraining of a tiny ViT;
 4. `train.py finetune` (configs/demo_finetune.yaml) from that checkpoint;
 5. `train.py eval` (configs/demo_eval.yaml): 5 clips x 3 crops per held-out video;
@@ -36,9 +37,10 @@ def steps(out: Path) -> list[tuple[str, list[str]]]:
         ("synthetic videos", [py, "-m", "shards.synth", "--out", str(raw), "--classes", "4", "--per-class", "96",
                               "--val-per-class", "24", "--seed", "0"]),
         ("train shards", [py, "-m", "shards.build", "--csv", str(raw / "train.csv"), "--root", str(raw),
-                          "--split", "train", "--out", str(shards / "train"), "--short-side", "96"]),
+                          "--split", "train", "--out", str(shards / "train"), "--short-side", "96",
+                          "--phases", "4"]),
         ("val shards", [py, "-m", "shards.build", "--csv", str(raw / "val.csv"), "--root", str(raw), "--split",
-                        "val", "--out", str(shards / "val"), "--short-side", "96",
+                        "val", "--out", str(shards / "val"), "--short-side", "96", "--phases", "4",
                         "--classes", str(shards / "train" / "manifest.json")]),
         ("verify train", [py, "-m", "shards.verify", str(shards / "train")]),
         ("verify val", [py, "-m", "shards.verify", str(shards / "val")]),

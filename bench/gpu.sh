@@ -8,15 +8,18 @@
 #             checks:   machine facts (bench.gpu_env), GPU tests (pipeline GPU backend vs CPU backend for each
 #                       decoding strategy, H.264 on NVDEC, zero-copy handoff, resume, corrupt samples; Triton loss
 #                       kernel on CUDA)
-#             decode:   the GPU backend's decoding strategies side by side (bench.bench_pipeline --decode-sweep,
+#             decode:   NVDEC alone (bench.bench_decode --device gpu): whether it seeks or decodes from the
+#                       stream's start, and timeline-order vs 4-phase VP9 shards of the same videos; then the GPU
+#                       backend's decoding strategies side by side (bench.bench_pipeline --decode-sweep,
 #                       K = 2): NVDEC with 1x/2x threads, NVDEC x2/x4 instances, CPU threads + GPU
-#                       augmentation, and hybrids with 1/2 to 3/4 of each batch decoded on the CPU
+#                       augmentation, and hybrids with 1/2 to 3/4 of each batch decoded on the CPU; then four
+#                       of them on timeline-order and 4-phase shards side by side
 #             pipeline: bench.bench_pipeline --device gpu against the decord + DataLoader baseline, K = 1, 2, 4,
 #                       VP9 shards, with a thread/worker sweep point
 #             h264:     the same on H.264 shards (NVDEC only)
 #             train:    bench.bench_train: ViT-B pretraining step fed by the real pipeline vs in-memory tensors
 #   OUTDIR  default bench/out/gpu
-#   DATA    folder with shard directories vp9/ and h264/ (default .gpu/data; build them with bench/gpu_data.sh
+#   DATA    folder with shard directories vp9/, vp9p4/ and h264/ (default .gpu/data; build them with bench/gpu_data.sh
 #           on a machine that has ffmpeg)
 #   BUDGET  (environment) seconds for the whole run, default 590
 #
@@ -71,9 +74,14 @@ repeat=8
 ntar=$(ls "$data/vp9"/train-*.tar | wc -l); range="{000000..$(printf %06d $((ntar - 1)))}"
 vp9_repeated="$data/vp9/train-{$(printf "$range,%.0s" $(seq $repeat) | sed 's/,$//')}.tar"
 if [ "$part" = all ] || [ "$part" = decode ]; then
+  step decode_layouts 60 python3 -m bench.bench_decode --device gpu --shards "$data/vp9" --phase-shards "$data/vp9p4" \
+    --threads "$cores" --batch-size 32 --batches 8 --rounds 2 --out "$out/decode_layouts.json"
   step pipeline_decode 120 python3 -m bench.bench_pipeline --device gpu --shards "$data/vp9" --shard-repeat $repeat \
     --batch-size 32 --cores "$cores" --batches 10 --warmup 2 --repeats "" --sweep "" \
     --decode-sweep "1:0,1:0:$((2 * cores)),2:0,4:0,1:1,2:1,3:2,4:3" --out "$out/pipeline_decode.json"
+  step pipeline_decode_phases 120 python3 -m bench.bench_pipeline --device gpu --shards "$data/vp9" \
+    --phases 4 --phase-shards "$data/vp9p4" --shard-repeat $repeat --batch-size 32 --cores "$cores" --batches 10 \
+    --warmup 2 --repeats "" --sweep "" --decode-sweep "1:0,4:0,1:1,3:2" --out "$out/pipeline_decode_phases.json"
 fi
 if [ "$part" = all ] || [ "$part" = train ]; then
   step train_saturation 220 python3 -m bench.bench_train --config configs/pretrain_vitb_k400.yaml --steps 60 \

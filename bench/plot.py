@@ -19,14 +19,23 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 STYLE = {"dali": dict(color="tab:green", marker="o", label="this pipeline (DALI)"),
          "baseline": dict(color="tab:gray", marker="s", label="decord + DataLoader baseline")}
+PHASE_STYLE = dict(color="tab:blue", marker="^")
+
+
+def _line(name: str) -> dict:
+    """Plot style of a "loader" or "loader layout" line (shards stored in stride phases: a second DALI line)."""
+    if " " not in name:
+        return STYLE[name]
+    return dict(PHASE_STYLE, label=f"this pipeline, shards in {name.split()[1].replace('phases', '')} phases")
 
 
 def _median_by(rows: list[dict], x_key: str, y_key: str) -> dict[str, tuple[list, list]]:
-    """{loader: (xs, median ys)} over rounds."""
+    """{loader (+ " layout" for phase-ordered shards): (xs, median ys)} over rounds."""
     groups: dict[str, dict] = defaultdict(lambda: defaultdict(list))
     for row in rows:
         x = row.get(x_key, row.get("workers"))
-        groups[row["loader"]][x].append(row[y_key])
+        layout = row.get("layout", "timeline")
+        groups[row["loader"] + ("" if layout == "timeline" else f" {layout}")][x].append(row[y_key])
     return {loader: (sorted(v), [statistics.median(v[x]) for x in sorted(v)]) for loader, v in groups.items()}
 
 
@@ -41,19 +50,18 @@ def plot(results: list[dict], out: str) -> None:
     for col, result in enumerate(results):
         top, bottom = axes[0][col], axes[1][col]
         for loader, (xs, ys) in _median_by(result["results"], "repeats", "clips_per_s").items():
-            top.plot(xs, ys, **STYLE[loader])
+            top.plot(xs, ys, **_line(loader))
         top.set(xlabel="views per decoded clip K (repeated augmentation)", ylabel="clips/s emitted",
                 title=_title(result), xticks=sorted({r["repeats"] for r in result["results"]}))
         top.set_ylim(bottom=0)
         top.grid(alpha=0.3)
         top.legend(fontsize=8)
         sweep = result.get("sweep") or []
-        for loader in ("dali", "baseline"):
-            rows = [r for r in sweep if r["loader"] == loader]
-            key = "threads" if loader == "dali" else "workers"
-            if rows:
-                xs, ys = _median_by(rows, key, "decoded_clips_per_s")[loader]
-                bottom.plot(xs, ys, **STYLE[loader])
+        for kind in ("dali", "baseline"):
+            rows = [r for r in sweep if r["loader"] == kind]
+            for loader, (xs, ys) in _median_by(rows, "threads" if kind == "dali" else "workers",
+                                               "decoded_clips_per_s").items():
+                bottom.plot(xs, ys, **_line(loader))
                 bottom.set_xticks(xs)
         bottom.set(xlabel="decode threads (DALI) / DataLoader workers (baseline)", ylabel="clips/s decoded (K=1)")
         bottom.set_ylim(bottom=0)
