@@ -21,7 +21,7 @@ $py -m bench.bench_model --device cpu --size small --frames 8 --img 112 --batch 
 echo "== end-to-end: demo pretraining fed by the real pipeline vs in-memory tensors"
 $py -m bench.bench_train --config configs/demo_pretrain.yaml --steps 60 --log-interval 10 --warmup 1 \
   --out "$out/train.json" data.train=bench/out/pipeline_shards/train
-plots=("$out/pipeline.json")
+plots=("$out/pipeline.json")  # with --phases 4: a third line, 4-phase shards
 [ -f bench/h100/pipeline_vp9.json ] && plots+=(bench/h100/pipeline_vp9.json)
 $py -m bench.plot "${plots[@]}" --out bench/pipeline_scaling.png
 echo "== results in $out"
