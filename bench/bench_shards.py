@@ -57,18 +57,20 @@ def make_inputs(work: Path, synth_videos: int, synth_size: str, synth_frames: in
     return listing
 
 
-def run_one(listing: Path, out: Path, codec: str, workers: int, short_side: int) -> dict:
+def run_one(listing: Path, out: Path, spec: str, workers: int, short_side: int) -> dict:
+    """One build; `spec` is a codec, or "vp9pN" for VP9 in N stride phases (`shards.build --phases N`)."""
+    codec, phases = ("vp9", spec[len("vp9p"):]) if spec.startswith("vp9p") else (spec, "1")
     shutil.rmtree(out, ignore_errors=True)
     started = time.perf_counter()
     code = build_main(["--list", str(listing), "--split", "bench", "--out", str(out), "--codec", codec,
-                       "--short-side", str(short_side), "--workers", str(workers), "--quiet"])
+                       "--phases", phases, "--short-side", str(short_side), "--workers", str(workers), "--quiet"])
     seconds = time.perf_counter() - started
     if code != 0:
-        raise SystemExit(f"error: build failed for codec={codec} workers={workers}")
+        raise SystemExit(f"error: build failed for {spec} workers={workers}")
     manifest = fmt.read_manifest(out)
     videos = manifest["num_samples"] + manifest["num_failures"]
     return {
-        "codec": codec, "workers": workers, "seconds": round(seconds, 3), "videos": videos,
+        "codec": spec, "workers": workers, "seconds": round(seconds, 3), "videos": videos,
         "failures": manifest["num_failures"], "source_seconds": manifest["duration"],
         "frames": manifest["num_frames"], "output_bytes": sum(s["bytes"] for s in manifest["shards"]),
         "videos_per_s": round(videos / seconds, 3),
@@ -81,7 +83,8 @@ def run_one(listing: Path, out: Path, codec: str, workers: int, short_side: int)
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.bench_shards", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", required=True, help="where to write the JSON results")
-    p.add_argument("--codecs", default="vp9,h264,mjpeg")
+    p.add_argument("--codecs", default="vp9,vp9p4,h264,mjpeg",
+                   help="codecs to compare; vp9pN: VP9 stored in N stride phases (default vp9,vp9p4,h264,mjpeg)")
     p.add_argument("--workers", default="1,2", help="comma-separated worker counts")
     p.add_argument("--short-side", type=int, default=320)
     p.add_argument("--synth-videos", type=int, default=16)

@@ -368,8 +368,9 @@ def build(args: argparse.Namespace) -> int:
     elapsed = time.perf_counter() - started
     total_bytes = sum(m["bytes"] for m in sink.markers)
     done_now = run_ok + run_failed
+    layout = f", {args.phases} phases" if args.phases > 1 else ""
     print(f"shards: {args.split}: {num_samples} samples in {len(sink.markers)} shards "
-          f"({_format_bytes(total_bytes)}, {args.codec}), {len(failures)} skipped "
+          f"({_format_bytes(total_bytes)}, {args.codec}{layout}), {len(failures)} skipped "
           f"(see {fmt.FAILURES_NAME}); this run: {done_now} videos in {elapsed:.1f} s = "
           f"{done_now / elapsed:.2f} videos/s, {run_source_seconds / elapsed:.1f} source-s/s "
           f"with {args.workers} workers -> {out_dir / fmt.MANIFEST_NAME}"

@@ -10,7 +10,8 @@ Checks, each problem printed as one line naming the shard and sample:
   member with its share), width and height;
 - decoding (unless --no-decode): VP9 and MJPEG shards are read by a real DALI CPU pipeline
   (`fn.readers.webdataset` with the index files -> `fn.decoders.video`), and each sample must decode to exactly
-  the number of frames its `.info` claims (each phase member to its share) (the number the training pipeline uses to pick frames in the graph).
+  the number of frames its `.info` claims (each phase member its share; the number the training pipeline uses
+  to pick frames in the graph).
   DALI's CPU decoder refuses H.264, so H.264 shards are decoded with ffmpeg instead (every frame, no rate
   conversion), and the report says so.
 """

@@ -135,7 +135,8 @@ def write_shards(directory: str | os.PathLike, videos: list[TestVideo], per_shar
                 members_of_video = video.phase_mp4s or [video.mp4]
                 if video.phase_mp4s:
                     meta["phases"] = len(members_of_video)
-                parts = [*zip(fmt.video_exts(len(members_of_video)), members_of_video), (fmt.LABEL_EXT, str(video.label).encode()),
+                parts = [*zip(fmt.video_exts(len(members_of_video)), members_of_video),
+                         (fmt.LABEL_EXT, str(video.label).encode()),
                          (fmt.META_EXT, json.dumps(meta).encode()),
                          (fmt.INFO_EXT, fmt.pack_info(video.num_frames, video.label, video.sample_id))]
                 for ext, data in parts:
