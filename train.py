@@ -227,8 +227,14 @@ def check_config(cfg: Config, mode: str) -> dict:
             shard_format.resolve_shards(split)
             if os.path.isdir(split):
                 facts["manifest"] = shard_format.read_manifest(split)
+            from pipeline.shardset import ShardSet
+
+            phases = ShardSet(split).phases
         except (OSError, ValueError) as e:
             raise ConfigError(f"{split_key}: {str(e).splitlines()[0]}") from e
+        if d.stride % phases:
+            raise ConfigError(f"{split_key}: shards stored in {phases} stride phases need a data.stride that "
+                              f"{phases} divides, got {d.stride}")
         from pipeline import PipelineConfig
 
         known = {f.name for f in dataclasses.fields(PipelineConfig)}
@@ -362,8 +368,11 @@ def build_data(cfg: Config, mode: str, dist: Dist, model_cfg, state: dict | None
     extra = dict(d.options)
     if evaluating:
         extra.update(eval_clips=d.test_clips, eval_crops=d.test_crops)
-    return build_loader(d.val if evaluating else d.train, mode, batch_size, device=device, stride=d.stride,
-                        flip=d.flip, num_threads=d.num_threads, **common, **extra)
+    try:
+        return build_loader(d.val if evaluating else d.train, mode, batch_size, device=device, stride=d.stride,
+                            flip=d.flip, num_threads=d.num_threads, **common, **extra)
+    except ValueError as e:  # shards that do not suit the settings (codec, stride phases, ranks): one line
+        raise ConfigError(f"{'data.val' if evaluating else 'data.train'}: {str(e).splitlines()[0]}") from e
 
 
 def make_model(cfg: Config, mode: str, num_classes: int | None, resume_config: dict | None = None):

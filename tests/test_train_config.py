@@ -84,6 +84,16 @@ def test_cli_class_count_disagrees_with_checkpoint(tmp_path):
     assert_one_line_error(proc, "checkpoint has 5 classes but the evaluation data has 3", out)
 
 
+def test_cli_stride_that_the_shards_phases_do_not_divide(tmp_path):
+    import pipeline_shards as ps
+
+    shards = ps.make_test_shards(tmp_path / "shards", [20] * 4, per_shard=2, phases=4)
+    out = tmp_path / "run"
+    proc = run_cli("pretrain", f"run.out_dir={out}", f"data.train={shards.directory}", "data.stride=2",
+                   "data.batch_size=2", cwd=tmp_path)
+    assert_one_line_error(proc, "shards stored in 4 stride phases need a data.stride that 4 divides, got 2", out)
+
+
 def test_small_dataset_and_bad_enums(tmp_path):
     with pytest.raises(train.ConfigError, match="fewer than one global batch"):
         train.check_config(train.load_config(None, SYNTHETIC + ["data.batch_size=16"]), "pretrain")
