@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.bench_pipeline import _cpu_name, expected_decoded_frames, frame_counts, make_bench_shards
+from bench.bench_pipeline import _cpu_name, expected_decoded_frames, frame_counts, make_bench_shards, shard_gop
 from shards import format as fmt
 
 
@@ -127,7 +127,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=3, help="alternating rounds; the ratio is the median")
     p.add_argument("--num-frames", type=int, default=16)
     p.add_argument("--stride", type=int, default=4)
-    p.add_argument("--gop", type=int, default=16, help="keyframe interval of both sets, for the frame estimate")
+    p.add_argument("--gop", type=int, default=16,
+                   help="keyframe interval of shards without a manifest, for the frame estimate")
     p.add_argument("--out", help="JSON results")
     args = p.parse_args(argv)
     if bool(args.shards) != bool(args.phase_shards):
@@ -144,8 +145,10 @@ def main(argv: list[str] | None = None) -> int:
     from pipeline.shardset import ShardSet
 
     phases = ShardSet(layouts["phases"]).phases
-    estimate = {"timeline": expected_decoded_frames(counts, args.num_frames, args.stride, args.gop),
-                "phases": expected_decoded_frames(counts, args.num_frames, args.stride, args.gop, phases)}
+    estimate = {"timeline": expected_decoded_frames(counts, args.num_frames, args.stride,
+                                                    shard_gop(args.shards, args.gop)),
+                "phases": expected_decoded_frames(counts, args.num_frames, args.stride,
+                                                  shard_gop(args.phase_shards, args.gop), phases)}
     from_start = {"timeline": decoded_from_start(counts, args.num_frames, args.stride),
                   "phases": decoded_from_start(counts, args.num_frames, args.stride, phases)}
     print(f"bench_decode: {len(counts)} videos, mean {np.mean(counts):.0f} frames, {phases} phases; {args.device} "

@@ -80,6 +80,14 @@ def frame_counts(tars: list[str]) -> list[int]:
     return counts
 
 
+def shard_gop(spec: str, default: int) -> int:
+    """The keyframe interval a shard directory was built with (its manifest), else `default`."""
+    try:
+        return int(fmt.read_manifest(spec)["params"]["gop"])
+    except (FileNotFoundError, NotADirectoryError, KeyError, ValueError, TypeError):
+        return default
+
+
 def expected_decoded_frames(counts: list[int], t: int, stride: int, gop: int, phases: int = 1) -> float:
     """Mean frames a sequential decoder decodes per clip: from the keyframe at or before the first sampled frame
     to the last sampled frame, averaged over the uniform start positions. In a video stored in `phases` phases
@@ -268,7 +276,7 @@ def main(argv: list[str] | None = None) -> int:
                         "--phases), in every comparison and decode-sweep run; 0: off")
     p.add_argument("--phase-shards", help="with --shards and --phases: the phase-ordered shards of the same videos")
     p.add_argument("--gop", type=int, default=16,
-                   help="keyframe interval of the shards, for the decoded-frames estimate")
+                   help="keyframe interval of shards without a manifest, for the decoded-frames estimate")
     p.add_argument("--synth-size", default="426x240", help="synthetic videos: WIDTHxHEIGHT before transcoding")
     p.add_argument("--synth-frames", type=int, default=250, help="synthetic videos: frames (10 s at 25 fps)")
     p.add_argument("--synth-per-class", type=int, default=8)
@@ -290,14 +298,15 @@ def main(argv: list[str] | None = None) -> int:
     tars = fmt.resolve_shards(args.shards) * args.shard_repeat
     counts = frame_counts(tars)
     layouts = {"timeline": tars}
-    args.decoded_per_clip = {"timeline": expected_decoded_frames(counts, args.num_frames, args.stride, args.gop)}
+    args.decoded_per_clip = {"timeline": expected_decoded_frames(counts, args.num_frames, args.stride,
+                                                                 shard_gop(args.shards, args.gop))}
     if args.phases:
         phase_tars = fmt.resolve_shards(args.phase_shards) * args.shard_repeat
         if sorted(frame_counts(phase_tars)) != sorted(counts):
             p.error(f"{args.phase_shards}: not the same videos as {args.shards} (frame counts differ)")
         layouts[f"phases{args.phases}"] = phase_tars
         args.decoded_per_clip[f"phases{args.phases}"] = expected_decoded_frames(
-            counts, args.num_frames, args.stride, args.gop, args.phases)
+            counts, args.num_frames, args.stride, shard_gop(args.phase_shards, args.gop), args.phases)
     per_clip = ", ".join(f"{v:.1f} ({k})" for k, v in args.decoded_per_clip.items())
     print(f"bench_pipeline: {len(counts)} videos in {len(tars)} shards, mean {np.mean(counts):.0f} frames; "
           f"~{per_clip} frames decoded per clip by a decoder that seeks to the keyframe before it (DALI 2.4's CPU "

@@ -33,7 +33,7 @@ from tqdm import tqdm
 from shards import format as fmt
 from shards.inputs import InputError, VideoInput, collect_inputs
 from shards.resume import BuildConflict, BuildState, inputs_digest
-from shards.transcode import CODECS, EncodeSettings, TranscodeResult, ffmpeg_version, transcode
+from shards.transcode import CODECS, PHASES_GOP, EncodeSettings, TranscodeResult, ffmpeg_version, transcode
 from shards.writer import ShardWriter, member_bytes
 
 MAX_PRINTED_FAILURES = 20
@@ -219,8 +219,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     enc.add_argument("--short-side", type=int, default=320,
                      help="scale so the short side has this many pixels (default 320)")
     enc.add_argument("--fps", type=float, default=None, help="output frame rate (default: the source's)")
-    enc.add_argument("--gop", type=int, default=16,
-                     help="keyframe interval in frames: bounds the frames decoded per seek (default 16)")
+    enc.add_argument("--gop", type=int, default=None,
+                     help="keyframe interval in frames (of each member with --phases): bounds the frames a seeking "
+                          "decoder decodes per clip (default 16; 64 with --phases: DALI 2.4's decoder does not "
+                          "seek, and fewer keyframes make phase members smaller and faster to decode)")
     enc.add_argument("--quality", type=int, default=None,
                      help="crf for vp9 (default 36) and h264 (default 23); q:v 2-31 for mjpeg (default 3)")
     enc.add_argument("--threads", type=int, default=1,
@@ -259,6 +261,8 @@ def build(args: argparse.Namespace) -> int:
     try:
         inputs = collect_inputs(csv_path=args.csv, list_path=args.list, folders=args.folders, root=args.root,
                                 split=args.split, classes_file=args.classes, all_rows=args.all_rows)
+        if args.gop is None:
+            args.gop = PHASES_GOP if args.phases > 1 else EncodeSettings.gop
         settings = EncodeSettings(codec=args.codec, short_side=args.short_side, fps=args.fps, gop=args.gop,
                                   quality=args.quality, threads=args.threads, min_frames=args.min_frames,
                                   timeout=args.timeout, tolerate_decode_errors=args.tolerate_decode_errors,
