@@ -53,7 +53,7 @@ def decode_pipeline(tars: list[str], phases: int, device: str, batch_size: int, 
             paths=tars, index_paths=[fmt.index_path_for(t) for t in tars], ext=[*exts, fmt.INFO_EXT],
             dtypes=[types.UINT8] * len(exts) + [types.INT32], random_shuffle=True, initial_fill=64, name="reader")
         frame_idx = train_frame_indices(dmath.max(info[0], 1), cfg, fn.random.uniform(range=[0.0, 1.0]))
-        mp4, positions = phase_member(members, frame_idx) if phases > 1 else (members[0], frame_idx)
+        mp4, positions = phase_member(members, frame_idx, phases) if phases > 1 else (members[0], frame_idx)
         video = fn.decoders.video(mp4, device="mixed" if device == "gpu" else "cpu", frames=positions)
         return video.shape()
 

@@ -18,8 +18,9 @@ Outputs of one batch of B samples (K = views per sample: num_repeats, or clips x
 Boxes are in source-frame pixels for pretrain/finetune and in short-side-resized pixels for eval.
 
 Videos stored in P stride phases (`shards.build --phases P`; P divides the stride) are P members per sample: the
-reader reads all of them, and the clip's frames, all of phase start % P, are decoded from that member at positions
-index // P (`phase_member`). Everything else sees timeline indices.
+reader reads all of them (eval, whose indices are stride multiples, only the first), and the clip's frames, all of
+phase start % P, are decoded from that member at positions index // P (`phase_member`). Everything else sees
+timeline indices.
 
 Plan: an external source feeds one int32 per sample per iteration (a whole-batch numpy array from the loader, the
 graph's only Python input; no per-sample callback). A sample planned -1 is skipped: the expensive branch (decode,
@@ -90,6 +91,8 @@ def _video_pipeline(cfg, paths, index_paths, device, shard_id, num_shards, plan_
 # ---------------------------------------------------------------------------------------------------------------
 def _graph(cfg, paths, index_paths, device, shard_id, num_shards, plan_source, phases):
     video_exts = fmt.video_exts(phases)
+    if cfg.mode == "eval":  # eval reads frames at multiples of the stride, which P divides: phase 0 only
+        video_exts = video_exts[:1]
     *members, info = fn.readers.webdataset(
         paths=paths, index_paths=index_paths, ext=[*video_exts, fmt.INFO_EXT],
         dtypes=[types.UINT8] * len(video_exts) + [types.INT32],
@@ -113,7 +116,7 @@ def _graph(cfg, paths, index_paths, device, shard_id, num_shards, plan_source, p
         frame_idx = train_frame_indices(num_frames, cfg, fn.random.uniform(range=[0.0, 1.0]))
         draws = _view_draws(cfg)
 
-    mp4, positions = phase_member(members, frame_idx) if phases > 1 else (members[0], frame_idx)
+    mp4, positions = phase_member(members, frame_idx, phases) if phases > 1 else (members[0], frame_idx)
     if skip:
         video, box, frames, mask = _placeholders(cfg, device)
     else:
@@ -162,15 +165,16 @@ def eval_frame_indices(num_frames, cfg: PipelineConfig):
     return fn.cast(fn.cat(*per_clip), dtype=types.INT32)
 
 
-def phase_member(members: list, frame_idx):
-    """(encoded video, int32 positions) of a clip in videos stored in P = len(members) phases: member
-    frame_idx[0] % P at frame_idx // P. All of a clip's frames share that phase when P divides the stride."""
-    phases = len(members)
-    phase = frame_idx[0] - phases * (frame_idx[0] // phases)
+def phase_member(members: list, frame_idx, phases: int):
+    """(encoded video, int32 positions) of a clip in videos stored in `phases` P phases: member frame_idx[0] % P
+    at frame_idx // P. All of a clip's frames share that phase when P divides the stride. `members`: the P members,
+    or only the first when every clip is known to be of phase 0 (eval)."""
     chosen = members[0]
-    for p in range(1, phases):  # per-sample selection, in the graph (DALI conditionals merge the branches)
-        if phase == p:
-            chosen = members[p]
+    if len(members) > 1:
+        phase = frame_idx[0] - phases * (frame_idx[0] // phases)
+        for p in range(1, phases):  # per-sample selection, in the graph (DALI conditionals merge the branches)
+            if phase == p:
+                chosen = members[p]
     return chosen, fn.cast(frame_idx // phases, dtype=types.INT32)
 
 
