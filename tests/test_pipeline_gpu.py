@@ -15,10 +15,10 @@ pytest.importorskip("imageio_ffmpeg")
 import pipeline_shards as ps  # noqa: E402
 from pipeline import build_loader  # noqa: E402
 
-def gpu_train_shards():
+def gpu_train_shards(phases: int = 1):
     """NVDEC decodes VP9 only from 128x128 up (H100: "Video is too small ... supported: 128x128")."""
-    return ps.cached("gpu_train", lambda d: ps.make_test_shards(d, ps.TRAIN_FRAME_COUNTS, height=128, width=160,
-                                                                per_shard=4))
+    return ps.cached(f"gpu_train_p{phases}", lambda d: ps.make_test_shards(
+        d, ps.TRAIN_FRAME_COUNTS, height=128, width=160, per_shard=4, phases=phases))
 
 
 def gpu_eval_shards():
@@ -56,6 +56,21 @@ def test_gpu_backend_reproduces_cpu_backend(mode, strategy):
         diff = (a["frames"].int() - b["frames"].cpu().int()).abs()
         assert diff.float().mean() < 1.0 and diff.max() <= 32
         assert (a["video"] - b["video"].cpu()).abs().mean() < ONE_LEVEL
+
+
+@pytest.mark.parametrize("strategy", ["nvdec", "hybrid"])
+def test_gpu_backend_reads_stride_phase_shards_like_the_cpu_backend(strategy):
+    """Shards in 4 stride phases: the member chosen per sample (DALI conditionals) feeds NVDEC and CPU groups."""
+    shards = gpu_train_shards(phases=4)
+    options = dict(num_repeats=2, seed=5, debug_outputs=True, **SMALL)
+    cpu = list(build_loader(shards.directory, "pretrain", 4, device="cpu", **options))
+    gpu = list(build_loader(shards.directory, "pretrain", 4, device="gpu", **options, **DECODE_STRATEGIES[strategy]))
+    assert len(cpu) == len(gpu) > 0
+    for a, b in zip(cpu, gpu):
+        for key in ("sample_id", "mask", "frame_idx", "box"):
+            assert torch.equal(a[key], b[key].cpu()), key
+        diff = (a["frames"].int() - b["frames"].cpu().int()).abs()
+        assert diff.float().mean() < 1.0 and diff.max() <= 32
 
 
 def test_gpu_decodes_h264_shards(tmp_path):
