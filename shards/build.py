@@ -85,7 +85,7 @@ def ordered_transcodes(items: list[VideoInput], settings: EncodeSettings, worker
 
 
 def sample_members(item: VideoInput, result: TranscodeResult, label: int, sample_id: int,
-                   codec: str, phases: int = 1) -> list[tuple[str, bytes]]:
+                   codec: str) -> list[tuple[str, bytes]]:
     """The tar members of one sample, in the order format.py lists them."""
     info = result.info
     meta = {
@@ -93,9 +93,9 @@ def sample_members(item: VideoInput, result: TranscodeResult, label: int, sample
         "fps": round(info.fps, 6), "num_frames": info.num_frames, "width": info.width, "height": info.height,
         "duration": round(info.duration, 6), "codec": codec, "sample_id": sample_id,
     }
-    if phases > 1:
-        meta["phases"] = phases
     videos = result.phase_data or [result.data]
+    if len(videos) > 1:
+        meta["phases"] = len(videos)
     return [
         *zip(fmt.video_exts(len(videos)), videos),
         (fmt.LABEL_EXT, str(label).encode()),
@@ -125,9 +125,8 @@ class ShardSink:
     """Groups transcoded samples into shards in plan order and records a resume marker per finished shard."""
 
     def __init__(self, state: BuildState, split: str, codec: str, classes_index, kept: list[dict],
-                 max_bytes: int | None, max_samples: int | None, phases: int = 1) -> None:
+                 max_bytes: int | None, max_samples: int | None) -> None:
         self.state, self.split, self.codec, self.label_of = state, split, codec, classes_index
-        self.phases = phases
         self.max_bytes, self.max_samples = max_bytes, max_samples
         self.markers = list(kept)
         self.next_sample_id = sum(m["num_samples"] for m in kept)
@@ -142,7 +141,7 @@ class ShardSink:
 
     def add_sample(self, position: int, item: VideoInput, result: TranscodeResult) -> None:
         label = self.label_of(item.label_name)
-        members = sample_members(item, result, label, self.next_sample_id, self.codec, self.phases)
+        members = sample_members(item, result, label, self.next_sample_id, self.codec)
         size = sum(member_bytes(len(data)) for _, data in members)
         if self.writer is not None and (
                 (self.max_samples and len(self.writer.keys) >= self.max_samples)
@@ -296,8 +295,7 @@ def build(args: argparse.Namespace) -> int:
         return 0
 
     sink = ShardSink(state, args.split, args.codec, inputs.label_index, resume.markers,
-                     int(args.shard_size_mb * 1e6) if args.shard_size_mb else None, args.samples_per_shard,
-                     phases=args.phases)
+                     int(args.shard_size_mb * 1e6) if args.shard_size_mb else None, args.samples_per_shard)
     start = sink.position
     if resume.markers:
         print(f"shards: resuming: keeping {len(resume.markers)} finished shard(s) "
