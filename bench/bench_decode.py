@@ -89,17 +89,6 @@ def seek_probe(tars: list[str], device: str, threads: int, batch_size: int, batc
     return rates
 
 
-def decoded_from_start(counts: list[int], t: int, stride: int, phases: int = 1) -> float:
-    """Mean frames decoded per clip by a decoder that always starts at its member's first frame: the position of
-    the clip's last frame in its member + 1, averaged over the uniform start positions."""
-    total = 0.0
-    for n in counts:
-        starts = np.arange(max(n - t * stride, 0) + 1)
-        last = starts + stride * np.minimum(t - 1, (n - 1 - starts) // stride)
-        total += float(np.mean(last // phases + 1))
-    return total / len(counts)
-
-
 def measure(pipe, warmup: int, batches: int, batch_size: int, num_frames: int) -> dict:
     for _ in range(warmup + 2):  # + the prefetch queue, filled during start-up
         pipe.run()
@@ -149,8 +138,8 @@ def main(argv: list[str] | None = None) -> int:
                                                     shard_gop(args.shards, args.gop)),
                 "phases": expected_decoded_frames(counts, args.num_frames, args.stride,
                                                   shard_gop(args.phase_shards, args.gop), phases)}
-    from_start = {"timeline": decoded_from_start(counts, args.num_frames, args.stride),
-                  "phases": decoded_from_start(counts, args.num_frames, args.stride, phases)}
+    from_start = {"timeline": expected_decoded_frames(counts, args.num_frames, args.stride, None),
+                  "phases": expected_decoded_frames(counts, args.num_frames, args.stride, None, phases)}
     print(f"bench_decode: {len(counts)} videos, mean {np.mean(counts):.0f} frames, {phases} phases; {args.device} "
           f"decoder, {args.threads} threads, batch {args.batch_size}. Frames decoded per clip, timeline vs phases: "
           f"~{estimate['timeline']:.1f} vs ~{estimate['phases']:.1f} seeking to the keyframe before the clip, "

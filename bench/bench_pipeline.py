@@ -88,16 +88,18 @@ def shard_gop(spec: str, default: int) -> int:
         return default
 
 
-def expected_decoded_frames(counts: list[int], t: int, stride: int, gop: int, phases: int = 1) -> float:
+def expected_decoded_frames(counts: list[int], t: int, stride: int, gop: int | None, phases: int = 1) -> float:
     """Mean frames a sequential decoder decodes per clip: from the keyframe at or before the first sampled frame
     to the last sampled frame, averaged over the uniform start positions. In a video stored in `phases` phases
-    (P dividing the stride) a clip runs through one phase, whose keyframes sit every `gop` frames from its start."""
+    (P dividing the stride) a clip runs through one phase, whose keyframes sit every `gop` frames from its start.
+    `gop=None`: a decoder that never seeks and starts every video (member) at its first frame."""
     total = 0.0
     for n in counts:
         starts = np.arange(max(n - t * stride, 0) + 1)
         last = starts + stride * np.minimum(t - 1, (n - 1 - starts) // stride)
         first_stored, last_stored = starts // phases, last // phases
-        total += float(np.mean(last_stored - first_stored // gop * gop + 1))
+        keyframe = first_stored // gop * gop if gop else 0
+        total += float(np.mean(last_stored - keyframe + 1))
     return total / len(counts)
 
 
