@@ -71,9 +71,6 @@ class LoaderStats:
     rebuilds: int = 0                 # pipelines rebuilt to recover from a failure
     fast_forwarded: int = 0           # batches replayed without decoding (resume, recovery)
 
-    def as_dict(self) -> dict:
-        return dict(self.__dict__)
-
 
 # Backends whose decoders must never see an empty batch. DALI 2.4's mixed (NVDEC) video decoder hands an empty
 # batch on with no dimensions, which the resize after it rejects ("The number of dimensions 0 does not match any of
