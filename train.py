@@ -229,12 +229,9 @@ def check_config(cfg: Config, mode: str) -> dict:
                 facts["manifest"] = shard_format.read_manifest(split)
             from pipeline.shardset import ShardSet
 
-            phases = ShardSet(split).phases
+            ShardSet(split).check_stride(d.stride)
         except (OSError, ValueError) as e:
             raise ConfigError(f"{split_key}: {str(e).splitlines()[0]}") from e
-        if d.stride % phases:
-            raise ConfigError(f"{split_key}: shards stored in {phases} stride phases need a data.stride that "
-                              f"{phases} divides, got {d.stride}")
         from pipeline import PipelineConfig
 
         known = {f.name for f in dataclasses.fields(PipelineConfig)}

@@ -163,10 +163,7 @@ class VideoLoader:
         self._expected_samples: int | None = None
 
         self.shards = ShardSet(shards)
-        if self.cfg.stride % self.shards.phases:
-            raise ValueError(f"{self.shards.tars[0]}: shards stored in {self.shards.phases} stride phases need a "
-                             f"stride that {self.shards.phases} divides, got stride={self.cfg.stride} (rebuild with "
-                             f"--phases dividing it, or 1)")
+        self.shards.check_stride(self.cfg.stride)
         decoders = self.cfg.decodes_on(device)
         if "cpu" in decoders:
             self.shards.check_cpu_decodable()

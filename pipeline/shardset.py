@@ -114,6 +114,12 @@ class ShardSet:
                              f"(rebuild one set with the other's --phases)")
         return next(iter(found), 1)
 
+    def check_stride(self, stride: int) -> None:
+        """Raise a one-line error when the clips' stride is not a multiple of the videos' stride phases."""
+        if stride % self.phases:
+            raise ValueError(f"{self.tars[0]}: shards stored in {self.phases} stride phases need a stride that "
+                             f"{self.phases} divides, got stride={stride} (rebuild with --phases dividing it, or 1)")
+
     # -- inspection --------------------------------------------------------------------------------------------
     def index(self, tar: str) -> tuple[str, list[IndexedSample]]:
         if tar not in self._index_cache:

@@ -91,7 +91,7 @@ def test_cli_stride_that_the_shards_phases_do_not_divide(tmp_path):
     out = tmp_path / "run"
     proc = run_cli("pretrain", f"run.out_dir={out}", f"data.train={shards.directory}", "data.stride=2",
                    "data.batch_size=2", cwd=tmp_path)
-    assert_one_line_error(proc, "shards stored in 4 stride phases need a data.stride that 4 divides, got 2", out)
+    assert_one_line_error(proc, "shards stored in 4 stride phases need a stride that 4 divides, got stride=2", out)
 
 
 def test_small_dataset_and_bad_enums(tmp_path):
