@@ -22,6 +22,13 @@ reader reads all of them (eval, whose indices are stride multiples, only the fir
 phase start % P, are decoded from that member at positions index // P (`phase_member`). Everything else sees
 timeline indices.
 
+Decoding (`decode_clip`): DALI 2.4's decoder decodes from the first byte it is handed and reopens the stream for a
+repeated frame index, so the decoder is asked for each distinct frame once, as one strided run (`start_frame`,
+`stride`, `sequence_length`), and repeats (edge padding of short videos, eval clips that overlap) are made after
+decoding (`fn.sequence_rearrange`). IVF members are first cut (`keyframe_cut`): the member's header, then its bytes
+from the last key frame at or before the run's first frame to the end of its last frame, found in the sample's
+cuts table (`shards.format`). A clip then costs its own frames plus its distance to that key frame.
+
 Plan: an external source feeds one int32 per sample per iteration (a whole-batch numpy array from the loader, the
 graph's only Python input; no per-sample callback). A sample planned -1 is skipped: the expensive branch (decode,
 resize, RandAugment, normalize, erase) is not run for it and small placeholders are emitted instead. Every random
@@ -48,6 +55,7 @@ from pipeline.config import PipelineConfig
 from pipeline.masking import tube_mask_from_scores, tube_mask_scores
 from shards import format as fmt
 
+IVF_HEADER = 32        # bytes of an IVF file header (shards.ivf)
 RRC_ATTEMPTS = 10      # torchvision/VideoMAE random resized crop: 10 attempts, then a central fallback
 ERASE_ATTEMPTS = 10    # timm RandomErasing: 10 attempts per frame
 ERASE_AREA = (0.02, 1 / 3)
@@ -70,40 +78,47 @@ def output_names(cfg: PipelineConfig) -> list[str]:
 
 def build_pipeline(cfg: PipelineConfig, paths: list[str], index_paths: list[str], *, batch_size: int, device: str,
                    device_id: int | None, shard_id: int, num_shards: int, seed: int, num_threads: int,
-                   prefetch_depth: int, plan_source: Callable[[], np.ndarray], phases: int = 1):
+                   prefetch_depth: int, plan_source: Callable[[], np.ndarray],
+                   layout: fmt.Layout = fmt.Layout(), cut: bool = True):
     """A DALI pipeline reading `paths` as shard `shard_id` of `num_shards` (one epoch's worth); `plan_source()`
-    returns int32[batch_size] per iteration (see the module docstring); `phases`: the shards' stride phases."""
+    returns int32[batch_size] per iteration (see the module docstring); `layout`: how the shards store videos;
+    `cut=False` hands IVF members to the decoder whole (for a decoder that cannot read cut ones)."""
     parallel = {}
     if device == "gpu" and cfg.decoder_groups > 1:  # let the decoder instances run at once, each on its stream
         parallel = dict(concurrency=OperatorConcurrency.FULL, stream_policy=StreamPolicy.PER_OPERATOR)
-    return _video_pipeline(cfg, paths, index_paths, device, shard_id, num_shards, plan_source, phases,
+    return _video_pipeline(cfg, paths, index_paths, device, shard_id, num_shards, plan_source, layout, cut,
                            batch_size=batch_size, num_threads=num_threads,
                            device_id=device_id if device == "gpu" else None, seed=seed,
                            prefetch_queue_depth=prefetch_depth, **parallel)
 
 
 @pipeline_def(enable_conditionals=True)
-def _video_pipeline(cfg, paths, index_paths, device, shard_id, num_shards, plan_source, phases):
+def _video_pipeline(cfg, paths, index_paths, device, shard_id, num_shards, plan_source, layout, cut):
     # module level, so that DALI's autograph converts this graph once per process, not once per pipeline
-    return _graph(cfg, paths, index_paths, device, shard_id, num_shards, plan_source, phases)
+    return _graph(cfg, paths, index_paths, device, shard_id, num_shards, plan_source, layout, cut)
 
 
 # ---------------------------------------------------------------------------------------------------------------
-def _graph(cfg, paths, index_paths, device, shard_id, num_shards, plan_source, phases):
-    video_exts = fmt.video_exts(phases)
+def _graph(cfg, paths, index_paths, device, shard_id, num_shards, plan_source, layout: fmt.Layout, cut: bool):
+    phases = layout.phases
+    video_exts = layout.video_exts
     if cfg.mode == "eval":  # eval reads frames at multiples of the stride, which P divides: phase 0 only
         video_exts = video_exts[:1]
+    table_exts = [fmt.CUTS_EXT] if layout.cuttable else []
     *members, info = fn.readers.webdataset(
-        paths=paths, index_paths=index_paths, ext=[*video_exts, fmt.INFO_EXT],
-        dtypes=[types.UINT8] * len(video_exts) + [types.INT32],
+        paths=paths, index_paths=index_paths, ext=[*video_exts, *table_exts, fmt.INFO_EXT],
+        dtypes=[types.UINT8] * len(video_exts) + [types.INT32] * len(table_exts) + [types.INT32],
         missing_component_behavior="skip", random_shuffle=cfg.shuffle, initial_fill=cfg.shuffle_buffer,
         dont_use_mmap=not cfg.use_mmap,
         shard_id=shard_id, num_shards=num_shards, stick_to_shard=True, pad_last_batch=True,
         name="reader")
+    cuts = cut_rows(members.pop()) if layout.cuttable else None
     plan = fn.external_source(source=plan_source, batch=True, dtype=types.INT32, ndim=0, name="plan")
     skip = plan < 0
     source = fn.get_property(members[0], key="source_info")
     num_frames = dmath.max(info[0], 1)
+    if cuts is not None:  # never past the frames actually stored, whatever the info member claims
+        num_frames = dmath.max(dmath.min(num_frames, stored_frames(cuts)), 1)
     k = cfg.views_per_sample
     per_view = types.Constant(np.ones(k, dtype=np.int64))
     sample_id = fn.cast(info[2], dtype=types.INT64) * per_view
@@ -116,11 +131,14 @@ def _graph(cfg, paths, index_paths, device, shard_id, num_shards, plan_source, p
         frame_idx = train_frame_indices(num_frames, cfg, fn.random.uniform(range=[0.0, 1.0]))
         draws = _view_draws(cfg)
 
-    mp4, positions = phase_member(members, frame_idx, phases) if phases > 1 else (members[0], frame_idx)
+    member, phase = phase_member(members, frame_idx, phases)
+    run = frame_run(frame_idx, phases, cfg.stride)
     if skip:
         video, box, frames, mask = _placeholders(cfg, device)
     else:
-        video, box, frames, mask = _decode_and_augment(mp4, positions, plan, draws, cfg, device)
+        encoded, run = (keyframe_cut(member, cuts, phase, run) if cuts is not None and cut
+                        else (member, run))
+        video, box, frames, mask = _decode_and_augment(encoded, run, plan, draws, cfg, device)
 
     outputs = {"video": video, "sample_id": _to(sample_id, device), "label": _to(label, device),
                "frame_idx": frame_idx, "box": box, "source": source, "frames": frames, "mask": mask}
@@ -137,6 +155,10 @@ def _const(array, device):
 
 def _int(value: int):
     return types.Constant(np.int32(value))
+
+
+def _arange(n: int):
+    return types.Constant(np.arange(n, dtype=np.int32))
 
 
 # -- temporal sampling ------------------------------------------------------------------------------------------
@@ -166,16 +188,87 @@ def eval_frame_indices(num_frames, cfg: PipelineConfig):
 
 
 def phase_member(members: list, frame_idx, phases: int):
-    """(encoded video, int32 positions) of a clip in videos stored in `phases` P phases: member frame_idx[0] % P
-    at frame_idx // P. All of a clip's frames share that phase when P divides the stride. `members`: the P members,
-    or only the first when every clip is known to be of phase 0 (eval)."""
+    """(encoded video, int32 phase) of a clip in videos stored in `phases` P phases: member frame_idx[0] % P. All
+    of a clip's frames share that phase when P divides the stride. `members`: the P members, or only the first when
+    every clip is known to be of phase 0 (eval)."""
+    if len(members) == 1:
+        return members[0], _int(0)
     chosen = members[0]
-    if len(members) > 1:
-        phase = frame_idx[0] - phases * (frame_idx[0] // phases)
-        for p in range(1, phases):  # per-sample selection, in the graph (DALI conditionals merge the branches)
-            if phase == p:
-                chosen = members[p]
-    return chosen, fn.cast(frame_idx // phases, dtype=types.INT32)
+    phase = frame_idx[0] - phases * (frame_idx[0] // phases)
+    for p in range(1, phases):  # per-sample selection, in the graph (DALI conditionals merge the branches)
+        if phase == p:
+            chosen = members[p]
+    return chosen, phase
+
+
+class FrameRun:
+    """The frames a clip needs from its member, as one strided run without repeats: frames first, first + step,
+    ..., first + (count - 1) * step of the member, and `order` (int32[L]): output frame i is run frame order[i]."""
+
+    def __init__(self, first, step: int, count, order):
+        self.first, self.step, self.count, self.order = first, step, count, order
+
+    def moved(self, by) -> "FrameRun":
+        """The same run in a stream that starts `by` frames later into the member (a keyframe cut)."""
+        return FrameRun(self.first - by, self.step, self.count, self.order)
+
+
+def frame_run(frame_idx, phases: int, stride: int) -> FrameRun:
+    """The run of member frames behind timeline indices `frame_idx` (int32[L], non-decreasing per clip, all on the
+    grid of `stride` from the first, all of one phase): positions frame_idx // P, step stride // P."""
+    positions = fn.cast(frame_idx // phases, dtype=types.INT32)
+    step = stride // phases
+    first = fn.reductions.min(positions)
+    count = (fn.reductions.max(positions) - first) // step + 1
+    return FrameRun(first, step, count, (positions - first) // step)
+
+
+def cut_rows(cuts):
+    """The cuts table (int32 1-D, see shards.format) as int32[rows, 4]: member, frame, offset, kind."""
+    return fn.reshape(cuts, shape=[-1, len(fmt.CUT_COLUMNS)])
+
+
+def stored_frames(rows):
+    """Frames stored in all the sample's members: the sum of the end rows' frame counts."""
+    frame, kind = rows[:, 1], rows[:, 3]
+    return fn.reductions.sum(fn.cast(kind == fmt.CUT_END, dtype=types.INT32) * frame)
+
+
+def keyframe_cut(member, rows, phase, run: FrameRun):
+    """(the IVF stream of `member` from the last key frame at or before the run's first frame to the end of its
+    last frame, the run in that stream). All from the cuts table rows of member `phase`, by masked reductions: the
+    key frame is the largest key frame number <= first (offsets grow with frame numbers, so its offset is the
+    largest among them too); the end is the offset of frame last + 1 (the member's end row for its last frame)."""
+    member_no, frame, offset, kind = (rows[:, i] for i in range(len(fmt.CUT_COLUMNS)))
+    mine = member_no == phase
+    before = fn.cast(mine & (kind == fmt.CUT_KEY) & (frame <= run.first), dtype=types.INT32)
+    key, start = fn.reductions.max(before * frame), fn.reductions.max(before * offset)
+    last = run.first + (run.count - 1) * run.step
+    end = fn.reductions.max(fn.cast(mine & (frame == last + 1), dtype=types.INT32) * offset)
+    body = fn.slice(member, fn.stack(start), fn.stack(end - start), axes=[0])
+    return fn.cat(member[0:IVF_HEADER], body), run.moved(key)
+
+
+def build_probe(layout: fmt.Layout, stride: int, device: str, device_id: int | None, cut: bool = True):
+    """A one-sample pipeline that decodes a clip exactly as the training graph does, from inputs fed by name:
+    "video" (uint8[bytes] of the clip's member), "frame_idx" (int32[L] timeline indices) and, in IVF layouts,
+    "cuts" (int32[rows * 4]). Outputs the frames the decoder produced (uint8[count, H, W, 3], each distinct frame
+    once) and the clip (uint8[L, H, W, 3], in frame_idx order). Used to find corrupt samples and to check what a
+    decoder reads."""
+    @pipeline_def(batch_size=1, num_threads=1, prefetch_queue_depth=1, enable_conditionals=False,
+                  device_id=device_id if device == "gpu" else None)
+    def probe():
+        member = fn.external_source(name="video", dtype=types.UINT8, ndim=1)
+        frame_idx = fn.external_source(name="frame_idx", dtype=types.INT32, ndim=1)
+        phase = frame_idx[0] - layout.phases * (frame_idx[0] // layout.phases)
+        run = frame_run(frame_idx, layout.phases, stride)
+        if layout.cuttable and cut:
+            rows = cut_rows(fn.external_source(name="cuts", dtype=types.INT32, ndim=1))
+            member, run = keyframe_cut(member, rows, phase, run)
+        video = decode_run(member, run, "mixed" if device == "gpu" else "cpu")
+        return video, fn.sequence_rearrange(video, new_order=run.order)
+
+    return probe()
 
 
 # -- random draws (outside the conditional branch) --------------------------------------------------------------
@@ -237,26 +330,45 @@ def _placeholders(cfg: PipelineConfig, device: str):
     return _to(video, device), box, _to(frames, device), _to(mask, device)
 
 
-def _decode(mp4, frame_idx, group, low: int, high: int, cfg: PipelineConfig, device: str):
+def decode_run(encoded, run: FrameRun, decoder: str):
+    """uint8[count, H, W, 3]: the run's frames, each decoded once. `decoder`: "cpu" or "mixed" (NVDEC). Past the
+    stream's end (a stream shorter than its sample claims) the last frame repeats instead of black frames."""
+    return fn.decoders.video(encoded, device=decoder, start_frame=run.first, stride=run.step,
+                             sequence_length=run.count, pad_mode="edge")
+
+
+def repeat_frames(video, run: FrameRun, length: int):
+    """uint8[length, H, W, 3]: the decoded run in the clip's frame order (repeats for edge padding and overlapping
+    eval clips); the decoded run itself where it already is that order."""
+    in_order = fn.reductions.min(fn.cast(run.order == _arange(length), dtype=types.INT32)) == 1
+    if in_order:  # the common case in training (a long video): nothing to reorder
+        ordered = video
+    else:
+        ordered = fn.sequence_rearrange(video, new_order=run.order)
+    return ordered
+
+
+def _decode(encoded, run: FrameRun, group, low: int, high: int, cfg: PipelineConfig, device: str):
     """Decode with one decoder instance per group in [low, high): the batch is split by `group` in a binary tree
     of conditionals, so that several decoder sessions can work at once. On the GPU backend, groups below
     `cpu_decoder_groups` decode on the pipeline's CPU threads and move their frames to the GPU (hybrid)."""
     if high - low == 1:
         if device != "gpu":
-            return fn.decoders.video(mp4, device="cpu", frames=frame_idx)
+            return decode_run(encoded, run, "cpu")
         if low < cfg.cpu_decoder_groups:
-            return fn.decoders.video(mp4, device="cpu", frames=frame_idx).gpu()
-        return fn.decoders.video(mp4, device="mixed", frames=frame_idx)
+            return decode_run(encoded, run, "cpu").gpu()
+        return decode_run(encoded, run, "mixed")
     middle = (low + high) // 2
     if group < middle:
-        video = _decode(mp4, frame_idx, group, low, middle, cfg, device)
+        video = _decode(encoded, run, group, low, middle, cfg, device)
     else:
-        video = _decode(mp4, frame_idx, group, middle, high, cfg, device)
+        video = _decode(encoded, run, group, middle, high, cfg, device)
     return video
 
 
-def _decode_and_augment(mp4, frame_idx, group, draws, cfg: PipelineConfig, device: str):
-    video = _decode(mp4, frame_idx, group, 0, cfg.decoder_groups, cfg, device)
+def _decode_and_augment(encoded, run: FrameRun, group, draws, cfg: PipelineConfig, device: str):
+    length = cfg.num_frames * (cfg.eval_clips if cfg.mode == "eval" else 1)
+    video = repeat_frames(_decode(encoded, run, group, 0, cfg.decoder_groups, cfg, device), run, length)
     shape = video.shape()
     height, width = fn.cast(shape[1], dtype=types.INT32), fn.cast(shape[2], dtype=types.INT32)
     if cfg.mode == "eval":

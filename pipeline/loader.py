@@ -43,6 +43,7 @@ K uint8 views (1/4 of the output size) and DALI's own operator outputs.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import gc
 import logging
 import os
@@ -56,6 +57,7 @@ import torch
 from pipeline import graph
 from pipeline.config import PipelineConfig
 from pipeline.shardset import ShardSet, split_source
+from shards import format as fmt
 
 log = logging.getLogger("pipeline")
 STATE_FORMAT = "videomae-pipeline/1"
@@ -77,6 +79,8 @@ class LoaderStats:
 # the allowed layouts"; seen on an H100, 2026-11-25), so a skipped iteration there still decodes one sample per
 # decoder instance.
 NEVER_EMPTY_DEVICES = frozenset({"gpu"})
+# (device id, first tar) -> how IVF members reach NVDEC ("cut", "whole" or "cpu") and why, probed once per process
+_NVDEC_INPUT: dict[tuple, tuple[str, str]] = {}
 
 
 class _DecodePlan:
@@ -169,6 +173,9 @@ class VideoLoader:
             self.shards.check_cpu_decodable()
         if "mixed" in decoders:
             self.shards.check_gpu_decodable()
+        self.cut = True  # IVF members are cut at a key frame before decoding (see _choose_nvdec_input)
+        if "mixed" in decoders and self.shards.layout.cuttable:
+            self._choose_nvdec_input()
         self.epoch, position = 0, 0
         if state is not None:
             self.epoch, position = self._restore(state)
@@ -324,7 +331,7 @@ class VideoLoader:
             batch_size=self.batch_size, device=device, device_id=None if inspecting else self.device_id,
             shard_id=self.rank,
             num_shards=self.world_size, seed=self._epoch_seed(epoch), num_threads=self.num_threads,
-            prefetch_depth=self.prefetch_depth, plan_source=schedule, phases=self.shards.phases)
+            prefetch_depth=self.prefetch_depth, plan_source=schedule, layout=self.shards.layout)
         pipe.build()
         n = pipe.reader_meta("reader")["epoch_size"]
         if self.num_samples < 0:
@@ -381,7 +388,7 @@ class VideoLoader:
         self._run = self._open(epoch, position)
 
     def _find_failing_samples(self, run: _EpochRun) -> list[str]:
-        """Re-read the failing batch without decoding, then decode each of its videos alone."""
+        """Re-read the failing batch without decoding, then decode each of its clips alone."""
         inspect = self._open(run.epoch, run.position, inspect_batch=run.position)
         outputs = dict(zip(self._names, inspect.pipe.outputs()))
         del inspect
@@ -391,41 +398,93 @@ class VideoLoader:
             source = bytes(np.array(outputs["source"][i])).decode()
             frames = np.array(outputs["frame_idx"][i]).astype(np.int32)
             tar, member = split_source(source)
-            clip = self._clip_member(tar, member, frames)
-            if clip is None or not self._decodes(self.shards.read_member(tar, clip[0], clip[1]), clip[2]):
+            if not self._decodes(tar, member, frames):
                 failing.append(source)
         return failing
 
-    def _clip_member(self, tar: str, member: str, frames: np.ndarray) -> tuple[int, int, np.ndarray] | None:
-        """(offset, size, positions) of the video member a clip of timeline `frames` is decoded from, in the
-        sample whose first video member is `member` (with P phases: member frames[0] % P at frames // P)."""
-        phases = self.shards.phases
-        for sample in self.shards.index(tar)[1]:
-            first = sample.components.get(self.shards.video_exts[0])
-            if first is not None and first[2] == member:
-                chosen = sample.components.get(self.shards.video_exts[int(frames[0]) % phases])
-                return None if chosen is None else (chosen[0], chosen[1], frames // phases)
-        return None
-
-    def _decodes(self, mp4: bytes, frames: np.ndarray) -> bool:
-        from nvidia.dali import fn, pipeline_def, types
-
-        @pipeline_def(batch_size=1, num_threads=1, prefetch_queue_depth=1,
-                      device_id=self.device_id if self.device == "gpu" else None)
-        def probe():
-            video = fn.external_source(name="mp4", dtype=types.UINT8, ndim=1)
-            idx = fn.external_source(name="idx", dtype=types.INT32, ndim=1)
-            return fn.decoders.video(video, device="mixed" if self.device == "gpu" else "cpu", frames=idx)
-
-        pipe = probe()
+    def _decodes(self, tar: str, member: str, frames: np.ndarray) -> bool:
+        """Whether the clip of timeline `frames` of the sample whose first video member is `member` decodes, the
+        way the graph decodes it (member frames[0] % P, keyframe cut in IVF layouts)."""
+        shards = self.shards
+        sample = next((s for s in shards.index(tar)[1]
+                       if s.components.get(shards.video_exts[0], (0, 0, None))[2] == member), None)
+        video = sample and sample.components.get(shards.video_exts[int(frames[0]) % shards.phases])
+        cuts = sample and sample.components.get(fmt.CUTS_EXT)
+        if video is None or video[1] == 0 or (shards.layout.cuttable and cuts is None):
+            return False
+        inputs = {"video": [np.frombuffer(shards.read_member(tar, video[0], video[1]), dtype=np.uint8)],
+                  "frame_idx": [frames]}
+        if shards.layout.cuttable:
+            table = shards.read_member(tar, cuts[0], cuts[1])
+            if not table or len(table) % 4:
+                return False
+            inputs["cuts"] = [np.frombuffer(table, dtype="<i4")]
+        pipe = graph.build_probe(shards.layout, self.cfg.stride, self.device, self.device_id, cut=self.cut)
         try:
             pipe.build()
-            pipe.run(mp4=[np.frombuffer(mp4, dtype=np.uint8)], idx=[frames])
-            return len(mp4) > 0
+            pipe.run(**inputs)
+            return True
         except RuntimeError:
             return False
         finally:
             del pipe
+
+    def _choose_nvdec_input(self) -> None:
+        """What NVDEC gets from IVF shards, decided once per process and device by decoding one real clip on both
+        backends: cut members (the design), else whole members (decoded from their start), else nothing (CPU
+        threads decode, the GPU augments). Each fallback is said in one log line."""
+        key = (self.device_id, self.shards.tars[0])
+        if key not in _NVDEC_INPUT:
+            _NVDEC_INPUT[key] = self._probe_nvdec()
+        choice, why = _NVDEC_INPUT[key]
+        if choice == "whole":
+            self.cut = False
+            log.warning("pipeline: NVDEC does not read IVF members cut at a key frame (%s); handing them to it whole "
+                        "(each clip decoded from its member's start)", why)
+        elif choice == "cpu":
+            self.cfg = dataclasses.replace(self.cfg, cpu_decoder_groups=self.cfg.decoder_groups)
+            log.warning("pipeline: NVDEC cannot read these IVF shards (%s); decoding them on CPU threads and "
+                        "augmenting on the GPU (rebuild with --container mp4 to decode on NVDEC)", why)
+
+    def _probe_nvdec(self) -> tuple[str, str]:
+        """("cut" | "whole" | "cpu", the reason for a fallback): one clip of the first sample, from its second key
+        frame on where it has one, decoded by NVDEC and by the CPU decoder, must agree."""
+        shards, stride = self.shards, self.cfg.stride
+        tar = shards.tars[0]
+        sample = shards.index(tar)[1][0]
+        video = shards.read_member(tar, *sample.components[shards.video_exts[0]][:2])
+        cuts = shards.read_member(tar, *sample.components[fmt.CUTS_EXT][:2])
+        rows = fmt.unpack_cuts(cuts)
+        member0 = rows[rows[:, 0] == 0]
+        keys = member0[member0[:, 3] == fmt.CUT_KEY, 1]
+        length = int(member0[member0[:, 3] == fmt.CUT_END, 1][0])
+        first = int(keys[1]) if len(keys) > 1 else 0
+        step = stride // shards.phases
+        frames = np.array([shards.phases * min(first + j * step, length - 1) for j in range(4)], dtype=np.int32)
+        inputs = {"video": [np.frombuffer(video, dtype=np.uint8)], "frame_idx": [frames],
+                  "cuts": [np.frombuffer(cuts, dtype="<i4")]}
+
+        def decoded(device: str, cut: bool) -> np.ndarray:
+            pipe = graph.build_probe(shards.layout, stride, device, self.device_id, cut=cut)
+            try:
+                pipe.build()
+                _, clip = pipe.run(**inputs)
+                return np.array(clip.as_cpu()[0]).astype(np.int16)
+            finally:
+                del pipe
+
+        reference = decoded("cpu", True)
+        why = "?"
+        for choice, cut in (("cut", True), ("whole", False)):
+            try:
+                frames_gpu = decoded("gpu", cut)
+            except RuntimeError as e:
+                why = _error_reason(e)
+                continue
+            if frames_gpu.shape == reference.shape and np.abs(frames_gpu - reference).mean() < 2.0:
+                return choice, why
+            why = f"its frames differ from the CPU decoder's (shape {frames_gpu.shape} vs {reference.shape})"
+        return "cpu", why
 
     # -- state ---------------------------------------------------------------------------------------------------
     def state_dict(self) -> dict:

@@ -22,6 +22,7 @@ from typing import Sequence
 import numpy as np
 
 from shards import format as fmt
+from shards import ivf
 
 CPU_DECODABLE = {"vp8", "vp9", "mjpeg"}
 _FOURCC_CODECS = {
@@ -61,7 +62,10 @@ def read_index(index_path: str) -> tuple[str, list[IndexedSample]]:
 
 
 def sniff_codec(mp4: bytes) -> str | None:
-    """The codec of the first video track of an mp4, read from its sample description ('stsd' box)."""
+    """The codec of an IVF file (its header's fourcc) or of the first video track of an mp4 (its sample
+    description, 'stsd' box)."""
+    if mp4[:4] == b"DKIF":
+        return ivf.FOURCC_CODECS.get(mp4[8:12])
     pos = mp4.find(b"stsd")  # then version+flags, entry count, and the first entry's size and fourcc
     if pos < 0 or pos + 20 > len(mp4):
         return None
@@ -95,24 +99,28 @@ class ShardSet:
         self._index_cache: dict[str, tuple[str, list[IndexedSample]]] = {}
         self.blocked: dict[str, str] = {}        # "tar:member" -> reason
         self._patch_dir: str | None = None
-        self.phases = self._phases()
-        self.video_exts = fmt.video_exts(self.phases)  # the first names the sample (source, codec, blocking)
+        self.layout = self._layout()
+        self.phases = self.layout.phases
+        self.video_exts = self.layout.video_exts  # the first names the sample (source, codec, blocking)
+        # the members a decode reads: the videos and, in IVF layouts, their cuts table
+        self.decode_exts = self.video_exts + ([fmt.CUTS_EXT] if self.layout.cuttable else [])
 
-    def _phases(self) -> int:
-        """Phases of the videos (shards.format), the same in every tar: read from each tar's first sample."""
-        found: dict[int, str] = {}
+    def _layout(self) -> fmt.Layout:
+        """How the videos are stored (shards.format), the same in every tar: read from each tar's first sample."""
+        found: dict[fmt.Layout, str] = {}
         for tar in self.tars:
             samples = self.index(tar)[1]
             if samples:
                 try:
-                    found.setdefault(fmt.phases_of(samples[0].components), tar)
+                    found.setdefault(fmt.layout_of(samples[0].components), tar)
                 except ValueError as e:
                     raise ValueError(f"{tar}: {e}") from None
         if len(found) > 1:
-            (p1, t1), (p2, t2) = sorted(found.items())[:2]
-            raise ValueError(f"{t1} stores videos in {p1} phase(s), {t2} in {p2}: one loader reads one layout "
-                             f"(rebuild one set with the other's --phases)")
-        return next(iter(found), 1)
+            (l1, t1), (l2, t2) = sorted(found.items(), key=lambda item: (item[0].phases, item[0].container))[:2]
+            raise ValueError(f"{t1} stores videos in {l1.phases} phase(s) of {l1.container}, {t2} in {l2.phases} of "
+                             f"{l2.container}: one loader reads one layout (rebuild one set with the other's "
+                             f"--phases and --container)")
+        return next(iter(found), fmt.Layout())
 
     def check_stride(self, stride: int) -> None:
         """Raise a one-line error when the clips' stride is not a multiple of the videos' stride phases."""
@@ -175,20 +183,25 @@ class ShardSet:
             return f.read(size)
 
     def structural_problems(self) -> dict[str, str]:
-        """Samples whose index entry cannot be valid (empty video, info of the wrong size): "tar:member" -> reason."""
+        """Samples whose index entry cannot be valid (empty video, info or cuts table of the wrong size):
+        "tar:member" -> reason."""
         problems = {}
         info_size = 4 * len(fmt.INFO_FIELDS)
+        row_size = 4 * len(fmt.CUT_COLUMNS)
         for tar in self.tars:
             for sample in self.index(tar)[1]:
                 videos = [sample.components.get(ext) for ext in self.video_exts]
                 info = sample.components.get(fmt.INFO_EXT)
-                if None in videos or info is None:
+                cuts = sample.components.get(fmt.CUTS_EXT) if self.layout.cuttable else (0, row_size, "")
+                if None in videos or info is None or cuts is None:
                     continue  # DALI skips samples with a missing component (missing_component_behavior="skip")
                 video = videos[0]
                 if any(v[1] == 0 for v in videos):
                     problems[f"{tar}:{video[2]}"] = "empty video member"
                 elif info[1] != info_size:
                     problems[f"{tar}:{video[2]}"] = f"info member of {info[1]} bytes, expected {info_size}"
+                elif cuts[1] == 0 or cuts[1] % row_size:
+                    problems[f"{tar}:{video[2]}"] = f"cuts table of {cuts[1]} bytes, not whole rows"
         return problems
 
     # -- epoch order -------------------------------------------------------------------------------------------
@@ -259,7 +272,7 @@ class ShardSet:
                 if bad[i]:
                     donor = _nearest_good(i, bad)
                     if keep_own_info and fmt.INFO_EXT in comps:
-                        for ext in self.video_exts:
+                        for ext in self.decode_exts:
                             comps[ext] = samples[donor].components[ext]
                     else:
                         comps = dict(samples[donor].components)

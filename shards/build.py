@@ -33,7 +33,7 @@ from tqdm import tqdm
 from shards import format as fmt
 from shards.inputs import InputError, VideoInput, collect_inputs
 from shards.resume import BuildConflict, BuildState, inputs_digest
-from shards.transcode import CODECS, PHASES_GOP, EncodeSettings, TranscodeResult, ffmpeg_version, transcode
+from shards.transcode import CODECS, EncodeSettings, TranscodeResult, default_gop, ffmpeg_version, transcode
 from shards.writer import ShardWriter, member_bytes
 
 MAX_PRINTED_FAILURES = 20
@@ -93,11 +93,13 @@ def sample_members(item: VideoInput, result: TranscodeResult, label: int, sample
         "fps": round(info.fps, 6), "num_frames": info.num_frames, "width": info.width, "height": info.height,
         "duration": round(info.duration, 6), "codec": codec, "sample_id": sample_id,
     }
-    videos = result.phase_data or [result.data]
+    videos = result.videos
     if len(videos) > 1:
         meta["phases"] = len(videos)
+    container = fmt.IVF_EXT if result.cuts is not None else fmt.VIDEO_EXT
     return [
-        *zip(fmt.video_exts(len(videos)), videos),
+        *zip(fmt.video_exts(len(videos), container), videos),
+        *([(fmt.CUTS_EXT, result.cuts)] if result.cuts is not None else []),
         (fmt.LABEL_EXT, str(label).encode()),
         (fmt.META_EXT, json.dumps(meta, sort_keys=True, separators=(",", ":")).encode()),
         (fmt.INFO_EXT, fmt.pack_info(info.num_frames, label, sample_id)),
@@ -218,10 +220,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     enc.add_argument("--short-side", type=int, default=320,
                      help="scale so the short side has this many pixels (default 320)")
     enc.add_argument("--fps", type=float, default=None, help="output frame rate (default: the source's)")
+    enc.add_argument("--container", choices=fmt.CONTAINERS, default=None,
+                     help="ivf: VP9 members the pipeline cuts at the key frame before each clip, so a clip decodes "
+                          "~gop/2 frames more than its own (default for vp9); mp4: decoded from each member's "
+                          "start (h264, mjpeg; vp9 for comparison or older readers)")
     enc.add_argument("--gop", type=int, default=None,
-                     help="keyframe interval in frames (of each member with --phases): bounds the frames a seeking "
-                          "decoder decodes per clip (default 16; 64 with --phases: DALI 2.4's decoder does not "
-                          "seek, and fewer keyframes make phase members smaller and faster to decode)")
+                     help="keyframe interval in frames (of each member with --phases). Default: ivf 32, or 16 with "
+                          "--phases (a clip decodes ~gop/2 extra frames); mp4 16, or 64 with --phases (DALI 2.4 "
+                          "decodes mp4 members from their start, so fewer key frames only save bytes)")
     enc.add_argument("--quality", type=int, default=None,
                      help="crf for vp9 (default 36) and h264 (default 23); q:v 2-31 for mjpeg (default 3)")
     enc.add_argument("--threads", type=int, default=1,
@@ -260,12 +266,14 @@ def build(args: argparse.Namespace) -> int:
     try:
         inputs = collect_inputs(csv_path=args.csv, list_path=args.list, folders=args.folders, root=args.root,
                                 split=args.split, classes_file=args.classes, all_rows=args.all_rows)
+        if args.container is None:
+            args.container = EncodeSettings(codec=args.codec).effective_container
         if args.gop is None:
-            args.gop = PHASES_GOP if args.phases > 1 else EncodeSettings.gop
+            args.gop = default_gop(args.container, args.phases)
         settings = EncodeSettings(codec=args.codec, short_side=args.short_side, fps=args.fps, gop=args.gop,
                                   quality=args.quality, threads=args.threads, min_frames=args.min_frames,
                                   timeout=args.timeout, tolerate_decode_errors=args.tolerate_decode_errors,
-                                  phases=args.phases)
+                                  phases=args.phases, container=args.container)
     except (InputError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
@@ -370,7 +378,7 @@ def build(args: argparse.Namespace) -> int:
     elapsed = time.perf_counter() - started
     total_bytes = sum(m["bytes"] for m in sink.markers)
     done_now = run_ok + run_failed
-    layout = f", {args.phases} phases" if args.phases > 1 else ""
+    layout = f" in {args.container}" + (f", {args.phases} phases" if args.phases > 1 else "")
     print(f"shards: {args.split}: {num_samples} samples in {len(sink.markers)} shards "
           f"({_format_bytes(total_bytes)}, {args.codec}{layout}), {len(failures)} skipped "
           f"(see {fmt.FAILURES_NAME}); this run: {done_now} videos in {elapsed:.1f} s = "

@@ -9,21 +9,33 @@ A build writes one split into one directory::
 
 Each sample is a group of tar members sharing a key (no dots, unique within the split):
 
-    KEY.mp4    the transcoded video (codec named in the manifest; VP9 by default); or, in a build with
-               `--phases P`, KEY.p0.mp4 ... KEY.p{P-1}.mp4 instead (see below)
+    KEY.ivf    the transcoded video: VP9 in IVF (the default; see "Keyframe cuts"), or KEY.mp4 (H.264, MJPEG, or
+               VP9 built with `--container mp4`); in a build with `--phases P`, KEY.p0.ivf ... KEY.p{P-1}.ivf
+               (or .mp4) instead (see "Stride phases")
+    KEY.cuts   IVF layouts only: the cut table, int32 little-endian rows (member, frame, byte offset, kind), one
+               row per frame of every video member in member order (kind 1: key frame, 0: other frame; offset: the
+               frame's 12-byte IVF header), then per member one end row (member, frame count, member size, -1)
     KEY.cls    label index as ASCII decimal; -1 when the input had no label
     KEY.json   {"key", "source", "label", "label_name", "fps", "num_frames", "width", "height", "duration",
-                "codec", "sample_id"}
+                "codec", "sample_id"} (+ "phases" when P > 1)
     KEY.info   12 bytes, little-endian int32 [num_frames, label, sample_id]: fixed-size numbers that the DALI
                graph reads directly (dtype INT32) to choose frame indices and emit labels and ids without any
                Python callback.
 
 Stride phases (`--phases P`): VideoMAE reads every stride-th frame (4). A decoder must decode the frames in between,
-and DALI's (2.4) decodes every video from its first frame, so a clip costs the position of its last frame in the
-stream: ~150 decoded frames per clip on 10 s videos. A build with P phases stores frames p, p+P, p+2P, ... of the
-video as member `KEY.p{p}.mp4`, each encoded on its own: with P dividing the stride a clip is 16 consecutive frames
-of one member, starting at most n/P frames into it. Frame indices everywhere (`num_frames`, the pipeline's
-`frame_idx`) stay indices of the video's timeline; timeline frame i is frame i // P of member `p{i % P}`.
+and DALI's (2.4) decodes every video from the first byte it is handed, so a clip costs the position of its last
+frame in the stream: ~150 decoded frames per clip on 10 s videos. A build with P phases stores frames p, p+P, p+2P,
+... of the video as member `KEY.p{p}.*`, each encoded on its own: with P dividing the stride a clip is 16
+consecutive frames of one member. Frame indices everywhere (`num_frames`, the pipeline's `frame_idx`) stay indices
+of the video's timeline; timeline frame i is frame i // P of member `p{i % P}`.
+
+Keyframe cuts (IVF layouts): the graph hands the decoder the member's 32-byte IVF header followed by the bytes from
+the last key frame at or before the clip's first frame up to the end of its last frame (both offsets from the
+cuts table, written from the encoder's actual key frames), so a clip costs (distance to that key frame) + its own
+frames, wherever it lies in the video. `shards.ivf` says why IVF.
+
+Versions: "videomae-shards/2" added the IVF layouts and the cuts table; "videomae-shards/1" directories (MP4
+members, no cuts) are still read, decoded from each member's start.
 
 `sample_id` runs 0..num_samples-1 in shard order (shard i holds ids first_sample_id .. first_sample_id+n-1);
 `manifest["keys"][sample_id]` is the sample's key.
@@ -35,13 +47,21 @@ import glob
 import json
 import os
 import struct
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
 
 import braceexpand
+import numpy as np
 
-FORMAT_VERSION = "videomae-shards/1"
+FORMAT_VERSION = "videomae-shards/2"
+READABLE_FORMATS = ("videomae-shards/1", FORMAT_VERSION)
+CONTAINERS = ("ivf", "mp4")
 VIDEO_EXT = "mp4"
+IVF_EXT = "ivf"
+CUTS_EXT = "cuts"
+CUT_COLUMNS = ("member", "frame", "offset", "kind")
+CUT_KEY, CUT_FRAME, CUT_END = 1, 0, -1  # the "kind" column
 LABEL_EXT = "cls"
 META_EXT = "json"
 INFO_EXT = "info"
@@ -62,21 +82,68 @@ def unpack_info(data: bytes) -> dict[str, int]:
     return dict(zip(INFO_FIELDS, _INFO_STRUCT.unpack(data)))
 
 
-def video_exts(phases: int = 1) -> list[str]:
-    """Extensions of a sample's video members: ["mp4"], or ["p0.mp4", ..., "p{P-1}.mp4"] for P > 1 phases."""
-    return [VIDEO_EXT] if phases == 1 else [f"p{p}.{VIDEO_EXT}" for p in range(phases)]
+@dataclass(frozen=True)
+class Layout:
+    """How a sample stores its video: `phases` members in `container` ("ivf": with a cuts table, or "mp4")."""
+
+    phases: int = 1
+    container: str = IVF_EXT
+
+    @property
+    def video_exts(self) -> list[str]:
+        """Extensions of the video members: ["ivf"], or ["p0.ivf", ..., "p{P-1}.ivf"] for P > 1 phases."""
+        return video_exts(self.phases, self.container)
+
+    @property
+    def cuttable(self) -> bool:
+        return self.container == IVF_EXT
+
+    @property
+    def member_exts(self) -> list[str]:
+        """Every member extension of a sample, in the order the builder writes them."""
+        return [*self.video_exts, *([CUTS_EXT] if self.cuttable else []), LABEL_EXT, META_EXT, INFO_EXT]
 
 
-def phases_of(exts) -> int:
-    """The phase count of a sample from its member extensions (1 for a plain `mp4`); ValueError if incoherent."""
+def video_exts(phases: int = 1, container: str = VIDEO_EXT) -> list[str]:
+    """Extensions of a sample's video members: [container], or ["p0.<container>", ...] for P > 1 phases."""
+    return [container] if phases == 1 else [f"p{p}.{container}" for p in range(phases)]
+
+
+def layout_of(exts) -> Layout:
+    """A sample's layout from its member extensions; ValueError if they name no coherent set of video members."""
     exts = set(exts)
-    if VIDEO_EXT in exts:
-        return 1
-    phases = sum(1 for ext in exts if ext.startswith("p") and ext.endswith("." + VIDEO_EXT))
-    if phases == 0 or set(video_exts(phases)) - exts:
-        raise ValueError(f"video members {sorted(e for e in exts if e.endswith(VIDEO_EXT))}: expected "
-                         f"'{VIDEO_EXT}' or 'p0.{VIDEO_EXT}' ... 'p{{P-1}}.{VIDEO_EXT}'")
-    return phases
+    for container in CONTAINERS:
+        if container in exts:
+            layout = Layout(1, container)
+            break
+        phases = sum(1 for ext in exts if ext.startswith("p") and ext.endswith("." + container))
+        if phases:
+            layout = Layout(phases, container)
+            if set(layout.video_exts) - exts:
+                raise ValueError(f"video members {sorted(e for e in exts if e.endswith(container))}: expected "
+                                 f"'p0.{container}' ... 'p{phases - 1}.{container}'")
+            break
+    else:
+        raise ValueError(f"members {sorted(exts)}: no video member ('ivf', 'mp4', 'p0.ivf', ...)")
+    if layout.cuttable and CUTS_EXT not in exts:
+        raise ValueError(f"IVF video members without their '{CUTS_EXT}' table")
+    return layout
+
+
+def pack_cuts(members: Sequence) -> bytes:
+    """The `KEY.cuts` member for a sample's IVF video members (`shards.ivf.IvfStream`s, in member order)."""
+    rows = []
+    for m, stream in enumerate(members):
+        rows += [(m, i, f.offset, CUT_KEY if f.keyframe else CUT_FRAME) for i, f in enumerate(stream.frames)]
+        rows.append((m, len(stream.frames), stream.size, CUT_END))
+    return np.asarray(rows, dtype="<i4").tobytes()
+
+
+def unpack_cuts(data: bytes) -> np.ndarray:
+    """int32[rows, 4] (member, frame, offset, kind) from a `KEY.cuts` member; ValueError if its size is wrong."""
+    if len(data) % (4 * len(CUT_COLUMNS)) or not data:
+        raise ValueError(f"cuts table of {len(data)} bytes is not whole rows of {len(CUT_COLUMNS)} int32")
+    return np.frombuffer(data, dtype="<i4").reshape(-1, len(CUT_COLUMNS))
 
 
 def phase_frames(num_frames: int, phases: int, phase: int) -> int:
@@ -100,8 +167,9 @@ def read_manifest(directory: str | os.PathLike) -> dict:
         raise FileNotFoundError(f"{path}: no manifest (the build did not finish, or this is not a shard directory)")
     with open(path) as f:
         manifest = json.load(f)
-    if manifest.get("format") != FORMAT_VERSION:
-        raise ValueError(f"{path}: format {manifest.get('format')!r}, expected {FORMAT_VERSION!r}")
+    if manifest.get("format") not in READABLE_FORMATS:
+        raise ValueError(f"{path}: format {manifest.get('format')!r}, expected one of {READABLE_FORMATS} (rebuild "
+                         f"it with `python -m shards.build`)")
     return manifest
 
 

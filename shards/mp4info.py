@@ -15,13 +15,13 @@ _CONTAINERS = {b"moov", b"trak", b"mdia", b"minf", b"stbl", b"edts"}
 
 
 @dataclass(frozen=True)
-class Mp4VideoInfo:
-    codec: str  # sample entry fourcc: "vp09", "avc1", "mp4v" (MJPEG in MP4), ...
+class VideoInfo:
+    codec: str  # MP4: the sample entry fourcc ("vp09", "avc1", "mp4v" for MJPEG, ...); IVF: "vp9"
     width: int
     height: int
     num_frames: int
     timescale: int
-    duration_ticks: int  # sum of the sample durations (the track's media time)
+    duration_ticks: int  # sum of the sample (frame) durations in 1/timescale s (the track's media time)
     num_keyframes: int  # entries of `stss`; every frame when the table is absent
 
     @property
@@ -70,7 +70,7 @@ def _find_tracks(data: bytes) -> list[dict[bytes, tuple[int, int]]]:
     return tracks
 
 
-def read_mp4_video_info(data: bytes) -> Mp4VideoInfo:
+def read_mp4_video_info(data: bytes) -> VideoInfo:
     """Facts about the first video track of an MP4 held in memory. Raises ValueError when there is none."""
     for boxes in _find_tracks(data):
         if b"hdlr" not in boxes or data[boxes[b"hdlr"][0] + 8 : boxes[b"hdlr"][0] + 12] != b"vide":
@@ -98,5 +98,5 @@ def read_mp4_video_info(data: bytes) -> Mp4VideoInfo:
             (keyframes,) = struct.unpack_from(">I", data, boxes[b"stss"][0] + 4)
         else:
             keyframes = num_frames
-        return Mp4VideoInfo(codec, width, height, num_frames, timescale, ticks, keyframes)
+        return VideoInfo(codec, width, height, num_frames, timescale, ticks, keyframes)
     raise ValueError("no video track in the MP4")

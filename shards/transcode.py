@@ -9,6 +9,8 @@ What the output is:
 - the short side at `short_side`, the long side in proportion and rounded to an even number (yuv420p needs it);
 - constant frame rate (`-fps_mode cfr`: the source's rate, or `fps` through the fps filter);
 - a keyframe at least every `gop` frames, so random access decodes at most gop-1 extra frames;
+- in IVF (VP9, the default: DALI's graph cuts it at a key frame, see `shards.ivf`) or MP4 (`container`), with the
+  cuts table (`shards.format.pack_cuts`) made from the key frames the encoder actually wrote;
 - with `phases` P > 1, P outputs instead of one, output p holding frames p, p+P, p+2P, ... (see `shards.format`):
   one ffmpeg run decodes the source once, makes it constant-rate, splits it into P selected streams and encodes
   each (each starts with a keyframe and keeps the source's frame duration);
@@ -34,16 +36,23 @@ from dataclasses import asdict, dataclass, replace
 
 import ffmpeg
 
-from shards.format import MAX_PHASES, phase_frames
-from shards.mp4info import Mp4VideoInfo, read_mp4_video_info
+from shards import ivf
+from shards.format import CONTAINERS, IVF_EXT, MAX_PHASES, pack_cuts, phase_frames
+from shards.mp4info import VideoInfo, read_mp4_video_info
 
 CODECS = ("vp9", "h264", "mjpeg")
 DEFAULT_QUALITY = {"vp9": 36, "h264": 23, "mjpeg": 3}  # crf (vp9, h264), q:v 2..31 (mjpeg)
-# Keyframe interval `shards.build` uses with --phases unless told: a phase member is a quarter of a video or less,
-# DALI 2.4's decoder decodes every member from its start anyway, and each keyframe costs bytes and decode time
-# (measured on 80-frame clips in 4 phases: GOP 64 gave +6 % bytes over plain VP9 and 2.2x its decode rate, GOP 16
-# +48 % and 1.9x).
-PHASES_GOP = 64
+# Keyframe intervals `shards.build` uses unless told (the measurements behind them: bench/RESULTS.md, "Keyframe
+# interval"). IVF members are cut at the key frame before a clip, so a clip decodes about gop/2 frames more than
+# its own; MP4 members are decoded from their start (DALI 2.4 does not seek), so there key frames only cost bytes.
+IVF_GOP = {"timeline": 32, "phases": 16}
+MP4_GOP = {"timeline": 16, "phases": 64}
+
+
+def default_gop(container: str, phases: int) -> int:
+    """The keyframe interval (in frames of each member) a build uses when `--gop` is not given."""
+    table = IVF_GOP if container == IVF_EXT else MP4_GOP
+    return table["phases" if phases > 1 else "timeline"]
 # Codecs DALI's CPU decoder reads (the others need its GPU decoder).
 DALI_CPU_CODECS = ("vp9", "mjpeg")
 
@@ -60,10 +69,15 @@ class EncodeSettings:
     timeout: float = 600.0  # seconds per video before ffmpeg is killed
     tolerate_decode_errors: bool = False  # False: any demux/decode error fails the video (ffmpeg -xerror)
     phases: int = 1  # store the frames in this many stride phases (1: timeline order)
+    container: str | None = None  # "ivf" (cuttable, VP9 only) or "mp4"; None: ivf for vp9, else mp4
 
     def __post_init__(self) -> None:
         if self.codec not in CODECS:
             raise ValueError(f"codec must be one of {CODECS}, got {self.codec!r}")
+        if self.container not in (None, *CONTAINERS):
+            raise ValueError(f"container must be one of {CONTAINERS}, got {self.container!r}")
+        if self.effective_container == IVF_EXT and self.codec != "vp9":
+            raise ValueError(f"the IVF container holds VP9 only; {self.codec} needs container mp4")
         if self.short_side < 2 or self.short_side % 2:
             raise ValueError(f"short side must be an even number >= 2, got {self.short_side}")
         if self.gop < 1 or self.threads < 1:
@@ -75,12 +89,20 @@ class EncodeSettings:
     def effective_quality(self) -> int:
         return DEFAULT_QUALITY[self.codec] if self.quality is None else self.quality
 
+    @property
+    def effective_container(self) -> str:
+        return self.container or (IVF_EXT if self.codec == "vp9" else "mp4")
+
     def output_params(self) -> dict:
         """The settings that determine the output bytes (recorded in the manifest; timeout is not one)."""
         params = asdict(self)
         params.pop("timeout")
-        if self.phases == 1:  # builds made before phases existed keep their identity (resume compares it)
+        # builds made before phases and containers existed keep their identity (resume compares it)
+        if self.phases == 1:
             params.pop("phases")
+        params.pop("container")
+        if self.effective_container == IVF_EXT:
+            params["container"] = IVF_EXT
         params["quality"] = self.effective_quality
         return params
 
@@ -89,11 +111,16 @@ class EncodeSettings:
 class TranscodeResult:
     source: str
     ok: bool
-    data: bytes | None = None  # the video; with phases > 1, phase 0 (phase_data[0])
-    info: Mp4VideoInfo | None = None  # with phases > 1: all phases together (frames, duration, keyframes summed)
-    phase_data: list[bytes] | None = None  # with phases > 1: one video per phase
+    videos: list[bytes] | None = None  # the video members: one, or one per phase
+    info: VideoInfo | None = None  # with phases > 1: all phases together (frames, duration, keyframes summed)
+    cuts: bytes | None = None  # IVF members: their cuts table (shards.format.pack_cuts)
     reason: str | None = None
     seconds: float = 0.0  # wall time of this transcode
+
+    @property
+    def data(self) -> bytes | None:
+        """The first video member (the only one without phases)."""
+        return self.videos[0] if self.videos else None
 
 
 @functools.cache
@@ -143,7 +170,7 @@ def _encode(stream, output: str, settings: EncodeSettings, **extra):
         threads=settings.threads,
         fflags="+bitexact",
         **{"flags:v": "+bitexact"},
-        f="mp4",
+        f=settings.effective_container,
         **_codec_args(settings),
         **extra,
     )
@@ -165,7 +192,7 @@ def build_command(source: str, output: str, settings: EncodeSettings) -> list[st
 
 
 def build_phase_command(source: str, settings: EncodeSettings, workdir: str) -> tuple[list[str], list[str]]:
-    """The ffmpeg argv of a transcode into `phases` P > 1 outputs, and their paths (`workdir/phase{p}.mp4`):
+    """The ffmpeg argv of a transcode into `phases` P > 1 outputs, and their paths (`workdir/phase{p}.<container>`):
     output p holds frames p, p+P, p+2P, ... of the constant-rate video."""
     p_count = settings.phases
     split = _frames(source, settings).filter_multi_output("split", p_count)
@@ -175,7 +202,7 @@ def build_phase_command(source: str, settings: EncodeSettings, workdir: str) -> 
         # 28.999... in doubles for N = 29 at 25 fps, hence round(): equal timestamps would be "repaired").
         phase = (split.stream(p).filter("select", f"eq(mod(n,{p_count}),{p})")
                  .filter("setpts", "round(N/FRAME_RATE/TB)"))
-        paths.append(os.path.join(workdir, f"phase{p}.mp4"))
+        paths.append(os.path.join(workdir, f"phase{p}.{settings.effective_container}"))
         outputs.append(_encode(phase, paths[-1], settings, fps_mode="passthrough"))
     return _compile(ffmpeg.merge_outputs(*outputs), settings), paths
 
@@ -254,7 +281,7 @@ def _transcode(source: str, settings: EncodeSettings, workdir: str | None, start
         return failed(reason)
     with tempfile.TemporaryDirectory(dir=workdir, prefix="transcode-") as tmp:
         if settings.phases == 1:
-            outputs = [os.path.join(tmp, "out.mp4")]
+            outputs = [os.path.join(tmp, f"out.{settings.effective_container}")]
             cmd = build_command(source, outputs[0], settings)
         else:
             cmd, outputs = build_phase_command(source, settings, tmp)
@@ -268,10 +295,19 @@ def _transcode(source: str, settings: EncodeSettings, workdir: str | None, start
         for path in outputs:
             with open(path, "rb") as f:
                 videos.append(f.read())
+    cuts = None
     try:
-        infos = [read_mp4_video_info(data) for data in videos]
+        if settings.effective_container == IVF_EXT:
+            streams = [ivf.read_ivf(data) for data in videos]
+            problem = _ivf_problem(streams)
+            if problem:
+                return failed(f"ffmpeg wrote an unusable IVF ({problem})")
+            infos = [stream.info() for stream in streams]
+            cuts = pack_cuts(streams)
+        else:
+            infos = [read_mp4_video_info(data) for data in videos]
     except ValueError as e:
-        return failed(f"ffmpeg wrote an unreadable MP4 ({e})")
+        return failed(f"ffmpeg wrote an unreadable {settings.effective_container.upper()} ({e})")
     info = infos[0]
     if settings.phases > 1:
         counts = [i.num_frames for i in infos]
@@ -282,8 +318,20 @@ def _transcode(source: str, settings: EncodeSettings, workdir: str | None, start
                        num_keyframes=sum(i.num_keyframes for i in infos))
     if info.num_frames < settings.min_frames:
         return failed(f"too few frames: {info.num_frames} < --min-frames {settings.min_frames}")
-    return TranscodeResult(source, True, data=videos[0], info=info, seconds=time.perf_counter() - started,
-                           phase_data=videos if settings.phases > 1 else None)
+    return TranscodeResult(source, True, videos=videos, info=info, cuts=cuts, seconds=time.perf_counter() - started)
+
+
+def _ivf_problem(streams: list[ivf.IvfStream]) -> str | None:
+    """Why IVF members cannot be cut by the graph, or None: each must start with a key frame (a cut at the first
+    frame is the whole member) and state its true frame count in its header (DALI reports that count)."""
+    for p, stream in enumerate(streams):
+        if not stream.frames:
+            return f"member {p} holds no frames"
+        if not stream.frames[0].keyframe:
+            return f"member {p} does not start with a key frame"
+        if stream.header_frames != len(stream.frames):
+            return f"member {p} header says {stream.header_frames} frames, it holds {len(stream.frames)}"
+    return None
 
 
 def count_decoded_frames(path: str, timeout: float = 600.0) -> int:

@@ -4,16 +4,18 @@ Checks, each problem printed as one line naming the shard and sample:
 - the manifest: format, totals (num_samples, keys, failures.jsonl lines), per-shard first_sample_id continuity;
 - each shard: size and sha256 as the manifest says; its DALI index file equal, entry by entry, to the tar's
   members as Python's tarfile reads them (name, data offset, size);
-- each sample: exactly the members KEY.mp4/.cls/.json/.info (KEY.p0.mp4 ... instead of KEY.mp4 in a build with
-  --phases); key = manifest keys[sample_id]; cls, json and info agree (label, label name against the class list,
-  sample id, frame count, phases); the MP4s' own tables (stsz) agree with the claimed frame count (each phase
-  member with its share), width and height;
-- decoding (unless --no-decode): VP9 and MJPEG shards are read by a real DALI CPU pipeline
-  (`fn.readers.webdataset` with the index files -> `fn.decoders.video`), and each sample must decode to exactly
-  the number of frames its `.info` claims (each phase member its share; the number the training pipeline uses
-  to pick frames in the graph).
-  DALI's CPU decoder refuses H.264, so H.264 shards are decoded with ffmpeg instead (every frame, no rate
-  conversion), and the report says so.
+- each sample: exactly the members of its layout (KEY.ivf + KEY.cuts, or KEY.mp4; KEY.p0.ivf ... in a build with
+  --phases; then .cls/.json/.info); key = manifest keys[sample_id]; cls, json and info agree (label, label name
+  against the class list, sample id, frame count, phases); the videos' own tables (IVF frame headers, MP4 stsz)
+  agree with the claimed frame count (each phase member with its share), width and height; the cuts table equals
+  the one the IVF members describe (every frame's offset, key frames from the VP9 headers, end rows);
+- decoding (unless --no-decode): each video member must decode to exactly the number of frames its `.info`
+  claims (each phase member its share; the number the training pipeline uses to pick frames in the graph). IVF
+  members are decoded by DALI's CPU decoder whole and once from every key frame of the cuts table, cut as the
+  training graph cuts them: each cut must decode to the very frames (bit for bit) of the whole member up to the
+  next key frame. Other VP9 and MJPEG shards are read by a real DALI CPU pipeline (`fn.readers.webdataset` with
+  the index files -> `fn.decoders.video`). DALI's CPU decoder refuses H.264, so H.264 shards are decoded with
+  ffmpeg instead (every frame, no rate conversion), and the report says so.
 """
 
 from __future__ import annotations
@@ -28,7 +30,10 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import numpy as np
+
 from shards import format as fmt
+from shards import ivf
 from shards.mp4info import read_mp4_video_info
 from shards.transcode import DALI_CPU_CODECS, count_decoded_frames
 from shards.writer import sha256_file
@@ -36,8 +41,9 @@ from shards.writer import sha256_file
 OTHER_EXTS = (fmt.LABEL_EXT, fmt.META_EXT, fmt.INFO_EXT)
 
 
-def manifest_phases(manifest: dict) -> int:
-    return int(manifest.get("params", {}).get("phases", 1))
+def manifest_layout(manifest: dict) -> fmt.Layout:
+    params = manifest.get("params", {})
+    return fmt.Layout(int(params.get("phases", 1)), params.get("container", fmt.VIDEO_EXT))
 
 
 def read_index_file(path: str | os.PathLike) -> list[list[tuple[str, int, int, str]]]:
@@ -113,8 +119,9 @@ def check_sample(sample: dict, expected_id: int, manifest: dict, where: str) -> 
     """Consistency of one sample's members; returns (problems, claimed frame count)."""
     key, members = sample["key"], sample["members"]
     name = f"{where}: sample {key}"
-    phases = manifest_phases(manifest)
-    expected_exts = [*fmt.video_exts(phases), *OTHER_EXTS]
+    layout = manifest_layout(manifest)
+    phases = layout.phases
+    expected_exts = layout.member_exts
     if set(members) != set(expected_exts):
         return [f"{name}: members {sorted(members)}, expected {sorted(expected_exts)}"], None
     problems = []
@@ -143,19 +150,29 @@ def check_sample(sample: dict, expected_id: int, manifest: dict, where: str) -> 
         problems.append(f"{name}: frame count info={info['num_frames']} json={meta.get('num_frames')}")
     if meta.get("phases", 1) != phases:
         problems.append(f"{name}: json says {meta.get('phases', 1)} phases, the manifest {phases}")
+    kind = layout.container.upper()
     try:
-        mp4s = [read_mp4_video_info(members[ext]) for ext in fmt.video_exts(phases)]
-        counts = [m.num_frames for m in mp4s]
+        if layout.cuttable:
+            streams = [ivf.read_ivf(members[ext]) for ext in layout.video_exts]
+            videos = [stream.info() for stream in streams]
+            if members[fmt.CUTS_EXT] != fmt.pack_cuts(streams):
+                problems.append(f"{name}: cuts table differs from the frames and key frames of its IVF members")
+            problems += [f"{name}: {ext} header says {s.header_frames} frames, it holds {len(s.frames)}"
+                         for ext, s in zip(layout.video_exts, streams) if s.header_frames != len(s.frames)]
+        else:
+            videos = [read_mp4_video_info(members[ext]) for ext in layout.video_exts]
+        counts = [m.num_frames for m in videos]
         if sum(counts) != info["num_frames"]:
-            problems.append(f"{name}: MP4 holds {'+'.join(map(str, counts))} frames, info claims {info['num_frames']}")
+            problems.append(f"{name}: {kind} holds {'+'.join(map(str, counts))} frames, info claims "
+                            f"{info['num_frames']}")
         elif counts != [fmt.phase_frames(info["num_frames"], phases, p) for p in range(phases)]:
             problems.append(f"{name}: phases hold {counts} frames, not every {phases}th frame each")
-        sizes = {(m.width, m.height) for m in mp4s}
+        sizes = {(m.width, m.height) for m in videos}
         if sizes != {(meta.get("width"), meta.get("height"))}:
-            problems.append(f"{name}: MP4 is {' / '.join(f'{w}x{h}' for w, h in sorted(sizes))}, json says "
+            problems.append(f"{name}: {kind} is {' / '.join(f'{w}x{h}' for w, h in sorted(sizes))}, json says "
                             f"{meta.get('width')}x{meta.get('height')}")
     except ValueError as e:
-        problems.append(f"{name}: unreadable MP4 ({e})")
+        problems.append(f"{name}: unreadable {kind} ({e})")
     return problems, info["num_frames"]
 
 
@@ -270,8 +287,9 @@ def _check_decoding(directory: Path, manifest: dict, claimed: list[int | None], 
     """Decode every video member; each must give the frames its sample's .info claims (its phase's share of them)."""
     tars = [str(directory / s["tar"]) for s in manifest["shards"]]
     keys = manifest["keys"]
-    phases = manifest_phases(manifest)
-    exts = fmt.video_exts(phases)
+    layout = manifest_layout(manifest)
+    phases = layout.phases
+    exts = layout.video_exts
 
     def expected(sample_id: int, ext: str) -> int | None:
         claim = claimed[sample_id]
@@ -284,6 +302,8 @@ def _check_decoding(directory: Path, manifest: dict, claimed: list[int | None], 
 
     problems = []
     codec = manifest["codec"]
+    if layout.cuttable:
+        return _check_ivf_decoding(tars, layout, expected, mismatch, log)
     if codec in DALI_CPU_CODECS:
         total = 0
         for ext in exts:
@@ -326,6 +346,88 @@ def _check_decoding(directory: Path, manifest: dict, claimed: list[int | None], 
                     problems.append(mismatch(sid, ext, "ffmpeg", frames))
     log(f"verify: ffmpeg decoded all {sample_id + 1} samples ({members} video members)"
         + ("" if problems else ", every count as claimed"))
+    return problems
+
+
+def _tar_samples(tar_path: str):
+    """(sample number in the tar, key, {ext: bytes}) for each sample of a tar, in order."""
+    number, current = -1, None
+    with tarfile.open(tar_path, "r:") as tar:
+        for member in tar:
+            key, ext = _split_name(member.name)
+            if current is None or current[1] != key:
+                if current is not None:
+                    yield current
+                number += 1
+                current = (number, key, {})
+            current[2][ext] = tar.extractfile(member).read()
+    if current is not None:
+        yield current
+
+
+def _check_ivf_decoding(tars: list[str], layout: fmt.Layout, expected, mismatch, log) -> list[str]:
+    """Decode every IVF member whole (its frame count) and once from each key frame of its cuts table, cut as the
+    training graph cuts it (header + the bytes from the key frame's offset to the next key frame's): every cut
+    must decode to the whole member's frames from that key frame on, bit for bit."""
+    from nvidia.dali import fn, pipeline_def, types
+
+    batch = 16
+
+    @pipeline_def(batch_size=batch, num_threads=min(4, len(os.sched_getaffinity(0))), device_id=None,
+                  prefetch_queue_depth=1, exec_dynamic=True)
+    def stream_decoder():
+        video = fn.external_source(name="video", dtype=types.UINT8, ndim=1)
+        length = fn.external_source(name="length", dtype=types.INT32, ndim=0)
+        return fn.decoders.video(video, device="cpu", sequence_length=length)
+
+    pipe = stream_decoder()
+    pipe.build()
+
+    def decode(streams: list[tuple[bytes, int]]) -> list[np.ndarray]:
+        out = []
+        for first in range(0, len(streams), batch):
+            part = streams[first:first + batch]
+            (frames,) = pipe.run(video=[np.frombuffer(d, dtype=np.uint8) for d, _ in part],
+                                 length=[np.int32(n) for _, n in part])
+            out += [np.array(frames[i]) for i in range(len(part))]
+        return out
+
+    problems: list[str] = []
+    sample_id, members, cuts = -1, 0, 0
+    for tar in tars:
+        for _, key, parts in _tar_samples(tar):
+            sample_id += 1
+            rows = fmt.unpack_cuts(parts[fmt.CUTS_EXT])
+            for p, ext in enumerate(layout.video_exts):
+                data, mine = parts[ext], rows[rows[:, 0] == p]
+                length = int(mine[-1, 1])
+                try:
+                    (whole,) = decode([(data, length)])
+                except RuntimeError as e:
+                    problems.append(f"sample {key} (id {sample_id}) {ext}: DALI cannot decode it "
+                                    f"({' '.join(str(e).split())[:200]})")
+                    continue
+                members += 1
+                if len(whole) != expected(sample_id, ext):
+                    problems.append(mismatch(sample_id, ext, "DALI", len(whole)))
+                starts = [int(f) for f in mine[mine[:, 3] == fmt.CUT_KEY, 1]]
+                ends = starts[1:] + [length]
+                offset = {int(f): int(o) for f, o in mine[:, 1:3]}
+                streams = [(data[:ivf.HEADER_SIZE] + data[offset[a]:offset[b]], b - a) for a, b in zip(starts, ends)]
+                try:
+                    decoded = decode(streams)
+                except RuntimeError as e:
+                    problems.append(f"sample {key} (id {sample_id}) {ext}: a cut at a key frame of its cuts table "
+                                    f"does not decode ({' '.join(str(e).split())[:200]})")
+                    continue
+                cuts += len(streams)
+                for a, b, frames in zip(starts, ends, decoded):
+                    if not np.array_equal(frames, whole[a:b]):
+                        problems.append(f"sample {key} (id {sample_id}) {ext}: decoding from key frame {a} gives "
+                                        f"other frames than decoding the whole member")
+    del pipe
+    log(f"verify: DALI CPU decoder: {members} IVF members whole and {cuts} cuts at their key frames"
+        + (", every frame as claimed" if not problems else f": {len(problems)} problem(s)"))
     return problems
 
 

@@ -1,8 +1,9 @@
 """Small, real VP9 shards for the pipeline tests (independent of `shards.build`).
 
-Each test video is made from numpy frames piped into the ffmpeg binary (libvpx-vp9, lossless, GOP 16) and
-written into WebDataset tar shards in the format of `shards/format.py` (`KEY.mp4`, `KEY.cls`, `KEY.json`,
-`KEY.info`, a DALI index beside each tar, a manifest). The frames are gray (neutral chroma, so colour conversion and
+Each test video is made from numpy frames piped into the ffmpeg binary (libvpx-vp9, lossless) and written into
+WebDataset tar shards in the format of `shards/format.py` (`KEY.ivf` + `KEY.cuts` by default, or `KEY.mp4`;
+`KEY.cls`, `KEY.json`, `KEY.info`, a DALI index beside each tar, a manifest). IVF videos get short GOPs (8 frames
+per member, 4 with phases), so that clips start at many distances from a key frame. The frames are gray (neutral chroma, so colour conversion and
 chroma subsampling leave them intact) and made of 16x16 blocks (aligned to the codec's macroblocks):
 
     frame[t, y, x] = level(t) + pattern(y, x)
@@ -26,6 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from shards import format as fmt
+from shards import ivf
 
 LEVEL_STEP = 3
 LEVEL_BASE = 16
@@ -51,9 +53,10 @@ def synthetic_frames(num_frames: int, height: int, width: int, seed: int) -> np.
     return np.repeat(frames[..., None], 3, axis=-1).astype(np.uint8)
 
 
-def encode(frames: np.ndarray, codec: str = "vp9", fps: int = 25, gop: int = 16, faststart: bool = False) -> bytes:
-    """Encode uint8[T, H, W, 3] frames into an mp4 with the ffmpeg binary (vp9 lossless, or h264); `faststart`
-    puts the index (moov) before the frame data."""
+def encode(frames: np.ndarray, codec: str = "vp9", fps: int = 25, gop: int = 16, faststart: bool = False,
+           container: str = "mp4") -> bytes:
+    """Encode uint8[T, H, W, 3] frames into an mp4 (or IVF: vp9 only) with the ffmpeg binary (vp9 lossless, or
+    h264); `faststart` puts the mp4 index (moov) before the frame data."""
     t, h, w, _ = frames.shape
     if codec == "vp9":
         vargs = ["-c:v", "libvpx-vp9", "-lossless", "1", "-deadline", "realtime", "-cpu-used", "8"]
@@ -62,16 +65,17 @@ def encode(frames: np.ndarray, codec: str = "vp9", fps: int = 25, gop: int = 16,
     else:
         raise ValueError(f"unknown codec {codec}")
     with tempfile.TemporaryDirectory() as tmp:
-        out = os.path.join(tmp, "v.mp4")
+        out = os.path.join(tmp, f"v.{container}")
         cmd = [ffmpeg_exe(), "-v", "error", "-y", "-f", "rawvideo", "-pix_fmt", "rgb24", "-s", f"{w}x{h}",
                "-r", str(fps), "-i", "-", *vargs, "-g", str(gop), "-keyint_min", str(gop),
-               "-pix_fmt", "yuv420p", "-an", *(["-movflags", "+faststart"] if faststart else []), out]
+               "-pix_fmt", "yuv420p", "-an", *(["-movflags", "+faststart"] if faststart else []), "-f", container,
+               out]
         subprocess.run(cmd, input=np.ascontiguousarray(frames).tobytes(), check=True)
         return Path(out).read_bytes()
 
 
 def decode_pyav(mp4: bytes) -> np.ndarray:
-    """All frames of an mp4 as uint8[T, H, W, 3] RGB, decoded with PyAV (the independent reference)."""
+    """All frames of an mp4 or IVF file as uint8[T, H, W, 3] RGB, decoded with PyAV (the independent reference)."""
     import av
 
     with av.open(io.BytesIO(mp4)) as container:
@@ -106,6 +110,13 @@ class TestVideo:
     sample_id: int = -1
     valid: bool = True  # False for deliberately corrupt members
     phase_mp4s: list[bytes] | None = None  # stored in len(phase_mp4s) stride phases: member p = frames p::P
+    container: str = "mp4"  # of mp4 and phase_mp4s ("ivf": the sample also holds a cuts table)
+    cuts: bytes | None = None  # ivf: the cuts table (made from the members when not given: a test that damages
+                               # members afterwards keeps the table of the intact ones, as on a damaged disk)
+
+    @property
+    def members(self) -> list[bytes]:
+        return self.phase_mp4s or [self.mp4]
 
 
 @dataclass
@@ -132,10 +143,13 @@ def write_shards(directory: str | os.PathLike, videos: list[TestVideo], per_shar
                 meta = {"key": video.key, "source": f"synthetic/{video.key}", "label": video.label,
                         "label_name": f"class{video.label}", "fps": 25.0, "num_frames": video.num_frames,
                         "codec": codec, "sample_id": video.sample_id}
-                members_of_video = video.phase_mp4s or [video.mp4]
+                members_of_video = video.members
                 if video.phase_mp4s:
                     meta["phases"] = len(members_of_video)
-                parts = [*zip(fmt.video_exts(len(members_of_video)), members_of_video),
+                if video.container == fmt.IVF_EXT and video.cuts is None:
+                    video.cuts = fmt.pack_cuts([ivf.read_ivf(m) for m in members_of_video])
+                cuts = [(fmt.CUTS_EXT, video.cuts)] if video.container == fmt.IVF_EXT else []
+                parts = [*zip(fmt.video_exts(len(members_of_video), video.container), members_of_video), *cuts,
                          (fmt.LABEL_EXT, str(video.label).encode()),
                          (fmt.META_EXT, json.dumps(meta).encode()),
                          (fmt.INFO_EXT, fmt.pack_info(video.num_frames, video.label, video.sample_id))]
@@ -163,17 +177,19 @@ def write_shards(directory: str | os.PathLike, videos: list[TestVideo], per_shar
 
 def make_test_shards(directory: str | os.PathLike, frame_counts: list[int], height: int = 64, width: int = 96,
                      per_shard: int = 4, num_classes: int = 3, split: str = "train", codec: str = "vp9",
-                     seed: int = 0, phases: int = 1) -> TestShards:
+                     seed: int = 0, phases: int = 1, container: str | None = None) -> TestShards:
     """One synthetic video per entry of `frame_counts` (video i: seed + i texture, label i % num_classes); with
-    `phases` > 1 stored as that many members, member p encoding frames p, p + phases, ..."""
+    `phases` > 1 stored as that many members, member p encoding frames p, p + phases, ... `container`: "ivf"
+    (default for vp9; GOP 8 // phases, at least 2) or "mp4" (GOP 16)."""
+    container = container or ("ivf" if codec == "vp9" else "mp4")
+    gop = max(2, 8 // phases) if container == "ivf" else 16
     videos = []
     for i, n in enumerate(frame_counts):
         frames = synthetic_frames(n, height, width, seed + i)
-        if phases == 1:
-            videos.append(TestVideo(f"vid{i:04d}", encode(frames, codec=codec), n, i % num_classes))
-            continue
-        members = [encode(frames[p::phases], codec=codec) for p in range(phases)]
-        videos.append(TestVideo(f"vid{i:04d}", members[0], n, i % num_classes, phase_mp4s=members))
+        members = [encode(frames[p::phases], codec=codec, gop=gop, container=container) for p in range(phases)]
+        cuts = fmt.pack_cuts([ivf.read_ivf(m) for m in members]) if container == fmt.IVF_EXT else None
+        videos.append(TestVideo(f"vid{i:04d}", members[0], n, i % num_classes,
+                                phase_mp4s=members if phases > 1 else None, container=container, cuts=cuts))
     return write_shards(directory, videos, per_shard, split=split, codec=codec)
 
 
@@ -223,13 +239,14 @@ def cached(name: str, build) -> TestShards:
     return _CACHE[name]
 
 
-def train_shards(phases: int = 1) -> TestShards:
-    """12 VP9 videos of 64x96, 9..63 frames, 4 per shard (3 shards), in `phases` stride phases."""
-    return cached(f"train-p{phases}", lambda d: make_test_shards(d, TRAIN_FRAME_COUNTS, height=64, width=96,
-                                                                 per_shard=4, phases=phases))
+def train_shards(phases: int = 1, container: str = "ivf") -> TestShards:
+    """12 VP9 videos of 64x96, 9..63 frames, 4 per shard (3 shards), in `phases` stride phases of `container`."""
+    return cached(f"train-p{phases}-{container}", lambda d: make_test_shards(
+        d, TRAIN_FRAME_COUNTS, height=64, width=96, per_shard=4, phases=phases, container=container))
 
 
-def eval_shards(phases: int = 1) -> TestShards:
+def eval_shards(phases: int = 1, container: str = "ivf") -> TestShards:
     """5 VP9 videos of 48x80 (short side 48: eval views at input_size 48 need no resampling), 2 per shard."""
-    return cached(f"eval-p{phases}", lambda d: make_test_shards(d, [40, 25, 63, 17, 33], height=48, width=80,
-                                                                per_shard=2, split="val", seed=100, phases=phases))
+    return cached(f"eval-p{phases}-{container}", lambda d: make_test_shards(
+        d, [40, 25, 63, 17, 33], height=48, width=80, per_shard=2, split="val", seed=100, phases=phases,
+        container=container))

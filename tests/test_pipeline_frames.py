@@ -1,5 +1,6 @@
-"""Frame selection and decoding: the pipeline's frames against PyAV's decode of the same mp4 bytes (put back in
-timeline order for videos stored in stride phases)."""
+"""Frame selection and decoding: the pipeline's frames against PyAV's decode of the same member bytes (put back in
+timeline order for videos stored in stride phases), for every layout: timeline order and stride phases, IVF members
+cut at key frames and MP4 members decoded from their start."""
 
 import numpy as np
 import pytest
@@ -8,6 +9,7 @@ import torch.nn.functional as F
 
 import pipeline_shards as ps
 from pipeline import build_loader
+from shards import ivf
 
 T, STRIDE = 4, 4
 
@@ -38,10 +40,17 @@ def nearest_index(frame: np.ndarray, decoded: np.ndarray, box, size: int, antial
     return int(np.abs(views - frame[None].astype(np.float32)).mean(axis=(1, 2, 3)).argmin())
 
 
-# phases: videos stored as stride-phase members (shards.build --phases)
-@pytest.mark.parametrize("phases", [1, 4, 2])
-def test_eval_views_equal_pyav_frames_at_reported_indices(phases):
-    shards = ps.eval_shards(phases)
+def official_train_indices(n: int, t: int, stride: int, start: int) -> list[int]:
+    """The frames of a training clip from `start`: every `stride`-th, the last one on that grid repeated past the
+    end of the video (what VideoMAE's loader does for a video shorter than t * stride)."""
+    last = start + (n - 1 - start) // stride * stride
+    return [min(start + stride * j, last) for j in range(t)]
+
+
+# phases: videos stored as stride-phase members (shards.build --phases); container: ivf (cut) or mp4
+@pytest.mark.parametrize("phases,container", [(1, "ivf"), (4, "ivf"), (2, "ivf"), (1, "mp4"), (4, "mp4")])
+def test_eval_views_equal_pyav_frames_at_reported_indices(phases, container):
+    shards = ps.eval_shards(phases, container)
     loader = build_loader(shards.directory, "eval", 2, num_frames=T, stride=STRIDE, input_size=48,
                           debug_outputs=True)
     seen = set()
@@ -63,9 +72,11 @@ def test_eval_views_equal_pyav_frames_at_reported_indices(phases):
     assert seen == {(v.sample_id, c, k) for v in shards.videos for c in range(5) for k in range(3)}
 
 
-@pytest.mark.parametrize("mode,phases", [("pretrain", 1), ("finetune", 1), ("pretrain", 4), ("finetune", 2)])
-def test_train_views_match_pyav_crops(mode, phases):
-    shards = ps.train_shards(phases)
+@pytest.mark.parametrize("mode,phases,container", [("pretrain", 1, "ivf"), ("finetune", 1, "ivf"),
+                                                   ("pretrain", 4, "ivf"), ("finetune", 2, "ivf"),
+                                                   ("pretrain", 4, "mp4")])
+def test_train_views_match_pyav_crops(mode, phases, container):
+    shards = ps.train_shards(phases, container)
     options = dict(rand_augment=False, erase_prob=0.0) if mode == "finetune" else {}
     loader = build_loader(shards.directory, mode, 4, num_frames=T, stride=STRIDE, input_size=48, num_repeats=2,
                           debug_outputs=True, seed=3, **options)
@@ -106,9 +117,47 @@ def test_stride_bounds_and_edge_padding():
     assert len(starts[63]) > 1, "random starts should vary across epochs"
 
 
+@pytest.mark.parametrize("phases,container", [(1, "ivf"), (4, "ivf"), (2, "ivf"), (4, "mp4")])
+def test_every_clip_decodes_its_own_frames_and_each_frame_once(phases, container):
+    """Every training start of every video (clips at the very end, videos shorter than the span) and every
+    video's 5 eval clips, decoded the way the training graph decodes them (member choice, key frame cut, one run
+    of distinct frames, repeats after decoding): the clip equals PyAV's frames at its indices, and the decoder
+    produced each distinct frame exactly once."""
+    from pipeline.graph import build_probe
+    from shards import format as fmt
+
+    shards = ps.train_shards(phases, container)
+    layout = fmt.Layout(phases, container)
+    pipe = build_probe(layout, STRIDE, "cpu", None)
+    pipe.build()
+    checked = 0
+    for video in shards.videos:
+        decoded = ps.decode_cached(video)
+        n = video.num_frames
+        members = video.members
+        cuts = fmt.pack_cuts([ivf.read_ivf(m) for m in members]) if layout.cuttable else None
+        clips = [official_train_indices(n, T, STRIDE, start) for start in range(max(n - T * STRIDE, 0) + 1)]
+        clips.append(sum(official_test_indices(n, T, STRIDE, 5), []))
+        for idx in clips:
+            inputs = {"video": [np.frombuffer(members[idx[0] % phases], dtype=np.uint8)],
+                      "frame_idx": [np.asarray(idx, dtype=np.int32)]}
+            if cuts is not None:
+                inputs["cuts"] = [np.frombuffer(cuts, dtype="<i4")]
+            run, clip = (np.array(out[0]) for out in pipe.run(**inputs))
+            assert np.abs(clip.astype(int) - decoded[idx].astype(int)).max() <= 1, (video.key, idx)
+            distinct = sorted(set(idx))
+            assert len(run) == len(distinct) or len(idx) > T  # train: each distinct frame decoded once
+            assert np.abs(run.astype(int) - decoded[distinct[0]:distinct[-1] + 1:STRIDE].astype(int)).max() <= 1
+            checked += 1
+    assert checked > 200
+
+
 def test_phases_must_divide_the_stride_and_agree_across_shards():
     shards = ps.eval_shards(4)
     with pytest.raises(ValueError, match="need a stride that 4 divides, got stride=2"):
         build_loader(shards.directory, "eval", 2, num_frames=T, stride=2, input_size=48)
     with pytest.raises(ValueError, match="stores videos in 1 phase"):
         build_loader(ps.eval_shards(1).tars + shards.tars, "eval", 2, num_frames=T, stride=STRIDE, input_size=48)
+    with pytest.raises(ValueError, match="of ivf, .* of mp4"):
+        build_loader(ps.eval_shards(4).tars + ps.eval_shards(4, "mp4").tars, "eval", 2, num_frames=T, stride=STRIDE,
+                     input_size=48)

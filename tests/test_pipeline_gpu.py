@@ -15,15 +15,15 @@ pytest.importorskip("imageio_ffmpeg")
 import pipeline_shards as ps  # noqa: E402
 from pipeline import build_loader  # noqa: E402
 
-def gpu_train_shards(phases: int = 1):
+def gpu_train_shards(phases: int = 1, container: str = "ivf"):
     """NVDEC decodes VP9 only from 128x128 up (H100: "Video is too small ... supported: 128x128")."""
-    return ps.cached(f"gpu_train_p{phases}", lambda d: ps.make_test_shards(
-        d, ps.TRAIN_FRAME_COUNTS, height=128, width=160, per_shard=4, phases=phases))
+    return ps.cached(f"gpu_train_p{phases}_{container}", lambda d: ps.make_test_shards(
+        d, ps.TRAIN_FRAME_COUNTS, height=128, width=160, per_shard=4, phases=phases, container=container))
 
 
-def gpu_eval_shards():
-    return ps.cached("gpu_eval", lambda d: ps.make_test_shards(d, [40, 25, 63, 17, 33], height=128, width=176,
-                                                               per_shard=2, split="val", seed=100))
+def gpu_eval_shards(container: str = "ivf"):
+    return ps.cached(f"gpu_eval_{container}", lambda d: ps.make_test_shards(
+        d, [40, 25, 63, 17, 33], height=128, width=176, per_shard=2, split="val", seed=100, container=container))
 
 
 SMALL = dict(num_frames=4, stride=4, input_size=48)
@@ -58,17 +58,35 @@ def test_gpu_backend_reproduces_cpu_backend(mode, strategy):
         assert (a["video"] - b["video"].cpu()).abs().mean() < ONE_LEVEL
 
 
-@pytest.mark.parametrize("strategy", ["nvdec", "hybrid"])
-def test_gpu_backend_reads_stride_phase_shards_like_the_cpu_backend(strategy):
-    """Shards in 4 stride phases: the member chosen per sample (DALI conditionals) feeds NVDEC and CPU groups."""
-    shards = gpu_train_shards(phases=4)
+@pytest.mark.parametrize("strategy,container", [("nvdec", "ivf"), ("hybrid", "ivf"), ("nvdec", "mp4")])
+def test_gpu_backend_reads_stride_phase_shards_like_the_cpu_backend(strategy, container):
+    """Shards in 4 stride phases: the member chosen per sample (DALI conditionals) feeds NVDEC and CPU groups; IVF
+    members cut at a key frame (NVDEC must read the cut streams: the loader's probe keeps cutting only if so)."""
+    shards = gpu_train_shards(phases=4, container=container)
     options = dict(num_repeats=2, seed=5, debug_outputs=True, **SMALL)
     cpu = list(build_loader(shards.directory, "pretrain", 4, device="cpu", **options))
-    gpu = list(build_loader(shards.directory, "pretrain", 4, device="gpu", **options, **DECODE_STRATEGIES[strategy]))
+    loader = build_loader(shards.directory, "pretrain", 4, device="gpu", **options, **DECODE_STRATEGIES[strategy])
+    if container == "ivf" and strategy == "nvdec":
+        assert loader.cut and loader.cfg.cpu_decoder_groups == 0, "NVDEC did not read cut IVF members"
+    gpu = list(loader)
     assert len(cpu) == len(gpu) > 0
     for a, b in zip(cpu, gpu):
         for key in ("sample_id", "mask", "frame_idx", "box"):
             assert torch.equal(a[key], b[key].cpu()), key
+        diff = (a["frames"].int() - b["frames"].cpu().int()).abs()
+        assert diff.float().mean() < 1.0 and diff.max() <= 32
+
+
+@pytest.mark.parametrize("container", ["ivf", "mp4"])
+def test_gpu_eval_reproduces_cpu_eval(container):
+    """5 clips x 3 crops: overlapping clips decoded once per distinct frame and repeated after decoding."""
+    shards = gpu_eval_shards(container)
+    options = dict(debug_outputs=True, **SMALL)
+    cpu = list(build_loader(shards.directory, "eval", 2, device="cpu", **options))
+    gpu = list(build_loader(shards.directory, "eval", 2, device="gpu", **options))
+    assert len(cpu) == len(gpu) > 0
+    for a, b in zip(cpu, gpu):
+        assert torch.equal(a["frame_idx"], b["frame_idx"].cpu())
         diff = (a["frames"].int() - b["frames"].cpu().int()).abs()
         assert diff.float().mean() < 1.0 and diff.max() <= 32
 

@@ -12,6 +12,7 @@ import pipeline_shards as ps
 import pipeline.loader as loader_module
 from pipeline import build_loader
 from shards import format as fmt
+from shards import ivf
 
 SMALL = dict(num_frames=4, stride=4, input_size=48)
 
@@ -132,10 +133,11 @@ def test_corrupt_samples_are_skipped_counted_and_reported(tmp_path, caplog):
     assert sorted(ids.tolist()) == sorted([i for i in range(8) if i not in bad] * 15)
 
 
-def test_corrupt_phase_members_are_skipped(tmp_path, caplog):
+@pytest.mark.parametrize("container", ["ivf", "mp4"])
+def test_corrupt_phase_members_are_skipped(tmp_path, caplog, container):
     # videos stored in 4 phases: sample 1's phase-0 member is random bytes (every eval view decodes phase 0),
-    # sample 5's every member is;
-    videos = ps.make_test_shards(tmp_path / "good", [40] * 8, phases=4).videos
+    # sample 5's every member is (their cuts tables stay those of the intact members);
+    videos = ps.make_test_shards(tmp_path / "good", [40] * 8, phases=4, container=container).videos
     rng = np.random.default_rng(0)
     garbage = lambda data: rng.integers(0, 256, size=len(data), dtype=np.uint8).tobytes()  # noqa: E731
     videos[1].phase_mp4s[0] = videos[1].mp4 = garbage(videos[1].mp4)
@@ -143,9 +145,13 @@ def test_corrupt_phase_members_are_skipped(tmp_path, caplog):
     videos[5].mp4 = videos[5].phase_mp4s[0]
     # sample 3's phase-0 member opens (index first) but its frame data is damaged: DALI's error names no sample,
     # so the loader decodes the batch's clips one by one, each from the member its phase picks
-    damaged = ps.encode(ps.synthetic_frames(40, 64, 96, 3)[0::4], faststart=True)
-    at = len(damaged) // 2
-    damaged = damaged[:at] + garbage(damaged[at:at + 1000]) + damaged[at + 1000:]
+    if container == "mp4":
+        damaged = ps.encode(ps.synthetic_frames(40, 64, 96, 3)[0::4], faststart=True)
+        at, length = len(damaged) // 2, 1000
+    else:  # the data of one frame (its size field intact: the stream still parses)
+        frame = ivf.read_ivf(videos[3].mp4).frames[5]
+        damaged, at, length = videos[3].mp4, frame.offset + ivf.FRAME_HEADER_SIZE, frame.size
+    damaged = damaged[:at] + garbage(damaged[at:at + length]) + damaged[at + length:]
     videos[3].phase_mp4s[0] = videos[3].mp4 = damaged
     shards = ps.write_shards(tmp_path / "bad", videos, per_shard=4)
     with caplog.at_level(logging.WARNING, logger="pipeline"):
@@ -153,7 +159,7 @@ def test_corrupt_phase_members_are_skipped(tmp_path, caplog):
         ids = torch.cat([b["sample_id"] for b in evaluator]).tolist()
     assert sorted(set(ids)) == [0, 2, 4, 6, 7] and len(ids) == 5 * 15
     lines = [r.getMessage() for r in caplog.records if "corrupt sample" in r.getMessage()]
-    assert len(lines) == 3 and all(any(f"vid000{i}.p0.mp4" in line for line in lines) for i in (1, 3, 5))
+    assert len(lines) == 3 and all(any(f"vid000{i}.p0.{container}" in line for line in lines) for i in (1, 3, 5))
     trainer = build_loader(shards.directory, "pretrain", 2, **SMALL)
     for _ in range(2):  # sample 5 fails whichever phase a clip picks; sample 1 only when it picks phase 0
         ids = [i for b in trainer for i in b["sample_id"].tolist()]

