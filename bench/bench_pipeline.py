@@ -1,8 +1,9 @@
 """Input-pipeline throughput: this DALI pipeline against a VideoMAE-style decord + DataLoader baseline.
 
     python -m bench.bench_pipeline --out bench/out/pipeline_cpu.json                 # CPU backend, this machine
+    python -m bench.bench_pipeline --layouts timeline,phases4,cut4                   # the same videos, 3 layouts
     python -m bench.bench_pipeline --device gpu --batch-size 32 --out bench/out/pipeline_h100.json \
-        --shards /data/k400/train                                                     # GPU backend on an H100
+        --shards timeline=/data/k400/train                                            # GPU backend on an H100
 
 Both loaders read the same tar shards on the same machine and cores, produce the same pretraining batches (16
 frames at stride 4 from a uniform random start, VideoMAE's multi-scale crop to 224, ImageNet normalization, a
@@ -12,16 +13,17 @@ frames at stride 4 from a uniform random start, VideoMAE's multi-scale crop to 2
   baseline  a torch DataLoader with N workers over the same tars (the `webdataset` package), each sample decoded
             with decord's VideoReader (VideoMAE's loader) at the official indices, cropped, resized (torch bilinear,
             antialiased), normalized and masked per view in Python/torch; pinned and copied to the GPU with
-            --device gpu.
+            --device gpu. It reads the first layout (timeline order, as VideoMAE's loader reads videos).
 
-For K = 1, 2, 4 it reports, after `--warmup` batches, emitted clips/s (views, B*K per batch), decoded clips/s (B
-per batch), frames/s delivered (decoded clips x T) and an estimate of frames/s the decoders actually decode
-(decoding starts at the keyframe before the first sampled frame: about T*stride + GOP/2 per clip), plus the
-ratios dali / baseline (median over `--rounds` alternating rounds). `--sweep` adds runs over decode threads
-(dali) and workers (baseline) at K=1, for a plot; `--decode-sweep` compares the GPU backend's decoding strategies
-(NVDEC instances, CPU decoding threads feeding GPU augmentation, or both) before anything else.
-Without --shards, synthetic VP9 shards (shards.synth + shards.build, Kinetics-like 10 s clips) are built once
-under bench/out/pipeline_shards.
+`--layouts` runs dali on the same videos stored in several shard layouts (`bench.layouts`: timeline order,
+stride phases in MP4, stride phases in IVF cut at key frames, ...). For K = 1, 2, 4 it reports, after `--warmup`
+batches, emitted clips/s (views, B*K per batch), decoded clips/s (B per batch), frames/s delivered (decoded clips
+x T) and the frames/s DALI actually decodes (decoded clips x the layout's decoded frames per clip, computed from the
+shards: `bench.layouts.decoded_frames_per_clip`), plus the ratios dali / baseline and each layout / the first two
+(median over `--rounds` alternating rounds). `--sweep` adds runs over decode threads (dali) and workers (baseline)
+at K=1, for a plot; `--decode-sweep` compares the GPU backend's decoding strategies (NVDEC instances, CPU decoding
+threads feeding GPU augmentation, or both) before anything else. Without --shards, synthetic VP9 shards
+(shards.synth + shards.build, Kinetics-like 10 s clips) are built once per layout under bench/out/pipeline_shards.
 """
 
 from __future__ import annotations
@@ -47,60 +49,19 @@ STD = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1, 1)
 
 
 # -- shards -----------------------------------------------------------------------------------------------------
-def make_bench_shards(out: Path, per_class: int, size: str, frames: int, short_side: int, workers: int,
-                      phases: int = 1) -> Path:
-    """Synthetic VP9 shards for the benchmark, built once (reused when the manifest exists); `phases` > 1 stores
-    the same videos in stride phases."""
-    from shards.build import main as build_main
-    from shards.synth import main as synth_main
+def layout_sets(shards: str | None, layouts: str, args) -> dict[str, str]:
+    """{layout name: shard directory or pattern}: `shards` as NAME=DIR,... (or one DIR, named after the first
+    layout), else synthetic sets built once per layout (bench.layouts) from one set of videos."""
+    from bench.layouts import make_layout_shards, parse_layout, synthetic_videos
 
-    shards = out / ("train" if phases == 1 else f"train-phases{phases}")
-    if (shards / fmt.MANIFEST_NAME).is_file():
-        return shards
-    videos = out / "videos"
-    if not (videos / "train.csv").is_file():
-        assert synth_main(["--out", str(videos), "--classes", "4", "--per-class", str(per_class), "--size", size,
-                           "--frames", str(frames), "--workers", str(workers)]) == 0
-    assert build_main(["--csv", str(videos / "train.csv"), "--root", str(videos), "--split", "train",
-                       "--out", str(shards), "--short-side", str(short_side), "--samples-per-shard", "4",
-                       "--phases", str(phases), "--workers", str(workers), "--quiet"]) == 0
-    return shards
-
-
-def frame_counts(tars: list[str]) -> list[int]:
-    """num_frames of every sample, from the info members (read through the DALI index files)."""
-    counts = []
-    for tar in tars:
-        with open(fmt.index_path_for(tar)) as f, open(tar, "rb") as data:
-            for line in f.readlines()[1:]:
-                tokens = line.split()
-                comps = {tokens[i]: (int(tokens[i + 1]), int(tokens[i + 2])) for i in range(0, len(tokens), 4)}
-                data.seek(comps[fmt.INFO_EXT][0])
-                counts.append(fmt.unpack_info(data.read(comps[fmt.INFO_EXT][1]))["num_frames"])
-    return counts
-
-
-def shard_gop(spec: str, default: int) -> int:
-    """The keyframe interval a shard directory was built with (its manifest), else `default`."""
-    try:
-        return int(fmt.read_manifest(spec)["params"]["gop"])
-    except (FileNotFoundError, NotADirectoryError, KeyError, ValueError, TypeError):
-        return default
-
-
-def expected_decoded_frames(counts: list[int], t: int, stride: int, gop: int | None, phases: int = 1) -> float:
-    """Mean frames a sequential decoder decodes per clip: from the keyframe at or before the first sampled frame
-    to the last sampled frame, averaged over the uniform start positions. In a video stored in `phases` phases
-    (P dividing the stride) a clip runs through one phase, whose keyframes sit every `gop` frames from its start.
-    `gop=None`: a decoder that never seeks and starts every video (member) at its first frame."""
-    total = 0.0
-    for n in counts:
-        starts = np.arange(max(n - t * stride, 0) + 1)
-        last = starts + stride * np.minimum(t - 1, (n - 1 - starts) // stride)
-        first_stored, last_stored = starts // phases, last // phases
-        keyframe = first_stored // gop * gop if gop else 0
-        total += float(np.mean(last_stored - keyframe + 1))
-    return total / len(counts)
+    if shards:
+        if "=" not in shards:
+            return {layouts.split(",")[0]: shards}
+        return dict(item.split("=", 1) for item in shards.split(","))
+    root = Path("bench/out/pipeline_shards")
+    videos = synthetic_videos(root, args.synth_per_class, args.synth_size, args.synth_frames, args.cores)
+    return {spec.name: str(make_layout_shards(root, spec, videos, 240, args.cores))
+            for spec in (parse_layout(name) for name in layouts.split(","))}
 
 
 # -- the VideoMAE-style baseline --------------------------------------------------------------------------------
@@ -160,7 +121,8 @@ class DecordClips(torch.utils.data.IterableDataset):
             np.random.default_rng([self.seed, epoch]).shuffle(urls)  # the same order in every worker
             for sample in wds.WebDataset(urls[worker::workers], shardshuffle=False, workersplitter=None,
                                          empty_check=False):
-                reader = decord.VideoReader(io.BytesIO(sample["mp4"]), num_threads=1)
+                video = sample.get("mp4", sample.get("ivf"))  # timeline order: one video member
+                reader = decord.VideoReader(io.BytesIO(video), num_threads=1)
                 frames = reader.get_batch(official_indices(len(reader), self.t, self.stride, rng)).asnumpy()
                 clip = torch.from_numpy(frames).permute(3, 0, 1, 2).float()           # [C, T, H, W], 0..255
                 views, masks = [], []
@@ -220,7 +182,7 @@ def measure(batches, warmup: int, count: int, batch_size: int, repeats: int, t: 
 def run(kind: str, n: int, repeats: int, args, tars, device, decode: tuple[int, int] | None = None,
         layout: str = "timeline") -> dict:
     """One loader at one setting; `decode` = (decoder_groups, cpu_decoder_groups) for dali (default: the args');
-    `layout` names the shards' frame order ("timeline", or "phasesP" for shards stored in stride phases)."""
+    `layout` names the shards' layout (bench.layouts)."""
     groups, cpu_groups = decode or (args.decoder_groups, args.cpu_decoder_groups)
     if kind == "dali":
         batches = dali_batches(tars, args.batch_size, n, repeats, args.num_frames, args.stride,
@@ -238,8 +200,7 @@ def run(kind: str, n: int, repeats: int, args, tars, device, decode: tuple[int, 
                                                     {"workers": n}))
     del batches
     strategy = f" groups={groups} cpu_groups={cpu_groups}" if kind == "dali" else ""
-    if layout != "timeline":
-        strategy += f" {layout}"
+    strategy += f" {layout}"
     print(f"  {kind:8s} K={repeats} {'threads' if kind == 'dali' else 'workers'}={n}{strategy}: "
           f"{result['clips_per_s']:8.2f} clips/s  {result['decoded_clips_per_s']:7.2f} decoded clips/s  "
           f"{result['frames_per_s']:8.1f} frames/s", flush=True)
@@ -248,7 +209,11 @@ def run(kind: str, n: int, repeats: int, args, tars, device, decode: tuple[int, 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.bench_pipeline", description=__doc__.split("\n\n")[0])
-    p.add_argument("--shards", help="shard directory/pattern (default: build synthetic shards under bench/out)")
+    p.add_argument("--shards", help="shard directory/pattern, or NAME=DIR,... one per layout (default: synthetic "
+                                    "shards built under bench/out, one set per --layouts entry)")
+    p.add_argument("--layouts", default="timeline",
+                   help="dali on these layouts of the same videos (bench.layouts: timeline, phases4, cut4, cut1, "
+                        "optionally :GOP); the baseline reads the first, which must be in timeline order")
     p.add_argument("--device", choices=["cpu", "gpu"], default="cpu")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--batches", type=int, default=12, help="timed batches per run")
@@ -273,12 +238,6 @@ def main(argv: list[str] | None = None) -> int:
                         "DALI's mixed decoder decodes as many videos at once as the pipeline has threads, each "
                         "decoder group with its own pool")
     p.add_argument("--decode-sweep-k", type=int, default=2)
-    p.add_argument("--phases", type=int, default=0,
-                   help="also run dali on the same videos stored in this many stride phases (shards.build "
-                        "--phases), in every comparison and decode-sweep run; 0: off")
-    p.add_argument("--phase-shards", help="with --shards and --phases: the phase-ordered shards of the same videos")
-    p.add_argument("--gop", type=int, default=16,
-                   help="keyframe interval of shards without a manifest, for the decoded-frames estimate")
     p.add_argument("--synth-size", default="426x240", help="synthetic videos: WIDTHxHEIGHT before transcoding")
     p.add_argument("--synth-frames", type=int, default=250, help="synthetic videos: frames (10 s at 25 fps)")
     p.add_argument("--synth-per-class", type=int, default=8)
@@ -286,33 +245,26 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     device = torch.device("cuda", 0) if args.device == "gpu" else torch.device("cpu")
-    if args.phases and args.shards and not args.phase_shards:
-        p.error("--phases with --shards needs --phase-shards (the same videos built with shards.build --phases)")
-    synthetic = lambda phases: str(make_bench_shards(  # noqa: E731
-        Path("bench/out/pipeline_shards"), args.synth_per_class, args.synth_size, args.synth_frames, 240,
-        args.cores, phases))
-    if not args.shards:
-        args.shards = synthetic(1)
-        if args.phases:
-            args.phase_shards = synthetic(args.phases)
+    from bench.layouts import layout_summary
+    from pipeline.shardset import ShardSet
+
+    sets = layout_sets(args.shards, args.layouts, args)
     # Repeating the shard list lengthens an epoch without more data: a loader's per-epoch costs (DALI builds a
     # pipeline per epoch; DataLoader reshuffles) then weigh as they would on a real dataset, not every few batches.
-    tars = fmt.resolve_shards(args.shards) * args.shard_repeat
-    counts = frame_counts(tars)
-    layouts = {"timeline": tars}
-    args.decoded_per_clip = {"timeline": expected_decoded_frames(counts, args.num_frames, args.stride,
-                                                                 shard_gop(args.shards, args.gop))}
-    if args.phases:
-        phase_tars = fmt.resolve_shards(args.phase_shards) * args.shard_repeat
-        if sorted(frame_counts(phase_tars)) != sorted(counts):
-            p.error(f"{args.phase_shards}: not the same videos as {args.shards} (frame counts differ)")
-        layouts[f"phases{args.phases}"] = phase_tars
-        args.decoded_per_clip[f"phases{args.phases}"] = expected_decoded_frames(
-            counts, args.num_frames, args.stride, shard_gop(args.phase_shards, args.gop), args.phases)
-    per_clip = ", ".join(f"{v:.1f} ({k})" for k, v in args.decoded_per_clip.items())
-    print(f"bench_pipeline: {len(counts)} videos in {len(tars)} shards, mean {np.mean(counts):.0f} frames; "
-          f"~{per_clip} frames decoded per clip by a decoder that seeks to the keyframe before it (DALI 2.4's CPU "
-          f"decoder decodes from the stream's start instead: bench.bench_decode); device {args.device}, "
+    layouts = {name: fmt.resolve_shards(spec) * args.shard_repeat for name, spec in sets.items()}
+    summary = {name: layout_summary(fmt.resolve_shards(sets[name]), ShardSet(tars).phases, args.num_frames,
+                                    args.stride) for name, tars in layouts.items()}
+    if len({(s["videos"], s["mean_frames"]) for s in summary.values()}) != 1:
+        p.error(f"the shard sets do not hold the same videos: {summary}")
+    first = next(iter(layouts))
+    if ShardSet(layouts[first]).phases != 1:
+        p.error(f"the first layout ({first}) is read by the baseline too: it must be in timeline order")
+    args.decoded_per_clip = {name: s["decoded_frames_per_clip"] for name, s in summary.items()}
+    per_clip = ", ".join(f"{s['decoded_frames_per_clip']:.1f} ({name}, {s['bytes_per_video'] / 1e3:.0f} kB/video)"
+                         for name, s in summary.items())
+    stats = summary[first]
+    print(f"bench_pipeline: {stats['videos']} videos, {len(layouts[first])} shards per epoch, mean "
+          f"{stats['mean_frames']:.0f} frames; frames DALI decodes per clip: {per_clip}; device {args.device}, "
           f"{args.cores} cores", flush=True)
 
     results: list[dict] = []
@@ -327,7 +279,8 @@ def main(argv: list[str] | None = None) -> int:
             "machine": {"platform": platform.platform(), "processor": _cpu_name(), "cores": args.cores,
                         "gpu": torch.cuda.get_device_name(0) if args.device == "gpu" else None},
             "settings": {k: v for k, v in vars(args).items() if k not in ("out",)},
-            "dataset": {"videos": len(counts), "shards": len(tars), "mean_frames": float(np.mean(counts))},
+            "dataset": {"videos": stats["videos"], "shards_per_epoch": len(layouts[first]),
+                        "mean_frames": stats["mean_frames"]}, "shards": sets, "layouts": summary,
             "results": results, "ratios": ratios, "sweep": sweep, "decode_sweep": decode_sweep,
         }
         if args.out:
@@ -346,22 +299,23 @@ def main(argv: list[str] | None = None) -> int:
                                     (groups, cpu_groups), layout))
             save()
     # the loaders compared, alternated within each round so that drift on a shared machine hits all of them
-    loaders = [("baseline", "timeline")] + [("dali", layout) for layout in layouts]
+    loaders = [("baseline", first)] + [("dali", layout) for layout in layouts]
     for round_index in range(args.rounds):
         for repeats in [int(k) for k in args.repeats.split(",") if k]:
             for kind, layout in loaders:
                 results.append(dict(run(kind, args.cores, repeats, args, layouts[layout], device, layout=layout),
                                     round=round_index))
                 save()
-    # (loader, baseline) pairs: dali against the VideoMAE-style baseline; phase-ordered dali also against dali
-    pairs = [(("dali", layout), ("baseline", "timeline")) for layout in layouts]
-    pairs += [(("dali", layout), ("dali", "timeline")) for layout in layouts if layout != "timeline"]
+    # (loader, baseline) pairs: dali on every layout against the VideoMAE-style baseline, then each layout against
+    # the first two (timeline order; the layout before the newest)
+    names = list(layouts)
+    pairs = [(("dali", layout), ("baseline", first)) for layout in layouts]
+    pairs += [(("dali", layout), ("dali", base)) for base in names[:2] for layout in names if layout != base]
     for repeats in sorted({r["repeats"] for r in results}):
         per_round = [{(r["loader"], r["layout"]): r for r in results if r["repeats"] == repeats and r["round"] == i}
                      for i in range(args.rounds)]
         for this, base in pairs:
-            name = " ".join([f"K={repeats}"] + ([this[1]] if this[1] != "timeline" else [])
-                            + (["vs dali"] if base[0] == "dali" else []))
+            name = " ".join([f"K={repeats}", this[1]] + ([f"vs dali {base[1]}"] if base[0] == "dali" else []))
             ratios[name] = {key: round(float(np.median([p[this][key] / p[base][key] for p in per_round])), 2)
                             for key in ("clips_per_s", "decoded_clips_per_s")}
             print(f"  ratio {' '.join(this)} / {' '.join(base)}, K={repeats}: {ratios[name]['clips_per_s']:.2f}x "

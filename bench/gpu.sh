@@ -9,18 +9,18 @@
 #                       decoding strategy, H.264 on NVDEC, zero-copy handoff, resume, corrupt samples; Triton loss
 #                       kernel on CUDA)
 #             decode:   NVDEC alone (bench.bench_decode --device gpu): whether it seeks or decodes from the
-#                       stream's start, and timeline-order vs 4-phase VP9 shards of the same videos; then the GPU
-#                       backend's decoding strategies side by side (bench.bench_pipeline --decode-sweep,
-#                       K = 2): NVDEC with 1x/2x threads, NVDEC x2/x4 instances, CPU threads + GPU
-#                       augmentation, and hybrids with 1/2 to 3/4 of each batch decoded on the CPU; then four
-#                       of them on timeline-order and 4-phase shards side by side
+#                       stream's start, and the three VP9 layouts of the same videos (timeline MP4, 4-phase MP4,
+#                       4-phase IVF cut at key frames); then the GPU backend's decoding strategies side by side
+#                       on the cut layout (bench.bench_pipeline --decode-sweep, K = 2): NVDEC with 1x/2x
+#                       threads, NVDEC x2/x4 instances, CPU threads + GPU augmentation, and hybrids with 1/2 to
+#                       3/4 of each batch decoded on the CPU; then four of them on the 4-phase MP4 layout
 #             pipeline: bench.bench_pipeline --device gpu against the decord + DataLoader baseline, K = 1, 2, 4,
-#                       VP9 shards, with a thread/worker sweep point
+#                       VP9 shards (timeline MP4 and the cut layout), with a thread/worker sweep point
 #             h264:     the same on H.264 shards (NVDEC only)
 #             train:    bench.bench_train: ViT-B pretraining step fed by the real pipeline vs in-memory tensors
 #   OUTDIR  default bench/out/gpu
-#   DATA    folder with shard directories vp9/, vp9p4/ and h264/ (default .gpu/data; build them with bench/gpu_data.sh
-#           on a machine that has ffmpeg)
+#   DATA    folder with shard directories vp9/, vp9p4/, vp9c4/ and h264/ (default .gpu/data; build them with
+#           bench/gpu_data.sh on a machine that has ffmpeg)
 #   BUDGET  (environment) seconds for the whole run, default 590
 #
 # Offline machine: what the machine lacks is carried in as parts, from the project root (see README, "GPU suite"):
@@ -71,28 +71,30 @@ fi
 # The carried sets are small (96 videos): read each 8 times per epoch so that per-epoch costs (DALI builds a
 # pipeline per epoch) weigh as on a real dataset, not every few batches.
 repeat=8
-ntar=$(ls "$data/vp9"/train-*.tar | wc -l); range="{000000..$(printf %06d $((ntar - 1)))}"
-vp9_repeated="$data/vp9/train-{$(printf "$range,%.0s" $(seq $repeat) | sed 's/,$//')}.tar"
+ntar=$(ls "$data/vp9c4"/train-*.tar | wc -l); range="{000000..$(printf %06d $((ntar - 1)))}"
+cut_repeated="$data/vp9c4/train-{$(printf "$range,%.0s" $(seq $repeat) | sed 's/,$//')}.tar"
+layouts="timeline=$data/vp9,phases4=$data/vp9p4,cut4=$data/vp9c4"
 if [ "$part" = all ] || [ "$part" = decode ]; then
-  step decode_layouts 60 python3 -m bench.bench_decode --device gpu --shards "$data/vp9" --phase-shards "$data/vp9p4" \
+  step decode_layouts 60 python3 -m bench.bench_decode --device gpu --shards "$layouts" \
     --threads "$cores" --batch-size 32 --batches 8 --rounds 2 --out "$out/decode_layouts.json"
-  step pipeline_decode 120 python3 -m bench.bench_pipeline --device gpu --shards "$data/vp9" --shard-repeat $repeat \
-    --batch-size 32 --cores "$cores" --batches 10 --warmup 2 --repeats "" --sweep "" \
-    --decode-sweep "1:0,1:0:$((2 * cores)),2:0,4:0,1:1,2:1,3:2,4:3" --out "$out/pipeline_decode.json"
-  step pipeline_decode_phases 120 python3 -m bench.bench_pipeline --device gpu --shards "$data/vp9" \
-    --phases 4 --phase-shards "$data/vp9p4" --shard-repeat $repeat --batch-size 32 --cores "$cores" --batches 10 \
+  step pipeline_decode 120 python3 -m bench.bench_pipeline --device gpu --shards "cut4=$data/vp9c4" \
+    --layouts cut4 --shard-repeat $repeat --batch-size 32 --cores "$cores" --batches 10 --warmup 2 --repeats "" \
+    --sweep "" --decode-sweep "1:0,1:0:$((2 * cores)),2:0,4:0,1:1,2:1,3:2,4:3" --out "$out/pipeline_decode.json"
+  step pipeline_decode_phases 120 python3 -m bench.bench_pipeline --device gpu --shards "phases4=$data/vp9p4" \
+    --layouts phases4 --shard-repeat $repeat --batch-size 32 --cores "$cores" --batches 10 \
     --warmup 2 --repeats "" --sweep "" --decode-sweep "1:0,4:0,1:1,3:2" --out "$out/pipeline_decode_phases.json"
 fi
 if [ "$part" = all ] || [ "$part" = train ]; then
   step train_saturation 220 python3 -m bench.bench_train --config configs/pretrain_vitb_k400.yaml --steps 60 \
-    --log-interval 10 --warmup 2 --out "$out/train_saturation.json" data.train="$vp9_repeated" data.batch_size=16
+    --log-interval 10 --warmup 2 --out "$out/train_saturation.json" data.train="$cut_repeated" data.batch_size=16
 fi
 if [ "$part" = all ] || [ "$part" = pipeline ]; then
-  step pipeline_vp9 170 python3 -m bench.bench_pipeline --device gpu --shards "$data/vp9" --shard-repeat $repeat \
-    --batch-size 32 --cores "$cores" --batches 12 --warmup 2 --sweep 4 --out "$out/pipeline_vp9.json"
+  step pipeline_vp9 170 python3 -m bench.bench_pipeline --device gpu --shards "timeline=$data/vp9,cut4=$data/vp9c4" \
+    --layouts timeline,cut4 --shard-repeat $repeat --batch-size 32 --cores "$cores" --batches 12 --warmup 2 \
+    --sweep 4 --out "$out/pipeline_vp9.json"
 fi
 if [ "$part" = all ] || [ "$part" = h264 ]; then
-  step pipeline_h264 120 python3 -m bench.bench_pipeline --device gpu --shards "$data/h264" --shard-repeat $repeat \
+  step pipeline_h264 120 python3 -m bench.bench_pipeline --device gpu --shards "timeline=$data/h264" --shard-repeat $repeat \
     --batch-size 32 --cores "$cores" --batches 12 --warmup 2 --sweep "" --out "$out/pipeline_h264.json"
 fi
 echo "=== results in $out"

@@ -1,21 +1,27 @@
 #!/usr/bin/env bash
 # Build the small shard sets the GPU suite (bench/gpu.sh) reads, on a machine with ffmpeg (the GPU machine has
-# none): 96 synthetic clips of 80 frames at 25 fps, short side 240, as VP9, as VP9 in 4 stride phases and as
-# H.264 shards (~75 MB, small enough to carry). A 16x4 clip costs the same to decode from a 3.2 s video as from a 10 s one (~68 frames from
-# the keyframe before its start), so short videos keep the set small without flattering the decode rate.
+# none): 64 synthetic clips of 80 frames at 25 fps, short side 240, in four layouts of the same videos (bench.layouts):
+#   vp9    timeline order, VP9 in MP4, GOP 16 (the decord baseline reads it too)
+#   vp9p4  4 stride phases, VP9 in MP4, GOP 64 (decoded from each member's start)
+#   vp9c4  4 stride phases, VP9 in IVF + cuts table (the default layout: cut at the key frame before each clip)
+#   h264   timeline order, H.264 in MP4, GOP 16 (NVDEC only)
+# (~70 MB, carried in two calls). Short videos keep the set small; per clip, DALI decodes from the member's start
+# (MP4) or the key frame before the clip (IVF), so 3.2 s clips understate the MP4 layouts' cost on 10 s videos.
 #   bash bench/gpu_data.sh [OUT]        (default .gpu/data)
 set -euo pipefail
 out=${1:-.gpu/data}
 root=$(cd "$(dirname "$0")/.." && pwd); cd "$root"
 py=${PYTHON:-.venv/bin/python}
 rm -rf "$out" && mkdir -p "$out"
-$py -m shards.synth --out "$out/videos" --classes 8 --per-class 12 --val-per-class 1 --size 426x240 --frames 80 --seed 0
-for codec in vp9 h264; do
-  $py -m shards.build --csv "$out/videos/train.csv" --root "$out/videos" --split train --out "$out/$codec" \
-    --codec "$codec" --short-side 240 --samples-per-shard 4 --quiet
-done
-# the same VP9 videos stored in 4 stride phases (bench.bench_decode compares the two layouts)
-$py -m shards.build --csv "$out/videos/train.csv" --root "$out/videos" --split train --out "$out/vp9p4" \
-  --short-side 240 --samples-per-shard 4 --phases 4 --quiet
+$py -m shards.synth --out "$out/videos" --classes 8 --per-class 8 --val-per-class 1 --size 426x240 --frames 80 --seed 0
+build() {  # OUT-NAME, then shards.build options
+  local name=$1; shift
+  $py -m shards.build --csv "$out/videos/train.csv" --root "$out/videos" --split train --out "$out/$name" \
+    --short-side 240 --samples-per-shard 4 --quiet "$@"
+}
+build vp9 --container mp4 --gop 16
+build vp9p4 --container mp4 --phases 4 --gop 64
+build vp9c4 --phases 4
+build h264 --codec h264
 rm -rf "$out/videos"
 du -sh "$out"/*

@@ -19,38 +19,46 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 STYLE = {"dali": dict(color="tab:green", marker="o", label="this pipeline (DALI)"),
          "baseline": dict(color="tab:gray", marker="s", label="decord + DataLoader baseline")}
-PHASE_STYLE = dict(color="tab:blue", marker="^")
+LAYOUT_COLORS = ["tab:green", "tab:blue", "tab:red", "tab:purple", "tab:orange"]
+LAYOUT_WORDS = {"timeline": "timeline order", "phases4": "4 phases, MP4", "cut4": "4 phases, IVF cut at key frames",
+                "cut1": "timeline order, IVF cut"}
 
 
-def _line(name: str) -> dict:
-    """Plot style of a "loader" or "loader layout" line (shards stored in stride phases: a second DALI line)."""
-    if " " not in name:
-        return STYLE[name]
-    return dict(PHASE_STYLE, label=f"this pipeline, shards in {name.split()[1].replace('phases', '')} phases")
+def _line(name: str, layouts: list[str]) -> dict:
+    """Plot style of a "baseline" or "dali LAYOUT" line: one colour per layout, in the order the run lists them."""
+    if name == "baseline":
+        return STYLE["baseline"]
+    layout = name.split(" ", 1)[1] if " " in name else "timeline"
+    colour = LAYOUT_COLORS[layouts.index(layout) % len(LAYOUT_COLORS)] if layout in layouts else "tab:green"
+    return dict(color=colour, marker="o" if layout == layouts[0] else "^",
+                label=f"this pipeline, {LAYOUT_WORDS.get(layout.split(':')[0], layout)}"
+                      + (f" (GOP {layout.split(':')[1]})" if ":" in layout else ""))
 
 
 def _median_by(rows: list[dict], x_key: str, y_key: str) -> dict[str, tuple[list, list]]:
-    """{loader (+ " layout" for phase-ordered shards): (xs, median ys)} over rounds."""
+    """{"baseline" or "dali LAYOUT": (xs, median ys)} over rounds."""
     groups: dict[str, dict] = defaultdict(lambda: defaultdict(list))
     for row in rows:
         x = row.get(x_key, row.get("workers"))
-        layout = row.get("layout", "timeline")
-        groups[row["loader"] + ("" if layout == "timeline" else f" {layout}")][x].append(row[y_key])
+        name = "baseline" if row["loader"] == "baseline" else f"dali {row.get('layout', 'timeline')}"
+        groups[name][x].append(row[y_key])
     return {loader: (sorted(v), [statistics.median(v[x]) for x in sorted(v)]) for loader, v in groups.items()}
 
 
 def _title(result: dict) -> str:
     machine = result["machine"]
     where = machine.get("gpu") or f"{machine.get('processor', 'CPU')}"
-    return f"{result['settings']['device']} backend, {where}, {machine['cores']} cores"
+    cores = machine.get("cores", result["settings"].get("cores"))
+    return f"{result['settings']['device']} backend, {where}, {cores} cores"
 
 
 def plot(results: list[dict], out: str) -> None:
     fig, axes = plt.subplots(2, len(results), figsize=(5.2 * len(results), 7.5), squeeze=False)
     for col, result in enumerate(results):
         top, bottom = axes[0][col], axes[1][col]
+        layouts = list(dict.fromkeys(r.get("layout", "timeline") for r in result["results"] if r["loader"] == "dali"))
         for loader, (xs, ys) in _median_by(result["results"], "repeats", "clips_per_s").items():
-            top.plot(xs, ys, **_line(loader))
+            top.plot(xs, ys, **_line(loader, layouts))
         top.set(xlabel="views per decoded clip K (repeated augmentation)", ylabel="clips/s emitted",
                 title=_title(result), xticks=sorted({r["repeats"] for r in result["results"]}))
         top.set_ylim(bottom=0)
@@ -61,7 +69,7 @@ def plot(results: list[dict], out: str) -> None:
             rows = [r for r in sweep if r["loader"] == kind]
             for loader, (xs, ys) in _median_by(rows, "threads" if kind == "dali" else "workers",
                                                "decoded_clips_per_s").items():
-                bottom.plot(xs, ys, **_line(loader))
+                bottom.plot(xs, ys, **_line(loader, layouts))
                 bottom.set_xticks(xs)
         bottom.set(xlabel="decode threads (DALI) / DataLoader workers (baseline)", ylabel="clips/s decoded (K=1)")
         bottom.set_ylim(bottom=0)

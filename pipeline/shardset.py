@@ -99,11 +99,36 @@ class ShardSet:
         self._index_cache: dict[str, tuple[str, list[IndexedSample]]] = {}
         self.blocked: dict[str, str] = {}        # "tar:member" -> reason
         self._patch_dir: str | None = None
+        self._check_sizes()
         self.layout = self._layout()
         self.phases = self.layout.phases
         self.video_exts = self.layout.video_exts  # the first names the sample (source, codec, blocking)
         # the members a decode reads: the videos and, in IVF layouts, their cuts table
         self.decode_exts = self.video_exts + ([fmt.CUTS_EXT] if self.layout.cuttable else [])
+
+    def _check_sizes(self) -> None:
+        """Refuse, in one line naming the shard, a tar shorter than its index says (DALI would read past its end:
+        a crash, not an error) or of another size than its manifest lists (a truncated or replaced shard)."""
+        listed: dict[str, int] = {}
+        for directory in sorted({os.path.dirname(os.path.abspath(tar)) for tar in self.tars}):
+            try:
+                manifest = json.loads((Path(directory) / fmt.MANIFEST_NAME).read_text())
+                listed.update({os.path.join(directory, s["tar"]): int(s["bytes"]) for s in manifest["shards"]
+                               if "bytes" in s})
+            except (OSError, ValueError, KeyError, TypeError):
+                continue  # shards without a (readable) manifest: the index check below still holds
+        for tar in self.tars:
+            size = os.path.getsize(tar)
+            expected = listed.get(os.path.abspath(tar))
+            if expected is not None and size != expected:
+                raise ValueError(f"{tar}: {size} bytes, its manifest lists {expected} (truncated or replaced; run "
+                                 f"`python -m shards.verify` on its directory and rebuild the shard)")
+            samples = self.index(tar)[1]
+            end = max((offset + length for sample in samples for offset, length, _ in sample.components.values()),
+                      default=0)
+            if end > size:
+                raise ValueError(f"{tar}: {size} bytes, but its index {fmt.index_path_for(tar)} points to byte {end} "
+                                 f"(a truncated shard; rebuild it, or its index with wds2idx)")
 
     def _layout(self) -> fmt.Layout:
         """How the videos are stored (shards.format), the same in every tar: read from each tar's first sample."""

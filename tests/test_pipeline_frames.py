@@ -161,3 +161,38 @@ def test_phases_must_divide_the_stride_and_agree_across_shards():
     with pytest.raises(ValueError, match="of ivf, .* of mp4"):
         build_loader(ps.eval_shards(4).tars + ps.eval_shards(4, "mp4").tars, "eval", 2, num_frames=T, stride=STRIDE,
                      input_size=48)
+
+
+@pytest.mark.parametrize("container", ["ivf", "mp4"])
+def test_an_info_that_overstates_the_frame_count_gives_no_black_frames(tmp_path, container):
+    """Samples whose .info claims 40 frames more than their video holds: IVF layouts sample within the frames the
+    cuts table says are stored (frame_idx honest); MP4 layouts repeat the last real frame (the decoder's edge
+    padding) or skip the sample as corrupt (a clip that starts past the real end). Never frames of zeros passed off
+    as data."""
+    real = [20, 30, 24, 36]
+    shards = ps.make_test_shards(tmp_path / "in", real, phases=4, container=container)
+    lying = {0, 2}
+    for i in lying:
+        shards.videos[i].num_frames += 40
+    shards = ps.write_shards(tmp_path / "lying", shards.videos, per_shard=2)
+    loader = build_loader(shards.directory, "pretrain", 2, num_frames=T, stride=STRIDE, input_size=48,
+                          debug_outputs=True, drop_last=False, antialias=False)
+    rows = 0
+    for _ in range(3):
+        for batch in loader:
+            for row in range(batch["frames"].shape[0]):
+                video = shards.by_id[int(batch["sample_id"][row])]
+                n = real[video.sample_id]
+                idx = batch["frame_idx"][row].numpy()
+                if container == "ivf":
+                    assert idx.max() < n
+                got = batch["frames"][row].numpy()
+                assert got.reshape(T, -1).max(axis=1).min() > 0, "a black frame"
+                last_of_phase = (n - 1 - idx[0] % 4) // 4 * 4 + idx[0] % 4
+                expected = reference_view(ps.decode_cached(video), np.minimum(idx, last_of_phase),
+                                          batch["box"][row].numpy(), 48, False)
+                assert np.abs(got - expected).mean() < 1.5
+                rows += 1
+    assert rows >= 8
+    if container == "ivf":
+        assert loader.stats.corrupt_samples == 0

@@ -244,3 +244,28 @@ def test_gpu_backend_refuses_vp9_below_nvdec_minimum(shard_dirs, tmp_path):
     manifest = json.loads((shard_dirs["train"] / fmt.MANIFEST_NAME).read_text())
     assert manifest["params"]["short_side"] < NVDEC_VP9_MIN_SIDE
     ShardSet(ps.train_shards().directory).check_gpu_decodable()  # no build settings: nothing to refuse
+
+
+@pytest.mark.parametrize("cut_at", ["last_member", "half"])
+def test_truncated_tars_are_refused_before_dali_reads_them(shard_dirs, tmp_path, cut_at):
+    """A tar that ends inside its last member (DALI would segfault) or was cut in half (DALI would fail mid-epoch)
+    is refused at construction, in one line naming the shard; with a manifest, any size change is."""
+    import shutil
+
+    copy = tmp_path / "train"
+    shutil.copytree(shard_dirs["train"], copy)
+    tar = fmt.resolve_shards(str(copy))[-1]
+    data = open(tar, "rb").read()
+    last_end = max(int(tokens[i + 1]) + int(tokens[i + 2]) for line in open(fmt.index_path_for(tar)).readlines()[1:]
+                   for tokens in [line.split()] for i in range(0, len(tokens), 4))
+    keep = last_end - 100 if cut_at == "last_member" else len(data) // 2
+    open(tar, "wb").write(data[:keep])
+    with pytest.raises(ValueError) as error:
+        build_loader(str(copy), "pretrain", 2, **SMALL)
+    message = str(error.value)
+    assert "\n" not in message and tar in message and "manifest lists" in message
+    # without a manifest beside the tars, the index still tells
+    os.remove(copy / fmt.MANIFEST_NAME)
+    with pytest.raises(ValueError, match="points to byte") as error:
+        build_loader(tar, "pretrain", 2, **SMALL)
+    assert tar in str(error.value)
