@@ -22,14 +22,20 @@ reads `model_config`, `model`, `kind` and `class_names`; the rest serves `train.
 
 Files are `checkpoint-{step:08d}.pt` in the run directory. A save writes `*.pt.tmp-{pid}` first, then renames it
 (`os.replace` is atomic on POSIX filesystems), so a crash never leaves a half-written file under a real name.
+A file can still be damaged later (a full disk elsewhere, a bad copy): `newest_intact_checkpoint` skips such files,
+and `set_aside` renames them out of the `checkpoint-*.pt` namespace so that keep-last-N never keeps a damaged file
+in place of a good one.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
+import pickle
 import random
 import re
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +45,9 @@ from torch import nn
 
 FORMAT = "videomae-fast/1"
 _NAME = re.compile(r"^checkpoint-(\d{8,})\.pt$")
+# what `train.py --resume` reads; a checkpoint without any of these cannot continue a run
+RESUME_KEYS = ("kind", "model_config", "model", "step", "optimizer", "scheduler", "rng", "loader")
+DAMAGED_SUFFIX = ".damaged"
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
@@ -113,10 +122,40 @@ def resolve_checkpoint_path(path: str | os.PathLike) -> Path:
     return p
 
 
-def stored_num_classes(path: str | os.PathLike) -> int | None:
+# how a caller says it trusts a file that the weights-only loader refuses (model.loading, predict, train.py)
+TRUST_FLAG = "trust_pickle=True (--trust-pickle; train.py: model.trust_pickle=true)"
+
+
+def torch_load_refusal(path: str | os.PathLike, exc: BaseException) -> str:
+    """The one-line error for a file that torch.load(weights_only=True) did not read: an unpickling refusal names
+    the opt-in (full unpickling can run code), anything else is an unreadable file."""
+    if isinstance(exc, pickle.UnpicklingError):
+        return (f"{path}: refused: it needs full unpickling, which can run code ({load_error_reason(exc)}); if you "
+                f"trust this file, pass {TRUST_FLAG}")
+    return f"{path}: not a readable checkpoint ({load_error_reason(exc)})"
+
+
+def load_error_reason(exc: BaseException) -> str:
+    """Why torch.load failed, in one short line: torch's weights-only refusals run over many lines, of which the
+    "WeightsUnpickler error" one says what was refused; an empty message (EOFError: a 0-byte file) says that."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    marker = "WeightsUnpickler error:"
+    for i, line in enumerate(lines):
+        if marker in line:
+            detail = line.partition(marker)[2].strip() or (lines[i + 1] if i + 1 < len(lines) else "")
+            return f"{type(exc).__name__}: {detail.partition('. Please use')[0][:200]}"
+    if not lines:
+        return f"{type(exc).__name__}: empty or cut-off file"
+    return f"{type(exc).__name__}: {lines[0].partition('. ')[0][:200]}"
+
+
+def stored_num_classes(path: str | os.PathLike, trust_pickle: bool = False) -> int | None:
     """Class count of a classifier checkpoint without building a model: ours (model_config), a Hugging Face
-    directory (config.json) or an official .pth (head.weight rows). None for pretraining checkpoints and for files
-    that cannot be read safely here (the loader checks those itself)."""
+    directory (config.json) or an official .pth (head.weight rows). None for pretraining checkpoints.
+
+    Files are read as the loader reads them (`model.load_pretrained`): weights only. A file that this refuses is a
+    ValueError of one line (`torch_load_refusal`), so that it fails before anything is built; with `trust_pickle`
+    the check is left to the loader (None), since peeking is no reason to unpickle code."""
     path = Path(path)
     if path.is_dir():
         config = path / "config.json"
@@ -127,9 +166,12 @@ def stored_num_classes(path: str | os.PathLike) -> int | None:
             return None
         return len(hf["id2label"]) if hf.get("id2label") else hf.get("num_labels")
     try:
-        obj = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
-    except Exception:  # official files may pickle argparse namespaces: not loaded unsafely just to peek
-        return None
+        with torch.serialization.safe_globals([argparse.Namespace]):  # as the loader: official files pickle args
+            obj = torch.load(path, map_location="cpu", mmap=zipfile.is_zipfile(path), weights_only=True)
+    except Exception as e:
+        if trust_pickle:
+            return None
+        raise ValueError(torch_load_refusal(path, e)) from e
     if not isinstance(obj, dict):
         return None
     if obj.get("format") == FORMAT:
@@ -139,19 +181,51 @@ def stored_num_classes(path: str | os.PathLike) -> int | None:
     return int(head.shape[0]) if isinstance(head, torch.Tensor) else None
 
 
-def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict:
-    """Read one of our checkpoints; raises ValueError (one line, naming the file) for anything else."""
+def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu",
+                    required: tuple[str, ...] = ()) -> dict:
+    """Read one of our checkpoints, fully, with weights_only=True; it must hold every key of `required` (e.g.
+    RESUME_KEYS). Anything else (missing, empty, truncated, foreign, lacking keys) is a ValueError of one line naming
+    the file and the problem (FileNotFoundError for a missing file)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: checkpoint not found")
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # truncated file, not a torch file, foreign pickles
-        raise ValueError(f"{path}: not a readable checkpoint ({type(e).__name__}: {str(e).splitlines()[0]})") from e
+        raise ValueError(f"{path}: not a readable checkpoint ({load_error_reason(e)})") from e
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         got = ckpt.get("format") if isinstance(ckpt, dict) else type(ckpt).__name__
         raise ValueError(f"{path}: format {got!r}, expected {FORMAT!r}")
+    missing = [k for k in required if k not in ckpt]
+    if missing:
+        raise ValueError(f"{path}: incomplete checkpoint, no {', '.join(missing)}")
     return ckpt
+
+
+def newest_intact_checkpoint(run_dir: str | os.PathLike, required: tuple[str, ...] = RESUME_KEYS,
+                             map_location: str | torch.device = "cpu"
+                             ) -> tuple[Path | None, dict | None, list[tuple[Path, str]]]:
+    """The newest checkpoint of `run_dir` that loads fully (`load_checkpoint` with `required`).
+
+    Returns (path, checkpoint, skipped): path and checkpoint are None when none loads; `skipped` holds (file, one-line
+    reason) for each newer file that did not load. Files are tried newest first until one loads, so a damaged newest
+    checkpoint costs the steps since the previous one, not the run."""
+    skipped: list[tuple[Path, str]] = []
+    for path in reversed(list_checkpoints(run_dir)):
+        try:
+            return path, load_checkpoint(path, map_location, required), skipped
+        except (OSError, ValueError) as e:  # OSError: gone meanwhile (another rank set it aside), an I/O error
+            skipped.append((path, (str(e).splitlines() or [f"{path}: {type(e).__name__}"])[0]))
+    return None, None, skipped
+
+
+def set_aside(path: str | os.PathLike) -> Path:
+    """Rename a damaged checkpoint to `*.pt.damaged`: kept for inspection, but no longer a `checkpoint-*.pt`, so that
+    neither resuming nor keep-last-N counts it."""
+    path = Path(path)
+    target = path.with_name(path.name + DAMAGED_SUFFIX)
+    os.replace(path, target)
+    return target
 
 
 def capture_rng_state() -> dict[str, Any]:

@@ -11,6 +11,12 @@ Understood formats (detected from the path's contents):
     carry no input geometry, so num_frames / img_size default to 16 / 224 (pass overrides otherwise), and head
     counts follow the official sizes from the embedding width (override num_heads / decoder_num_heads if not).
 
+Loading is safe: files are read with `torch.load(weights_only=True)` (tensors and plain containers, plus the
+argparse.Namespace that official checkpoints pickle beside their weights), which cannot run code. A file that needs
+full unpickling (arbitrary classes or functions, i.e. possibly code) is refused with one line naming it, unless the
+caller says it trusts the file: `trust_pickle=True` (`--trust-pickle` of model.predict / model.reconstruct,
+`model.trust_pickle=true` in train.py).
+
 Loading is strict: every weight of the model must come from the checkpoint with the right shape, and every
 checkpoint weight must be used. The single exception is starting a classifier from a pretraining checkpoint
 (fine-tuning): the encoder is taken, the decoder is dropped, and the classifier's fc_norm/head are newly
@@ -31,6 +37,7 @@ import torch
 from torch import nn
 
 from .checkpoint import FORMAT as CHECKPOINT_FORMAT
+from .checkpoint import load_error_reason, torch_load_refusal
 from .config import VideoMAEConfig
 from .layers import sinusoid_position_table
 from .videomae import VideoMAEClassifier, VideoMAEPretrain
@@ -189,11 +196,18 @@ def config_from_hf(hf: dict[str, Any], source: str, kind: str) -> VideoMAEConfig
             log.warning("%s: %s=%s is ignored (VideoMAE trains without dropout in blocks)", source, k, hf[k])
     hidden = int(hf.get("hidden_size", 768))
     mlp_ratio = int(hf.get("intermediate_size", 3072)) / hidden
-    dec_hidden = int(hf.get("decoder_hidden_size", 384))
-    dec_inter = int(hf.get("decoder_intermediate_size", 1536))
-    if dec_inter != int(dec_hidden * mlp_ratio):
-        raise CheckpointError(f"{source}: decoder_intermediate_size {dec_inter} != decoder_hidden_size x mlp ratio "
-                              f"({dec_hidden} x {mlp_ratio}); one MLP ratio for encoder and decoder is assumed")
+    decoder: dict[str, Any] = {}
+    # Only the parts the model of `kind` has are read: HF classification configs still carry decoder_* values
+    # (defaults or leftovers of the pretraining run) for a decoder the classifier does not have.
+    if kind == "pretrain":
+        dec_hidden = int(hf.get("decoder_hidden_size", 384))
+        dec_inter = int(hf.get("decoder_intermediate_size", 1536))
+        if dec_inter != int(dec_hidden * mlp_ratio):
+            raise CheckpointError(f"{source}: decoder_intermediate_size {dec_inter} != decoder_hidden_size x mlp "
+                                  f"ratio ({dec_hidden} x {mlp_ratio}); one MLP ratio for encoder and decoder is "
+                                  "assumed")
+        decoder = dict(decoder_embed_dim=dec_hidden, decoder_depth=int(hf.get("decoder_num_hidden_layers", 4)),
+                       decoder_num_heads=int(hf.get("decoder_num_attention_heads", 6)))
     # pretraining configs carry HF's placeholder labels (LABEL_0, LABEL_1): keep our default class count there
     id2label = (hf.get("id2label") or {}) if kind == "classify" else {}
     num_classes = len(id2label) if id2label else VideoMAEConfig.num_classes
@@ -204,9 +218,7 @@ def config_from_hf(hf: dict[str, Any], source: str, kind: str) -> VideoMAEConfig
         num_heads=int(hf.get("num_attention_heads", 12)), mlp_ratio=mlp_ratio,
         qkv_bias=bool(hf.get("qv_bias", hf.get("qkv_bias", True))),
         norm_eps=float(hf.get("layer_norm_eps", 1e-12)), head_norm_eps=1e-5,  # HF's fc_norm/decoder norm: torch default
-        decoder_embed_dim=dec_hidden, decoder_depth=int(hf.get("decoder_num_hidden_layers", 4)),
-        decoder_num_heads=int(hf.get("decoder_num_attention_heads", 6)),
-        norm_pix_loss=bool(hf.get("norm_pix_loss", True)), num_classes=num_classes,
+        **decoder, norm_pix_loss=bool(hf.get("norm_pix_loss", True)), num_classes=num_classes,
         use_mean_pooling=bool(hf.get("use_mean_pooling", True)),
     )
 
@@ -261,23 +273,28 @@ def _read_hf_dir(path: Path) -> tuple[str, VideoMAEConfig, dict[str, torch.Tenso
 # official .pth and our own format
 
 
-def _torch_load(path: Path) -> Any:
-    # official checkpoints also pickle the argparse Namespace of their run
+def _torch_load(path: Path, trust_pickle: bool = False) -> Any:
+    """torch.load with weights_only=True (plus argparse.Namespace: official checkpoints pickle their run's
+    arguments). Anything else a file asks to unpickle could be code, so it is refused (one line naming the file and
+    the opt-in) unless `trust_pickle`; a damaged file is a one-line CheckpointError either way."""
     try:
+        if trust_pickle:
+            log.warning("%s: full unpickling (trust_pickle): this file can run code; it is trusted", path)
+            return torch.load(path, map_location="cpu", weights_only=False)
         with torch.serialization.safe_globals([argparse.Namespace]):
             return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - any unpickling refusal: fall back to a full load, loudly
-        log.warning("%s: weights-only load failed (%s); loading with full unpickling (trusted file assumed)",
-                    path, str(exc).splitlines()[0][:200])
-        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:  # noqa: BLE001 - refused pickles, truncated or empty files, not a torch file
+        if trust_pickle:
+            raise CheckpointError(f"{path}: not a readable checkpoint ({load_error_reason(exc)})") from exc
+        raise CheckpointError(torch_load_refusal(path, exc)) from exc
 
 
-def _official_kind(state: dict[str, torch.Tensor]) -> str:
+def _official_kind(state: dict[str, torch.Tensor], source: str) -> str:
     if any(k.startswith(("encoder.", "decoder.")) for k in state):
         return "pretrain"
     if any(k.startswith(("blocks.", "patch_embed.")) for k in state):
         return "classify"
-    raise CheckpointError("state dict has neither encoder./decoder. (pretraining) nor blocks./patch_embed. "
+    raise CheckpointError(f"{source}: state dict has neither encoder./decoder. (pretraining) nor blocks./patch_embed. "
                           f"(classification) keys; first keys: {_summarize(list(state))}")
 
 
@@ -321,13 +338,16 @@ def _fix_official_pos_embed(state: dict[str, torch.Tensor], kind: str, cfg: Vide
         state[key] = state[key][:, : cfg.num_patches]
 
 
-def _read_torch_file(path: Path, cfg_overrides: dict[str, Any]
+def _read_torch_file(path: Path, cfg_overrides: dict[str, Any], trust_pickle: bool = False
                      ) -> tuple[str, VideoMAEConfig, dict[str, torch.Tensor], list[str] | None, str]:
-    obj = _torch_load(path)
+    obj = _torch_load(path, trust_pickle)
     if isinstance(obj, dict) and obj.get("format") == CHECKPOINT_FORMAT:
         kind = obj.get("kind")
         if kind not in KINDS:
             raise CheckpointError(f"{path}: kind {kind!r} is not one of {KINDS}")
+        lacking = [k for k in ("model_config", "model") if not isinstance(obj.get(k), dict)]
+        if lacking:
+            raise CheckpointError(f"{path}: a {CHECKPOINT_FORMAT} checkpoint without {' or '.join(lacking)}")
         cfg = VideoMAEConfig.from_dict(obj["model_config"])
         state = {k.replace("_orig_mod.", "").removeprefix("module."): v for k, v in obj["model"].items()}
         return kind, cfg, state, obj.get("class_names"), "videomae-fast"
@@ -346,7 +366,7 @@ def _read_torch_file(path: Path, cfg_overrides: dict[str, Any]
         else:
             raise CheckpointError(f"{path}: no 'model' or 'module' state dict; top-level keys: {_summarize(list(obj))}")
     state = {(k[len("module."):] if k.startswith("module.") else k): v for k, v in state.items()}
-    kind = _official_kind(state)
+    kind = _official_kind(state, str(path))
     arch_fields = {k: v for k, v in cfg_overrides.items()
                    if k in ("num_frames", "img_size", "num_heads", "decoder_num_heads")}
     cfg = config_from_official(state, kind, str(path)).replace(**arch_fields)
@@ -370,8 +390,8 @@ def _pretrain_to_classifier_state(state: dict[str, torch.Tensor], cfg: VideoMAEC
     return out
 
 
-def load_pretrained(path: str | os.PathLike, kind: str | None = None, num_classes: int | None = None,
-                    **cfg_overrides: Any) -> nn.Module:
+def load_pretrained(path: str | os.PathLike, kind: str | None = None, num_classes: int | None = None, *,
+                    trust_pickle: bool = False, **cfg_overrides: Any) -> nn.Module:
     """A ready model (eval mode, on the CPU) from a checkpoint at `path` (see the module docstring for formats).
 
     kind: "pretrain" | "classify" | None (= the checkpoint's own kind). A pretraining checkpoint loaded with
@@ -379,6 +399,9 @@ def load_pretrained(path: str | os.PathLike, kind: str | None = None, num_classe
     num_classes: classifier classes (for a fine-tuning start; for a classification checkpoint it must match).
     cfg_overrides: VideoMAEConfig fields to change, e.g. speed switches (fused_attn, grad_checkpointing,
     compile_blocks), drop_path_rate, or geometry for official .pth files (num_frames, img_size).
+    trust_pickle: read a .pth/.pt file with full unpickling instead of the weights-only loader, for files that
+    pickle more than weights. Full unpickling runs whatever code the file carries: set it only for a file from a
+    source you trust. Without it such a file is refused with a CheckpointError naming the file and this flag.
     The model carries `.cfg` and `.class_names` (label names of classification checkpoints, else None).
     """
     path = Path(path)
@@ -390,7 +413,7 @@ def load_pretrained(path: str | os.PathLike, kind: str | None = None, num_classe
         src_kind, cfg, state, class_names = _read_hf_dir(path)
         fmt = "huggingface"
     elif path.is_file():
-        src_kind, cfg, state, class_names, fmt = _read_torch_file(path, cfg_overrides)
+        src_kind, cfg, state, class_names, fmt = _read_torch_file(path, cfg_overrides, trust_pickle)
     else:
         raise FileNotFoundError(f"{path}: no such checkpoint file or directory")
 
@@ -428,17 +451,17 @@ def load_pretrained(path: str | os.PathLike, kind: str | None = None, num_classe
 
 
 def load_model_of_kind(checkpoint_or_model: str | os.PathLike | nn.Module, kind: type, what: str,
-                       why: str) -> nn.Module:
+                       why: str, trust_pickle: bool = False) -> nn.Module:
     """`checkpoint_or_model` as a model of class `kind`: a model passes through, a path goes through
-    `load_pretrained` (a run directory means its latest checkpoint). Another class is a one-line error naming the
-    source: "SOURCE: a X is not a WHAT (WHY)"."""
+    `load_pretrained` (a run directory means its latest checkpoint; `trust_pickle` as there). Another class is a
+    one-line error naming the source: "SOURCE: a X is not a WHAT (WHY)"."""
     from model.checkpoint import resolve_checkpoint_path
 
     if isinstance(checkpoint_or_model, nn.Module):
         model, source = checkpoint_or_model, type(checkpoint_or_model).__name__
     else:
         source = str(checkpoint_or_model)
-        model = load_pretrained(resolve_checkpoint_path(checkpoint_or_model))
+        model = load_pretrained(resolve_checkpoint_path(checkpoint_or_model), trust_pickle=trust_pickle)
     if not isinstance(model, kind):
         raise ValueError(f"{source}: a {type(model).__name__} is not a {what} ({why})")
     return model

@@ -4,7 +4,8 @@
     python -m model.predict --checkpoint runs/ft/checkpoint-00004000.pt --single-view --json clips/*.mp4
 
 `--checkpoint` is anything `model.load_pretrained` reads (a Hugging Face directory, an official `.pth`, one of our
-checkpoints or a run directory: its latest checkpoint) holding a classifier.
+checkpoints or a run directory: its latest checkpoint) holding a classifier. Files are read weights-only; one that
+needs full unpickling (which can run code) is refused unless `--trust-pickle` says it comes from a trusted source.
 
 How a video is read, so that prediction sees exactly what evaluation sees:
   1. the shard builder's own code transcodes each video (`shards.transcode.transcode`: the same ffmpeg command,
@@ -40,6 +41,10 @@ from torch import nn
 
 DEFAULT_SHORT_SIDE = 320  # as the training shards (`shards.build --short-side`)
 DEFAULT_STRIDE = 4        # VideoMAE's Kinetics sampling rate (SSv2 models use 2)
+# CLI limits: far beyond any real setting, they stop absurd values (overflowing frame indices, out-of-memory
+# batches) with a usage error instead of black frames or a crash deep in the pipeline
+MAX_STRIDE = 64
+MAX_SHORT_SIDE = 4096
 SHARD_SPLIT = "predict"
 
 
@@ -54,13 +59,14 @@ def resolve_device(device: str | None) -> str:
     return device
 
 
-def load_classifier(checkpoint_or_model: str | os.PathLike | nn.Module) -> nn.Module:
-    """A `VideoMAEClassifier` from a model or anything `load_pretrained` reads; a clear error otherwise."""
+def load_classifier(checkpoint_or_model: str | os.PathLike | nn.Module, trust_pickle: bool = False) -> nn.Module:
+    """A `VideoMAEClassifier` from a model or anything `load_pretrained` reads (`trust_pickle` as there); a clear
+    error otherwise."""
     from model.loading import load_model_of_kind
     from model.videomae import VideoMAEClassifier
 
     return load_model_of_kind(checkpoint_or_model, VideoMAEClassifier, "classifier",
-                              "a pretraining checkpoint has no classification head; fine-tune it first")
+                              "a pretraining checkpoint has no classification head; fine-tune it first", trust_pickle)
 
 
 # ---------------------------------------------------------------------------------------------------- shards
@@ -152,7 +158,7 @@ def predict(checkpoint_or_model: str | os.PathLike | nn.Module, videos: Sequence
             single_view: bool = False, device: str | None = None, topk: int = 5, stride: int = DEFAULT_STRIDE,
             short_side: int = DEFAULT_SHORT_SIDE, codec: str | None = None, batch_size: int = 2,
             view_batch: int = 16, workers: int | None = None, num_threads: int | None = None,
-            progress: bool = False) -> list[dict]:
+            progress: bool = False, trust_pickle: bool = False) -> list[dict]:
     """Predict every video of `videos`; one dict per input, in input order:
 
         video   str               the path as given
@@ -165,12 +171,13 @@ def predict(checkpoint_or_model: str | os.PathLike | nn.Module, videos: Sequence
 
     device: "cpu" | "gpu" | None (GPU when available). codec: the transcode target, default VP9 on the CPU and
     H.264 on the GPU. batch_size: videos per pipeline batch; view_batch: views per model forward.
+    trust_pickle: see `model.load_pretrained` (full unpickling of the checkpoint: only for a trusted file).
     The model is put in eval mode on the device.
     """
     from shards import format as fmt
 
     device = resolve_device(device)
-    model = load_classifier(checkpoint_or_model)
+    model = load_classifier(checkpoint_or_model, trust_pickle)
     torch_device = torch.device("cuda" if device == "gpu" else "cpu")
     model = model.to(torch_device).eval()
     cfg, class_names = model.cfg, getattr(model, "class_names", None)
@@ -254,6 +261,20 @@ def format_result(r: dict) -> str:
     return "\n".join(lines)
 
 
+def int_in(low: int, high: int):
+    """An argparse type: an integer in [low, high]; anything else is a usage error naming the option."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"{value} is not in [{low}, {high}]")
+        return value
+
+    return parse
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m model.predict",
                                 description="Top-k labels for videos from a VideoMAE classifier (decoded by the "
@@ -264,22 +285,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--single-view", action="store_true", help="1 clip x 1 crop (the centre ones) instead of 5 x 3")
     p.add_argument("--device", choices=["cpu", "gpu", "auto"], default="auto",
                    help="decode and run on the CPU or the GPU (default: the GPU when available)")
-    p.add_argument("--topk", type=int, default=5, help="labels shown per video (default 5)")
+    p.add_argument("--topk", type=int_in(1, 100_000), default=5, help="labels shown per video (default 5)")
     p.add_argument("--json", action="store_true", help="print one JSON list of results instead of text")
-    p.add_argument("--stride", type=int, default=DEFAULT_STRIDE,
-                   help=f"frame sampling rate the model was trained with (default {DEFAULT_STRIDE}, Kinetics)")
-    p.add_argument("--short-side", type=int, default=DEFAULT_SHORT_SIDE,
-                   help=f"transcode to this short side, as the training shards (default {DEFAULT_SHORT_SIDE})")
+    p.add_argument("--stride", type=int_in(1, MAX_STRIDE), default=DEFAULT_STRIDE,
+                   help=f"frame sampling rate the model was trained with, 1..{MAX_STRIDE} (default {DEFAULT_STRIDE}, "
+                        "Kinetics)")
+    p.add_argument("--short-side", type=int_in(2, MAX_SHORT_SIDE), default=DEFAULT_SHORT_SIDE,
+                   help=f"transcode to this short side (even), as the training shards (default {DEFAULT_SHORT_SIDE})")
     p.add_argument("--codec", choices=["vp9", "h264", "mjpeg"], default=None,
                    help="transcode target (default: vp9 on the CPU, h264 on the GPU)")
-    p.add_argument("--batch-size", type=int, default=2, help="videos per pipeline batch (default 2)")
-    p.add_argument("--view-batch", type=int, default=16, help="views per model forward (default 16)")
-    p.add_argument("--workers", type=int, default=None, help="parallel transcodes (default: the CPUs)")
+    p.add_argument("--batch-size", type=int_in(1, 256), default=2, help="videos per pipeline batch (default 2)")
+    p.add_argument("--view-batch", type=int_in(1, 4096), default=16, help="views per model forward (default 16)")
+    p.add_argument("--workers", type=int_in(1, 1024), default=None, help="parallel transcodes (default: the CPUs)")
+    p.add_argument("--trust-pickle", action="store_true",
+                   help="load a checkpoint that needs full unpickling (it can run code): only a file you trust")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
-    args = p.parse_args(argv)
-    if args.topk < 1 or args.batch_size < 1 or args.view_batch < 1:
-        p.error("--topk, --batch-size and --view-batch must be >= 1")
-    return args
+    return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -289,7 +310,7 @@ def main(argv: list[str] | None = None) -> int:
         results = predict(args.checkpoint, args.videos, single_view=args.single_view, device=args.device,
                           topk=args.topk, stride=args.stride, short_side=args.short_side, codec=args.codec,
                           batch_size=args.batch_size, view_batch=args.view_batch, workers=args.workers,
-                          progress=not args.quiet and sys.stderr.isatty())
+                          progress=not args.quiet and sys.stderr.isatty(), trust_pickle=args.trust_pickle)
     except (OSError, ValueError) as e:  # CheckpointError is a ValueError
         print(f"error: {str(e).splitlines()[0]}", file=sys.stderr)
         return 2

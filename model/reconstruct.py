@@ -90,17 +90,19 @@ def mask_video(mask: torch.Tensor, shape: tuple[int, ...], tubelet: int, patch: 
 
 
 # ---------------------------------------------------------------------------------------------------- running
-def load_pretraining_model(checkpoint_or_model: str | os.PathLike | nn.Module) -> nn.Module:
+def load_pretraining_model(checkpoint_or_model: str | os.PathLike | nn.Module,
+                           trust_pickle: bool = False) -> nn.Module:
     from model.loading import load_model_of_kind
     from model.videomae import VideoMAEPretrain
 
     return load_model_of_kind(checkpoint_or_model, VideoMAEPretrain, "pretraining model",
-                              "reconstruction needs a pretraining checkpoint, with its decoder")
+                              "reconstruction needs a pretraining checkpoint, with its decoder", trust_pickle)
 
 
 @torch.no_grad()
 def reconstruct(checkpoint_or_model: str | os.PathLike | nn.Module, shards: Any, *, num: int = 2, seed: int = 0,
-                mask_ratio: float = 0.9, stride: int = 4, device: str = "cpu") -> dict[str, Any]:
+                mask_ratio: float = 0.9, stride: int = 4, device: str = "cpu",
+                trust_pickle: bool = False) -> dict[str, Any]:
     """One pretraining batch of `num` clips from `shards`, reconstructed. Returns numpy arrays:
 
         frames      uint8[B, T, H, W, C]    the pipeline's views before normalization
@@ -110,10 +112,12 @@ def reconstruct(checkpoint_or_model: str | os.PathLike | nn.Module, shards: Any,
         frame_idx   int64[B, T]             indices into the videos
         keys        list[str]               sample keys
         loss        float                   the model's loss on this batch
+
+    trust_pickle: see `model.load_pretrained` (full unpickling of the checkpoint: only for a trusted file).
     """
     from pipeline import build_loader
 
-    model = load_pretraining_model(checkpoint_or_model)
+    model = load_pretraining_model(checkpoint_or_model, trust_pickle)
     cfg = model.cfg
     torch_device = torch.device("cuda" if device == "gpu" else "cpu")
     model = model.to(torch_device).eval()
@@ -197,13 +201,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--mask-ratio", type=float, default=0.9, help="tube masking ratio (default 0.9)")
     p.add_argument("--stride", type=int, default=4, help="frame sampling rate (default 4)")
     p.add_argument("--device", choices=["cpu", "gpu"], default="cpu")
+    p.add_argument("--trust-pickle", action="store_true",
+                   help="load a checkpoint that needs full unpickling (it can run code): only a file you trust")
     args = p.parse_args(argv)
     if args.num < 1 or args.frames < 1:
         p.error("--num and --frames must be >= 1")
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     try:
         result = reconstruct(args.checkpoint, args.shards, num=args.num, seed=args.seed, mask_ratio=args.mask_ratio,
-                             stride=args.stride, device=args.device)
+                             stride=args.stride, device=args.device, trust_pickle=args.trust_pickle)
     except (OSError, ValueError) as e:
         print(f"error: {str(e).splitlines()[0]}", file=sys.stderr)
         return 2

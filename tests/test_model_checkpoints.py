@@ -21,6 +21,7 @@ from transformers import VideoMAEForPreTraining, VideoMAEForVideoClassification 
 from model import CheckpointError, VideoMAEConfig, VideoMAEPretrain, build_model, load_pretrained  # noqa: E402
 from model.checkpoint import model_payload  # noqa: E402
 from model_weights import randomize_  # noqa: E402
+from test_train_checkpoint import crafted_checkpoint  # noqa: E402
 
 GEOMETRY = dict(image_size=32, patch_size=8, num_frames=4, tubelet_size=2)
 ENCODER = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=256)
@@ -217,3 +218,32 @@ def test_unsupported_hf_config_is_rejected(hf_classifier, tmp_path):
     (tmp_path / "config.json").write_text(text)
     with pytest.raises(CheckpointError, match="hidden_act 'relu'"):
         load_pretrained(tmp_path)
+
+
+# ---- files that would run code, damaged files --------------------------------------------------------------------
+
+def test_crafted_pickle_is_refused_unless_trusted(hf_classifier, tmp_path):
+    """An otherwise valid official checkpoint that also pickles a call creating a file: refused in one line naming
+    the file and the opt-in, nothing run; with trust_pickle=True it loads (and the call runs: the file is live)."""
+    marker = tmp_path / "created-by-unpickling"
+    path = crafted_checkpoint(tmp_path / "evil.pth", marker,
+                              {"model": official_layout(hf_classifier.state_dict(), "classify")})
+    with pytest.raises(CheckpointError, match=r"evil\.pth: refused: it needs full unpickling, which can run code "
+                                              r"\(UnpicklingError: Unsupported global: GLOBAL io\.open.*\); if you "
+                                              r"trust this file, pass trust_pickle=True \(--trust-pickle") as e:
+        load_pretrained(path, **OFFICIAL_OVERRIDES)
+    assert "\n" not in str(e.value)
+    assert not marker.exists()
+    model = load_pretrained(path, trust_pickle=True, **OFFICIAL_OVERRIDES)
+    assert marker.exists() and model.cfg.num_classes == 6
+
+
+def test_damaged_files_fail_with_one_line(hf_classifier, tmp_path):
+    good = _official_file(tmp_path, official_layout(hf_classifier.state_dict(), "classify")).read_bytes()
+    (tmp_path / "empty.pth").write_bytes(b"")
+    (tmp_path / "cut.pth").write_bytes(good[: len(good) // 2])
+    for name in ("empty.pth", "cut.pth"):
+        for trust in (False, True):
+            with pytest.raises(CheckpointError, match=rf"{name}: not a readable checkpoint \(\w+Error: .+\)") as e:
+                load_pretrained(tmp_path / name, trust_pickle=trust, **OFFICIAL_OVERRIDES)
+            assert "\n" not in str(e.value)

@@ -143,3 +143,24 @@ def test_fine_tuning_start_from_hf_pretraining(hf_pretrain_dir, caplog):
                                                     hf.config.layer_norm_eps)
         torch.testing.assert_close(final_norm, hidden, rtol=1e-4, atol=1e-5)
         assert clf(video).shape == (2, 11)
+
+
+def test_classifier_config_with_unrelated_decoder_sizes_loads(tmp_path):
+    """A classifier has no decoder: HF configs whose (unused) decoder_* values fit neither the encoder's MLP ratio
+    nor a head count load all the same (issue 15); a pretraining config like that is still refused."""
+    from model import CheckpointError
+    from model.loading import config_from_hf
+
+    decoder = dict(decoder_hidden_size=48, decoder_num_hidden_layers=3, decoder_num_attention_heads=5,
+                   decoder_intermediate_size=100)  # MLP ratio 100/48, not the encoder's 4; 48 heads of 5 do not fit
+    torch.manual_seed(0)
+    hf = VideoMAEForVideoClassification(HFConfig(**SMALL, **decoder, num_labels=3)).eval()
+    randomize_(hf, seed=9)
+    hf.save_pretrained(tmp_path)
+    ours = load_pretrained(tmp_path)
+    assert isinstance(ours, VideoMAEClassifier) and ours.cfg.num_classes == 3
+    video = clip(b=2, seed=10)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(video), hf(pixel_values=video.transpose(1, 2)).logits, rtol=1e-4, atol=1e-5)
+    with pytest.raises(CheckpointError, match="decoder_intermediate_size 100 != decoder_hidden_size x mlp ratio"):
+        config_from_hf(hf.config.to_dict(), "config.json", "pretrain")

@@ -154,3 +154,32 @@ def test_cli_json_single_view(classifier_ckpt, inputs, capsys):
     (r,) = json.loads(capsys.readouterr().out)
     assert r["ok"] and r["views"] == 1 and r["video"] == inputs["good"][0]
     assert len(r["top"]) == 3 and all(t["label"] in CLASS_NAMES for t in r["top"])
+
+
+@pytest.mark.parametrize("option,value", [("--stride", 2147483600), ("--stride", 0), ("--stride", -2),
+                                          ("--short-side", 10**9), ("--short-side", 0), ("--batch-size", 0),
+                                          ("--batch-size", 10**9), ("--view-batch", -1), ("--workers", 0),
+                                          ("--topk", 0), ("--stride", "4.5")])
+def test_cli_refuses_absurd_values_in_one_line(classifier_ckpt, tmp_path, capsys, option, value):
+    # a missing video: were the value accepted, predict would run and report the video (exit 1), not exit 2
+    with pytest.raises(SystemExit) as e:
+        main(["--checkpoint", str(classifier_ckpt), str(tmp_path / "missing.mp4"), "--device", "cpu", "--quiet",
+              option, str(value)])
+    assert e.value.code == 2
+    (error,) = [ln for ln in capsys.readouterr().err.splitlines() if "error:" in ln]
+    why = f"{value!r} is not an integer" if isinstance(value, str) else f"{value} is not in ["
+    assert error.startswith(f"python -m model.predict: error: argument {option}: {why}"), error
+
+
+def test_cli_refuses_a_checkpoint_that_would_run_code(tmp_path, inputs, run_module):
+    from test_train_checkpoint import crafted_checkpoint
+
+    marker = tmp_path / "created-by-unpickling"
+    cfg = tiny_config(num_classes=len(CLASS_NAMES))
+    model = build_model("classify", cfg)
+    evil = crafted_checkpoint(tmp_path / "evil.pt", marker, model_payload("classify", cfg, model, CLASS_NAMES))
+    proc = run_module("model.predict", "--checkpoint", evil, inputs["good"][0], "--device", "cpu", "--quiet")
+    assert proc.returncode == 2, proc.stderr
+    (line,) = proc.stderr.strip().splitlines()
+    assert line.startswith(f"error: {evil}: refused: it needs full unpickling") and "--trust-pickle" in line
+    assert not marker.exists()

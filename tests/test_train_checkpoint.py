@@ -1,4 +1,5 @@
-"""Checkpoint files: atomic writes, keep-last-N, weights_only loading, RNG round trips."""
+"""Checkpoint files: atomic writes, keep-last-N, weights_only loading, RNG round trips, damaged files and files
+that would run code."""
 
 import random
 
@@ -7,7 +8,7 @@ import pytest
 import torch
 
 from model.checkpoint import (FORMAT, capture_rng_state, latest_checkpoint, list_checkpoints, load_checkpoint,
-                              restore_rng_state, save_checkpoint, unwrap_model)
+                              newest_intact_checkpoint, restore_rng_state, save_checkpoint, set_aside, unwrap_model)
 
 
 def payload(step, **extra):
@@ -65,3 +66,86 @@ def test_rng_round_trip_through_a_weights_only_file(tmp_path):
 def test_unwrap_compiled_module():
     inner = torch.nn.Linear(2, 2)
     assert unwrap_model(torch.compile(inner)) is inner
+
+
+# ---- damaged files, and files that would run code -------------------------------------------------------------
+
+class CreatesFile:
+    """Unpickling this calls open(marker, "w"): a stand-in for any code a crafted checkpoint can run when loaded
+    with full unpickling (the pickle refers to io.open, not to this class, so it works in any process)."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def crafted_checkpoint(path, marker, contents: dict | None = None):
+    """torch.save `contents` (default: none) plus an entry whose unpickling creates the file `marker`."""
+    torch.save({**(contents or {}), "args": CreatesFile(marker)}, path)
+    return path
+
+
+def test_crafted_pickle_is_live_but_never_run_by_the_checkpoint_readers(tmp_path):
+    from model.checkpoint import stored_num_classes
+
+    marker = tmp_path / "created-by-unpickling"
+    path = crafted_checkpoint(tmp_path / "evil.pth", marker, {"model": {"head.weight": torch.zeros(3, 2)}})
+    with pytest.raises(ValueError, match=r"evil\.pth: not a readable checkpoint"):
+        load_checkpoint(path)
+    with pytest.raises(ValueError, match=r"evil\.pth: refused: .*io\.open.*--trust-pickle.*model\.trust_pickle=true") \
+            as e:
+        stored_num_classes(path)
+    assert "\n" not in str(e.value)
+    assert stored_num_classes(path, trust_pickle=True) is None  # the loader decides; peeking unpickles nothing
+    assert not marker.exists()
+    torch.load(path, weights_only=False)  # the fixture is a working exploit: a full unpickling runs it
+    assert marker.exists()
+
+
+def test_empty_and_cut_off_files_fail_with_one_line(tmp_path):
+    save_checkpoint(payload(1), tmp_path, 1)
+    good = (tmp_path / "checkpoint-00000001.pt").read_bytes()
+    (tmp_path / "empty.pt").write_bytes(b"")
+    (tmp_path / "cut.pt").write_bytes(good[: len(good) // 2])
+    for name in ("empty.pt", "cut.pt"):
+        with pytest.raises(ValueError, match=rf"{name}: not a readable checkpoint \(\w+Error: .+\)") as e:
+            load_checkpoint(tmp_path / name)
+        assert "\n" not in str(e.value)
+
+
+def test_required_keys(tmp_path):
+    path = save_checkpoint(payload(1), tmp_path, 1)
+    assert load_checkpoint(path, required=("model", "step"))["step"] == 1
+    with pytest.raises(ValueError, match=r"checkpoint-00000001\.pt: incomplete checkpoint, no optimizer, rng"):
+        load_checkpoint(path, required=("model", "optimizer", "rng"))
+
+
+def test_newest_intact_checkpoint_skips_damaged_newer_files(tmp_path):
+    for step in (1, 2, 3, 4):
+        save_checkpoint(payload(step, optimizer={}), tmp_path, step)
+    newest = tmp_path / "checkpoint-00000004.pt"
+    newest.write_bytes(newest.read_bytes()[:100])  # cut off
+    (tmp_path / "checkpoint-00000003.pt").write_bytes(b"")  # empty
+    torch.save({"format": FORMAT, "step": 2}, tmp_path / "checkpoint-00000002.pt")  # loads, but lacks keys
+    path, ckpt, skipped = newest_intact_checkpoint(tmp_path, required=("model", "step", "optimizer"))
+    assert path.name == "checkpoint-00000001.pt" and ckpt["step"] == 1
+    assert [p.name for p, _ in skipped] == ["checkpoint-00000004.pt", "checkpoint-00000003.pt",
+                                            "checkpoint-00000002.pt"]
+    assert "checkpoint-00000004.pt: not a readable checkpoint" in skipped[0][1]
+    assert "checkpoint-00000003.pt: not a readable checkpoint (EOFError" in skipped[1][1]
+    assert "checkpoint-00000002.pt: incomplete checkpoint, no model, optimizer" in skipped[2][1]
+    assert all("\n" not in why for _, why in skipped)
+
+    # set aside, a damaged file is kept but no longer counts (keep-last-N would otherwise keep it over good files)
+    for bad, _ in skipped:
+        assert set_aside(bad).name == bad.name + ".damaged"
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["checkpoint-00000001.pt"]
+    save_checkpoint(payload(2, optimizer={}), tmp_path, 2, keep_last=1)
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["checkpoint-00000002.pt"]
+    assert (tmp_path / "checkpoint-00000004.pt.damaged").stat().st_size == 100
+
+    (tmp_path / "checkpoint-00000002.pt").write_bytes(b"junk")
+    assert newest_intact_checkpoint(tmp_path)[:2] == (None, None)
+    assert newest_intact_checkpoint(tmp_path / "nowhere") == (None, None, [])
