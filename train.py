@@ -20,6 +20,7 @@ import contextlib
 import csv
 import dataclasses
 import json
+import math
 import os
 import signal
 import sys
@@ -62,6 +63,7 @@ class DataConfig:
 class ModelConfig:
     name: str = "base"  # small | base | large | huge
     pretrained: str | None = None  # our checkpoint or run dir, Hugging Face dir, official .pth
+    trust_pickle: bool = False  # load `pretrained` with full unpickling (it can run code): only a file you trust
     num_classes: int | None = None  # None: the shard manifest's class count
     drop_path_rate: float = 0.0
     overrides: dict = field(default_factory=dict)  # any other VideoMAEConfig field (depth, fused_attn, ...)
@@ -141,7 +143,10 @@ def load_config(path: str | None, overrides: list[str]) -> Config:
         if not os.path.isfile(path):
             raise ConfigError(f"{path}: config file not found")
         with open(path) as f:
-            raw = yaml.safe_load(f) or {}
+            try:
+                raw = yaml.safe_load(f) or {}
+            except yaml.YAMLError as e:
+                raise ConfigError(f"{path}: not valid YAML: {_yaml_problem(e)}") from e
         if not isinstance(raw, dict):
             raise ConfigError(f"{path}: the top level must be a mapping of sections")
     for item in overrides:
@@ -154,8 +159,18 @@ def load_config(path: str | None, overrides: list[str]) -> Config:
             node = node.setdefault(p, {})
             if not isinstance(node, dict):
                 raise ConfigError(f"override {item!r}: {p} is not a section")
-        node[leaf] = yaml.safe_load(value) if value else None
+        try:
+            node[leaf] = yaml.safe_load(value) if value else None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"override {item!r}: the value is not valid YAML: {_yaml_problem(e)}") from e
     return _build(Config, raw, path or "overrides", "")
+
+
+def _yaml_problem(e: yaml.YAMLError) -> str:
+    """PyYAML's error in one line (its message spans several, with a caret under the spot)."""
+    mark = getattr(e, "problem_mark", None)
+    where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+    return (getattr(e, "problem", None) or str(e).splitlines()[0]) + where
 
 
 def _build(cls: type, raw: Any, source: str, prefix: str) -> Any:
@@ -203,15 +218,34 @@ def check_config(cfg: Config, mode: str) -> dict:
             raise ConfigError(f"{name} must be one of {', '.join(allowed)}; got {value!r}")
     for name, value in (("data.batch_size", d.batch_size), ("eval.batch_size", cfg.eval.batch_size),
                         ("optim.grad_accum", o.grad_accum), ("run.log_interval", r.log_interval),
-                        ("data.num_repeats", d.num_repeats)):
-        if value < 1:
+                        ("data.num_repeats", d.num_repeats), ("data.num_frames", d.num_frames),
+                        ("data.stride", d.stride), ("data.input_size", d.input_size),
+                        ("data.num_threads", d.num_threads), ("data.test_clips", d.test_clips),
+                        ("data.test_crops", d.test_crops), ("optim.max_steps", o.max_steps),
+                        ("run.stop_after_steps", r.stop_after_steps)):
+        if value is not None and value < 1:
             raise ConfigError(f"{name} must be at least 1, got {value}")
+    for name, value in (("optim.warmup_steps", o.warmup_steps), ("optim.lr_batch_base", o.lr_batch_base),
+                        ("run.ckpt_interval", r.ckpt_interval), ("run.ckpt_keep", r.ckpt_keep)):
+        if value is not None and value < 0:
+            raise ConfigError(f"{name} must be at least 0, got {value}")
+    # NaN passes every comparison, so each number is also checked to be finite
+    for name, value, low in (("optim.lr", o.lr, "> 0"), ("optim.min_lr", o.min_lr, ">= 0"),
+                             ("optim.warmup_lr", o.warmup_lr, ">= 0"), ("optim.eps", o.eps, "> 0"),
+                             ("optim.weight_decay", o.weight_decay, ">= 0"), ("optim.epochs", o.epochs, "> 0"),
+                             ("optim.warmup_epochs", o.warmup_epochs, ">= 0"),
+                             ("optim.clip_grad", o.clip_grad, "> 0"),
+                             ("model.drop_path_rate", m.drop_path_rate, ">= 0"),
+                             ("aug.smoothing", cfg.aug.smoothing, ">= 0")):
+        if value is not None and not (math.isfinite(value) and (value > 0 if low == "> 0" else value >= 0)):
+            raise ConfigError(f"{name} must be a finite number {low}, got {value}")
     if mode == "finetune" and (cfg.aug.mixup > 0 or cfg.aug.cutmix > 0) and d.batch_size * d.num_repeats % 2:
         raise ConfigError(f"mixup/cutmix pair the rows of a batch: data.batch_size x data.num_repeats must be even, "
                           f"got {d.batch_size} x {d.num_repeats}")
-    if len(o.betas) != 2 or not 0.0 < o.layer_decay <= 1.0:
-        raise ConfigError(f"optim.betas must be two numbers and optim.layer_decay in (0, 1]; got {o.betas}, "
-                          f"{o.layer_decay}")
+    if len(o.betas) != 2 or not all(isinstance(b, (int, float)) and 0.0 <= b < 1.0 for b in o.betas) or \
+            not 0.0 < o.layer_decay <= 1.0:
+        raise ConfigError(f"optim.betas must be two numbers in [0, 1) and optim.layer_decay in (0, 1]; got "
+                          f"{o.betas}, {o.layer_decay}")
     facts: dict = {"manifest": None, "class_names": None, "num_samples": None}
     split_key = "data.val" if mode == "eval" else "data.train"
     split = d.val if mode == "eval" else d.train
@@ -253,9 +287,20 @@ def check_config(cfg: Config, mode: str) -> dict:
     try:
         from model import VideoMAEConfig
 
-        VideoMAEConfig.from_name(m.name, **model_overrides(cfg, num_classes=None))
+        model_cfg = VideoMAEConfig.from_name(m.name, **model_overrides(cfg, num_classes=None))
     except (ValueError, TypeError) as e:
         raise ConfigError(f"model: {str(e).splitlines()[0]}") from e
+    if mode == "pretrain":
+        # the pipeline's tube mask hides int(ratio x tokens per frame slot) tokens: with none hidden the loss is 0/0,
+        # with none visible the encoder sees nothing
+        spatial = (d.input_size // model_cfg.patch_size) ** 2
+        if not 0.0 < d.mask_ratio < 1.0:  # NaN included
+            raise ConfigError(f"data.mask_ratio must be in (0, 1), got {d.mask_ratio}")
+        masked = int(d.mask_ratio * spatial)
+        if not 0 < masked < spatial:
+            raise ConfigError(f"data.mask_ratio {d.mask_ratio} masks {masked} of the {spatial} tokens per frame slot "
+                              f"(data.input_size {d.input_size}, patch {model_cfg.patch_size}); pretraining needs "
+                              "at least one masked and one visible token")
     import torch
 
     if d.device == "gpu" and not torch.cuda.is_available():
@@ -270,12 +315,29 @@ def check_config(cfg: Config, mode: str) -> dict:
             raise ConfigError(f"model.pretrained: {path} not found")
         if path.is_dir() and not (path / "config.json").is_file():
             raise ConfigError(f"model.pretrained: {path} holds no checkpoint-*.pt and no Hugging Face config.json")
-        stored = stored_num_classes(path)
+        try:
+            stored = stored_num_classes(path, trust_pickle=m.trust_pickle)
+        except ValueError as e:  # unreadable, or refused by the weights-only loader: say so before building anything
+            raise ConfigError(f"model.pretrained: {e}") from e
         if stored is not None and stored != facts["num_classes"]:
             data = "evaluation" if mode == "eval" else "training"
             raise ConfigError(f"{path}: checkpoint has {stored} classes but the {data} data has "
                               f"{facts['num_classes']}")
+    check_out_dir(r.out_dir)
     return facts
+
+
+def check_out_dir(out_dir: str) -> None:
+    """run.out_dir is a directory this process may write into, or one it may create: its nearest existing
+    ancestor must be a writable directory (os.access: permissions and read-only mounts; root passes mode bits)."""
+    path = os.path.abspath(out_dir)
+    existing = path
+    while not os.path.exists(existing):  # "/" exists: the loop ends
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise ConfigError(f"run.out_dir {out_dir}: {existing} is not a directory")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"run.out_dir {out_dir}: {existing} is not writable")
 
 
 def model_overrides(cfg: Config, num_classes: int | None) -> dict:
@@ -392,11 +454,12 @@ def make_model(cfg: Config, mode: str, num_classes: int | None, resume_config: d
     path = resolve_checkpoint_path(cfg.model.pretrained)
     overrides.pop("num_classes", None)
     try:
-        model = load_pretrained(path, kind="classify", num_classes=num_classes, **overrides)
-    except CheckpointError as e:
+        model = load_pretrained(path, kind="classify", num_classes=num_classes, trust_pickle=cfg.model.trust_pickle,
+                                **overrides)
+        if mode == "eval" and cfg.eval.use_ema:
+            model.load_state_dict(load_checkpoint(path, required=("model_ema",))["model_ema"])
+    except (CheckpointError, ValueError) as e:  # CheckpointError is a ValueError; so are foreign model configs
         raise ConfigError(str(e).splitlines()[0]) from e
-    if mode == "eval" and cfg.eval.use_ema:
-        model.load_state_dict(load_checkpoint(path)["model_ema"])
     return model, model.cfg, kind
 
 
@@ -481,29 +544,41 @@ def train(cfg: Config, mode: str, resume: str | None, facts: dict) -> int:
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     from model import flops
-    from model.checkpoint import (capture_rng_state, latest_checkpoint, load_checkpoint, model_payload,
-                                  restore_rng_state, save_checkpoint)
+    from model.checkpoint import (RESUME_KEYS, capture_rng_state, load_checkpoint, model_payload,
+                                  newest_intact_checkpoint, restore_rng_state, save_checkpoint, set_aside)
     from model.optim import build_adamw
     from model.schedule import CosineSchedule
 
     stop = StopRequest()
     dist = setup_distributed()
     out_dir = Path(cfg.run.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.run.seed + dist.rank)
     kind = "pretrain" if mode == "pretrain" else "classify"
 
+    # The checkpoint is read (fully: a damaged file fails here, not mid-run) before anything is written.
     ckpt = None
-    if resume:
-        path = latest_checkpoint(out_dir) if resume == "auto" else Path(resume)
+    if resume == "auto":
+        path, ckpt, skipped = newest_intact_checkpoint(out_dir, RESUME_KEYS)
+        if ckpt is None and skipped:  # a fresh start would overwrite the run's history: a person should look
+            raise ConfigError(f"--resume auto: none of the {len(skipped)} checkpoints in {out_dir} loads (newest: "
+                              f"{skipped[0][1]}); move them away to start afresh")
+        for bad, why in skipped:
+            if dist.is_main:  # set aside (renamed, kept): keep-last-N must not keep it in place of good ones to come
+                say(f"--resume auto: skipped {why}; renamed to {set_aside(bad).name}", dist)
         if path is None:
             say(f"--resume auto: no checkpoint in {out_dir} yet, starting from scratch", dist)
-        else:
-            ckpt = load_checkpoint(path)
-            if ckpt["kind"] != kind or len(ckpt["rng"]) != dist.world_size:
-                raise ConfigError(f"{path}: a {ckpt['kind']} checkpoint of {len(ckpt['rng'])} ranks cannot resume "
-                                  f"{mode} on {dist.world_size}")
-            say(f"resuming from {path} at step {ckpt['step']}", dist)
+    elif resume:
+        path = Path(resume)
+        try:
+            ckpt = load_checkpoint(path, required=RESUME_KEYS)
+        except (OSError, ValueError) as e:
+            raise ConfigError(str(e).splitlines()[0]) from e
+    if ckpt is not None:
+        if ckpt["kind"] != kind or len(ckpt["rng"]) != dist.world_size:
+            raise ConfigError(f"{path}: a {ckpt['kind']} checkpoint of {len(ckpt['rng'])} ranks cannot resume "
+                              f"{mode} on {dist.world_size}")
+        say(f"resuming from {path} at step {ckpt['step']}", dist)
+    out_dir.mkdir(parents=True, exist_ok=True)
 
     model, model_cfg, _ = make_model(cfg, mode, facts["num_classes"], ckpt["model_config"] if ckpt else None)
     if ckpt is not None:

@@ -1,5 +1,6 @@
 """Configuration errors: one line, before any compute (nothing is built, no run directory is made)."""
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -7,7 +8,7 @@ from pathlib import Path
 import pytest
 
 import train
-from model import VideoMAEClassifier, VideoMAEConfig
+from model import VideoMAEClassifier, VideoMAEConfig, build_model
 from model.checkpoint import model_payload, save_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -101,3 +102,98 @@ def test_small_dataset_and_bad_enums(tmp_path):
         train.check_config(train.load_config(None, SYNTHETIC + ["run.precision=fp8"]), "pretrain")
     with pytest.raises(train.ConfigError, match="eval needs model.pretrained"):
         train.check_config(train.load_config(None, SYNTHETIC), "eval")
+
+
+@pytest.mark.parametrize("override,message", [
+    ("optim.max_steps=-5", "optim.max_steps must be at least 1, got -5"),
+    ("optim.lr=-1", "optim.lr must be a finite number > 0, got -1.0"),
+    ("optim.lr=nan", "optim.lr must be a finite number > 0, got nan"),
+    ("optim.lr=.inf", "optim.lr must be a finite number > 0, got inf"),
+    ("optim.betas=[0.9, 1.5]", "optim.betas must be two numbers in [0, 1)"),
+    ("data.input_size=0", "data.input_size must be at least 1, got 0"),
+    ("data.stride=-1", "data.stride must be at least 1, got -1"),
+    ("data.mask_ratio=0", "data.mask_ratio must be in (0, 1), got 0.0"),
+    ("data.mask_ratio=1", "data.mask_ratio must be in (0, 1), got 1.0"),
+    # 16 px frames of 8 px patches: 4 tokens per frame slot, int(0.2 x 4) = 0 of them masked
+    ("data.mask_ratio=0.2", "data.mask_ratio 0.2 masks 0 of the 4 tokens per frame slot"),
+    ("optim.lr=[1,", "override 'optim.lr=[1,': the value is not valid YAML: expected the node content"),
+])
+def test_absurd_values_are_one_line_config_errors(tmp_path, capsys, override, message):
+    out = tmp_path / "run"
+    assert train.main(["pretrain", f"run.out_dir={out}", *SYNTHETIC, override]) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith("config error:") and message in line, line
+    assert not out.exists()
+
+
+def test_broken_yaml_file(tmp_path, capsys):
+    (tmp_path / "bad.yaml").write_text("optim:\n  lr: [1,\n")
+    assert train.main(["pretrain", "--config", str(tmp_path / "bad.yaml"), *SYNTHETIC]) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith(f"config error: {tmp_path / 'bad.yaml'}: not valid YAML:") and "line 3" in line, line
+
+
+def test_out_dir_that_is_or_lies_under_a_file(tmp_path, capsys):
+    (tmp_path / "file").write_text("")
+    for out in (tmp_path / "file", tmp_path / "file" / "run"):
+        assert train.main(["pretrain", f"run.out_dir={out}", *SYNTHETIC]) == 2
+        (line,) = capsys.readouterr().err.strip().splitlines()
+        assert line == f"config error: run.out_dir {out}: {tmp_path / 'file'} is not a directory"
+
+
+def test_out_dir_under_a_read_only_directory(tmp_path, capsys):
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o555)
+    if os.access(locked, os.W_OK):  # root writes into read-only directories: nothing to refuse there
+        pytest.skip("running as root: a mode 555 directory is writable")
+    assert train.main(["pretrain", f"run.out_dir={locked / 'run'}", *SYNTHETIC]) == 2
+    assert capsys.readouterr().err.strip() == f"config error: run.out_dir {locked / 'run'}: {locked} is not writable"
+
+
+@pytest.mark.parametrize("damage", ["garbage", "empty", "cut", "incomplete"])
+def test_cli_resume_from_a_damaged_file(tmp_path, damage):
+    """--resume FILE reads the file fully before anything is built; any damage is one line, exit 2."""
+    cfg = VideoMAEConfig.from_name("small", num_frames=2, img_size=16, patch_size=8, depth=1, embed_dim=16,
+                                   num_heads=1)
+    path = save_checkpoint(model_payload("pretrain", cfg, build_model("pretrain", cfg)), tmp_path / "ckpts", step=3)
+    good = path.read_bytes()
+    message = f"{path}: not a readable checkpoint"
+    if damage == "garbage":
+        path.write_bytes(b"\x80\x02 this is no checkpoint" * 10)
+    elif damage == "empty":
+        path.write_bytes(b"")
+    elif damage == "cut":
+        path.write_bytes(good[: len(good) // 2])
+    else:  # loads, but holds only the model: nothing to resume a run from
+        message = f"{path}: incomplete checkpoint, no step, optimizer, scheduler, rng, loader"
+    out = tmp_path / "run"
+    proc = run_cli("pretrain", f"run.out_dir={out}", *SYNTHETIC, "--resume", path, cwd=tmp_path)
+    assert_one_line_error(proc, message, out)
+
+
+def test_cli_resume_auto_with_only_damaged_checkpoints_stops(tmp_path):
+    """Starting afresh would overwrite the run's history: a person has to look (the files are left as they are)."""
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "checkpoint-00000004.pt").write_bytes(b"")
+    proc = run_cli("pretrain", f"run.out_dir={out}", *SYNTHETIC, "--resume", "auto", cwd=tmp_path)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    (line,) = proc.stderr.strip().splitlines()
+    assert line == (f"config error: --resume auto: none of the 1 checkpoints in {out} loads (newest: "
+                    f"{out / 'checkpoint-00000004.pt'}: not a readable checkpoint (EOFError: empty or cut-off file)); "
+                    "move them away to start afresh")
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoint-00000004.pt"]
+
+
+def test_cli_pretrained_file_that_would_run_code(tmp_path):
+    from test_train_checkpoint import crafted_checkpoint
+
+    cfg = VideoMAEConfig.from_name("small", num_frames=2, img_size=16, patch_size=8, depth=1, embed_dim=16,
+                                   num_heads=1, num_classes=3)
+    marker = tmp_path / "created-by-unpickling"
+    evil = crafted_checkpoint(tmp_path / "evil.pt", marker, model_payload("classify", cfg, VideoMAEClassifier(cfg)))
+    out = tmp_path / "run"
+    proc = run_cli("finetune", f"run.out_dir={out}", f"model.pretrained={evil}", *SYNTHETIC, cwd=tmp_path)
+    assert_one_line_error(proc, f"model.pretrained: {evil}: refused: it needs full unpickling, which can run code", out)
+    assert "model.trust_pickle=true" in proc.stderr
+    assert not marker.exists()
