@@ -95,6 +95,24 @@ def test_cli_stride_that_the_shards_phases_do_not_divide(tmp_path):
     assert_one_line_error(proc, "shards stored in 4 stride phases need a stride that 4 divides, got stride=2", out)
 
 
+def test_cli_truncated_shard_is_a_config_error(tmp_path):
+    """A tar that ends inside its last member would crash DALI (a segfault): refused before anything is built."""
+    import pipeline_shards as ps
+
+    from shards import format as fmt
+
+    shards = ps.make_test_shards(tmp_path / "shards", [20] * 4, per_shard=2)
+    last = open(fmt.index_path_for(shards.tars[-1])).read().split()
+    end = max(int(last[i + 1]) + int(last[i + 2]) for i in range(2, len(last), 4))  # after "v1.2 N"
+    data = open(shards.tars[-1], "rb").read()
+    open(shards.tars[-1], "wb").write(data[:end - 100])  # the tar now ends inside its last member
+    out = tmp_path / "run"
+    proc = run_cli("pretrain", f"run.out_dir={out}", f"data.train={shards.directory}", "data.batch_size=2",
+                   cwd=tmp_path)
+    assert_one_line_error(proc, f"{shards.tars[-1]}: ", out)
+    assert "points to byte" in proc.stderr
+
+
 def test_small_dataset_and_bad_enums(tmp_path):
     with pytest.raises(train.ConfigError, match="fewer than one global batch"):
         train.check_config(train.load_config(None, SYNTHETIC + ["data.batch_size=16"]), "pretrain")
