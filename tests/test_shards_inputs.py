@@ -140,3 +140,82 @@ def test_collect_inputs_needs_exactly_one_layout(tmp_path):
         collect_inputs()
     with pytest.raises(InputError, match="--csv needs --root"):
         collect_inputs(csv_path=str(tmp_path / "x.csv"))
+
+
+# Issue 16, item 9: nothing in an annotation list is dropped, duplicated or counted without a word.
+BROKEN_CSV = """label,youtube_id,time_start,time_end,split,is_cc
+abseiling,aaaaaaaaaaa,0,10,train,0
+abseiling,bbbbbbbbbbb,0,10
+air drumming,"ccccccccccc,0,10,train,0
+bowling,ddddddddddd,0,10,train,0
+bowling,eeeeeeeeeee,0,10,train,0
+cooking,fffffffffff,0,10,train,0
+cooking,fffffffffff,0,10,train,0
+cooking,fffffffffff,0,10,train,0
+dancing,ggggggggggg,0,10,train,0
+zumba,ggggggggggg,0,10,train,0
+juggling,hhhhhhhhhhh,x,10,train,0
+"""
+
+
+def _kinetics_root(tmp_path: Path, text: str) -> tuple[Path, Path]:
+    csv_path = tmp_path / "k.csv"
+    csv_path.write_text(text)
+    root = tmp_path / "videos"
+    for yid in "abcdefgh":
+        touch(root / f"{yid * 11}_000000_000010.mp4")
+    return csv_path, root
+
+
+@pytest.mark.parametrize("all_rows", [False, True])
+def test_broken_kinetics_rows_are_rejected_and_counted(tmp_path, all_rows):
+    csv_path, root = _kinetics_root(tmp_path, BROKEN_CSV)
+    inputs = collect_inputs(csv_path=str(csv_path), root=str(root), split="train", all_rows=all_rows)
+    by_source = {r["source"]: r["reason"] for r in inputs.rejected}
+    # the short row (line 3) and the unbalanced quote that swallowed lines 4-12 (bowling ... juggling)
+    assert by_source[f"{csv_path}:3"] == "4 fields, the header has 6"
+    assert by_source[f"{csv_path}:4"] == "unbalanced quote: lines 4-12 read as one row"
+    assert [v.key for v in inputs.videos] == ["aaaaaaaaaaa_000000_000010"]
+    assert inputs.classes == ["abseiling"]  # no label of a rejected row
+    assert inputs.warnings == [f"2 unreadable rows of {csv_path} rejected (first: {csv_path}:3: 4 fields, the "
+                               f"header has 6); see failures.jsonl"]
+
+
+def test_duplicates_are_dropped_and_conflicting_labels_rejected(tmp_path):
+    text = "\n".join(ln for i, ln in enumerate(BROKEN_CSV.splitlines()) if i not in (2, 3)) + "\n"
+    csv_path, root = _kinetics_root(tmp_path, text)
+    inputs = collect_inputs(csv_path=str(csv_path), root=str(root), split="train")
+    keys = [v.key for v in inputs.videos]
+    assert len(keys) == len(set(keys))  # no "-2" copies of the same video
+    assert sorted(keys) == [f"{y * 11}_000000_000010" for y in "adef"]
+    g_video = str(root / "ggggggggggg_000000_000010.mp4")
+    conflict = f"listed with conflicting labels 'dancing' ({csv_path}:8) and 'zumba' ({csv_path}:9)"
+    assert inputs.rejected == [
+        {"source": f"{csv_path}:10", "reason": "bad time_start/time_end 'x', '10'"},
+        {"source": g_video, "key": "ggggggggggg_000000_000010", "reason": conflict}]
+    assert inputs.classes == ["abseiling", "bowling", "cooking"]  # not dancing, zumba or juggling
+    assert inputs.warnings == [
+        f"1 unreadable rows of {csv_path} rejected (first: {csv_path}:10: bad time_start/time_end 'x', '10'); "
+        f"see failures.jsonl",
+        f"2 duplicate entries dropped (the same video listed again with the same label; first: {csv_path}:6 "
+        f"repeats {csv_path}:5)",
+        f"1 videos rejected for conflicting labels (first: {g_video} {conflict}); see failures.jsonl"]
+
+
+def test_list_lines_that_fail_leave_no_label_in_the_class_list(tmp_path):
+    touch(tmp_path / "a.mp4")
+    touch(tmp_path / "b.mp4")
+    (tmp_path / "empty.mp4").write_bytes(b"")
+    lst = tmp_path / "train.list"
+    lst.write_text("a.mp4 run\nno_label_here.mp4\nmissing.mp4 zebra\nempty.mp4 yak\nb.mp4 swim\na.mp4 run\n")
+    inputs = collect_inputs(list_path=str(lst))
+    assert inputs.classes == ["run", "swim"]
+    assert [(v.key, v.label_name) for v in inputs.videos] == [("a", "run"), ("b", "swim")]
+    assert [(r["source"], r["reason"]) for r in inputs.rejected] == [
+        (f"{lst}:2", "expected 'path LABEL', got 'no_label_here.mp4'"),
+        (str(tmp_path / "missing.mp4"), "file not found"),
+        (str(tmp_path / "empty.mp4"), "empty file (0 bytes)")]
+    assert len(inputs.warnings) == 2 and inputs.warnings[1].startswith("1 duplicate entries dropped")
+    # integer labels: a rejected line's index does not stretch the class list either
+    lst.write_text("a.mp4 0\nmissing.mp4 7\nb.mp4 1\n")
+    assert collect_inputs(list_path=str(lst)).classes == ["0", "1"]
