@@ -26,10 +26,14 @@ Kinetics-size collection is bounded by encode time, so speed wins.
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import functools
 import os
 import re
+import signal
 import subprocess
+import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass, replace
@@ -123,6 +127,50 @@ class TranscodeResult:
         return self.videos[0] if self.videos else None
 
 
+class TranscodeAborted(RuntimeError):
+    """ffmpeg was stopped by a signal from outside (a build being stopped, the OOM killer, an operator): a failure
+    of the machine, not of the video. `transcode` raises it (and OSError for I/O failures of its own: a full disk,
+    an unwritable work folder) instead of returning a failed result, so that the build stops and a re-run retries
+    the video instead of recording it as bad for good."""
+
+
+# Signals that only ever come from outside ffmpeg; a crash (SIGSEGV, SIGABRT, SIGFPE, ...) on a hostile file is a
+# property of the file and stays a failure of the video.
+_EXTERNAL_SIGNALS = {signal.SIGKILL, signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT, signal.SIGPIPE}
+# errno values that never describe a video, wherever ffmpeg reports them.
+_MACHINE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EMFILE, errno.ENFILE)
+# errno values that are the machine's when they are about writing ffmpeg's output (in the work folder).
+_OUTPUT_ERRNOS = (errno.EIO, errno.EACCES, errno.EPERM, errno.ENOENT, errno.EFBIG, errno.ENOTDIR)
+_OUTPUT_LINES = ("Error writing", "Error closing", "Error opening output", "Error submitting a packet to the muxer")
+
+
+def die_with_parent() -> None:
+    """Have the kernel SIGKILL this process when the thread that started it exits (Linux `PR_SET_PDEATHSIG`; a
+    no-op elsewhere). Build workers call it first thing, and ffmpeg runs with it as `preexec_fn`: a build killed
+    even by SIGKILL leaves no worker or ffmpeg behind, reparented to init and still writing."""
+    if sys.platform.startswith("linux"):
+        pr_set_pdeathsig = 1
+        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, int(signal.SIGKILL), 0, 0, 0)
+
+
+def own_failure(errors: str, returncode: int, workdir: str) -> Exception | None:
+    """The failure of our own side behind a failed ffmpeg run (an OSError naming `workdir`, or TranscodeAborted),
+    or None when the video is to blame. `errors`: ffmpeg's error lines."""
+    if returncode < 0 and -returncode in _EXTERNAL_SIGNALS:
+        return TranscodeAborted(f"ffmpeg was killed by {signal.Signals(-returncode).name}")
+    if returncode == 255 and not errors.strip():  # ffmpeg's exit status after SIGINT/SIGTERM
+        return TranscodeAborted("ffmpeg was interrupted by a signal (exit 255)")
+    for code in _MACHINE_ERRNOS:
+        if os.strerror(code) in errors:
+            return OSError(code, os.strerror(code), workdir)
+    for line in errors.splitlines():
+        if workdir in line or any(marker in line for marker in _OUTPUT_LINES):
+            code = next((c for c in _OUTPUT_ERRNOS if os.strerror(c) in line), None)
+            if code is not None:
+                return OSError(code, os.strerror(code), workdir)
+    return None
+
+
 @functools.cache
 def ffmpeg_exe() -> str:
     import imageio_ffmpeg
@@ -180,7 +228,9 @@ def _compile(out, settings: EncodeSettings) -> list[str]:
     # -xerror: a damaged source (bad packets, truncated data) fails instead of giving concealed garbage frames
     # and a frame count that depends on how much of it the decoder could guess.
     strict = [] if settings.tolerate_decode_errors else ["-xerror"]
-    out = out.global_args("-nostdin", "-hide_banner", "-v", "error", *strict).overwrite_output()
+    # level+info: each line tagged with its level; the errors give the reason of a failure, the info lines the
+    # duration the source declares (the truncation check, `_truncation`).
+    out = out.global_args("-nostdin", "-hide_banner", "-nostats", "-v", "level+info", *strict).overwrite_output()
     return out.compile(cmd=ffmpeg_exe())
 
 
@@ -242,6 +292,70 @@ def describe_ffmpeg_error(stderr: str, returncode: int) -> str:
     return f"ffmpeg failed (exit {returncode}) without a message"
 
 
+_ERROR_TAGS = ("[error]", "[fatal]", "[panic]")
+_DURATION = re.compile(r"(\d+):(\d\d):(\d\d(?:\.\d+)?)")
+# What demuxers say when the file ends before its data does; ffmpeg still exits 0 and keeps what it decoded.
+_TRUNCATION_MARKERS = ("File ended prematurely", "partial file")
+
+
+def _error_lines(log: str) -> str:
+    """The error lines of a `-v level+info` log (the text `describe_ffmpeg_error` reads)."""
+    return "\n".join(ln for ln in log.splitlines() if any(tag in ln for tag in _ERROR_TAGS))
+
+
+def _seconds(text: str) -> float | None:
+    m = _DURATION.search(text)
+    return int(m[1]) * 3600 + int(m[2]) * 60 + float(m[3]) if m else None
+
+
+def declared_duration(log: str) -> tuple[float | None, bool]:
+    """The duration the source declares for its video, from ffmpeg's dump of input #0, and whether it is the
+    video's own (a stream DURATION tag, as Matroska/WebM muxers write, or the file's duration when the video is
+    its only stream) rather than the file's longest stream's."""
+    lines = [_PREFIX.sub("", ln).rstrip() for ln in log.splitlines()]
+    container, video_tag, streams, in_video, seen_video = None, None, 0, False, False
+    for line in lines:
+        text = line.strip()
+        if text.startswith(("Output #", "Stream mapping")):
+            break
+        if text.startswith("Duration:"):
+            container = _seconds(text.split(",")[0])
+        elif text.startswith("Stream #0:"):
+            streams += 1
+            in_video = ": Video:" in text and not seen_video  # the stream "v:0" maps: the first video stream
+            seen_video = seen_video or in_video
+        elif in_video and text.upper().startswith("DURATION") and ":" in text:
+            video_tag = _seconds(text.split(":", 1)[1])
+            in_video = False
+    if video_tag is not None:
+        return video_tag, True
+    return container, streams == 1
+
+
+def _truncation(log: str, info: VideoInfo) -> str | None:
+    """Why a transcode that ffmpeg finished is of a truncated source, or None.
+
+    A truncated WebM (and a moov-first MP4 cut between two frames) decodes without an error: ffmpeg keeps the
+    frames before the cut and exits 0, so the video would enter the shards shorter than it is, without a word.
+    Two signs, either enough: the demuxer said the file ended early, or the frames decoded fall short of the
+    duration the source declares (by 3 frames and 5 % where that is the video's own duration; by 1 s and 25 %
+    when it is only the file's, which a longer audio track may set).
+    """
+    errors = _error_lines(log)
+    marker = next((m for m in _TRUNCATION_MARKERS if m in errors), None)
+    declared, own = declared_duration(log)
+    decoded = info.duration
+    frame = 1 / info.fps if info.fps > 0 else 0.04
+    slack = max(3 * frame, 0.05 * declared) if own and declared else max(1.0, 0.25 * (declared or 0))
+    short = declared is not None and decoded < declared - slack
+    if not (marker or short):
+        return None
+    of = f" of the {declared:.2f} s it declares" if declared else ""
+    said = f"ffmpeg: {marker}; " if marker else ""
+    return _one_line(f"truncated file ({said}{info.num_frames} frames, {decoded:.2f} s decoded{of}; "
+                     f"--tolerate-decode-errors keeps what decodes)")
+
+
 def _one_line(text: str, limit: int = 300) -> str:
     text = " ".join(text.split())
     return text if len(text) <= limit else text[: limit - 3] + "..."
@@ -263,10 +377,13 @@ def check_source(source: str) -> str | None:
 
 
 def transcode(source: str, settings: EncodeSettings, workdir: str | None = None) -> TranscodeResult:
-    """Transcode one video; never raises for a bad input (the result says why it failed)."""
+    """Transcode one video; never raises for a bad input (the result says why it failed). Raises OSError and
+    TranscodeAborted for failures of our own side (see TranscodeAborted), which must not be blamed on the video."""
     started = time.perf_counter()
     try:
         return _transcode(source, settings, workdir, started)
+    except (OSError, TranscodeAborted):
+        raise  # the source itself is only ever opened by ffmpeg (and stat'ed by check_source): this is ours
     except Exception as e:  # an unexpected problem with one file must not stop a build of thousands
         return TranscodeResult(source, False, reason=_one_line(f"unexpected error: {type(e).__name__}: {e}"),
                                seconds=time.perf_counter() - started)
@@ -286,11 +403,16 @@ def _transcode(source: str, settings: EncodeSettings, workdir: str | None, start
         else:
             cmd, outputs = build_phase_command(source, settings, tmp)
         try:
-            proc = subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True, timeout=settings.timeout)
+            proc = subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True, timeout=settings.timeout,
+                                  preexec_fn=die_with_parent)
         except subprocess.TimeoutExpired:
             return failed(f"ffmpeg timed out after {settings.timeout:g} s (hung or too slow; see --timeout)")
+        log = proc.stderr.decode("utf-8", "replace")
         if proc.returncode != 0:
-            return failed(describe_ffmpeg_error(proc.stderr.decode("utf-8", "replace"), proc.returncode))
+            ours = own_failure(_error_lines(log), proc.returncode, os.path.dirname(tmp))
+            if ours is not None:
+                raise ours
+            return failed(describe_ffmpeg_error(_error_lines(log), proc.returncode))
         videos = []
         for path in outputs:
             with open(path, "rb") as f:
@@ -316,6 +438,9 @@ def _transcode(source: str, settings: EncodeSettings, workdir: str | None, start
             return failed(f"phase split went wrong: phases hold {counts} frames (expected {expected})")
         info = replace(info, num_frames=sum(counts), duration_ticks=sum(i.duration_ticks for i in infos),
                        num_keyframes=sum(i.num_keyframes for i in infos))
+    truncated = None if settings.tolerate_decode_errors else _truncation(log, info)
+    if truncated:
+        return failed(truncated)
     if info.num_frames < settings.min_frames:
         return failed(f"too few frames: {info.num_frames} < --min-frames {settings.min_frames}")
     return TranscodeResult(source, True, videos=videos, info=info, cuts=cuts, seconds=time.perf_counter() - started)

