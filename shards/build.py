@@ -9,34 +9,94 @@ Flow: read the inputs (shards.inputs) -> plan: sort by key, shuffle with --seed 
 is the same for any --workers and at most ~2 x workers videos are held in memory) -> tar shards + DALI indexes
 (shards.writer), a resume marker per finished shard (shards.resume) -> failures.jsonl, then manifest.json last.
 Format: shards/format.py.
+
+What is a failure of a video, and what is ours. A video that cannot be read, decoded or is too short is recorded in
+failures.jsonl and the build goes on. A failure of the machine (a full disk or another I/O error writing the work
+files or shards, a worker process killed, ffmpeg killed by a signal from outside) says nothing about the video:
+the build stops at once with a one-line error and exit status 75, deleting only the partial shard, so that the
+re-run of the same command resumes after the last finished shard and retries those videos. One build at a time
+writes a directory (`shards.resume.OutputLock`); workers and ffmpeg die with the build, even when it is SIGKILLed
+(`shards.transcode.die_with_parent`), and SIGTERM stops it like Ctrl-C.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import itertools
 import json
 import multiprocessing
 import os
 import random
+import re
 import signal
 import sys
+import threading
 import time
 from collections import deque
 from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 from tqdm import tqdm
 
 from shards import format as fmt
-from shards.inputs import InputError, VideoInput, collect_inputs
-from shards.resume import BuildConflict, BuildState, inputs_digest
-from shards.transcode import CODECS, EncodeSettings, TranscodeResult, default_gop, ffmpeg_version, transcode
-from shards.writer import ShardWriter, member_bytes
+from shards.inputs import InputError, InputSet, VideoInput, collect_inputs
+from shards.resume import BuildConflict, BuildLocked, BuildState, OutputLock, inputs_digest
+from shards.transcode import (CODECS, EncodeSettings, TranscodeAborted, TranscodeResult, default_gop, die_with_parent,
+                              ffmpeg_version, transcode)
+from shards.writer import ShardWriter, member_bytes, write_file_atomically
 
 MAX_PRINTED_FAILURES = 20
+EXIT_RETRY = 75  # sysexits' EX_TEMPFAIL: stopped by a failure of our own side; re-run the same command to resume
+EXIT_INTERRUPTED, EXIT_TERMINATED = 130, 143
+_SPLIT_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
+
+
+class BuildStopped(Exception):
+    """The build cannot go on for a reason that is not a video's (one-line message); a re-run resumes."""
+
+
+class Terminated(BaseException):
+    """SIGTERM, raised in the main thread so that the build stops as on Ctrl-C. A BaseException, so that no
+    `except Exception` (transcode's, for one) takes it for a problem of a video."""
+
+
+def split_name_problem(split: str) -> str | None:
+    """Why `split` cannot name shard files inside --out (`{split}-NNNNNN.tar`), or None."""
+    if not split:
+        return "it is empty"
+    if "/" in split or "\\" in split or os.sep in split:
+        return "it contains a path separator"
+    if ".." in split:
+        return "it contains '..'"
+    if not _SPLIT_NAME.fullmatch(split):
+        return "use letters, digits, '_', '-' and '.' (not first)"
+    return None
+
+
+def describe_own_failure(error: BaseException) -> str:
+    """One line for a failure of our own side: the file or folder and the errno text, or what died."""
+    if isinstance(error, OSError):
+        code = errno.errorcode.get(error.errno, str(error.errno)) if error.errno is not None else "?"
+        where = f"{error.filename}: " if error.filename else ""
+        return f"{where}{error.strerror or error} ({code})"
+    if isinstance(error, BrokenProcessPool):
+        return "a transcoding worker process died (killed by a signal, or out of memory)"
+    return " ".join(str(error).split())
+
+
+def _own_failures_stop(item: VideoInput, get: Callable[[], TranscodeResult]) -> TranscodeResult:
+    """`get()`, with a failure of our own side (disk full, a killed worker or ffmpeg) turned into BuildStopped
+    naming the video it happened on: that video is retried by the next run, never recorded as bad."""
+    try:
+        return get()
+    except BrokenProcessPool as e:
+        raise BuildStopped(describe_own_failure(e)) from e
+    except (OSError, TranscodeAborted) as e:
+        raise BuildStopped(f"{describe_own_failure(e)} while transcoding {item.source}") from e
 
 
 def plan_order(videos: list[VideoInput], seed: int) -> list[VideoInput]:
@@ -46,9 +106,21 @@ def plan_order(videos: list[VideoInput], seed: int) -> list[VideoInput]:
     return order
 
 
-def _ignore_sigint() -> None:
-    """Workers leave Ctrl-C to the main process, which stops the build (ffmpeg children still stop at once)."""
+def _init_worker(parent_pid: int) -> None:
+    """Workers leave Ctrl-C to the main process, which stops the build (ffmpeg children still stop at once), and die
+    with it, however it dies: a worker outliving a SIGKILLed build would go on writing into its directory."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    die_with_parent()
+    if os.getppid() != parent_pid:  # the build died before the line above took effect
+        os._exit(1)
+
+
+def _kill_workers(pool: ProcessPoolExecutor) -> None:
+    """Stop a pool's workers now, with their ffmpeg (which dies with its worker), instead of waiting for the
+    transcodes in flight, which can take minutes; a re-run redoes them."""
+    for process in list((getattr(pool, "_processes", None) or {}).values()):
+        with contextlib.suppress(Exception):
+            process.kill()
 
 
 def ordered_transcodes(items: list[VideoInput], settings: EncodeSettings, workers: int, workdir: str,
@@ -60,28 +132,29 @@ def ordered_transcodes(items: list[VideoInput], settings: EncodeSettings, worker
     """
     if workers <= 1:
         for item in items:
-            yield item, transcode(item.source, settings, workdir)
+            yield item, _own_failures_stop(item, lambda: transcode(item.source, settings, workdir))
         return
     window = window or 2 * workers
     # spawn: the pool may be started from a process that already runs threads (DALI, torch, pytest); forking
     # such a process can deadlock. Workers need little more than shards.transcode.
-    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
-                             initializer=_ignore_sigint) as pool:
-        pending: deque = deque()
+    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=_init_worker,
+                               initargs=(os.getpid(),))
+    pending: deque = deque()
+    try:
         feed = iter(items)
-        try:
-            for item in itertools.islice(feed, window):
-                pending.append((item, pool.submit(transcode, item.source, settings, workdir)))
-            while pending:
-                item, future = pending.popleft()
-                result = future.result()
-                nxt = next(feed, None)
-                if nxt is not None:
-                    pending.append((nxt, pool.submit(transcode, nxt.source, settings, workdir)))
-                yield item, result
-        finally:
-            for _, future in pending:
-                future.cancel()
+        for item in itertools.islice(feed, window):
+            pending.append((item, pool.submit(transcode, item.source, settings, workdir)))
+        while pending:
+            item, future = pending.popleft()
+            result = _own_failures_stop(item, future.result)
+            nxt = next(feed, None)
+            if nxt is not None:
+                pending.append((nxt, pool.submit(transcode, nxt.source, settings, workdir)))
+            yield item, result
+    finally:
+        if pending:  # stopped early (an error, Ctrl-C, SIGTERM, the consumer gone): do not wait for the rest
+            _kill_workers(pool)
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def sample_members(item: VideoInput, result: TranscodeResult, label: int, sample_id: int,
@@ -104,15 +177,6 @@ def sample_members(item: VideoInput, result: TranscodeResult, label: int, sample
         (fmt.META_EXT, json.dumps(meta, sort_keys=True, separators=(",", ":")).encode()),
         (fmt.INFO_EXT, fmt.pack_info(info.num_frames, label, sample_id)),
     ]
-
-
-def _write_text_atomically(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def _format_bytes(n: float) -> str:
@@ -186,8 +250,10 @@ class ShardSink:
         return self.pending_failures
 
     def abort(self) -> None:
+        """Drop the open shard (its videos are redone by the next run, its failures recorded again then)."""
         if self.writer is not None:
             self.writer.abort()
+            self.writer = None
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -259,31 +325,84 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def build(args: argparse.Namespace) -> int:
-    """Run one build; returns the process exit code (0 done, 1 nothing to do or nothing succeeded)."""
-    started = time.perf_counter()
-    out_dir = Path(args.out)
+def _read_inputs(args: argparse.Namespace) -> tuple[InputSet, EncodeSettings]:
+    """The inputs and the encoder settings (InputError or ValueError: a one-line message)."""
+    inputs = collect_inputs(csv_path=args.csv, list_path=args.list, folders=args.folders, root=args.root,
+                            split=args.split, classes_file=args.classes, all_rows=args.all_rows)
+    if args.container is None:
+        args.container = EncodeSettings(codec=args.codec).effective_container
+    if args.gop is None:
+        args.gop = default_gop(args.container, args.phases)
+    settings = EncodeSettings(codec=args.codec, short_side=args.short_side, fps=args.fps, gop=args.gop,
+                              quality=args.quality, threads=args.threads, min_frames=args.min_frames,
+                              timeout=args.timeout, tolerate_decode_errors=args.tolerate_decode_errors,
+                              phases=args.phases, container=args.container)
+    return inputs, settings
+
+
+@contextlib.contextmanager
+def _sigterm_raises() -> Iterator[None]:
+    """Within the block SIGTERM raises Terminated in the main thread, so a stopped build deletes its partial shard
+    and stops its workers (signals can only be handled in the main thread; elsewhere nothing changes)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def raise_terminated(signum, frame) -> None:
+        raise Terminated()
+
+    previous = signal.signal(signal.SIGTERM, raise_terminated)
     try:
-        inputs = collect_inputs(csv_path=args.csv, list_path=args.list, folders=args.folders, root=args.root,
-                                split=args.split, classes_file=args.classes, all_rows=args.all_rows)
-        if args.container is None:
-            args.container = EncodeSettings(codec=args.codec).effective_container
-        if args.gop is None:
-            args.gop = default_gop(args.container, args.phases)
-        settings = EncodeSettings(codec=args.codec, short_side=args.short_side, fps=args.fps, gop=args.gop,
-                                  quality=args.quality, threads=args.threads, min_frames=args.min_frames,
-                                  timeout=args.timeout, tolerate_decode_errors=args.tolerate_decode_errors,
-                                  phases=args.phases, container=args.container)
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def build(args: argparse.Namespace) -> int:
+    """Run one build; returns the process exit code (0 done; 1 an error in the inputs or the output directory,
+    nothing to do or nothing succeeded; 75 stopped by a failure of our own side, re-run to resume; 130/143
+    interrupted by SIGINT/SIGTERM)."""
+    started = time.perf_counter()
+    problem = split_name_problem(args.split)
+    if problem:
+        print(f"error: --split {args.split!r}: {problem} (the split name prefixes the shard files inside --out)",
+              file=sys.stderr)
+        return 1
+    try:
+        inputs, settings = _read_inputs(args)
     except (InputError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    for warning in inputs.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
     plan = plan_order(inputs.videos, args.seed)
-    source_desc = args.csv or args.list or args.folders
     if not plan:
         extra = f" ({len(inputs.rejected)} rejected: {inputs.rejected[0]['reason']})" if inputs.rejected else ""
-        print(f"error: no inputs: {source_desc} lists no videos for split {args.split!r}{extra}", file=sys.stderr)
+        print(f"error: no inputs: {args.csv or args.list or args.folders} lists no videos for split "
+              f"{args.split!r}{extra}", file=sys.stderr)
         return 1
+    lock = OutputLock(args.out)
+    with _sigterm_raises():
+        try:
+            lock.acquire()
+        except BuildLocked as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 1
+        except OSError as e:
+            print(f"error: --out {args.out}: not a writable directory: {describe_own_failure(e)}", file=sys.stderr)
+            return 1
+        except (KeyboardInterrupt, Terminated) as e:
+            return EXIT_INTERRUPTED if isinstance(e, KeyboardInterrupt) else EXIT_TERMINATED
+        try:
+            return _build_locked(args, inputs, settings, plan, started)
+        finally:
+            lock.release()
 
+
+def _build_locked(args: argparse.Namespace, inputs: InputSet, settings: EncodeSettings, plan: list[VideoInput],
+                  started: float) -> int:
+    """The build, with the output directory locked: resume point, transcoding, shards, failures and manifest."""
+    out_dir = Path(args.out)
     params = {
         "split": args.split, **settings.output_params(), "seed": args.seed,
         "shard_size_mb": args.shard_size_mb, "samples_per_shard": args.samples_per_shard,
@@ -292,25 +411,56 @@ def build(args: argparse.Namespace) -> int:
     }
     identity = {"params": params, "inputs_sha256": inputs_digest(plan, inputs.classes)}
     state = BuildState(out_dir, args.split)
+    sink = None
     try:
         resume = state.prepare(identity, overwrite=args.overwrite)
+        if resume.complete:
+            print(f"shards: {out_dir} already holds this build ({fmt.MANIFEST_NAME} present, every shard it lists "
+                  f"there with its size); nothing to do (use --overwrite to rebuild)", file=sys.stderr)
+            return 0
+        sink = ShardSink(state, args.split, args.codec, inputs.label_index, resume.markers,
+                         int(args.shard_size_mb * 1e6) if args.shard_size_mb else None, args.samples_per_shard)
+        stats = _transcode_plan(args, settings, plan, inputs, state, sink)
+        return _write_outputs(args, state, sink, inputs, plan, identity, stats, started)
     except BuildConflict as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    if resume.complete:
-        print(f"shards: {out_dir} already holds this build ({fmt.MANIFEST_NAME} present); nothing to do "
-              f"(use --overwrite to rebuild)", file=sys.stderr)
-        return 0
+    except BaseException as e:
+        if sink is not None:
+            sink.abort()
+        kept = f"{len(sink.markers) if sink else 0} finished shard(s) kept in {out_dir}"
+        if isinstance(e, (KeyboardInterrupt, Terminated)):
+            what = "interrupted" if isinstance(e, KeyboardInterrupt) else "terminated (SIGTERM)"
+            print(f"\nshards: {what}; {kept}; re-run the same command to resume", file=sys.stderr)
+            return EXIT_INTERRUPTED if isinstance(e, KeyboardInterrupt) else EXIT_TERMINATED
+        if isinstance(e, (OSError, BuildStopped)):
+            reason = describe_own_failure(e) if isinstance(e, OSError) else str(e)
+            print(f"error: {reason}; {kept}: fix this and re-run the same command to resume (the videos after "
+                  f"them are retried)", file=sys.stderr)
+            return EXIT_RETRY
+        raise
 
-    sink = ShardSink(state, args.split, args.codec, inputs.label_index, resume.markers,
-                     int(args.shard_size_mb * 1e6) if args.shard_size_mb else None, args.samples_per_shard)
+
+def _transcode_plan(args: argparse.Namespace, settings: EncodeSettings, plan: list[VideoInput], inputs: InputSet,
+                    state: BuildState, sink: ShardSink) -> dict:
+    """Transcode the plan from the resume point into the sink; returns this run's counts."""
     start = sink.position
-    if resume.markers:
-        print(f"shards: resuming: keeping {len(resume.markers)} finished shard(s) "
+    if sink.markers:
+        print(f"shards: resuming: keeping {len(sink.markers)} finished shard(s) "
               f"({sink.next_sample_id} samples), {len(plan) - start} of {len(plan)} videos to go", file=sys.stderr)
-    run_ok = run_failed = 0
-    run_source_seconds = 0.0
+    stats = {"ok": 0, "failed": 0, "source_seconds": 0.0}
     printed = 0
+
+    def skipped(source: str, reason: str) -> None:
+        nonlocal printed
+        if printed < MAX_PRINTED_FAILURES:
+            tqdm.write(f"skipped {source}: {reason}", file=sys.stderr)
+            printed += 1
+            if printed == MAX_PRINTED_FAILURES:
+                tqdm.write("(further failures only in failures.jsonl)", file=sys.stderr)
+
+    for rejected in inputs.rejected:
+        skipped(rejected["source"], rejected["reason"])
     bar = tqdm(total=len(plan), initial=start, unit="video", desc=f"shards {args.split}", disable=args.quiet,
                dynamic_ncols=True, smoothing=0.05)
     try:
@@ -319,33 +469,26 @@ def build(args: argparse.Namespace) -> int:
             for position, (item, result) in enumerate(ordered, start=start):
                 if result.ok:
                     sink.add_sample(position, item, result)
-                    run_ok += 1
-                    run_source_seconds += result.info.duration
+                    stats["ok"] += 1
+                    stats["source_seconds"] += result.info.duration
                 else:
                     sink.add_failure(item, result.reason)
-                    run_failed += 1
-                    if printed < MAX_PRINTED_FAILURES:
-                        tqdm.write(f"skipped {item.source}: {result.reason}", file=sys.stderr)
-                        printed += 1
-                        if printed == MAX_PRINTED_FAILURES:
-                            tqdm.write("(further failures only in failures.jsonl)", file=sys.stderr)
+                    stats["failed"] += 1
+                    skipped(item.source, result.reason)
                 bar.update(1)
-                bar.set_postfix(ok=run_ok, failed=run_failed, shards=len(sink.markers), refresh=False)
-        orphan_failures = sink.finish(len(plan))
-    except KeyboardInterrupt:
-        sink.abort()
+                bar.set_postfix(ok=stats["ok"], failed=stats["failed"], shards=len(sink.markers), refresh=False)
+        stats["orphan_failures"] = sink.finish(len(plan))
+    finally:
         bar.close()
-        print(f"\nshards: interrupted; {len(sink.markers)} finished shard(s) kept in {out_dir}; re-run the same "
-              f"command to resume", file=sys.stderr)
-        return 130
-    except BaseException:
-        sink.abort()
-        bar.close()
-        raise
-    bar.close()
+    return stats
 
-    failures = list(inputs.rejected) + [f for m in sink.markers for f in m["failures"]] + orphan_failures
-    _write_text_atomically(out_dir / fmt.FAILURES_NAME, "".join(json.dumps(f) + "\n" for f in failures))
+
+def _write_outputs(args: argparse.Namespace, state: BuildState, sink: ShardSink, inputs: InputSet,
+                   plan: list[VideoInput], identity: dict, stats: dict, started: float) -> int:
+    """failures.jsonl, then manifest.json (last: its presence means a finished build); the summary line."""
+    out_dir = state.out_dir
+    failures = list(inputs.rejected) + [f for m in sink.markers for f in m["failures"]] + stats["orphan_failures"]
+    write_file_atomically(out_dir / fmt.FAILURES_NAME, "".join(json.dumps(f) + "\n" for f in failures))
     num_samples = sum(m["num_samples"] for m in sink.markers)
     if num_samples == 0:
         state.finish()
@@ -359,7 +502,7 @@ def build(args: argparse.Namespace) -> int:
         "format": fmt.FORMAT_VERSION,
         "split": args.split,
         "codec": args.codec,
-        "params": params,
+        "params": identity["params"],
         "inputs_sha256": identity["inputs_sha256"],
         "ffmpeg": ffmpeg_version(),
         "classes": inputs.classes,
@@ -372,17 +515,17 @@ def build(args: argparse.Namespace) -> int:
                    for m in sink.markers],
         "keys": [k for m in sink.markers for k in m["keys"]],
     }
-    _write_text_atomically(out_dir / fmt.MANIFEST_NAME, json.dumps(manifest, indent=1) + "\n")
+    write_file_atomically(out_dir / fmt.MANIFEST_NAME, json.dumps(manifest, indent=1) + "\n")
     state.finish()
 
     elapsed = time.perf_counter() - started
     total_bytes = sum(m["bytes"] for m in sink.markers)
-    done_now = run_ok + run_failed
+    done_now = stats["ok"] + stats["failed"]
     layout = f" in {args.container}" + (f", {args.phases} phases" if args.phases > 1 else "")
     print(f"shards: {args.split}: {num_samples} samples in {len(sink.markers)} shards "
           f"({_format_bytes(total_bytes)}, {args.codec}{layout}), {len(failures)} skipped "
           f"(see {fmt.FAILURES_NAME}); this run: {done_now} videos in {elapsed:.1f} s = "
-          f"{done_now / elapsed:.2f} videos/s, {run_source_seconds / elapsed:.1f} source-s/s "
+          f"{done_now / elapsed:.2f} videos/s, {stats['source_seconds'] / elapsed:.1f} source-s/s "
           f"with {args.workers} workers -> {out_dir / fmt.MANIFEST_NAME}"
           + (f" (removed stale {', '.join(removed)})" if removed else ""), file=sys.stderr)
     return 0

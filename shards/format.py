@@ -161,16 +161,47 @@ def index_path_for(tar_path: str | os.PathLike) -> str:
     return (p[: -len(".tar")] if p.endswith(".tar") else p) + ".idx"
 
 
+# What every reader of a manifest relies on; a manifest lacking any of it is refused in one line naming the key.
+_MANIFEST_KEYS = {"shards": list, "keys": list, "classes": list, "num_samples": int}
+_SHARD_KEYS = {"tar": str, "index": str, "num_samples": int}
+
+
 def read_manifest(directory: str | os.PathLike) -> dict:
+    """The manifest of a shard directory. FileNotFoundError or ValueError (one line naming the file and the
+    problem) when it is missing, not JSON, of another format, or lacks a key its readers need."""
     path = Path(directory) / MANIFEST_NAME
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no manifest (the build did not finish, or this is not a shard directory)")
-    with open(path) as f:
-        manifest = json.load(f)
+    try:
+        with open(path) as f:
+            manifest = json.load(f)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{path}: unreadable ({' '.join(str(e).split())}); rebuild it with `python -m "
+                         f"shards.build`") from None
+    if not isinstance(manifest, dict):
+        raise ValueError(f"{path}: not a JSON object")
     if manifest.get("format") not in READABLE_FORMATS:
         raise ValueError(f"{path}: format {manifest.get('format')!r}, expected one of {READABLE_FORMATS} (rebuild "
                          f"it with `python -m shards.build`)")
+    problem = _manifest_problem(manifest)
+    if problem:
+        raise ValueError(f"{path}: {problem} (damaged or hand-edited; rebuild it with `python -m shards.build`)")
     return manifest
+
+
+def _manifest_problem(manifest: dict) -> str | None:
+    for key, kind in _MANIFEST_KEYS.items():
+        if not isinstance(manifest.get(key), kind) or isinstance(manifest.get(key), bool):
+            return f"no {key!r} ({kind.__name__})" if key not in manifest else f"{key!r} is not a {kind.__name__}"
+    for i, shard in enumerate(manifest["shards"]):
+        if not isinstance(shard, dict):
+            return f"shards[{i}] is not an object"
+        for key, kind in _SHARD_KEYS.items():
+            if not isinstance(shard.get(key), kind):
+                return f"shards[{i}] has no {key!r} ({kind.__name__})"
+        if "/" in shard["tar"] or "/" in shard["index"] or shard["tar"].startswith(".."):
+            return f"shards[{i}] names a file outside its directory ({shard['tar']!r})"
+    return None
 
 
 def resolve_shards(spec: str | os.PathLike | Sequence[str | os.PathLike]) -> list[str]:

@@ -67,6 +67,19 @@ def read_index_file(path: str | os.PathLike) -> list[list[tuple[str, int, int, s
     return samples
 
 
+class MemberPastEnd(tarfile.TarError):
+    """A tar header declares more data than the tar holds."""
+
+
+def read_member(tar: tarfile.TarFile, member: tarfile.TarInfo, tar_size: int) -> bytes:
+    """A member's bytes, once the tar is known to hold them: a header may declare any size (a terabyte), and
+    reading that much would exhaust memory long before the read came up short."""
+    if member.offset_data + member.size > tar_size:
+        raise MemberPastEnd(f"member {member.name!r} declares {member.size} bytes at offset {member.offset_data}, "
+                            f"past the end of the tar ({tar_size} bytes)")
+    return tar.extractfile(member).read()
+
+
 def _split_name(name: str) -> tuple[str, str]:
     base = name.rsplit("/", 1)[-1]
     key, _, ext = base.partition(".")
@@ -81,13 +94,14 @@ def check_shard_members(tar_path: Path, idx_path: Path, on_sample) -> tuple[list
     index_components = []
     current: dict | None = None
     num_samples = 0
+    tar_size = os.path.getsize(tar_path)
     with tarfile.open(tar_path, "r:") as tar:
         for member in tar:
             if not member.isreg():
                 problems.append(f"{tar_path.name}: unexpected non-file member {member.name!r}")
                 continue
             key, ext = _split_name(member.name)
-            data = tar.extractfile(member).read()
+            data = read_member(tar, member, tar_size)
             if current is None or current["key"] != key:
                 if current is not None:
                     on_sample(current)
@@ -224,6 +238,10 @@ def verify(directory: str | os.PathLike, decode: bool = True, check_sha: bool = 
         manifest = fmt.read_manifest(directory)
     except (FileNotFoundError, ValueError) as e:
         return [str(e)]
+    missing = _missing_build_keys(manifest)
+    if missing:
+        return [f"{directory / fmt.MANIFEST_NAME}: {missing} (not written by `python -m shards.build`, or "
+                f"damaged; rebuild it)"]
     problems: list[str] = []
     shards = manifest["shards"]
     keys = manifest["keys"]
@@ -283,6 +301,17 @@ def verify(directory: str | os.PathLike, decode: bool = True, check_sha: bool = 
     return problems
 
 
+def _missing_build_keys(manifest: dict) -> str | None:
+    """What of the builder's own manifest keys (beyond those every reader needs) verify lacks, or None."""
+    if not isinstance(manifest.get("codec"), str):
+        return "no 'codec'"
+    for i, shard in enumerate(manifest["shards"]):
+        for key, kind in (("bytes", int), ("sha256", str), ("first_sample_id", int)):
+            if not isinstance(shard.get(key), kind):
+                return f"shards[{i}] has no {key!r}"
+    return None
+
+
 def _check_decoding(directory: Path, manifest: dict, claimed: list[int | None], log) -> list[str]:
     """Decode every video member; each must give the frames its sample's .info claims (its phase's share of them)."""
     tars = [str(directory / s["tar"]) for s in manifest["shards"]]
@@ -331,7 +360,7 @@ def _check_decoding(directory: Path, manifest: dict, claimed: list[int | None], 
                     if ext in exts:
                         path = os.path.join(tmp, f"{sample_id}.{ext}")
                         with open(path, "wb") as f:
-                            f.write(tar.extractfile(member).read())
+                            f.write(read_member(tar, member, os.path.getsize(tar_path)))
                         jobs.append((sample_id, ext, path, pool.submit(count_decoded_frames, path)))
                         members += 1
             for sid, ext, path, future in jobs:
@@ -352,6 +381,7 @@ def _check_decoding(directory: Path, manifest: dict, claimed: list[int | None], 
 def _tar_samples(tar_path: str):
     """(sample number in the tar, key, {ext: bytes}) for each sample of a tar, in order."""
     number, current = -1, None
+    tar_size = os.path.getsize(tar_path)
     with tarfile.open(tar_path, "r:") as tar:
         for member in tar:
             key, ext = _split_name(member.name)
@@ -360,7 +390,7 @@ def _tar_samples(tar_path: str):
                     yield current
                 number += 1
                 current = (number, key, {})
-            current[2][ext] = tar.extractfile(member).read()
+            current[2][ext] = read_member(tar, member, tar_size)
     if current is not None:
         yield current
 

@@ -8,6 +8,7 @@ reproducible: fixed mtime, owner and mode. Member names stay under 100 bytes, so
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import tarfile
@@ -19,6 +20,34 @@ from shards.format import TAR_BLOCK, index_path_for, write_dali_index
 
 RECORD_SIZE = 20 * TAR_BLOCK  # tar files end on a 10 KiB record boundary, as GNU tar and Python's tarfile write them
 _MTIME = 0
+
+
+def with_filename(error: OSError, path: str | os.PathLike) -> OSError:
+    """`error` naming `path` (a failed `write` or `close` raises OSError without a file name: the one-line message
+    of a stopped build must say where the disk is full)."""
+    if error.filename is not None:
+        return error
+    named = OSError(error.errno, error.strerror or str(error), str(path))
+    named.__cause__ = error
+    return named
+
+
+def write_file_atomically(path: str | os.PathLike, data: bytes | str) -> None:
+    """Write `path` whole or not at all: a temp name, fsync, then rename. A failed write (a full disk) removes the
+    temp file and raises OSError naming it."""
+    tmp = f"{path}.tmp"
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data.encode() if isinstance(data, str) else data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as e:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        if isinstance(e, OSError):
+            raise with_filename(e, tmp) from None
+        raise
 
 
 def member_bytes(size: int) -> int:
@@ -59,7 +88,10 @@ class ShardWriter:
         return self._offset
 
     def _write(self, data: bytes) -> None:
-        self._file.write(data)
+        try:
+            self._file.write(data)
+        except OSError as e:
+            raise with_filename(e, self.temp_path) from None
         self._sha.update(data)
         self._offset += len(data)
 
@@ -87,22 +119,29 @@ class ShardWriter:
         end = 2 * TAR_BLOCK
         end += -(self._offset + end) % RECORD_SIZE
         self._write(b"\0" * end)
-        self._file.flush()
-        os.fsync(self._file.fileno())
-        self._file.close()
+        try:
+            self._file.flush()
+            os.fsync(self._file.fileno())
+            self._file.close()
+        except OSError as e:
+            raise with_filename(e, self.temp_path) from None
         index_path = index_path_for(self.final_path)
-        write_dali_index(self._members, index_path)  # written under a temp name, then renamed
+        try:
+            write_dali_index(self._members, index_path)  # written under a temp name, then renamed
+        except OSError as e:
+            with contextlib.suppress(OSError):
+                os.unlink(f"{index_path}.tmp")
+            raise with_filename(e, f"{index_path}.tmp") from None
         os.replace(self.temp_path, self.final_path)
         return ShardRecord(self.final_path.name, Path(index_path).name, len(self.keys), self._offset,
                            self._sha.hexdigest(), list(self.keys))
 
     def abort(self) -> None:
-        if not self._file.closed:
+        """Drop the partial tar (the build stopped; a re-run writes this shard again)."""
+        with contextlib.suppress(OSError):  # closing flushes, and may fail again on a full disk
             self._file.close()
-        try:
+        with contextlib.suppress(FileNotFoundError):
             os.unlink(self.temp_path)
-        except FileNotFoundError:
-            pass
 
 
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22) -> str:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -172,3 +173,89 @@ def test_train_and_val_labels_agree(shard_dirs, synth_root, tmp_path, run_module
     assert {m["label"] for m in with_classes} == {1, 2}
     assert all(train["classes"][m["label"]] == m["label_name"] for m in with_classes)
     assert {m["label"] for m in without} == {0, 1}  # shifted: what --classes is for
+
+
+# Issue 16, items 9-11: one line where one line is due, and nothing outside --out.
+
+def _one_error_line(proc: subprocess.CompletedProcess) -> str:
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 1 and len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
+    return lines[0]
+
+
+@pytest.mark.parametrize("split", ["../x", "a/b", "", "..", ".hidden", "-x"])
+def test_split_names_that_leave_the_output_directory_are_refused(synth_root, tmp_path, run_module, split):
+    out = tmp_path / "sub" / "out"
+    proc = run_module("shards.build", "--csv", synth_root / "train.csv", "--root", synth_root, "--all-rows",
+                      f"--split={split}", "--out", out, "--quiet")
+    assert f"--split {split!r}" in _one_error_line(proc)
+    assert not (tmp_path / "sub").exists()  # nothing written anywhere
+
+
+def test_unwritable_out_is_one_line(synth_root, tmp_path, run_module):
+    common = ["--csv", synth_root / "train.csv", "--root", synth_root, "--split", "train", "--quiet"]
+    a_file = tmp_path / "file"
+    a_file.write_text("x")
+    line = _one_error_line(run_module("shards.build", *common, "--out", a_file))
+    assert f"--out {a_file}: not a writable directory" in line and "not a directory" in line
+    read_only = tmp_path / "ro"
+    read_only.mkdir()
+    mounted = os.geteuid() == 0 and subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs",
+                                                    str(read_only)]).returncode == 0
+    if not mounted:
+        read_only.chmod(0o555)  # enough for anyone but root
+    try:
+        line = _one_error_line(run_module("shards.build", *common, "--out", read_only / "out"))
+        assert f"--out {read_only / 'out'}: not a writable directory" in line
+        assert "Read-only file system" in line or "Permission denied" in line
+    finally:
+        if mounted:
+            subprocess.run(["umount", "-l", str(read_only)])
+
+
+def test_rerun_notices_a_deleted_or_truncated_shard(reference_build, synth_root, tmp_path, run_module):
+    out = tmp_path / "train"
+    shutil.copytree(reference_build, out)
+    args = _train_args(synth_root, out, workers=1)
+    assert "already holds this build" in run_module("shards.build", *args).stderr
+    (out / "train-000002.tar").unlink()
+    line = _one_error_line(run_module("shards.build", *args))
+    assert "train-000002.tar is missing" in line and "--overwrite" in line and "shards.verify" in line
+    shutil.copy(reference_build / "train-000002.tar", out)
+    with open(out / "train-000004.tar", "r+b") as f:
+        f.truncate(1024)
+    assert "train-000004.tar has 1024 bytes, the manifest lists" in _one_error_line(run_module("shards.build", *args))
+    manifest = json.loads((out / fmt.MANIFEST_NAME).read_text())
+    del manifest["shards"]
+    (out / fmt.MANIFEST_NAME).write_text(json.dumps(manifest))
+    assert "the manifest lists no shards" in _one_error_line(run_module("shards.build", *args))
+    (out / fmt.MANIFEST_NAME).write_text("{not json")
+    assert f"{out / fmt.MANIFEST_NAME}: unreadable" in _one_error_line(run_module("shards.build", *args))
+
+
+def test_broken_annotation_rows_are_counted_and_recorded(synth_root, tmp_path, run_module):
+    header, first, second = (synth_root / "train.csv").read_text().splitlines()[:3]
+    label, second_label = first.split(",")[0], second.split(",")[0]
+    other_label = "zumba"
+    conflicting = ",".join([other_label, *second.split(",")[1:]])
+    short = ",".join(first.split(",")[:3])
+    csv_path = tmp_path / "broken.csv"  # a repeat (line 3), a conflict (lines 4, 5), a short row (line 6)
+    csv_path.write_text("\n".join([header, first, first, conflicting, second, short]) + "\n")
+    out = tmp_path / "out"
+    proc = run_module("shards.build", "--csv", csv_path, "--root", synth_root, "--split", "train", "--out", out,
+                      "--short-side", 64, "--quiet", "--all-rows")
+    assert proc.returncode == 0, proc.stderr
+    columns = len(header.split(","))
+    conflict = f"listed with conflicting labels {other_label!r} ({csv_path}:4) and {second_label!r} ({csv_path}:5)"
+    second_video = next(synth_root.glob(f"train/*/{second.split(',')[1]}_*.mp4"))
+    assert [ln for ln in proc.stderr.splitlines() if ln.startswith("warning: ")] == [
+        f"warning: 1 unreadable rows of {csv_path} rejected (first: {csv_path}:6: 3 fields, the header has "
+        f"{columns}); see failures.jsonl",
+        f"warning: 1 duplicate entries dropped (the same video listed again with the same label; first: "
+        f"{csv_path}:3 repeats {csv_path}:2)",
+        f"warning: 1 videos rejected for conflicting labels (first: {second_video} {conflict}); see failures.jsonl"]
+    assert read_failures(out) == [
+        {"source": f"{csv_path}:6", "reason": f"3 fields, the header has {columns}"},
+        {"source": str(second_video), "key": second_video.stem, "reason": conflict}]
+    manifest = fmt.read_manifest(out)
+    assert manifest["num_samples"] == 1 and manifest["classes"] == [label] and manifest["num_failures"] == 2
