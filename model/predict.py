@@ -304,6 +304,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from shards.transcode import TranscodeAborted
+
     args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     try:
@@ -311,7 +313,7 @@ def main(argv: list[str] | None = None) -> int:
                           topk=args.topk, stride=args.stride, short_side=args.short_side, codec=args.codec,
                           batch_size=args.batch_size, view_batch=args.view_batch, workers=args.workers,
                           progress=not args.quiet and sys.stderr.isatty(), trust_pickle=args.trust_pickle)
-    except (OSError, ValueError) as e:  # CheckpointError is a ValueError
+    except (OSError, ValueError, TranscodeAborted) as e:  # CheckpointError is a ValueError; a full disk an OSError
         print(f"error: {str(e).splitlines()[0]}", file=sys.stderr)
         return 2
     for r in results:

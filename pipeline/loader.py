@@ -450,7 +450,7 @@ class VideoLoader:
         """("cut" | "whole" | "cpu", the reason for a fallback): one clip of the first sample, from its second key
         frame on where it has one, decoded by NVDEC and by the CPU decoder, must agree."""
         shards, stride = self.shards, self.cfg.stride
-        tar = shards.tars[0]
+        tar = next(t for t in shards.tars if shards.index(t)[1])
         sample = shards.index(tar)[1][0]
         video = shards.read_member(tar, *sample.components[shards.video_exts[0]][:2])
         cuts = shards.read_member(tar, *sample.components[fmt.CUTS_EXT][:2])
