@@ -95,6 +95,40 @@ def seek_probe(tars: list[str], device: str, threads: int, batch_size: int, batc
     return rates
 
 
+def cost_probe(tars: list[str], layout: fmt.Layout, batch_size: int, batches: int = 4) -> dict:
+    """Where a clip's decode time goes, on one thread: ms per video for 1 frame from the member's start, 16 frames
+    from its start, and 16 frames after 24 decoded but not output. From these: the fixed cost per video, the cost
+    of a frame decoded and output, and of a frame only decoded (their difference is what DALI pays per output
+    frame: colour conversion and copy)."""
+    from nvidia.dali import fn, pipeline_def, types
+
+    def per_video(start: int, count: int) -> float:
+        @pipeline_def(batch_size=batch_size, num_threads=1, device_id=None, prefetch_queue_depth=1)
+        def run():
+            member, _ = fn.readers.webdataset(
+                paths=tars, index_paths=[fmt.index_path_for(t) for t in tars],
+                ext=[layout.video_exts[0], fmt.INFO_EXT], dtypes=[types.UINT8, types.INT32], name="reader")
+            return fn.decoders.video(member, device="cpu", start_frame=start, sequence_length=count).shape()
+
+        pipe = run()
+        pipe.build()
+        pipe.run()
+        started = time.perf_counter()
+        for _ in range(batches):
+            pipe.run()
+        seconds = (time.perf_counter() - started) / (batches * batch_size)
+        del pipe
+        return seconds * 1e3
+
+    one, sixteen, skipped = per_video(0, 1), per_video(0, 16), per_video(24, 16)
+    decoded_and_output = (sixteen - one) / 15
+    only_decoded = (skipped - sixteen) / 24
+    return {"ms_1_frame": round(one, 2), "ms_16_frames": round(sixteen, 2), "ms_16_after_24": round(skipped, 2),
+            "ms_per_frame_decoded_and_output": round(decoded_and_output, 3),
+            "ms_per_frame_only_decoded": round(only_decoded, 3),
+            "ms_per_video_fixed": round(one - decoded_and_output, 2)}
+
+
 def measure(pipe, warmup: int, batches: int, batch_size: int, num_frames: int) -> dict:
     for _ in range(warmup + 2):  # + the prefetch queue, filled during start-up
         pipe.run()
@@ -127,6 +161,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--num-frames", type=int, default=16)
     p.add_argument("--stride", type=int, default=4)
     p.add_argument("--no-seek-probe", action="store_true")
+    p.add_argument("--cost-probe", action="store_true",
+                   help="CPU: also time where a clip's decode goes (fixed per video, per frame output, per frame "
+                        "only decoded) on the first layout with phases")
     p.add_argument("--out", help="JSON results")
     args = p.parse_args(argv)
 
@@ -163,6 +200,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  seek probe ({mp4_timeline[0]}): {probe['first']} videos/s decoding each video's first frame, "
               f"{probe['last']} its last ({probe['first'] / probe['last']:.1f}x: {probe['verdict']})", flush=True)
 
+    costs = None
+    phased = [n for n in layouts if stored[n].phases > 1]
+    if args.cost_probe and args.device == "cpu" and phased:
+        costs = cost_probe(layouts[phased[0]], stored[phased[0]], args.batch_size)
+        print(f"  cost probe ({phased[0]}, 1 thread): {costs['ms_per_video_fixed']} ms per video fixed, "
+              f"{costs['ms_per_frame_decoded_and_output']} ms per frame decoded and output, "
+              f"{costs['ms_per_frame_only_decoded']} ms per frame only decoded", flush=True)
+
     runs: list[dict] = []
     for round_index in range(args.rounds):
         for name, tars in layouts.items():
@@ -195,7 +240,7 @@ def main(argv: list[str] | None = None) -> int:
             "settings": {k: v for k, v in vars(args).items() if k != "out"}, "shards": dirs,
             "layouts": {name: {"phases": stored[name].phases, "container": stored[name].container, **summary[name]}
                         for name in layouts},
-            "seek_probe": probe, "runs": runs, "ratios": ratios,
+            "seek_probe": probe, "cost_probe": costs, "runs": runs, "ratios": ratios,
         }
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         tmp = args.out + ".tmp"
