@@ -1,4 +1,4 @@
-"""Input-pipeline throughput: this DALI pipeline against a VideoMAE-style decord + DataLoader baseline.
+"""Input-pipeline throughput: this DALI pipeline against VideoMAE-style baselines (decord + DataLoader, torchcodec).
 
     python -m bench.bench_pipeline --out bench/out/pipeline_cpu.json                 # CPU backend, this machine
     python -m bench.bench_pipeline --layouts timeline,phases4,cut4                   # the same videos, 3 layouts
@@ -14,6 +14,8 @@ frames at stride 4 from a uniform random start, VideoMAE's multi-scale crop to 2
             with decord's VideoReader (VideoMAE's loader) at the official indices, cropped, resized (torch bilinear,
             antialiased), normalized and masked per view in Python/torch; pinned and copied to the GPU with
             --device gpu. It reads the first layout (timeline order, as VideoMAE's loader reads videos).
+  torchcodec the same per-sample work with PyTorch's decoder on N threads of the benchmark process instead of
+            worker processes (bench.baselines; skipped with one line where FFmpeg's libraries are missing).
 
 `--layouts` runs dali on the same videos stored in several shard layouts (`bench.layouts`: timeline order,
 stride phases in MP4, stride phases in IVF cut at key frames, ...). For K = 1, 2, 4 it reports, after `--warmup`
@@ -42,10 +44,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from bench.baselines import BASELINES, baseline_batches, torchcodec_available
 from shards import format as fmt
-
-MEAN = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1, 1)
-STD = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1, 1)
 
 
 # -- shards -----------------------------------------------------------------------------------------------------
@@ -62,89 +62,6 @@ def layout_sets(shards: str | None, layouts: str, args) -> dict[str, str]:
     videos = synthetic_videos(root, args.synth_per_class, args.synth_size, args.synth_frames, args.cores)
     return {spec.name: str(make_layout_shards(root, spec, videos, 240, args.cores))
             for spec in (parse_layout(name) for name in layouts.split(","))}
-
-
-# -- the VideoMAE-style baseline --------------------------------------------------------------------------------
-def official_indices(n: int, t: int, stride: int, rng: np.random.Generator) -> list[int]:
-    """VideoMAE's pretraining sampling (VideoMAE._sample_train_indices / _video_TSN_decord_batch_loader)."""
-    skip = t * stride
-    offset = int(rng.integers(n - skip + 1)) + 1 if n - skip + 1 > 0 else 1
-    out = []
-    for _ in range(t):
-        out.append(offset - 1)
-        if offset + stride < n:
-            offset += stride
-    return out
-
-
-def multiscale_crop(h: int, w: int, size: int, rng: np.random.Generator) -> tuple[int, int, int, int]:
-    """GroupMultiScaleCrop._sample_crop_size (scales 1, .875, .75, .66, max_distort 1, more_fix_crop)."""
-    base = min(w, h)
-    sizes = [int(base * s) for s in (1, .875, .75, .66)]
-    sizes = [size if abs(s - size) < 3 else s for s in sizes]
-    pairs = [(sizes[j], sizes[i]) for i in range(4) for j in range(4) if abs(i - j) <= 1]
-    cw, ch = pairs[int(rng.integers(len(pairs)))]
-    ws, hs = (w - cw) // 4, (h - ch) // 4
-    offsets = [(0, 0), (4 * ws, 0), (0, 4 * hs), (4 * ws, 4 * hs), (2 * ws, 2 * hs), (0, 2 * hs), (4 * ws, 2 * hs),
-               (2 * ws, 4 * hs), (2 * ws, 0), (ws, hs), (3 * ws, hs), (ws, 3 * hs), (3 * ws, 3 * hs)]
-    ox, oy = offsets[int(rng.integers(len(offsets)))]
-    return oy, ox, ch, cw
-
-
-def tube_mask(t: int, size: int, patch: int, tubelet: int, ratio: float, rng: np.random.Generator) -> np.ndarray:
-    """TubeMaskingGenerator: int(ratio * tokens per slot) masked, the same pattern in every temporal slot."""
-    per_slot = (size // patch) ** 2
-    masked = int(ratio * per_slot)
-    pattern = np.hstack([np.zeros(per_slot - masked), np.ones(masked)])
-    rng.shuffle(pattern)
-    return np.tile(pattern, (t // tubelet, 1)).flatten().astype(bool)
-
-
-class DecordClips(torch.utils.data.IterableDataset):
-    """Pretraining samples from tar shards, decoded by decord and augmented per view in torch (CPU workers)."""
-
-    def __init__(self, tars: list[str], t: int, stride: int, size: int, repeats: int, seed: int = 0):
-        self.tars, self.t, self.stride, self.size, self.repeats, self.seed = tars, t, stride, size, repeats, seed
-
-    def __iter__(self):
-        import decord
-        import webdataset as wds
-
-        info = torch.utils.data.get_worker_info()
-        worker, workers = (info.id, info.num_workers) if info else (0, 1)
-        if worker >= len(self.tars):
-            return  # fewer shards than workers: this worker has nothing to read
-        rng = np.random.default_rng([self.seed, worker])
-        epoch = 0
-        while True:
-            urls = list(self.tars)
-            np.random.default_rng([self.seed, epoch]).shuffle(urls)  # the same order in every worker
-            for sample in wds.WebDataset(urls[worker::workers], shardshuffle=False, workersplitter=None,
-                                         empty_check=False):
-                video = sample.get("mp4", sample.get("ivf"))  # timeline order: one video member
-                reader = decord.VideoReader(io.BytesIO(video), num_threads=1)
-                frames = reader.get_batch(official_indices(len(reader), self.t, self.stride, rng)).asnumpy()
-                clip = torch.from_numpy(frames).permute(3, 0, 1, 2).float()           # [C, T, H, W], 0..255
-                views, masks = [], []
-                for _ in range(self.repeats):
-                    y0, x0, h, w = multiscale_crop(clip.shape[2], clip.shape[3], self.size, rng)
-                    crop = clip[:, :, y0:y0 + h, x0:x0 + w].transpose(0, 1)            # [T, C, h, w]
-                    crop = F.interpolate(crop, size=(self.size, self.size), mode="bilinear", align_corners=False,
-                                         antialias=True).transpose(0, 1)
-                    views.append((crop / 255.0 - MEAN) / STD)
-                    masks.append(torch.from_numpy(tube_mask(self.t, self.size, 16, 2, 0.9, rng)))
-                yield torch.stack(views), torch.stack(masks)
-            epoch += 1
-
-
-def baseline_batches(tars, batch_size, workers, repeats, t, stride, size, device):
-    loader = torch.utils.data.DataLoader(
-        DecordClips(tars, t, stride, size, repeats), batch_size=batch_size, num_workers=workers,
-        pin_memory=device.type == "cuda", worker_init_fn=lambda _: torch.set_num_threads(1),
-        persistent_workers=workers > 0, prefetch_factor=2 if workers > 0 else None)
-    for video, mask in loader:
-        yield {"video": video.to(device, non_blocking=True).flatten(0, 1),
-               "mask": mask.to(device, non_blocking=True).flatten(0, 1)}
 
 
 def dali_batches(shards, batch_size, threads, repeats, t, stride, size, device, decoder_groups=1,
@@ -188,20 +105,20 @@ def run(kind: str, n: int, repeats: int, args, tars, device, decode: tuple[int, 
         batches = dali_batches(tars, args.batch_size, n, repeats, args.num_frames, args.stride,
                                args.input_size, device, groups, cpu_groups)
     else:
-        batches = baseline_batches(tars, args.batch_size, n, repeats, args.num_frames, args.stride, args.input_size,
-                                   device)
+        batches = baseline_batches("decord" if kind == "baseline" else kind, tars, args.batch_size, n, repeats,
+                                   args.num_frames, args.stride, args.input_size, device)
     # Batches a loader makes ahead (DataLoader: workers x prefetch_factor; DALI: its prefetch queue) are consumed
     # untimed, so the timed window sees steady-state production, not a queue filled during start-up.
-    queued = 2 * n if kind == "baseline" else 2
+    queued = {"baseline": 2 * n, "torchcodec": 1}.get(kind, 2)
     result = measure(batches, args.warmup + queued, args.batches, args.batch_size, repeats, args.num_frames, device)
     result["decoded_frames_per_s_est"] = round(result["decoded_clips_per_s"] * args.decoded_per_clip[layout], 1)
-    result.update(loader=kind, layout=layout, repeats=repeats, **({"threads": n, "decoder_groups": groups,
-                                                     "cpu_decoder_groups": cpu_groups} if kind == "dali" else
-                                                    {"workers": n}))
+    setting = ({"threads": n, "decoder_groups": groups, "cpu_decoder_groups": cpu_groups} if kind == "dali" else
+               {"workers": n} if kind == "baseline" else {"threads": n})
+    result.update(loader=kind, layout=layout, repeats=repeats, **setting)
     del batches
     strategy = f" groups={groups} cpu_groups={cpu_groups}" if kind == "dali" else ""
     strategy += f" {layout}"
-    print(f"  {kind:8s} K={repeats} {'threads' if kind == 'dali' else 'workers'}={n}{strategy}: "
+    print(f"  {kind:10s} K={repeats} {'workers' if kind == 'baseline' else 'threads'}={n}{strategy}: "
           f"{result['clips_per_s']:8.2f} clips/s  {result['decoded_clips_per_s']:7.2f} decoded clips/s  "
           f"{result['frames_per_s']:8.1f} frames/s", flush=True)
     return result
@@ -211,6 +128,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.bench_pipeline", description=__doc__.split("\n\n")[0])
     p.add_argument("--shards", help="shard directory/pattern, or NAME=DIR,... one per layout (default: synthetic "
                                     "shards built under bench/out, one set per --layouts entry)")
+    p.add_argument("--baselines", default=",".join(BASELINES),
+                   help="baselines to run beside dali: decord (DataLoader workers), torchcodec (threads)")
     p.add_argument("--layouts", default="timeline",
                    help="dali on these layouts of the same videos (bench.layouts: timeline, phases4, cut4, cut1, "
                         "optionally :GOP); the baseline reads the first, which must be in timeline order")
@@ -299,7 +218,12 @@ def main(argv: list[str] | None = None) -> int:
                                     (groups, cpu_groups), layout))
             save()
     # the loaders compared, alternated within each round so that drift on a shared machine hits all of them
-    loaders = [("baseline", first)] + [("dali", layout) for layout in layouts]
+    baselines = [name for name in args.baselines.split(",") if name]
+    if "torchcodec" in baselines and (why := torchcodec_available()):
+        print(f"  torchcodec baseline skipped: {why}", flush=True)
+        baselines.remove("torchcodec")
+    kinds = [{"decord": "baseline"}.get(name, name) for name in baselines]
+    loaders = [(kind, first) for kind in kinds] + [("dali", layout) for layout in layouts]
     for round_index in range(args.rounds):
         for repeats in [int(k) for k in args.repeats.split(",") if k]:
             for kind, layout in loaders:
@@ -309,13 +233,13 @@ def main(argv: list[str] | None = None) -> int:
     # (loader, baseline) pairs: dali on every layout against the VideoMAE-style baseline, then each layout against
     # the first two (timeline order; the layout before the newest)
     names = list(layouts)
-    pairs = [(("dali", layout), ("baseline", first)) for layout in layouts]
+    pairs = [(("dali", layout), (kind, first)) for kind in kinds for layout in layouts]
     pairs += [(("dali", layout), ("dali", base)) for base in names[:2] for layout in names if layout != base]
     for repeats in sorted({r["repeats"] for r in results}):
         per_round = [{(r["loader"], r["layout"]): r for r in results if r["repeats"] == repeats and r["round"] == i}
                      for i in range(args.rounds)]
         for this, base in pairs:
-            name = " ".join([f"K={repeats}", this[1]] + ([f"vs dali {base[1]}"] if base[0] == "dali" else []))
+            name = " ".join([f"K={repeats}", this[1], "vs", base[0]] + ([base[1]] if base[0] == "dali" else []))
             ratios[name] = {key: round(float(np.median([p[this][key] / p[base][key] for p in per_round])), 2)
                             for key in ("clips_per_s", "decoded_clips_per_s")}
             print(f"  ratio {' '.join(this)} / {' '.join(base)}, K={repeats}: {ratios[name]['clips_per_s']:.2f}x "

@@ -18,7 +18,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 STYLE = {"dali": dict(color="tab:green", marker="o", label="this pipeline (DALI)"),
-         "baseline": dict(color="tab:gray", marker="s", label="decord + DataLoader baseline")}
+         "baseline": dict(color="tab:gray", marker="s", label="decord + DataLoader baseline"),
+         "torchcodec": dict(color="tab:brown", marker="D", label="torchcodec + threads baseline")}
 LAYOUT_COLORS = ["tab:green", "tab:blue", "tab:red", "tab:purple", "tab:orange"]
 LAYOUT_WORDS = {"timeline": "timeline order", "phases4": "4 phases, MP4", "cut4": "4 phases, IVF cut at key frames",
                 "cut1": "timeline order, IVF cut"}
@@ -26,8 +27,8 @@ LAYOUT_WORDS = {"timeline": "timeline order", "phases4": "4 phases, MP4", "cut4"
 
 def _line(name: str, layouts: list[str]) -> dict:
     """Plot style of a "baseline" or "dali LAYOUT" line: one colour per layout, in the order the run lists them."""
-    if name == "baseline":
-        return STYLE["baseline"]
+    if name in ("baseline", "torchcodec"):
+        return STYLE[name]
     layout = name.split(" ", 1)[1] if " " in name else "timeline"
     colour = LAYOUT_COLORS[layouts.index(layout) % len(LAYOUT_COLORS)] if layout in layouts else "tab:green"
     return dict(color=colour, marker="o" if layout == layouts[0] else "^",
@@ -40,7 +41,7 @@ def _median_by(rows: list[dict], x_key: str, y_key: str) -> dict[str, tuple[list
     groups: dict[str, dict] = defaultdict(lambda: defaultdict(list))
     for row in rows:
         x = row.get(x_key, row.get("workers"))
-        name = "baseline" if row["loader"] == "baseline" else f"dali {row.get('layout', 'timeline')}"
+        name = row["loader"] if row["loader"] != "dali" else f"dali {row.get('layout', 'timeline')}"
         groups[name][x].append(row[y_key])
     return {loader: (sorted(v), [statistics.median(v[x]) for x in sorted(v)]) for loader, v in groups.items()}
 
@@ -65,13 +66,14 @@ def plot(results: list[dict], out: str) -> None:
         top.grid(alpha=0.3)
         top.legend(fontsize=8)
         sweep = result.get("sweep") or []
-        for kind in ("dali", "baseline"):
+        for kind in ("dali", "baseline", "torchcodec"):
             rows = [r for r in sweep if r["loader"] == kind]
-            for loader, (xs, ys) in _median_by(rows, "threads" if kind == "dali" else "workers",
+            for loader, (xs, ys) in _median_by(rows, "workers" if kind == "baseline" else "threads",
                                                "decoded_clips_per_s").items():
                 bottom.plot(xs, ys, **_line(loader, layouts))
                 bottom.set_xticks(xs)
-        bottom.set(xlabel="decode threads (DALI) / DataLoader workers (baseline)", ylabel="clips/s decoded (K=1)")
+        bottom.set(xlabel="decode threads (DALI, torchcodec) / DataLoader workers (decord)",
+                   ylabel="clips/s decoded (K=1)")
         bottom.set_ylim(bottom=0)
         bottom.grid(alpha=0.3)
         if not sweep:
