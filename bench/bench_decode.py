@@ -31,6 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
+from bench.bench_pipeline import _cpu_name
 from bench.layouts import layout_summary, make_layout_shards, parse_layout, real_videos, synthetic_videos
 from shards import format as fmt
 
@@ -249,16 +250,6 @@ def main(argv: list[str] | None = None) -> int:
         os.replace(tmp, args.out)
         print(f"bench_decode: -> {args.out}")
     return 0
-
-
-def _cpu_name() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
 
 
 def _gpu_name() -> str:
