@@ -20,7 +20,7 @@ test: $(STAMP)
 	$(PY) -m pytest tests
 
 demo: $(STAMP)
-	$(PY) -m bench.demo --out $(DEMO)
+	$(PY) -m apps.demo --out $(DEMO)
 
 bench: $(STAMP)
 	PYTHON=$(PY) bash bench/cpu_suite.sh

@@ -14,7 +14,7 @@ Understood formats (detected from the path's contents):
 Loading is safe: files are read with `torch.load(weights_only=True)` (tensors and plain containers, plus the
 argparse.Namespace that official checkpoints pickle beside their weights), which cannot run code. A file that needs
 full unpickling (arbitrary classes or functions, i.e. possibly code) is refused with one line naming it, unless the
-caller says it trusts the file: `trust_pickle=True` (`--trust-pickle` of model.predict / model.reconstruct,
+caller says it trusts the file: `trust_pickle=True` (`--trust-pickle` of apps.predict / apps.reconstruct,
 `model.trust_pickle=true` in train.py).
 
 Loading is strict: every weight of the model must come from the checkpoint with the right shape, and every

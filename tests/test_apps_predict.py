@@ -1,4 +1,4 @@
-"""`model.predict`: top-k labels for video files, decoded by the DALI pipeline (CPU here), 5 x 3 views averaged.
+"""`apps.predict`: top-k labels for video files, decoded by the DALI pipeline (CPU here), 5 x 3 views averaged.
 
 A tiny classifier is saved as a real checkpoint of our format; predictions are checked against the softmax of each
 view computed here one view at a time from the pipeline's own eval views (matched to videos by the source member
@@ -15,7 +15,7 @@ import torch
 
 from model import build_model
 from model.checkpoint import model_payload, save_atomic
-from model.predict import load_classifier, main, predict, write_prediction_shards
+from apps.predict import load_classifier, main, predict, write_prediction_shards
 from model_weights import tiny_config
 
 CLASS_NAMES = ["archery", "bowling", "cooking", "dancing", "eating", "fencing"]
@@ -132,7 +132,7 @@ def test_pretraining_checkpoint_is_refused(tmp_path):
 def test_cli_prints_top5_labels_and_reports_bad_input(classifier_ckpt, inputs, run_module, monkeypatch):
     good = inputs["good"][1]
     monkeypatch.setenv("OMP_NUM_THREADS", "1")  # see one_torch_thread
-    proc = run_module("model.predict", "--checkpoint", classifier_ckpt, good, inputs["missing"], "--device", "cpu",
+    proc = run_module("apps.predict", "--checkpoint", classifier_ckpt, good, inputs["missing"], "--device", "cpu",
                       "--short-side", SHORT_SIDE, "--quiet")
     assert proc.returncode == 1, proc.stderr
     lines = proc.stdout.strip().splitlines()
@@ -168,7 +168,7 @@ def test_cli_refuses_absurd_values_in_one_line(classifier_ckpt, tmp_path, capsys
     assert e.value.code == 2
     (error,) = [ln for ln in capsys.readouterr().err.splitlines() if "error:" in ln]
     why = f"{value!r} is not an integer" if isinstance(value, str) else f"{value} is not in ["
-    assert error.startswith(f"python -m model.predict: error: argument {option}: {why}"), error
+    assert error.startswith(f"python -m apps.predict: error: argument {option}: {why}"), error
 
 
 def test_cli_refuses_a_checkpoint_that_would_run_code(tmp_path, inputs, run_module):
@@ -178,7 +178,7 @@ def test_cli_refuses_a_checkpoint_that_would_run_code(tmp_path, inputs, run_modu
     cfg = tiny_config(num_classes=len(CLASS_NAMES))
     model = build_model("classify", cfg)
     evil = crafted_checkpoint(tmp_path / "evil.pt", marker, model_payload("classify", cfg, model, CLASS_NAMES))
-    proc = run_module("model.predict", "--checkpoint", evil, inputs["good"][0], "--device", "cpu", "--quiet")
+    proc = run_module("apps.predict", "--checkpoint", evil, inputs["good"][0], "--device", "cpu", "--quiet")
     assert proc.returncode == 2, proc.stderr
     (line,) = proc.stderr.strip().splitlines()
     assert line.startswith(f"error: {evil}: refused: it needs full unpickling") and "--trust-pickle" in line

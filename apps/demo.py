@@ -1,6 +1,6 @@
 """`make demo`: the whole system on a small embedded dataset, on CPU cores, in a few minutes.
 
-    python -m bench.demo [--out demo]
+    python -m apps.demo [--out demo]
 
 1. `shards.synth` makes 4 motion classes (96 train + 24 val videos each: move left/right, rotate clockwise/
    counterclockwise), in the Kinetics layout;
@@ -9,7 +9,7 @@
 3. `train.py pretrain` (configs/demo_pretrain.yaml): VideoMAE tube-masked pretraining of a tiny ViT;
 4. `train.py finetune` (configs/demo_finetune.yaml) from that checkpoint;
 5. `train.py eval` (configs/demo_eval.yaml): 5 clips x 3 crops per held-out video;
-6. `model.reconstruct`: original / masked / reconstructed frames of two held-out clips (PNG);
+6. `apps.reconstruct`: original / masked / reconstructed frames of two held-out clips (PNG);
 then a summary of accuracy and throughput. Each step is the command a user would type (printed before it runs);
 re-running continues where a step stopped (builds and training resume) and redoes nothing that finished.
 """
@@ -50,7 +50,7 @@ def steps(out: Path) -> list[tuple[str, list[str]]]:
                       f"model.pretrained={runs / 'pretrain'}", f"run.out_dir={runs / 'finetune'}"]),
         ("eval", [py, "train.py", "eval", "--config", CONFIGS["eval"], f"data.val={shards / 'val'}",
                   f"model.pretrained={runs / 'finetune'}", f"run.out_dir={runs / 'eval'}"]),
-        ("reconstruction", [py, "-m", "model.reconstruct", "--checkpoint", str(runs / "pretrain"),
+        ("reconstruction", [py, "-m", "apps.reconstruct", "--checkpoint", str(runs / "pretrain"),
                             "--shards", str(shards / "val"), "--out", str(out / "reconstruction.png"),
                             "--num", "2", "--mask-ratio", "0.75", "--stride", "16"]),  # as demo_pretrain
     ]

@@ -1,7 +1,7 @@
-"""`python -m model.predict`: top-k labels for video files from a VideoMAE classifier, decoded by the pipeline.
+"""`python -m apps.predict`: top-k labels for video files from a VideoMAE classifier, decoded by the pipeline.
 
-    python -m model.predict --checkpoint videomae-base-finetuned-kinetics/ a.mp4 b.webm      # 5 clips x 3 crops
-    python -m model.predict --checkpoint runs/ft/checkpoint-00004000.pt --single-view --json clips/*.mp4
+    python -m apps.predict --checkpoint videomae-base-finetuned-kinetics/ a.mp4 b.webm      # 5 clips x 3 crops
+    python -m apps.predict --checkpoint runs/ft/checkpoint-00004000.pt --single-view --json clips/*.mp4
 
 `--checkpoint` is anything `model.load_pretrained` reads (a Hugging Face directory, an official `.pth`, one of our
 checkpoints or a run directory: its latest checkpoint) holding a classifier. Files are read weights-only; one that
@@ -276,7 +276,7 @@ def int_in(low: int, high: int):
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m model.predict",
+    p = argparse.ArgumentParser(prog="python -m apps.predict",
                                 description="Top-k labels for videos from a VideoMAE classifier (decoded by the "
                                             "DALI pipeline, 5 clips x 3 crops averaged).")
     p.add_argument("videos", nargs="+", metavar="VIDEO", help="video files (any format ffmpeg reads)")

@@ -1,4 +1,4 @@
-"""`model.reconstruct`: un-normalizing VideoMAE predictions back to pixels, and the original / masked /
+"""`model.pixels` and `apps.reconstruct`: un-normalizing VideoMAE predictions back to pixels, and the original / masked /
 reconstruction picture drawn from a real pretraining batch of the DALI pipeline (CPU).
 
 The key check: feeding the exact training target (`model.pixel_loss.norm_pix_target_reference`, the official
@@ -15,7 +15,8 @@ import torch
 from model import build_model
 from model.checkpoint import model_payload, save_atomic
 from model.pixel_loss import norm_pix_target_reference
-from model.reconstruct import main, mask_video, reconstruct, reconstruct_pixels, tubelet_pixels, untubelet
+from apps.reconstruct import main, reconstruct
+from model.pixels import mask_video, reconstruct_pixels, tubelet_pixels, untubelet
 from model_weights import tiny_config
 
 TUBELET, PATCH = 2, 16
