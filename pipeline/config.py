@@ -12,6 +12,10 @@ Fields left at `None` take the mode's default when `resolved()` is called:
 | antialias resize  | on (PIL bilinear)     | off (torch bilinear)           | off                           |
 | shuffle           | shards + buffer       | shards + buffer                | none                          |
 | last batch        | dropped               | dropped                        | trimmed: every sample once    |
+
+Decoding strategy (none of it changes a batch): `decoder_groups` / `cpu_decoder_groups` split each batch over
+decoder instances inside one graph, `pipelines` over whole DALI pipelines, and `decode="auto"` lets the loader time
+candidates at start and keep the fastest (see `pipeline.loader`).
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 MODES = ("pretrain", "finetune", "eval")
+DECODE_CHOICES = ("fixed", "auto")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -66,6 +71,11 @@ class PipelineConfig:
     decoder_groups: int = 1          # split each batch over this many concurrent decoder instances (NVDEC engines)
     cpu_decoder_groups: int = 0      # of those, how many decode on CPU threads, then move to the GPU for
                                      # augmentation (hybrid decoding; = decoder_groups: CPU decode, GPU augment)
+    pipelines: int = 1               # independent DALI pipelines per rank, each with its own threads and decoders,
+                                     # pipeline i decoding rows i::pipelines of every batch (outputs do not change)
+    decode: str = "fixed"            # "auto": time candidate strategies (pipelines, decoder groups, CPU groups) on
+                                     # the first batches at start and keep the fastest (outputs do not change)
+    auto_batches: int = 3            # decode="auto": timed batches per candidate, after one untimed batch
 
     def resolved(self) -> "PipelineConfig":
         """A copy with every mode-dependent `None` replaced by the mode's default, validated."""
@@ -91,6 +101,12 @@ class PipelineConfig:
             raise ValueError(f"num_frames={self.num_frames}, stride={self.stride}: both must be >= 1")
         if self.decoder_groups < 1:
             raise ValueError(f"decoder_groups={self.decoder_groups}: must be >= 1")
+        if self.pipelines < 1:
+            raise ValueError(f"pipelines={self.pipelines}: must be >= 1")
+        if self.decode not in DECODE_CHOICES:
+            raise ValueError(f"decode={self.decode!r}: expected one of {DECODE_CHOICES}")
+        if self.auto_batches < 1:
+            raise ValueError(f"auto_batches={self.auto_batches}: must be >= 1")
         if not 0 <= self.cpu_decoder_groups <= self.decoder_groups:
             raise ValueError(f"cpu_decoder_groups={self.cpu_decoder_groups}: must be in [0, decoder_groups="
                              f"{self.decoder_groups}]")

@@ -25,6 +25,23 @@ decoded alone), logs one line, counts it in `stats`, substitutes it (see `pipeli
 pipeline at the same position. The failing batch is then produced again, with the substitute. Never a crash, unless
 no sample of the batch fails on its own (then the original error is raised).
 
+Several pipelines (`pipelines=P`). P DALI pipelines per rank, each with its own `num_threads` threads and decoder
+instances, read the same epoch: the same tar order, seed and reader, so every random draw (made outside the graph's
+decode branch) is the same in all of them. Pipeline i decodes the rows i, i + P, ... of every batch and skips the
+others through the same `plan` input that fast-forwards (-1: no decode); the loader takes each decoded output row
+(video, frames, mask, box) from the pipeline that decoded it and everything else from pipeline 0. A batch is
+therefore the one a single pipeline makes, whatever P (every output key; tested in pretraining and eval), except,
+as on resume, RandAugment's and the erasing noise's inner draws, which DALI makes per decoded sub-batch. Resume,
+fast-forward and corrupt-sample recovery work on all P at once. Reading and the draws are repeated P times (cheap
+next to decoding); merging costs one copy of the decoded outputs per batch (P = 1 stays copy-free). Each pipeline
+decodes at least `decoder_groups` rows per batch, so on NVDEC no decoder instance ever sees an empty batch.
+
+Choosing the strategy (`decode="auto"`). Before the first pipeline of the run is built, the loader times candidate
+strategies (pipelines 1/2 x decoder groups 1/2 at the configured thread count, the configured one first; on the GPU
+backend also hybrids with CPU decoder groups where the shards are CPU-decodable) on pipelines built for the timing
+only, over `auto_batches` batches after one untimed batch, keeps the fastest for the rest of the run and logs the
+table. The batches handed out come from fresh pipelines, so they are exactly those of any fixed strategy.
+
 Handoff without copies. DALI's dynamic executor (the default in 2.4) allocates new output buffers per iteration and
 never writes into a buffer it has returned, so pipeline outputs are handed to torch through DLPack
 (`torch.from_dlpack(TensorList.as_tensor())`: same memory, no copy; views of one clip are already consecutive, so
@@ -48,6 +65,7 @@ import gc
 import logging
 import os
 import re
+import time
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Sequence
 
@@ -79,22 +97,31 @@ class LoaderStats:
 # the allowed layouts"; seen on an H100, 2026-11-25), so a skipped iteration there still decodes one sample per
 # decoder instance.
 NEVER_EMPTY_DEVICES = frozenset({"gpu"})
+# Outputs made inside the graph's decode branch: a pipeline emits placeholders for the rows it does not decode, so
+# with several pipelines these are gathered row by row; every other output is the same in all of them.
+DECODED_OUTPUTS = frozenset({"video", "box", "frames", "mask"})
 # (device id, first tar) -> how IVF members reach NVDEC ("cut", "whole" or "cpu") and why, probed once per process
 _NVDEC_INPUT: dict[tuple, tuple[str, str]] = {}
 
 
 class _DecodePlan:
     """Feeds the graph's `plan` input, one call per pipeline iteration: int32[batch_size], -1 for a sample to skip,
-    else the decoder instance (group) that decodes it. Iterations before `start` (fast-forward) and from `stop` on
-    (the prefetch past the end of the epoch costs nothing) are skipped. Positions cycle through the groups, so every
-    instance gets a sample whenever batch_size >= groups; with `never_empty`, the first `groups` samples of a skipped
-    iteration are decoded anyway (and their output discarded), so no decoder sees an empty batch. The random draws
-    are made outside the decode branch, so every later batch is the same whatever was skipped."""
+    else the decoder instance (group) that decodes it. `share=(i, P)`: this is pipeline i of P, which decodes rows
+    i, i + P, ... and skips the others. Iterations before `start` (fast-forward) and from `stop` on (the prefetch
+    past the end of the epoch costs nothing) are skipped. The pipeline's rows cycle through the groups, so every
+    instance gets a sample whenever it owns >= groups rows; with `never_empty`, the first `groups` of its rows in a
+    skipped iteration are decoded anyway (and their output discarded), so no decoder sees an empty batch. The
+    random draws are made outside the decode branch, so every later batch is the same whatever was skipped."""
 
-    def __init__(self, batch_size: int, groups: int, start: int, stop: int | None = None, never_empty: bool = False):
+    def __init__(self, batch_size: int, groups: int, start: int, stop: int | None = None, never_empty: bool = False,
+                 share: tuple[int, int] = (0, 1)):
         self.start, self.stop, self.calls, self.never_empty = start, stop, 0, never_empty
-        self.groups = np.arange(batch_size, dtype=np.int32) % groups
-        self.kept = min(groups, batch_size) if never_empty else 0
+        index, count = share
+        rows = np.arange(batch_size)
+        mine = rows % count == index
+        self.groups = np.where(mine, (rows // count) % groups, -1).astype(np.int32)
+        owned = np.flatnonzero(mine)
+        self.kept = owned[:min(groups, len(owned))] if never_empty else owned[:0]
 
     def __call__(self) -> np.ndarray:
         i = self.calls
@@ -102,7 +129,7 @@ class _DecodePlan:
         if not (i < self.start or (self.stop is not None and i >= self.stop)):
             return self.groups.copy()
         plan = np.full(len(self.groups), -1, dtype=np.int32)
-        plan[:self.kept] = self.groups[:self.kept]
+        plan[self.kept] = self.groups[self.kept]
         return plan
 
 
@@ -130,8 +157,17 @@ class _GpuKeepAlive:
 
 
 class _EpochRun:
-    def __init__(self, pipe, schedule: _DecodePlan, epoch: int, position: int):
-        self.pipe, self.schedule, self.epoch, self.position = pipe, schedule, epoch, position
+    """The P pipelines of one epoch (one per `pipelines`), their plans, and the batches handed out so far."""
+
+    def __init__(self, pipes: list, schedules: list[_DecodePlan], epoch: int, position: int):
+        self.pipes, self.schedules, self.epoch, self.position = pipes, schedules, epoch, position
+
+    def outputs(self, cuda_stream=None) -> list:
+        """The next iteration of every pipeline (each scheduled again after): one tuple of outputs per pipeline."""
+        out = [p.outputs(cuda_stream=cuda_stream) if cuda_stream is not None else p.outputs() for p in self.pipes]
+        for p in self.pipes:
+            p.schedule_run()
+        return out
 
 
 class VideoLoader:
@@ -148,6 +184,9 @@ class VideoLoader:
         if cfg.decoder_groups > batch_size:
             raise ValueError(f"decoder_groups={cfg.decoder_groups} exceeds batch_size={batch_size}: some decoder "
                              f"instances would never get a sample")
+        if cfg.pipelines * cfg.decoder_groups > batch_size:
+            raise ValueError(f"pipelines={cfg.pipelines} x decoder_groups={cfg.decoder_groups} exceeds batch_size="
+                             f"{batch_size}: some decoder instances would never get a sample")
         if not 0 <= rank < world_size:
             raise ValueError(f"rank={rank} is outside world_size={world_size}")
         self.cfg = cfg.resolved()
@@ -182,6 +221,9 @@ class VideoLoader:
         for key, reason in self.shards.structural_problems().items():
             self._block(key, reason)
         self.num_samples = -1
+        self.decode_table: list[dict] = []  # decode="auto": what was timed (strategy, clips/s or error)
+        if self.cfg.decode == "auto":
+            self._choose_strategy(self.epoch)
         self._run = self._open(self.epoch, position)
 
     # -- sizes ---------------------------------------------------------------------------------------------------
@@ -238,46 +280,56 @@ class VideoLoader:
         self._run = None
         gc.collect()
 
-    def _fetch(self):
+    def _fetch(self) -> list:
+        """The next iteration of every pipeline of the epoch (a list of output tuples), recovering from failures."""
         if self._keepalive is not None:
             self._keepalive.next_requested(torch.cuda.current_stream(self.torch_device))
         while True:
-            pipe = self._run.pipe
             try:
-                if self.device == "gpu":
-                    outputs = pipe.outputs(cuda_stream=torch.cuda.current_stream(self.torch_device))
-                else:
-                    outputs = pipe.outputs()
-                pipe.schedule_run()
-                return outputs
+                stream = torch.cuda.current_stream(self.torch_device) if self.device == "gpu" else None
+                return self._run.outputs(cuda_stream=stream)
             except RuntimeError as error:
-                del pipe
                 self._recover(self._run, error)
 
-    def _to_torch(self, outputs, index: int) -> dict[str, Any] | None:
-        """Batch `index` of the epoch as torch tensors (views of DALI's buffers), trimmed in eval."""
+    def _merged(self, outputs: list) -> dict[str, Any]:
+        """name -> the batch's output as a torch tensor (the TensorList itself for "source"). One pipeline: views of
+        DALI's buffers. Several: decoded outputs gathered row by row, row r from pipeline r % P (one copy)."""
+        named = [dict(zip(self._names, o)) for o in outputs]
+        count = len(named)
+        out: dict[str, Any] = {}
+        for name, value in named[0].items():
+            if name == "source":
+                out[name] = value
+            elif count == 1 or name not in DECODED_OUTPUTS:
+                out[name] = _as_torch(value)
+            else:
+                out[name] = torch.stack([torch.from_dlpack(named[r % count][name][r]) for r in range(len(value))])
+        return out
+
+    def _to_torch(self, outputs: list, index: int) -> dict[str, Any] | None:
+        """Batch `index` of the epoch as torch tensors (views of DALI's buffers with one pipeline), trimmed in eval.
+        `outputs`: one tuple of DALI outputs per pipeline."""
         cfg, views, b = self.cfg, self.cfg.views_per_sample, self.batch_size
-        out = dict(zip(self._names, outputs))
+        out = self._merged(outputs)
         if self._keepalive is not None:
             self._keepalive.handed_out(outputs)
-        batch: dict[str, Any] = {"video": _as_torch(out["video"]).flatten(0, 1),
-                                 "sample_id": _as_torch(out["sample_id"]).reshape(-1)}
+        batch: dict[str, Any] = {"video": out["video"].flatten(0, 1), "sample_id": out["sample_id"].reshape(-1)}
         if "label" in out:
-            batch["label"] = _as_torch(out["label"]).reshape(-1)
+            batch["label"] = out["label"].reshape(-1)
         if "mask" in out:
-            batch["mask"] = _as_torch(out["mask"]).flatten(0, 1)
+            batch["mask"] = out["mask"].flatten(0, 1)
         if cfg.mode == "eval":
             batch["clip"], batch["crop"] = self._eval_view_ids(b)
         if cfg.debug_outputs:
-            frame_idx = _as_torch(out["frame_idx"]).to(torch.int64)                    # [B, T] or [B, clips*T]
+            frame_idx = out["frame_idx"].to(torch.int64)                               # [B, T] or [B, clips*T]
             if cfg.mode == "eval":
                 frame_idx = frame_idx.view(b, cfg.eval_clips, 1, cfg.num_frames).expand(
                     b, cfg.eval_clips, cfg.eval_crops, cfg.num_frames).reshape(b * views, cfg.num_frames)
             else:
                 frame_idx = frame_idx.repeat_interleave(views, dim=0)
             batch["frame_idx"] = frame_idx
-            batch["box"] = _as_torch(out["box"]).reshape(b * views, 5)
-            batch["frames"] = _as_torch(out["frames"]).flatten(0, 1)
+            batch["box"] = out["box"].reshape(b * views, 5)
+            batch["frames"] = out["frames"].flatten(0, 1)
             batch["source"] = [bytes(np.array(out["source"][i])).decode() for i in range(b)]
         keep = self._kept_samples(index, batch["sample_id"])
         if keep is not None:
@@ -314,26 +366,36 @@ class VideoLoader:
     def _epoch_seed(self, epoch: int) -> int:
         return int(np.random.SeedSequence([self.seed, epoch, self.rank]).generate_state(1)[0] & 0x3FFFFFFF)
 
+    def _build_pipes(self, cfg: PipelineConfig, epoch: int, start: int, device: str) -> tuple[list, list]:
+        """cfg.pipelines built pipelines of `epoch` on `device` and their plans (decoding from iteration `start`)."""
+        order = self.shards.epoch_order(self.seed, epoch, cfg.shuffle)
+        index_paths = self.shards.patched_index_paths(keep_own_info=cfg.mode == "eval")
+        pipes, schedules = [], []
+        for i in range(cfg.pipelines):
+            schedule = _DecodePlan(self.batch_size, cfg.decoder_groups, start,
+                                   never_empty=device in NEVER_EMPTY_DEVICES, share=(i, cfg.pipelines))
+            pipe = graph.build_pipeline(
+                cfg, [self.shards.tars[i] for i in order], [index_paths[i] for i in order],
+                batch_size=self.batch_size, device=device, device_id=self.device_id if device == "gpu" else None,
+                shard_id=self.rank, num_shards=self.world_size, seed=self._epoch_seed(epoch),
+                num_threads=self.num_threads, prefetch_depth=self.prefetch_depth, plan_source=schedule,
+                layout=self.shards.layout, cut=self.cut)
+            pipe.build()
+            pipes.append(pipe)
+            schedules.append(schedule)
+        return pipes, schedules
+
     def _open(self, epoch: int, position: int, inspect_batch: int | None = None) -> _EpochRun:
-        """Build the pipeline of `epoch` and fast-forward it to `position` (without decoding, or decoding one
-        sample per decoder instance per batch on backends in NEVER_EMPTY_DEVICES)."""
-        order = self.shards.epoch_order(self.seed, epoch, self.cfg.shuffle)
-        index_paths = self.shards.patched_index_paths(keep_own_info=self.cfg.mode == "eval")
+        """Build the pipelines of `epoch` and fast-forward them to `position` (without decoding, or decoding a few
+        samples per pipeline per batch on backends in NEVER_EMPTY_DEVICES)."""
         inspecting = inspect_batch is not None
         start = inspect_batch + 1 if inspecting else position
-        # Inspection decodes nothing, so it runs on the CPU backend whatever the loader's: the draws that choose
-        # samples and frames are CPU operators in both, and an all-skipped batch is fine there.
+        # Inspection decodes nothing, so it runs on the CPU backend whatever the loader's, in one pipeline: the draws
+        # that choose samples and frames are CPU operators in both, and an all-skipped batch is fine there.
         device = "cpu" if inspecting else self.device
-        schedule = _DecodePlan(self.batch_size, self.cfg.decoder_groups, start,
-                               never_empty=device in NEVER_EMPTY_DEVICES)
-        pipe = graph.build_pipeline(
-            self.cfg, [self.shards.tars[i] for i in order], [index_paths[i] for i in order],
-            batch_size=self.batch_size, device=device, device_id=None if inspecting else self.device_id,
-            shard_id=self.rank,
-            num_shards=self.world_size, seed=self._epoch_seed(epoch), num_threads=self.num_threads,
-            prefetch_depth=self.prefetch_depth, plan_source=schedule, layout=self.shards.layout)
-        pipe.build()
-        n = pipe.reader_meta("reader")["epoch_size"]
+        cfg = dataclasses.replace(self.cfg, pipelines=1) if inspecting else self.cfg
+        pipes, schedules = self._build_pipes(cfg, epoch, start, device)
+        n = pipes[0].reader_meta("reader")["epoch_size"]
         if self.num_samples < 0:
             self.num_samples = n
             if n < self.world_size:
@@ -342,15 +404,88 @@ class VideoLoader:
                 log.warning("pipeline: the saved loader state counted %d samples, the shards hold %d; restarting "
                             "epoch %d from its beginning", self._expected_samples, n, epoch)
                 position = 0
+                for schedule in schedules:
+                    schedule.start = 0
         elif n != self.num_samples:
             raise RuntimeError(f"the shards now hold {n} samples, {self.num_samples} before")
-        schedule.stop = len(self) if inspect_batch is None else inspect_batch + 1
-        pipe.schedule_run()
-        for _ in range(position):
-            pipe.outputs()
+        for schedule in schedules:
+            schedule.stop = len(self) if inspect_batch is None else inspect_batch + 1
+        run = _EpochRun(pipes, schedules, epoch, position)
+        for pipe in pipes:
             pipe.schedule_run()
+        for _ in range(position):
+            run.outputs()
         self.stats.fast_forwarded += position
-        return _EpochRun(pipe, schedule, epoch, position)
+        return run
+
+    # -- decoding strategy (decode="auto") --------------------------------------------------------------------------
+    def _strategies(self) -> list[tuple[int, int, int]]:
+        """(pipelines, decoder_groups, cpu_decoder_groups) to time, the configured one first: 1 or 2 pipelines x 1
+        or 2 decoder groups; on the GPU backend also hybrids (CPU groups beside NVDEC) where the shards are CPU-
+        decodable, and only CPU groups where NVDEC cannot read them (see _choose_nvdec_input)."""
+        cfg = self.cfg
+        grid = [(p, g) for p in (1, 2) for g in (1, 2)]
+        if self.device == "cpu":
+            found = [(p, g, 0) for p, g in grid]
+        elif cfg.cpu_decoder_groups == cfg.decoder_groups:  # CPU decoding, GPU augmentation (chosen or forced)
+            found = [(p, g, g) for p, g in grid]
+        else:
+            found = [(p, g, 0) for p, g in grid]
+            try:
+                self.shards.check_cpu_decodable()
+                found += [(1, 2, 1), (1, 3, 2), (2, 2, 1)]
+            except ValueError:  # H.264 and other codecs DALI's CPU decoder refuses: NVDEC only
+                pass
+        configured = (cfg.pipelines, cfg.decoder_groups, cfg.cpu_decoder_groups)
+        unique = dict.fromkeys([configured] + found)
+        return [s for s in unique if s[0] * s[1] <= self.batch_size]
+
+    def _time_strategy(self, cfg: PipelineConfig, epoch: int) -> float:
+        """Decoded clips/s of `cfg`'s strategy over cfg.auto_batches batches of `epoch`, after one untimed batch
+        (start-up and the first decodes), on pipelines built for this only and dropped after."""
+        pipes, _ = self._build_pipes(cfg, epoch, 0, self.device)
+        run = _EpochRun(pipes, [], epoch, 0)
+        try:
+            for pipe in pipes:
+                pipe.schedule_run()
+            run.outputs()
+            start = time.perf_counter()
+            for _ in range(cfg.auto_batches):
+                run.outputs()
+            if self.device == "gpu":
+                torch.cuda.synchronize(self.torch_device)
+            return self.batch_size * cfg.auto_batches / (time.perf_counter() - start)
+        finally:
+            del run, pipes
+            gc.collect()
+
+    def _choose_strategy(self, epoch: int) -> None:
+        """decode="auto": time every candidate of _strategies() and keep the fastest in self.cfg; log the table."""
+        table = []
+        for pipelines, groups, cpu_groups in self._strategies():
+            cfg = dataclasses.replace(self.cfg, pipelines=pipelines, decoder_groups=groups,
+                                      cpu_decoder_groups=cpu_groups)
+            row: dict[str, Any] = {"pipelines": pipelines, "decoder_groups": groups, "cpu_decoder_groups": cpu_groups}
+            try:
+                row["clips_per_s"] = round(self._time_strategy(cfg, epoch), 2)
+            except RuntimeError as error:  # a strategy this machine cannot run, or a corrupt first batch
+                row["error"] = _error_reason(error)
+            table.append(row)
+        self.decode_table = table
+        timed = [r for r in table if "clips_per_s" in r]
+        best = max(timed, key=lambda r: r["clips_per_s"]) if timed else None
+        lines = [f"  {'->' if r is best else '  '} pipelines={r['pipelines']} decoder_groups={r['decoder_groups']} "
+                 f"cpu_decoder_groups={r['cpu_decoder_groups']}: "
+                 + (f"{r['clips_per_s']:.1f} clips/s" if "clips_per_s" in r else f"failed ({r['error']})")
+                 for r in table]
+        # a warning, like the loader's other start-up lines, so that train.py's console shows it
+        log.warning("pipeline: decode=auto timed %d batches of %d clips per strategy (%s backend, %d threads per "
+                    "pipeline); %s:\n%s", self.cfg.auto_batches, self.batch_size, self.device, self.num_threads,
+                    "keeping the fastest (->)" if best else "none ran, keeping the configured one", "\n".join(lines))
+        if best is not None:
+            self.cfg = dataclasses.replace(self.cfg, pipelines=best["pipelines"],
+                                           decoder_groups=best["decoder_groups"],
+                                           cpu_decoder_groups=best["cpu_decoder_groups"])
 
     # -- corrupt samples -----------------------------------------------------------------------------------------
     @property
@@ -390,7 +525,7 @@ class VideoLoader:
     def _find_failing_samples(self, run: _EpochRun) -> list[str]:
         """Re-read the failing batch without decoding, then decode each of its clips alone."""
         inspect = self._open(run.epoch, run.position, inspect_batch=run.position)
-        outputs = dict(zip(self._names, inspect.pipe.outputs()))
+        outputs = dict(zip(self._names, inspect.pipes[0].outputs()))
         del inspect
         gc.collect()
         failing = []
