@@ -21,6 +21,7 @@ _SIZES: dict[str, tuple[int, int, int, int, int]] = {
     "large": (1024, 24, 16, 512, 8),
     "huge": (1280, 32, 16, 640, 8),
 }
+ATTN_BACKENDS = ("auto", "flash", "cudnn", "efficient", "math")  # SDPA kernels (torch.nn.attention.SDPBackend)
 _ALIASES = {"s": "small", "b": "base", "l": "large", "h": "huge",
             "vit-s": "small", "vit-b": "base", "vit-l": "large", "vit-h": "huge"}
 
@@ -43,6 +44,13 @@ class VideoMAEConfig:
       grad_checkpointing: recompute each block in the backward pass (for L/H at large batch).
       compile_blocks:    `torch.compile` each transformer block (regional compilation: fuses LayerNorm,
                          GELU, bias and residual adds; the gathers and the loss stay eager).
+      attn_backend:      which SDPA kernel `fused_attn` may use: "auto" (torch's choice), "flash", "cudnn",
+                         "efficient" or "math" (torch.nn.attention.sdpa_kernel); equal results up to rounding.
+
+    Not a speed switch but a change of objective (VideoMAE V2's dual masking, arXiv 2303.16727), off by default:
+      decoder_mask_ratio: in training, the decoder reconstructs only a random subset of the masked tokens,
+                         M - int(ratio * M) of the M per clip, and the loss is on those only (V2 keeps half: 0.5);
+                         in eval mode (reconstructions) it predicts all of them.
     """
 
     img_size: int = 224
@@ -75,6 +83,9 @@ class VideoMAEConfig:
     sparse_embed: bool = True
     grad_checkpointing: bool = False
     compile_blocks: bool = False
+    attn_backend: str = "auto"
+    # VideoMAE V2 decoder masking (see docstring); 0 = the published VideoMAE recipe
+    decoder_mask_ratio: float = 0.0
 
     def __post_init__(self) -> None:
         problems = []
@@ -87,6 +98,10 @@ class VideoMAEConfig:
         if self.decoder_embed_dim % self.decoder_num_heads:
             problems.append(f"decoder_embed_dim {self.decoder_embed_dim} is not a multiple of "
                             f"decoder_num_heads {self.decoder_num_heads}")
+        if self.attn_backend not in ATTN_BACKENDS:
+            problems.append(f"attn_backend {self.attn_backend!r} is not one of {', '.join(ATTN_BACKENDS)}")
+        if not 0.0 <= self.decoder_mask_ratio < 1.0:  # NaN included
+            problems.append(f"decoder_mask_ratio {self.decoder_mask_ratio} is not in [0, 1)")
         if problems:
             raise ValueError("VideoMAEConfig: " + "; ".join(problems))
 

@@ -7,11 +7,19 @@ renaming: `patch_embed.proj`, `blocks.{i}.norm1`, `.attn.qkv`, `.attn.q_bias`, `
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 from timm.layers import DropPath, Mlp
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.checkpoint import checkpoint
+
+# VideoMAEConfig.attn_backend -> the SDPA kernels allowed (None: torch's own choice among all of them)
+SDPA_BACKENDS: dict[str, list[SDPBackend] | None] = {
+    "auto": None, "flash": [SDPBackend.FLASH_ATTENTION], "cudnn": [SDPBackend.CUDNN_ATTENTION],
+    "efficient": [SDPBackend.EFFICIENT_ATTENTION], "math": [SDPBackend.MATH]}
 
 
 def sinusoid_position_table(num_positions: int, dim: int) -> torch.Tensor:
@@ -81,15 +89,19 @@ class Attention(nn.Module):
     """Multi-head self-attention with a fused qkv matmul, q and v biases and no k bias (official layout).
 
     `fused=True` runs `F.scaled_dot_product_attention` (flash / memory-efficient kernels, no [N, N] matrix in
-    memory); `fused=False` is the explicit reference softmax((q * scale) k^T) v.
+    memory), restricted to the kernels of `backend` (a key of SDPA_BACKENDS: "cudnn" is cuDNN's attention, which
+    torch ranks below flash by default; "flash" and "math" also run on the CPU); `fused=False` is the explicit
+    reference softmax((q * scale) k^T) v.
     """
 
-    def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True, fused: bool = True) -> None:
+    def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True, fused: bool = True,
+                 backend: str = "auto") -> None:
         super().__init__()
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
         self.scale = self.head_dim ** -0.5
         self.fused = fused
+        self.backends = SDPA_BACKENDS[backend]
         self.qkv = nn.Linear(dim, dim * 3, bias=False)
         if qkv_bias:
             self.q_bias = nn.Parameter(torch.zeros(dim))
@@ -109,7 +121,8 @@ class Attention(nn.Module):
         qkv = F.linear(x, self.qkv.weight, bias).view(b, n, 3, self.num_heads, self.head_dim)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each [B, heads, N, head_dim]
         if self.fused:
-            out = F.scaled_dot_product_attention(q, k, v)
+            with sdpa_kernel(self.backends) if self.backends else contextlib.nullcontext():
+                out = F.scaled_dot_product_attention(q, k, v)
         else:
             attn = (q * self.scale) @ k.transpose(-2, -1)
             out = attn.softmax(dim=-1) @ v
@@ -120,10 +133,11 @@ class Block(nn.Module):
     """Pre-norm transformer block: x + attn(norm1(x)), then x + mlp(norm2(x)), with stochastic depth."""
 
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, qkv_bias: bool = True,
-                 drop_path: float = 0.0, norm_eps: float = 1e-6, fused_attn: bool = True) -> None:
+                 drop_path: float = 0.0, norm_eps: float = 1e-6, fused_attn: bool = True,
+                 attn_backend: str = "auto") -> None:
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, eps=norm_eps)
-        self.attn = Attention(dim, num_heads, qkv_bias=qkv_bias, fused=fused_attn)
+        self.attn = Attention(dim, num_heads, qkv_bias=qkv_bias, fused=fused_attn, backend=attn_backend)
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
         self.norm2 = nn.LayerNorm(dim, eps=norm_eps)
         self.mlp = Mlp(dim, hidden_features=int(dim * mlp_ratio), act_layer=nn.GELU)
@@ -134,10 +148,12 @@ class Block(nn.Module):
 
 
 def make_blocks(dim: int, depth: int, num_heads: int, mlp_ratio: float, qkv_bias: bool, drop_path_rate: float,
-                norm_eps: float, fused_attn: bool, compile_blocks: bool) -> nn.ModuleList:
+                norm_eps: float, fused_attn: bool, compile_blocks: bool,
+                attn_backend: str = "auto") -> nn.ModuleList:
     """`depth` blocks with the official linearly increasing drop-path rates 0 .. drop_path_rate."""
     rates = torch.linspace(0, drop_path_rate, depth, device="cpu").tolist() if depth > 0 else []
-    blocks = nn.ModuleList(Block(dim, num_heads, mlp_ratio, qkv_bias, r, norm_eps, fused_attn) for r in rates)
+    blocks = nn.ModuleList(Block(dim, num_heads, mlp_ratio, qkv_bias, r, norm_eps, fused_attn, attn_backend)
+                           for r in rates)
     if compile_blocks:
         for blk in blocks:
             blk.compile()  # regional compilation: identical blocks share one compiled graph
@@ -200,6 +216,20 @@ def mask_to_ids(mask: torch.Tensor, num_masked: int | None = None) -> tuple[torc
     return ids[:, : n - num_masked], ids[:, n - num_masked:]
 
 
+def decoder_target_ids(ids_masked: torch.Tensor, ratio: float, generator: torch.Generator | None = None
+                       ) -> torch.Tensor:
+    """VideoMAE V2's decoder masking (random per clip): of each row's M masked tokens `ids_masked: int64[B, M]`,
+    keep K = M - int(ratio * M) drawn uniformly without replacement -> int64[B, K], in increasing token order.
+
+    The draw is torch's RNG on the ids' device (or `generator`): seeded runs repeat it, checkpoints carry it, and it
+    is one kernel sequence without host syncs (safe under torch.compile and in CUDA graphs)."""
+    b, m = ids_masked.shape
+    keep = m - int(ratio * m)
+    scores = torch.rand(b, m, device=ids_masked.device, generator=generator)
+    chosen = scores.argsort(dim=1)[:, :keep].sort(dim=1).values
+    return ids_masked.gather(1, chosen)
+
+
 def gather_tokens(x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     """x: float[B, N, D], ids: int64[B, K] -> float[B, K, D]."""
     return torch.gather(x, 1, ids.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
@@ -212,5 +242,5 @@ def num_tube_masked(cfg_grid: tuple[int, int, int], mask_ratio: float) -> int:
 
 
 __all__ = ["sinusoid_position_table", "tubelet_view", "gather_tubelets", "PatchEmbed", "Attention", "Block",
-           "make_blocks", "run_blocks", "mask_to_ids", "gather_tokens", "num_tube_masked",
+           "make_blocks", "run_blocks", "mask_to_ids", "decoder_target_ids", "gather_tokens", "num_tube_masked",
            "init_linear_xavier_", "init_linear_trunc_normal_"]

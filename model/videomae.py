@@ -16,8 +16,8 @@ import torch
 from torch import nn
 
 from .config import VideoMAEConfig
-from .layers import (PatchEmbed, gather_tokens, init_linear_trunc_normal_, init_linear_xavier_, make_blocks,
-                     mask_to_ids, run_blocks, sinusoid_position_table)
+from .layers import (PatchEmbed, decoder_target_ids, gather_tokens, init_linear_trunc_normal_, init_linear_xavier_,
+                     make_blocks, mask_to_ids, run_blocks, sinusoid_position_table)
 from .pixel_loss import masked_pixel_mse, masked_pixel_mse_reference, pixel_stats
 
 
@@ -61,7 +61,8 @@ class VideoMAEEncoder(nn.Module):
             self.register_buffer("pos_embed", sinusoid_position_table(cfg.num_patches, cfg.embed_dim),
                                  persistent=False)
         self.blocks = make_blocks(cfg.embed_dim, cfg.depth, cfg.num_heads, cfg.mlp_ratio, cfg.qkv_bias,
-                                  cfg.drop_path_rate, cfg.norm_eps, cfg.fused_attn, cfg.compile_blocks)
+                                  cfg.drop_path_rate, cfg.norm_eps, cfg.fused_attn, cfg.compile_blocks,
+                                  cfg.attn_backend)
         self.norm = nn.LayerNorm(cfg.embed_dim, eps=cfg.norm_eps) if final_norm else nn.Identity()
 
     def _check_input(self, video: torch.Tensor) -> None:
@@ -99,7 +100,7 @@ class VideoMAEDecoder(nn.Module):
         self.cfg = cfg
         self.blocks = make_blocks(cfg.decoder_embed_dim, cfg.decoder_depth, cfg.decoder_num_heads, cfg.mlp_ratio,
                                   cfg.qkv_bias, cfg.drop_path_rate, cfg.norm_eps, cfg.fused_attn,
-                                  cfg.compile_blocks)
+                                  cfg.compile_blocks, cfg.attn_backend)
         self.norm = nn.LayerNorm(cfg.decoder_embed_dim, eps=cfg.final_head_norm_eps)
         self.head = nn.Linear(cfg.decoder_embed_dim, cfg.patch_dim)
 
@@ -115,6 +116,10 @@ class VideoMAEPretrain(_LayerDecayMixin, nn.Module):
     The encoder sees only the visible tokens; its output is projected to the decoder width, the masked positions
     are filled with the learned mask token, positions are added, and the decoder predicts each masked tubelet's
     normalized pixels. `loss` is the MSE against the normalized-pixel target (see `model.pixel_loss`).
+
+    With `cfg.decoder_mask_ratio` r > 0 (VideoMAE V2's dual masking) and in training mode, the decoder gets mask
+    tokens only for a random subset of the masked tokens (`decoder_target_ids`: M - int(r * M) per clip) and the loss
+    covers those only: the decoder runs over N - M + K tokens instead of N.
     """
 
     _encoder_prefix = "encoder."
@@ -154,27 +159,41 @@ class VideoMAEPretrain(_LayerDecayMixin, nn.Module):
         return self.encoder.forward_blocks(self.encoder.embed_visible(video, ids_visible))
 
     def forward_pred(self, video: torch.Tensor, ids_visible: torch.Tensor, ids_masked: torch.Tensor) -> torch.Tensor:
-        """Predictions for the masked tokens: float[B, M, patch_dim] in the order of `ids_masked`."""
+        """Predictions for the masked tokens `ids_masked: int64[B, K]` (all M of them, or the decoder's subset):
+        float[B, K, patch_dim] in their order. The decoder sees the visible tokens and these mask tokens only."""
         x = self.encoder_to_decoder(self.forward_encoder(video, ids_visible))
         pos = self.pos_embed[0].to(x.dtype)
         x_full = torch.cat([x + pos[ids_visible], (self.mask_token.to(x.dtype) + pos[ids_masked])], dim=1)
         return self.decoder(x_full, ids_masked.shape[1])
 
-    def forward(self, video: torch.Tensor, mask: torch.Tensor, num_masked: int | None = None
-                ) -> tuple[torch.Tensor, torch.Tensor]:
+    def decoder_targets(self, ids_masked: torch.Tensor) -> torch.Tensor:
+        """The masked tokens the decoder reconstructs: int64[B, K] in increasing token order. All of them (K = M)
+        unless decoder masking is on and the model is training; then a fresh random subset per call."""
+        if self.training and self.cfg.decoder_mask_ratio > 0:
+            return decoder_target_ids(ids_masked, self.cfg.decoder_mask_ratio)
+        return ids_masked
+
+    def forward(self, video: torch.Tensor, mask: torch.Tensor, num_masked: int | None = None,
+                ids_target: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """video: float[B, C, T, H, W] (ImageNet-normalized), mask: bool[B, N] (True = masked, M per row).
 
-        Returns (loss: float32[], pred: float[B, M, tubelet*patch*patch*C]); pred rows follow the masked tokens
-        in increasing token order, values pixel-major then channel. Passing `num_masked` = M avoids the one
-        device-to-host sync needed to learn M from the mask.
+        Returns (loss: float32[], pred: float[B, K, tubelet*patch*patch*C]); pred rows follow the reconstructed
+        tokens in increasing token order, values pixel-major then channel: all M masked tokens (K = M), or with
+        decoder masking in training the subset `decoder_targets` draws, or the masked tokens `ids_target:
+        int64[B, K]` (increasing) when given. Passing `num_masked` = M avoids the one device-to-host sync needed to
+        learn M from the mask.
         """
         ids_visible, ids_masked = mask_to_ids(mask, num_masked)
-        pred = self.forward_pred(video, ids_visible, ids_masked)
+        if ids_target is None:
+            ids_target = self.decoder_targets(ids_masked)
+        pred = self.forward_pred(video, ids_visible, ids_target)
         cfg = self.cfg
         if cfg.fused_loss:
-            loss = masked_pixel_mse(pred, video, ids_masked, cfg.tubelet_size, cfg.patch_size, cfg.norm_pix_loss,
+            loss = masked_pixel_mse(pred, video, ids_target, cfg.tubelet_size, cfg.patch_size, cfg.norm_pix_loss,
                                     self.pixel_mean, self.pixel_std)
         else:
+            if ids_target is not ids_masked:  # the reference formula selects the target tokens with a mask
+                mask = torch.zeros_like(mask).scatter_(1, ids_target, True)
             loss = masked_pixel_mse_reference(pred, video, mask, cfg.tubelet_size, cfg.patch_size,
                                               cfg.norm_pix_loss)
         return loss, pred
