@@ -33,6 +33,7 @@ from typing import Any, Iterator
 import yaml
 
 MODES = ("pretrain", "finetune", "eval")
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
 # ------------------------------------------------------------------------------------------------- configuration
@@ -112,6 +113,8 @@ class RunConfig:
     peak_tflops: float | None = None  # per device, for MFU; None: the data-sheet figure of known GPUs
     tensorboard: bool = True
     record_sample_ids: bool = False  # each rank writes the sample ids it trained on and its final weights (tests)
+    compile_mode: str | None = None  # torch.compile the whole model in this mode (COMPILE_MODES); None: eager
+    cuda_graph_step: bool = False  # capture forward + backward + clipping + AdamW as one CUDA graph (GraphedStep)
 
 
 @dataclass
@@ -246,6 +249,7 @@ def check_config(cfg: Config, mode: str) -> dict:
             not 0.0 < o.layer_decay <= 1.0:
         raise ConfigError(f"optim.betas must be two numbers in [0, 1) and optim.layer_decay in (0, 1]; got "
                           f"{o.betas}, {o.layer_decay}")
+    check_step_options(cfg)
     facts: dict = {"manifest": None, "class_names": None, "num_samples": None}
     split_key = "data.val" if mode == "eval" else "data.train"
     split = d.val if mode == "eval" else d.train
@@ -305,6 +309,11 @@ def check_config(cfg: Config, mode: str) -> dict:
 
     if d.device == "gpu" and not torch.cuda.is_available():
         raise ConfigError("data.device is gpu but torch sees no CUDA device (use auto or cpu)")
+    if model_cfg.attn_backend in ("cudnn", "efficient") and not torch.cuda.is_available():
+        raise ConfigError(f"model.overrides.attn_backend {model_cfg.attn_backend} needs a CUDA device (on the CPU: "
+                          "auto, flash or math)")
+    if r.cuda_graph_step and mode != "eval" and not torch.cuda.is_available():
+        raise ConfigError("run.cuda_graph_step needs a CUDA device; torch sees none (leave it off on the CPU)")
     if mode == "eval" and not m.pretrained:
         raise ConfigError("eval needs model.pretrained (a checkpoint, run directory or Hugging Face directory)")
     if m.pretrained and mode != "pretrain":
@@ -325,6 +334,28 @@ def check_config(cfg: Config, mode: str) -> dict:
                               f"{facts['num_classes']}")
     check_out_dir(r.out_dir)
     return facts
+
+
+def check_step_options(cfg: Config) -> None:
+    """run.compile_mode and run.cuda_graph_step: known values, and a graphed step only where one graph can hold the
+    whole step (no per-step host decision, no collective, no loss scaler)."""
+    r, o = cfg.run, cfg.optim
+    if r.compile_mode is not None and r.compile_mode not in COMPILE_MODES:
+        raise ConfigError(f"run.compile_mode must be one of {', '.join(COMPILE_MODES)} (or null); got "
+                          f"{r.compile_mode!r}")
+    if not r.cuda_graph_step:
+        return
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    conflicts = [(world > 1, f"{world} processes (DDP's gradient all-reduce is not captured)"),
+                 (o.grad_accum > 1, f"optim.grad_accum={o.grad_accum}"),
+                 (r.precision == "fp16", "run.precision=fp16 (the loss scaler decides on the host)"),
+                 (r.skip_nonfinite, "run.skip_nonfinite (a host decision per step)"),
+                 (r.compile_mode in ("reduce-overhead", "max-autotune"),
+                  f"run.compile_mode={r.compile_mode} (it captures CUDA graphs of its own; use default or "
+                  "max-autotune-no-cudagraphs)")]
+    found = [why for bad, why in conflicts if bad]
+    if found:
+        raise ConfigError(f"run.cuda_graph_step cannot capture a step with {'; '.join(found)}")
 
 
 def check_out_dir(out_dir: str) -> None:
@@ -537,13 +568,96 @@ class StopRequest:
         self.signal = signal.Signals(signum).name
 
 
+def training_flops_per_clip(model_cfg, kind: str, mask_ratio: float) -> int:
+    """`model.flops.training_flops_per_clip`, and with VideoMAE V2's decoder masking the FLOPs that model runs: its
+    decoder over the N - M + K tokens it gets (K kept of the M masked) and its head over K, instead of N and M."""
+    from model import flops
+    from model.layers import num_tube_masked
+
+    total = flops.training_flops_per_clip(model_cfg, kind, mask_ratio=mask_ratio)
+    if kind != "pretrain" or not model_cfg.decoder_mask_ratio:
+        return total
+    parts = flops.forward_flops(model_cfg, kind, mask_ratio=mask_ratio)
+    n, m = model_cfg.num_patches, num_tube_masked(model_cfg.grid, mask_ratio)
+    k, width = m - int(model_cfg.decoder_mask_ratio * m), model_cfg.decoder_embed_dim
+    decoder = model_cfg.decoder_depth * flops._block_flops(n - m + k, width, model_cfg.mlp_ratio)
+    head = 2 * k * width * model_cfg.patch_dim
+    return total - 3 * (parts["decoder"] + parts["decoder_head"] - decoder - head)
+
+
+class GraphedStep:
+    """One optimizer step (forward, backward, gradient clipping or norm, AdamW) as one CUDA graph, replayed every
+    step (run.cuda_graph_step): one launch instead of thousands of kernels, no host work between them.
+
+    `loss_fn(inputs) -> float32[]` maps a dict of device tensors (the same shapes and dtypes every step) to the loss.
+    The first `warmup` calls are real steps run eagerly on a side stream (cuDNN, autotuning and torch.compile settle
+    there and AdamW creates its state); the next one captures the graph (capture runs nothing), and every call from
+    then on copies its inputs into the graph's static ones and replays. Each param group's lr becomes a device
+    tensor (`set_lr` refills it) and the optimizer is made capturable; the gradients live in the graph's memory and
+    are overwritten, not accumulated, by every replay (so no zero_grad between steps). Returns (loss, grad norm),
+    tensors that the next call overwrites. check_step_options refuses what one graph cannot hold."""
+
+    def __init__(self, loss_fn, optimizer, params: list, clip_grad: float | None, warmup: int = 3) -> None:
+        import torch
+
+        self.loss_fn, self.optimizer, self.params, self.clip_grad, self.warmup = (loss_fn, optimizer, params,
+                                                                                  clip_grad, warmup)
+        device = params[0].device
+        self.stream, self.graph, self.calls = torch.cuda.Stream(device), None, 0
+        self.static_inputs: dict = {}
+        self.static_outputs: tuple = ()
+        for group in optimizer.param_groups:
+            group["capturable"] = True
+            group["lr"] = torch.tensor(float(group["lr"]), dtype=torch.float32, device=device)
+
+    def set_lr(self, lr: float) -> None:
+        """The schedule's lr for the next step, times each group's lr_scale, written into the lr tensors."""
+        for group in self.optimizer.param_groups:
+            group["lr"].fill_(lr * group.get("lr_scale", 1.0))
+
+    def _step(self, inputs: dict) -> tuple:
+        import torch
+
+        loss = self.loss_fn(inputs)
+        loss.backward()
+        if self.clip_grad:
+            norm = torch.nn.utils.clip_grad_norm_(self.params, self.clip_grad)
+        else:
+            norm = torch.nn.utils.get_total_norm([p.grad for p in self.params if p.grad is not None])
+        self.optimizer.step()
+        return loss.detach(), norm
+
+    def __call__(self, inputs: dict) -> tuple:
+        import torch
+
+        self.calls += 1
+        if self.graph is None:
+            current = torch.cuda.current_stream(self.stream.device)
+            self.stream.wait_stream(current)
+            with torch.cuda.stream(self.stream):  # warm-up and capture off the default stream (torch's recipe)
+                self.optimizer.zero_grad(set_to_none=True)  # capture allocates the gradients in the graph's pool
+                if self.calls <= self.warmup:
+                    out = self._step(inputs)
+                else:
+                    self.static_inputs = {k: v.clone() for k, v in inputs.items()}
+                    self.graph = torch.cuda.CUDAGraph()
+                    with torch.cuda.graph(self.graph, stream=self.stream):
+                        self.static_outputs = self._step(self.static_inputs)
+            current.wait_stream(self.stream)
+            if self.graph is None:
+                return out
+        for key, value in inputs.items():
+            self.static_inputs[key].copy_(value)
+        self.graph.replay()
+        return self.static_outputs
+
+
 # -------------------------------------------------------------------------------------------------------- train
 def train(cfg: Config, mode: str, resume: str | None, facts: dict) -> int:
     import torch
     import torch.nn.functional as F
     from torch.nn.parallel import DistributedDataParallel as DDP
 
-    from model import flops
     from model.checkpoint import (RESUME_KEYS, capture_rng_state, load_checkpoint, model_payload,
                                   newest_intact_checkpoint, restore_rng_state, save_checkpoint, set_aside)
     from model.optim import build_adamw
@@ -624,9 +738,11 @@ def train(cfg: Config, mode: str, resume: str | None, facts: dict) -> int:
 
     ddp_model = model if dist.world_size == 1 else \
         DDP(model, device_ids=[dist.device.index] if dist.device.type == "cuda" else None)
+    if cfg.run.compile_mode:  # the whole model (DDP's buckets become graph breaks); checkpoints hold the bare one
+        ddp_model = torch.compile(ddp_model, mode=None if cfg.run.compile_mode == "default" else cfg.run.compile_mode)
     params = [p for p in model.parameters() if p.requires_grad]
     log = MetricsLog(out_dir, dist.is_main, cfg.run.tensorboard)
-    flops_per_clip = flops.training_flops_per_clip(model_cfg, kind, mask_ratio=cfg.data.mask_ratio)
+    flops_per_clip = training_flops_per_clip(model_cfg, kind, cfg.data.mask_ratio)
     peak = peak_flops(cfg, dist.device)
     stop_at = min(total_steps, cfg.run.stop_after_steps or total_steps)
     say(f"{mode}: {type(model).__name__} '{cfg.model.name}' {sum(p.numel() for p in params) / 1e6:.1f}M params on "
@@ -664,19 +780,47 @@ def train(cfg: Config, mode: str, resume: str | None, facts: dict) -> int:
 
     num_masked: list[int] = []  # masked tokens per clip, read once: passing it spares the model a host sync
 
-    def forward_loss(batch: dict):
-        with torch.autocast(dist.device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+    def forward_loss(batch: dict, mix: bool = True):
+        # a captured step must not reuse autocast's weight casts across replays: no cache under a CUDA graph
+        with torch.autocast(dist.device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None,
+                            cache_enabled=not cfg.run.cuda_graph_step):
             if mode == "pretrain":
                 if not num_masked:
                     num_masked.append(int(batch["mask"][0].sum()))
                 return ddp_model(batch["video"], batch["mask"], num_masked[0])[0]
             video, target = batch["video"], batch["label"]
-            if mixup is not None:
+            if mix and mixup is not None:
                 video, target = mixup(video, target)
             logits = ddp_model(video).float()
         if target.dtype.is_floating_point:  # soft targets from mixup / cutmix, label smoothing folded in
             return torch.sum(-target * F.log_softmax(logits, dim=-1), dim=-1).mean()
         return F.cross_entropy(logits, target, label_smoothing=cfg.aug.smoothing)
+
+    def graph_inputs(batch: dict) -> dict:
+        """The step's inputs as the graph takes them: mixup/cutmix drawn on the host first (a graph would replay
+        the first draw forever)."""
+        if mode == "pretrain":
+            return {"video": batch["video"], "mask": batch["mask"]}
+        video, target = mixup(batch["video"], batch["label"]) if mixup is not None else (batch["video"],
+                                                                                         batch["label"])
+        return {"video": video, "label": target}
+
+    graphed = None
+    if cfg.run.cuda_graph_step:
+        graphed = GraphedStep(lambda inputs: forward_loss(inputs, mix=False), optimizer, params, o.clip_grad)
+        say("run.cuda_graph_step: the first 3 steps run eagerly, then each step replays one CUDA graph", dist)
+
+    def next_batch() -> dict:
+        """The next batch; the wait counts as data time, and its sample ids are recorded when asked."""
+        epoch = loader.epoch  # the batch's epoch: the loader moves on as it hands out an epoch's last batch
+        t_wait = time.perf_counter()
+        batch = next(data)
+        window["wait"] += time.perf_counter() - t_wait
+        window["clips"] += batch["video"].shape[0]
+        if cfg.run.record_sample_ids:  # rows (epoch, sample_id)
+            ids = batch["sample_id"].cpu()
+            records.append(torch.stack([torch.full_like(ids, epoch), ids], 1))
+        return batch
 
     data = batches()
     records: list = []
@@ -689,29 +833,27 @@ def train(cfg: Config, mode: str, resume: str | None, facts: dict) -> int:
         torch.cuda.reset_peak_memory_stats(dist.device)
     stopped_by = None
     while step < stop_at:
-        lr = schedule.apply(optimizer, step)
-        step_loss = zero()
-        for micro in range(o.grad_accum):
-            epoch = loader.epoch  # the batch's epoch: the loader moves on as it hands out an epoch's last batch
-            t_wait = time.perf_counter()
-            batch = next(data)
-            window["wait"] += time.perf_counter() - t_wait
-            window["clips"] += batch["video"].shape[0]
-            if cfg.run.record_sample_ids:  # rows (epoch, sample_id)
-                ids = batch["sample_id"].cpu()
-                records.append(torch.stack([torch.full_like(ids, epoch), ids], 1))
-            sync_grads = micro == o.grad_accum - 1 or dist.world_size == 1
-            with contextlib.nullcontext() if sync_grads else ddp_model.no_sync():
-                loss = forward_loss(batch)
-                (scaler.scale(loss / o.grad_accum) if scaler else loss / o.grad_accum).backward()
-            step_loss += loss.detach() / o.grad_accum
-        if scaler is not None:
-            scaler.unscale_(optimizer)
-        grad_norm = None
-        if o.clip_grad:
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, o.clip_grad)
-        elif cfg.run.skip_nonfinite or (step + 1) % cfg.run.log_interval == 0:
-            grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+        if graphed is not None:  # forward, backward, clipping and AdamW in one replay (check_step_options)
+            lr = schedule(step)
+            graphed.set_lr(lr)
+            step_loss, grad_norm = graphed(graph_inputs(next_batch()))
+        else:
+            lr = schedule.apply(optimizer, step)
+            step_loss = zero()
+            for micro in range(o.grad_accum):
+                batch = next_batch()
+                sync_grads = micro == o.grad_accum - 1 or dist.world_size == 1
+                with contextlib.nullcontext() if sync_grads else ddp_model.no_sync():
+                    loss = forward_loss(batch)
+                    (scaler.scale(loss / o.grad_accum) if scaler else loss / o.grad_accum).backward()
+                step_loss += loss.detach() / o.grad_accum
+            if scaler is not None:
+                scaler.unscale_(optimizer)
+            grad_norm = None
+            if o.clip_grad:
+                grad_norm = torch.nn.utils.clip_grad_norm_(params, o.clip_grad)
+            elif cfg.run.skip_nonfinite or (step + 1) % cfg.run.log_interval == 0:
+                grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
         # Gradients are already all-reduced, so every rank sees the same norm and decides alike.
         if cfg.run.skip_nonfinite and not torch.isfinite(grad_norm).item():
             skipped_steps += 1
@@ -719,7 +861,7 @@ def train(cfg: Config, mode: str, resume: str | None, facts: dict) -> int:
         else:
             if scaler is not None:
                 scaler.step(optimizer)
-            else:
+            elif graphed is None:
                 optimizer.step()
             if ema is not None:
                 ema.update(model, step=step)
@@ -728,7 +870,8 @@ def train(cfg: Config, mode: str, resume: str | None, facts: dict) -> int:
             window["loss_steps"] += 1
         if scaler is not None:
             scaler.update()
-        optimizer.zero_grad(set_to_none=True)
+        if graphed is None:  # a graphed step overwrites its gradients; dropping them would free the graph's memory
+            optimizer.zero_grad(set_to_none=True)
         step += 1
 
         if step % cfg.run.log_interval == 0 or step == stop_at or (dist.world_size == 1 and stop.signal):
