@@ -64,15 +64,32 @@ def layout_sets(shards: str | None, layouts: str, args) -> dict[str, str]:
             for spec in (parse_layout(name) for name in layouts.split(","))}
 
 
-def dali_batches(shards, batch_size, threads, repeats, t, stride, size, device, decoder_groups=1,
-                 cpu_decoder_groups=0):
+def dali_batches(shards, batch_size, threads, repeats, t, stride, size, device, strategy: dict,
+                 built: dict | None = None):
+    """Batches of pipeline.build_loader without end; `strategy`: its decoding options (decoder_groups,
+    cpu_decoder_groups, pipelines, decode); the loader is put in `built["loader"]` once made."""
     from pipeline import build_loader
 
     loader = build_loader(shards, "pretrain", batch_size, device=device.type.replace("cuda", "gpu"),
                           num_frames=t, stride=stride, input_size=size, num_repeats=repeats, num_threads=threads,
-                          decoder_groups=decoder_groups, cpu_decoder_groups=cpu_decoder_groups)
+                          **strategy)
+    if built is not None:
+        built["loader"] = loader
     while True:
         yield from loader
+
+
+def parse_decode_spec(spec: str, cores: int) -> tuple[int, dict]:
+    """--decode-sweep entry -> (threads per pipeline, loader options): "G:C[:threads[:pipelines]]" (decoder groups,
+    of them on CPU threads, threads per pipeline (default --cores), DALI pipelines) or "auto[:threads]" (the
+    loader times its candidate strategies at start and keeps the fastest: decode="auto")."""
+    fields = spec.split(":")
+    if fields[0] == "auto":
+        return (int(fields[1]) if len(fields) > 1 else cores), {"decode": "auto"}
+    values = [int(v) for v in fields]
+    threads = values[2] if len(values) > 2 else cores
+    pipelines = values[3] if len(values) > 3 else 1
+    return threads, {"decoder_groups": values[0], "cpu_decoder_groups": values[1], "pipelines": pipelines}
 
 
 # -- measurement ------------------------------------------------------------------------------------------------
@@ -96,14 +113,15 @@ def measure(batches, warmup: int, count: int, batch_size: int, repeats: int, t: 
             "frames_per_s": round(clips * t / seconds, 1)}
 
 
-def run(kind: str, n: int, repeats: int, args, tars, device, decode: tuple[int, int] | None = None,
+def run(kind: str, n: int, repeats: int, args, tars, device, decode: dict | None = None,
         layout: str = "timeline") -> dict:
-    """One loader at one setting; `decode` = (decoder_groups, cpu_decoder_groups) for dali (default: the args');
-    `layout` names the shards' layout (bench.layouts)."""
-    groups, cpu_groups = decode or (args.decoder_groups, args.cpu_decoder_groups)
+    """One loader at one setting; `decode`: dali's decoding options (parse_decode_spec; default: the args'
+    decoder groups); `layout` names the shards' layout (bench.layouts)."""
+    decode = decode or {"decoder_groups": args.decoder_groups, "cpu_decoder_groups": args.cpu_decoder_groups}
+    built: dict = {}
     if kind == "dali":
         batches = dali_batches(tars, args.batch_size, n, repeats, args.num_frames, args.stride,
-                               args.input_size, device, groups, cpu_groups)
+                               args.input_size, device, decode, built)
     else:
         batches = baseline_batches("decord" if kind == "baseline" else kind, tars, args.batch_size, n, repeats,
                                    args.num_frames, args.stride, args.input_size, device)
@@ -112,11 +130,19 @@ def run(kind: str, n: int, repeats: int, args, tars, device, decode: tuple[int, 
     queued = {"baseline": 2 * n, "torchcodec": 1}.get(kind, 2)
     result = measure(batches, args.warmup + queued, args.batches, args.batch_size, repeats, args.num_frames, device)
     result["decoded_frames_per_s_est"] = round(result["decoded_clips_per_s"] * args.decoded_per_clip[layout], 1)
-    setting = ({"threads": n, "decoder_groups": groups, "cpu_decoder_groups": cpu_groups} if kind == "dali" else
-               {"workers": n} if kind == "baseline" else {"threads": n})
+    setting = ({"threads": n, **decode} if kind == "dali" else {"workers": n} if kind == "baseline" else
+               {"threads": n})
     result.update(loader=kind, layout=layout, repeats=repeats, **setting)
-    del batches
-    strategy = f" groups={groups} cpu_groups={cpu_groups}" if kind == "dali" else ""
+    strategy = ""
+    if kind == "dali":  # the strategy that ran (decode=auto: the one the loader chose, and what it timed)
+        cfg = built["loader"].cfg
+        result.update(decoder_groups=cfg.decoder_groups, cpu_decoder_groups=cfg.cpu_decoder_groups,
+                      pipelines=cfg.pipelines)
+        if built["loader"].decode_table:
+            result["decode_table"] = built["loader"].decode_table
+        strategy = (f"{' auto ->' if cfg.decode == 'auto' else ''} groups={cfg.decoder_groups} "
+                    f"cpu_groups={cfg.cpu_decoder_groups} pipelines={cfg.pipelines}")
+    del batches, built
     strategy += f" {layout}"
     print(f"  {kind:10s} K={repeats} {'workers' if kind == 'baseline' else 'threads'}={n}{strategy}: "
           f"{result['clips_per_s']:8.2f} clips/s  {result['decoded_clips_per_s']:7.2f} decoded clips/s  "
@@ -152,10 +178,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cpu-decoder-groups", type=int, default=0,
                    help="dali, GPU backend: how many of the decoder groups decode on CPU threads (hybrid)")
     p.add_argument("--decode-sweep", default="",
-                   help="dali only, GPU backend: decoding strategies G:C[:N] (decoder groups : of them on the CPU "
-                        ": threads, default --cores) to compare at K=--decode-sweep-k, e.g. '1:0,1:0:32,2:0,1:1,4:3'. "
-                        "DALI's mixed decoder decodes as many videos at once as the pipeline has threads, each "
-                        "decoder group with its own pool")
+                   help="dali only: decoding strategies G:C[:N[:P]] (decoder groups : of them on the CPU : "
+                        "threads per pipeline, default --cores : DALI pipelines, default 1) or auto[:N] (the "
+                        "loader's decode=auto) to compare at K=--decode-sweep-k, e.g. '1:0,1:0:32,2:0,1:1,4:3,"
+                        "1:0:16:2,auto'. DALI's mixed decoder decodes as many videos at once as the pipeline has "
+                        "threads, each decoder group and each pipeline with its own pool")
     p.add_argument("--decode-sweep-k", type=int, default=2)
     p.add_argument("--synth-size", default="426x240", help="synthetic videos: WIDTHxHEIGHT before transcoding")
     p.add_argument("--synth-frames", type=int, default=250, help="synthetic videos: frames (10 s at 25 fps)")
@@ -176,7 +203,8 @@ def main(argv: list[str] | None = None) -> int:
     if len({(s["videos"], s["mean_frames"]) for s in summary.values()}) != 1:
         p.error(f"the shard sets do not hold the same videos: {summary}")
     first = next(iter(layouts))
-    if ShardSet(layouts[first]).phases != 1:
+    baselines_run = args.baselines and (args.repeats or args.sweep)  # a decode sweep alone reads no baseline
+    if baselines_run and ShardSet(layouts[first]).phases != 1:
         p.error(f"the first layout ({first}) is read by the baseline too: it must be in timeline order")
     args.decoded_per_clip = {name: s["decoded_frames_per_clip"] for name, s in summary.items()}
     per_clip = ", ".join(f"{s['decoded_frames_per_clip']:.1f} ({name}, {s['bytes_per_video'] / 1e3:.0f} kB/video)"
@@ -212,10 +240,10 @@ def main(argv: list[str] | None = None) -> int:
     # Decoding strategies first when asked for: which one feeds a GPU fastest is the question a time-limited GPU
     # run most needs answered. Then the comparison with the baseline.
     for spec in [x for x in args.decode_sweep.split(",") if x]:
-        groups, cpu_groups, threads = ([int(v) for v in spec.split(":")] + [args.cores])[:3]
+        threads, strategy = parse_decode_spec(spec, args.cores)
         for layout, layout_tars in layouts.items():
-            decode_sweep.append(run("dali", threads, args.decode_sweep_k, args, layout_tars, device,
-                                    (groups, cpu_groups), layout))
+            decode_sweep.append(dict(run("dali", threads, args.decode_sweep_k, args, layout_tars, device,
+                                         strategy, layout), spec=spec))
             save()
     # the loaders compared, alternated within each round so that drift on a shared machine hits all of them
     baselines = [name for name in args.baselines.split(",") if name]
