@@ -4,16 +4,22 @@
 #
 #   bash bench/gpu.sh [PART] [OUTDIR] [DATA]
 #
-#   PART    all (default) | checks | decode | train | pipeline | h264
+#   PART    all (default) | checks | decode | model | train | pipeline | h264
 #             checks:   machine facts (bench.gpu_env), GPU tests (pipeline GPU backend vs CPU backend for each
 #                       decoding strategy, H.264 on NVDEC, zero-copy handoff, resume, corrupt samples; Triton loss
-#                       kernel on CUDA)
+#                       kernel on CUDA); then several pipelines and decode=auto against one pipeline, and the
+#                       CUDA-graph training step against eager steps
 #             decode:   NVDEC alone (bench.bench_decode --device gpu): whether it seeks or decodes from the
 #                       stream's start, and the three VP9 layouts of the same videos (timeline MP4, 4-phase MP4,
 #                       4-phase IVF cut at key frames); then the GPU backend's decoding strategies side by side
 #                       on the cut layout (bench.bench_pipeline --decode-sweep, K = 2): NVDEC with 1x/2x
-#                       threads, NVDEC x2/x4 instances, CPU threads + GPU augmentation, and hybrids with 1/2 to
-#                       3/4 of each batch decoded on the CPU; then four of them on the 4-phase MP4 layout
+#                       threads, NVDEC x2/x4 instances, CPU threads + GPU augmentation, hybrids with 1/2 to 3/4
+#                       of each batch decoded on the CPU, 2 and 4 DALI pipelines (each with its own threads and
+#                       decoders), and decode=auto (the loader times candidates and keeps the fastest); then some
+#                       of them on the 4-phase MP4 layout
+#             model:    bench.bench_model, ViT-B pretraining step at batch 64: eager and compiled fused bf16, the
+#                       whole step as one CUDA graph, flash vs cuDNN attention, VideoMAE V2 decoder masking (its
+#                       own table), max-autotune last (the longest warm-up)
 #             pipeline: bench.bench_pipeline --device gpu against the decord + DataLoader baseline, K = 1, 2, 4,
 #                       VP9 shards (timeline MP4 and the cut layout), with a thread/worker sweep point
 #             h264:     the same on H.264 shards (NVDEC only)
@@ -22,6 +28,10 @@
 #   DATA    folder with shard directories vp9/, vp9p4/, vp9c4/ and h264/ (default .gpu/data; build them with
 #           bench/gpu_data.sh on a machine that has ffmpeg)
 #   BUDGET  (environment) seconds for the whole run, default 590
+#
+# Engine use: while each step runs, `nvidia-smi dmon -s u -d 1` samples SM and NVDEC utilization into
+# OUTDIR/STEP.dmon.log; bench.gpu_util then prints one line per step and adds the summary to the step's JSON
+# ("gpu_utilization") and to OUTDIR/gpu_util.json.
 #
 # Offline machine: what the machine lacks is carried in as parts, from the project root (see README, "GPU suite"):
 #   .stage/pN      DALI and its small dependencies (../shared/offline-gpu/stage-dali.sh), unpacked here
@@ -53,12 +63,21 @@ fi
 budget=${BUDGET:-590}
 step() {
   local name=$1 limit=$2; shift 2
-  local t0=$SECONDS left=$((budget - SECONDS))
+  local t0=$SECONDS left=$((budget - SECONDS)) dmon=""
   if [ "$left" -lt 15 ]; then echo "=== $name: skipped, ${left}s left of the ${budget}s budget"; return; fi
   [ "$limit" -gt "$left" ] && limit=$left
   echo "=== $name (limit ${limit}s): $*"
+  if command -v nvidia-smi >/dev/null 2>&1; then  # engine use while the step runs, one sample a second
+    nvidia-smi dmon -s u -d 1 >"$out/$name.dmon.log" 2>&1 &
+    dmon=$!
+  fi
   timeout "$limit" "$@" >"$out/$name.log" 2>&1
   local rc=$?
+  if [ -n "$dmon" ]; then
+    kill "$dmon" 2>/dev/null; wait "$dmon" 2>/dev/null
+    python3 -m bench.gpu_util summarize "$out/$name.dmon.log" --step "$name" --json "$out/$name.json" \
+      --summary "$out/gpu_util.json"
+  fi
   echo "--- $name: rc=$rc in $((SECONDS - t0))s"
   tail -n "${TAIL:-12}" "$out/$name.log"
 }
@@ -67,6 +86,8 @@ cores=$(nproc)
 if [ "$part" = all ] || [ "$part" = checks ]; then
   step env 60 python3 -m bench.gpu_env --out "$out/env.json"
   step tests_gpu 150 python3 -m pytest -q -p no:cacheprovider tests/test_pipeline_gpu.py tests/test_model_fused_loss.py
+  step tests_gpu_strategies 150 python3 -m pytest -q -p no:cacheprovider tests/test_pipeline_strategies.py \
+    tests/test_train_step_options.py -k "gpu or cuda_graph_step_equals"
 fi
 # The carried sets are small (96 videos): read each 8 times per epoch so that per-epoch costs (DALI builds a
 # pipeline per epoch) weigh as on a real dataset, not every few batches.
@@ -77,12 +98,21 @@ layouts="timeline=$data/vp9,phases4=$data/vp9p4,cut4=$data/vp9c4"
 if [ "$part" = all ] || [ "$part" = decode ]; then
   step decode_layouts 60 python3 -m bench.bench_decode --device gpu --shards "$layouts" \
     --threads "$cores" --batch-size 32 --batches 8 --rounds 2 --out "$out/decode_layouts.json"
-  step pipeline_decode 120 python3 -m bench.bench_pipeline --device gpu --shards "cut4=$data/vp9c4" \
+  # G:C[:threads per pipeline[:pipelines]], or auto; pipelines and auto after the single-pipeline strategies
+  step pipeline_decode 260 python3 -m bench.bench_pipeline --device gpu --shards "cut4=$data/vp9c4" \
     --layouts cut4 --shard-repeat $repeat --batch-size 32 --cores "$cores" --batches 10 --warmup 2 --repeats "" \
-    --sweep "" --decode-sweep "1:0,1:0:$((2 * cores)),2:0,4:0,1:1,2:1,3:2,4:3" --out "$out/pipeline_decode.json"
-  step pipeline_decode_phases 120 python3 -m bench.bench_pipeline --device gpu --shards "phases4=$data/vp9p4" \
-    --layouts phases4 --shard-repeat $repeat --batch-size 32 --cores "$cores" --batches 10 \
-    --warmup 2 --repeats "" --sweep "" --decode-sweep "1:0,4:0,1:1,3:2" --out "$out/pipeline_decode_phases.json"
+    --sweep "" --baselines "" --out "$out/pipeline_decode.json" --decode-sweep \
+    "1:0,1:0:$((2 * cores)),2:0,4:0,1:1,2:1,3:2,4:3,1:0:$cores:2,1:0:$cores:4,2:0:$cores:2,2:1:$cores:2,auto"
+  step pipeline_decode_phases 140 python3 -m bench.bench_pipeline --device gpu --shards "phases4=$data/vp9p4" \
+    --layouts phases4 --shard-repeat $repeat --batch-size 32 --cores "$cores" --batches 10 --warmup 2 \
+    --repeats "" --sweep "" --baselines "" --decode-sweep "1:0,4:0,1:1,3:2,1:0:$cores:2" \
+    --out "$out/pipeline_decode_phases.json"
+fi
+if [ "$part" = all ] || [ "$part" = model ]; then
+  step model_step 540 python3 -m bench.bench_model --device cuda --kinds pretrain --batch 64 --steps 20 --warmup 5 \
+    --variants "fused-bf16,fused-bf16-graphstep,fused-bf16-compile,fused-bf16-compile-graphstep,\
+fused-bf16-compile-flash,fused-bf16-compile-cudnn,fused-bf16-compile-decmask,fused-bf16-compile-graphstep-decmask,\
+fused-bf16-compile-autotune" --out "$out/model_step.json"
 fi
 if [ "$part" = all ] || [ "$part" = train ]; then
   step train_saturation 220 python3 -m bench.bench_train --config configs/pretrain_vitb_k400.yaml --steps 60 \
