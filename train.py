@@ -641,7 +641,9 @@ class GraphedStep:
                 else:
                     self.static_inputs = {k: v.clone() for k, v in inputs.items()}
                     self.graph = torch.cuda.CUDAGraph()
-                    with torch.cuda.graph(self.graph, stream=self.stream):
+                    # thread_local: DALI's threads keep decoding (allocating, synchronizing) during the capture,
+                    # which the default "global" mode would turn into a capture error
+                    with torch.cuda.graph(self.graph, stream=self.stream, capture_error_mode="thread_local"):
                         self.static_outputs = self._step(self.static_inputs)
             current.wait_stream(self.stream)
             if self.graph is None:

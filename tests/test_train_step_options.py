@@ -134,7 +134,7 @@ def test_pipeline_strategy_options_pass_through_data_options(tmp_path, capsys, c
                                         ("finetune", ["aug.mixup=0.8", "aug.cutmix=1.0", "aug.smoothing=0.1"])])
 def test_cuda_graph_step_equals_eager_steps(tmp_path, mode, extra):
     """6 steps (3 eager warm-up, 1 capture + replay, 2 replays) against 6 eager steps: the same weights up to
-    rounding (fp32, no autocast: the graph replays the eager kernels)."""
+    rounding (fp32, no autocast: the graph replays the eager kernels). Mixup is drawn on the host per step."""
     common = ["pretrain" if mode == "pretrain" else "finetune", *SYNTHETIC, "optim.max_steps=6", "run.precision=fp32",
               "data.device=gpu", *extra]
     eager, graphed = tmp_path / "eager", tmp_path / "graphed"
@@ -142,4 +142,28 @@ def test_cuda_graph_step_equals_eager_steps(tmp_path, mode, extra):
     assert train.main([*common, f"run.out_dir={graphed}", "run.cuda_graph_step=true"]) == 0
     a, b = final_params(eager), final_params(graphed)
     for key in a:
-        torch.testing.assert_close(b[key], a[key], rtol=1e-5, atol=1e-6, msg=key)
+        # as above: AdamW moves weights by ~lr whatever the gradient, and flash attention's backward may add in
+        # another order from run to run
+        torch.testing.assert_close(b[key], a[key], rtol=1e-4, atol=1e-4, msg=key)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_graph_step_equals_eager_steps_on_the_dali_pipeline(tmp_path):
+    """The same with real batches from NVDEC: DALI's threads decode the next batches while the step is captured
+    (capture_error_mode thread_local), and the batches are copied into the graph's inputs."""
+    pytest.importorskip("imageio_ffmpeg")
+    shards = ps.cached("gpu_train_p1_ivf", lambda d: ps.make_test_shards(
+        d, ps.TRAIN_FRAME_COUNTS, height=128, width=160, per_shard=4))
+    common = ["pretrain", "data.num_frames=4", "data.stride=4", "data.input_size=32", "data.batch_size=2",
+              "data.mask_ratio=0.75", f"data.train={shards.directory}", "data.device=gpu", "optim.max_steps=6",
+              "optim.lr_batch_base=0", "optim.lr=1e-2", "optim.warmup_steps=0", "run.precision=fp32",
+              "run.log_interval=1", "run.tensorboard=false", "run.record_sample_ids=true",
+              TINY_MODEL.replace("patch_size: 8", "patch_size: 16")]
+    eager, graphed = tmp_path / "eager", tmp_path / "graphed"
+    assert train.main([*common, f"run.out_dir={eager}"]) == 0
+    assert train.main([*common, f"run.out_dir={graphed}", "run.cuda_graph_step=true"]) == 0
+    a, b = final_params(eager), final_params(graphed)
+    for key in a:
+        # as above: AdamW moves weights by ~lr whatever the gradient, and flash attention's backward may add in
+        # another order from run to run
+        torch.testing.assert_close(b[key], a[key], rtol=1e-4, atol=1e-4, msg=key)
