@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import io
 import json
 import os
 import platform
@@ -42,7 +41,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from bench.baselines import BASELINES, baseline_batches, torchcodec_available
 from shards import format as fmt
