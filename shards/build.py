@@ -4,19 +4,33 @@
     python -m shards.build --csv kinetics400/val.csv --root kinetics400/videos --split val --out shards/k400/val \
         --classes shards/k400/train/manifest.json
 
-Flow: read the inputs (shards.inputs) -> plan: sort by key, shuffle with --seed -> a process pool transcodes
-(shards.transcode) while a single writer consumes the results in plan order through a bounded window (so the output
-is the same for any --workers and at most ~2 x workers videos are held in memory) -> tar shards + DALI indexes
-(shards.writer), a resume marker per finished shard (shards.resume) -> failures.jsonl, then manifest.json last.
-Format: shards/format.py.
+Flow: read the inputs (shards.inputs) -> plan: sort by key, shuffle with --seed -> a process pool (or Ray tasks,
+`--executor ray`: shards.executors) transcodes (shards.transcode) while a single writer consumes the results in plan
+order through a bounded window (so the output is the same for any --workers and at most ~2 x workers videos are held
+in memory) -> tar shards + DALI indexes (shards.writer), a resume marker per finished shard (shards.resume) ->
+failures.jsonl, then manifest.json last. Format: shards/format.py.
+
+Partitioned builds, for a cluster (`--part I/N`, or a Slurm array task's SLURM_ARRAY_TASK_ID/COUNT/MIN):
+
+    python -m shards.build ... --out OUT --part 0/3      # any number of these at once, on any machines
+    python -m shards.build ... --out OUT --part 1/3      # sharing OUT (a shared file system)
+    python -m shards.build ... --out OUT --part 2/3
+    python -m shards.merge OUT                           # once all are done: manifest.json and failures.jsonl
+
+Part I builds the contiguous plan positions [I*P//N, (I+1)*P//N) (`part_range`): contiguous, not strided, so that
+the parts concatenated in order are the plan order of a one-machine build, and the merge only has to shift each
+part's sample ids by the samples before it (no sample moves between files; see shards.format and shards.merge).
+The plan is shuffled, so a contiguous range is as balanced a share of the work as a strided one. Each part writes
+`{split}-p{III}-NNNNNN.tar`, keeps its own resume state (`OUT/.build/p{III}/`) and lock, and writes no manifest.
 
 What is a failure of a video, and what is ours. A video that cannot be read, decoded or is too short is recorded in
 failures.jsonl and the build goes on. A failure of the machine (a full disk or another I/O error writing the work
 files or shards, a worker process killed, ffmpeg killed by a signal from outside) says nothing about the video:
 the build stops at once with a one-line error and exit status 75, deleting only the partial shard, so that the
 re-run of the same command resumes after the last finished shard and retries those videos. One build at a time
-writes a directory (`shards.resume.OutputLock`); workers and ffmpeg die with the build, even when it is SIGKILLed
-(`shards.transcode.die_with_parent`), and SIGTERM stops it like Ctrl-C.
+writes a directory, or one build per part of a partitioned build (`shards.resume.BuildLocks`); workers and ffmpeg
+die with the build, even when it is SIGKILLed (`shards.transcode.die_with_parent`), and SIGTERM stops it like
+Ctrl-C.
 """
 
 from __future__ import annotations
@@ -38,13 +52,15 @@ from collections import deque
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Mapping
 
 from tqdm import tqdm
 
 from shards import format as fmt
+# Ray itself is imported only for --executor ray (shards.executors.import_ray)
+from shards.executors import ExecutorUnavailable, import_ray, ray_ordered_transcodes, ray_session
 from shards.inputs import InputError, InputSet, VideoInput, collect_inputs
-from shards.resume import BuildConflict, BuildLocked, BuildState, OutputLock, inputs_digest
+from shards.resume import BuildConflict, BuildLocked, BuildLocks, BuildState, inputs_digest
 from shards.transcode import (CODECS, EncodeSettings, TranscodeAborted, TranscodeResult, default_gop, die_with_parent,
                               ffmpeg_version, transcode)
 from shards.writer import ShardWriter, member_bytes, write_file_atomically
@@ -106,6 +122,50 @@ def plan_order(videos: list[VideoInput], seed: int) -> list[VideoInput]:
     return order
 
 
+def part_range(plan_size: int, index: int, count: int) -> tuple[int, int]:
+    """The plan positions [start, end) that part `index` of `count` builds: contiguous, sizes differing by at
+    most one, together every position exactly once (see the module docstring for why contiguous)."""
+    return index * plan_size // count, (index + 1) * plan_size // count
+
+
+def parse_part(spec: str) -> tuple[int, int] | None:
+    """`--part I/N` as (I, N); None for 'none'. ValueError (one line) when it is neither."""
+    if spec.strip().lower() == "none":
+        return None
+    m = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", spec)
+    if not m:
+        raise ValueError(f"--part {spec!r}: expected I/N, e.g. 0/4 (part I of N, I from 0), or 'none'")
+    index, count = int(m[1]), int(m[2])
+    if count < 1 or index >= count:
+        raise ValueError(f"--part {spec}: I must be 0..N-1 and N at least 1")
+    return index, count
+
+
+def slurm_part(env: Mapping[str, str]) -> tuple[int, int] | None:
+    """(I, N) of a Slurm array task, or None outside one: I = (SLURM_ARRAY_TASK_ID - SLURM_ARRAY_TASK_MIN) /
+    SLURM_ARRAY_TASK_STEP, N = SLURM_ARRAY_TASK_COUNT, so `--array=1-8` and `--array=0-14:2` work as `0-7`.
+    ValueError (one line) for an array that is not one evenly spaced range (`--array=1,4,5`)."""
+    if "SLURM_ARRAY_TASK_ID" not in env:
+        return None
+    try:
+        task, count = int(env["SLURM_ARRAY_TASK_ID"]), int(env["SLURM_ARRAY_TASK_COUNT"])
+        first, step = int(env.get("SLURM_ARRAY_TASK_MIN", "0")), int(env.get("SLURM_ARRAY_TASK_STEP") or 1)
+        last = int(env.get("SLURM_ARRAY_TASK_MAX", first + (count - 1) * step))
+    except (KeyError, ValueError) as e:
+        raise ValueError(f"Slurm array task: SLURM_ARRAY_TASK_ID/COUNT/MIN/MAX/STEP unreadable ({e}); pass --part "
+                         f"I/N") from None
+    index, off_step = divmod(task - first, step) if step > 0 else (-1, 0)
+    if off_step or not 0 <= index < count or last != first + (count - 1) * step:
+        raise ValueError(f"Slurm array task {task}: the array (min {first}, max {last}, step {step}, {count} tasks) is "
+                         f"not one evenly spaced range; pass --part I/N (or --part none)")
+    return index, count
+
+
+def resolve_part(spec: str | None, env: Mapping[str, str]) -> tuple[int, int] | None:
+    """The part this build makes: --part when given, else the Slurm array task's, else None (the whole plan)."""
+    return parse_part(spec) if spec is not None else slurm_part(env)
+
+
 def _init_worker(parent_pid: int) -> None:
     """Workers leave Ctrl-C to the main process, which stops the build (ffmpeg children still stop at once), and die
     with it, however it dies: a worker outliving a SIGKILLed build would go on writing into its directory."""
@@ -157,6 +217,21 @@ def ordered_transcodes(items: list[VideoInput], settings: EncodeSettings, worker
         pool.shutdown(wait=True, cancel_futures=True)
 
 
+@contextlib.contextmanager
+def executor_transcodes(args: argparse.Namespace, items: list[VideoInput], settings: EncodeSettings,
+                        workdir: str) -> Iterator[Iterator[tuple[VideoInput, TranscodeResult]]]:
+    """The results of transcoding `items` in plan order, from the executor --executor names (the process pool, or
+    Ray tasks: shards.executors); sets args.workers when Ray chooses it. The generator is closed on leaving."""
+    if args.executor != "ray" or not items:  # nothing to do needs no Ray
+        with contextlib.closing(ordered_transcodes(items, settings, args.workers or 1, workdir)) as ordered:
+            yield ordered
+        return
+    with ray_session(args.ray_address) as cpus:
+        args.workers = args.workers or max(1, cpus // settings.threads)
+        with contextlib.closing(ray_ordered_transcodes(items, settings, workdir, 2 * args.workers)) as ordered:
+            yield ordered
+
+
 def sample_members(item: VideoInput, result: TranscodeResult, label: int, sample_id: int,
                    codec: str) -> list[tuple[str, bytes]]:
     """The tar members of one sample, in the order format.py lists them."""
@@ -174,7 +249,7 @@ def sample_members(item: VideoInput, result: TranscodeResult, label: int, sample
         *zip(fmt.video_exts(len(videos), container), videos),
         *([(fmt.CUTS_EXT, result.cuts)] if result.cuts is not None else []),
         (fmt.LABEL_EXT, str(label).encode()),
-        (fmt.META_EXT, json.dumps(meta, sort_keys=True, separators=(",", ":")).encode()),
+        (fmt.META_EXT, fmt.pack_meta(meta)),
         (fmt.INFO_EXT, fmt.pack_info(info.num_frames, label, sample_id)),
     ]
 
@@ -190,12 +265,13 @@ def _format_bytes(n: float) -> str:
 class ShardSink:
     """Groups transcoded samples into shards in plan order and records a resume marker per finished shard."""
 
-    def __init__(self, state: BuildState, split: str, codec: str, classes_index, kept: list[dict],
+    def __init__(self, state: BuildState, codec: str, classes_index, kept: list[dict],
                  max_bytes: int | None, max_samples: int | None) -> None:
-        self.state, self.split, self.codec, self.label_of = state, split, codec, classes_index
+        self.state, self.prefix, self.codec, self.label_of = state, state.prefix, codec, classes_index
         self.max_bytes, self.max_samples = max_bytes, max_samples
         self.markers = list(kept)
-        self.next_sample_id = sum(m["num_samples"] for m in kept)
+        # a part numbers its samples from its first plan position on (provisional ids; shards.merge renumbers)
+        self.next_sample_id = state.id_base + sum(m["num_samples"] for m in kept)
         self.position = kept[-1]["plan_end"] if kept else 0  # plan position the next open shard starts at
         self.writer: ShardWriter | None = None
         self.pending_failures: list[dict] = []
@@ -214,7 +290,7 @@ class ShardSink:
                 or (self.max_bytes and self.writer.bytes_written + size > self.max_bytes)):
             self.close_shard(position)
         if self.writer is None:
-            self.writer = ShardWriter(self.state.out_dir, fmt.shard_name(self.split, len(self.markers)),
+            self.writer = ShardWriter(self.state.out_dir, fmt.shard_name(self.prefix, len(self.markers)),
                                       self.state.work_dir)
             self.first_sample_id = self.next_sample_id
         self.writer.add_sample(item.key, members)
@@ -310,18 +386,32 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                      help="keep videos whose source has decoding errors (ffmpeg conceals them) instead of "
                           "skipping them")
     run = p.add_argument_group("running")
-    run.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0)),
-                     help="parallel transcoding processes (default: the CPUs available)")
+    run.add_argument("--workers", type=int, default=None,
+                     help="parallel transcoding processes (default: the CPUs available); with --executor ray, "
+                          "half the window of tasks in flight (default: the cluster's CPUs / --threads)")
     run.add_argument("--timeout", type=float, default=600.0,
                      help="seconds per video before ffmpeg is killed (default 600)")
+    run.add_argument("--part", default=None, metavar="I/N",
+                     help="build only part I of N (I from 0) of the planned videos, beside the other parts in "
+                          "--out, then `python -m shards.merge OUT` once all are done. Default: a Slurm array "
+                          "task's (SLURM_ARRAY_TASK_ID - SLURM_ARRAY_TASK_MIN of SLURM_ARRAY_TASK_COUNT) when set, "
+                          "else the whole build; 'none' ignores Slurm")
+    run.add_argument("--executor", choices=("local", "ray"), default="local",
+                     help="local: a process pool on this machine (default); ray: Ray tasks (pip install "
+                          "videomae-fast[ray]); the output is identical")
+    run.add_argument("--ray-address", default=None,
+                     help="--executor ray: the cluster to join (default: RAY_ADDRESS, else a local Ray instance "
+                          "started and stopped by the build)")
     run.add_argument("--quiet", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
     if args.shard_size_mb is None and args.samples_per_shard is None:
         args.shard_size_mb = 1000.0
     if args.samples_per_shard is not None and args.samples_per_shard < 1:
         p.error("--samples-per-shard must be >= 1")
-    if args.workers < 1:
+    if args.workers is not None and args.workers < 1:
         p.error("--workers must be >= 1")
+    if args.workers is None and args.executor == "local":
+        args.workers = len(os.sched_getaffinity(0))
     return args
 
 
@@ -359,9 +449,9 @@ def _sigterm_raises() -> Iterator[None]:
 
 
 def build(args: argparse.Namespace) -> int:
-    """Run one build; returns the process exit code (0 done; 1 an error in the inputs or the output directory,
-    nothing to do or nothing succeeded; 75 stopped by a failure of our own side, re-run to resume; 130/143
-    interrupted by SIGINT/SIGTERM)."""
+    """Run one build (or one part of one); returns the process exit code (0 done; 1 an error in the inputs or the
+    output directory, nothing to do or nothing succeeded; 75 stopped by a failure of our own side, re-run to
+    resume; 130/143 interrupted by SIGINT/SIGTERM)."""
     started = time.perf_counter()
     problem = split_name_problem(args.split)
     if problem:
@@ -369,8 +459,11 @@ def build(args: argparse.Namespace) -> int:
               file=sys.stderr)
         return 1
     try:
+        part = resolve_part(args.part, os.environ)
+        if args.executor == "ray":
+            import_ray()  # before anything is read or written: a missing Ray is a one-line error
         inputs, settings = _read_inputs(args)
-    except (InputError, ValueError) as e:
+    except (InputError, ValueError, ExecutorUnavailable) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     for warning in inputs.warnings:
@@ -381,7 +474,7 @@ def build(args: argparse.Namespace) -> int:
         print(f"error: no inputs: {args.csv or args.list or args.folders} lists no videos for split "
               f"{args.split!r}{extra}", file=sys.stderr)
         return 1
-    lock = OutputLock(args.out)
+    lock = BuildLocks(args.out, part)
     with _sigterm_raises():
         try:
             lock.acquire()
@@ -394,35 +487,45 @@ def build(args: argparse.Namespace) -> int:
         except (KeyboardInterrupt, Terminated) as e:
             return EXIT_INTERRUPTED if isinstance(e, KeyboardInterrupt) else EXIT_TERMINATED
         try:
-            return _build_locked(args, inputs, settings, plan, started)
+            return _build_locked(args, inputs, settings, plan, part, started)
         finally:
             lock.release()
 
 
-def _build_locked(args: argparse.Namespace, inputs: InputSet, settings: EncodeSettings, plan: list[VideoInput],
-                  started: float) -> int:
-    """The build, with the output directory locked: resume point, transcoding, shards, failures and manifest."""
-    out_dir = Path(args.out)
+def build_identity(args: argparse.Namespace, settings: EncodeSettings, plan: list[VideoInput],
+                   inputs: InputSet) -> dict:
+    """What makes two builds the same build (resume, re-runs and the parts of one merge compare it): every
+    setting that affects the output, and a hash of the planned inputs and the classes."""
     params = {
         "split": args.split, **settings.output_params(), "seed": args.seed,
         "shard_size_mb": args.shard_size_mb, "samples_per_shard": args.samples_per_shard,
         "input": {"csv": args.csv, "list": args.list, "folders": args.folders, "root": args.root,
                   "classes": args.classes, "all_rows": args.all_rows},
     }
-    identity = {"params": params, "inputs_sha256": inputs_digest(plan, inputs.classes)}
-    state = BuildState(out_dir, args.split)
+    return {"params": params, "inputs_sha256": inputs_digest(plan, inputs.classes)}
+
+
+def _build_locked(args: argparse.Namespace, inputs: InputSet, settings: EncodeSettings, plan: list[VideoInput],
+                  part: tuple[int, int] | None, started: float) -> int:
+    """The build, with the output directory locked: resume point, transcoding, shards, failures and manifest (or,
+    for a part, its finished record)."""
+    out_dir = Path(args.out)
+    identity = build_identity(args, settings, plan, inputs)
+    start, end = part_range(len(plan), *part) if part else (0, len(plan))
+    state = BuildState(out_dir, args.split, part, (start, end))
     sink = None
     try:
         resume = state.prepare(identity, overwrite=args.overwrite)
         if resume.complete:
-            print(f"shards: {out_dir} already holds this build ({fmt.MANIFEST_NAME} present, every shard it lists "
-                  f"there with its size); nothing to do (use --overwrite to rebuild)", file=sys.stderr)
+            _say_complete(out_dir, part, resume.part_finished)
             return 0
-        sink = ShardSink(state, args.split, args.codec, inputs.label_index, resume.markers,
+        sink = ShardSink(state, args.codec, inputs.label_index, resume.markers,
                          int(args.shard_size_mb * 1e6) if args.shard_size_mb else None, args.samples_per_shard)
-        stats = _transcode_plan(args, settings, plan, inputs, state, sink)
+        stats = _transcode_plan(args, settings, plan[start:end], inputs, state, sink)
+        if part is not None:
+            return _write_part_outputs(args, state, sink, inputs, plan, identity, stats, started)
         return _write_outputs(args, state, sink, inputs, plan, identity, stats, started)
-    except BuildConflict as e:
+    except (BuildConflict, ExecutorUnavailable) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     except BaseException as e:
@@ -441,13 +544,25 @@ def _build_locked(args: argparse.Namespace, inputs: InputSet, settings: EncodeSe
         raise
 
 
+def _say_complete(out_dir: Path, part: tuple[int, int] | None, part_finished: bool) -> None:
+    if part_finished:
+        print(f"shards: part {part[0]}/{part[1]} of this build is already finished in {out_dir}; nothing to do "
+              f"(`python -m shards.merge {out_dir}` once every part is; --overwrite rebuilds this part)",
+              file=sys.stderr)
+        return
+    print(f"shards: {out_dir} already holds this build ({fmt.MANIFEST_NAME} present, every shard it lists "
+          f"there with its size); nothing to do (use --overwrite to rebuild)", file=sys.stderr)
+
+
 def _transcode_plan(args: argparse.Namespace, settings: EncodeSettings, plan: list[VideoInput], inputs: InputSet,
                     state: BuildState, sink: ShardSink) -> dict:
-    """Transcode the plan from the resume point into the sink; returns this run's counts."""
+    """Transcode the plan (a part's: its range of the plan) from the resume point into the sink; returns this
+    run's counts."""
     start = sink.position
     if sink.markers:
         print(f"shards: resuming: keeping {len(sink.markers)} finished shard(s) "
-              f"({sink.next_sample_id} samples), {len(plan) - start} of {len(plan)} videos to go", file=sys.stderr)
+              f"({sum(m['num_samples'] for m in sink.markers)} samples), {len(plan) - start} of {len(plan)} videos "
+              f"to go", file=sys.stderr)
     stats = {"ok": 0, "failed": 0, "source_seconds": 0.0}
     printed = 0
 
@@ -459,13 +574,13 @@ def _transcode_plan(args: argparse.Namespace, settings: EncodeSettings, plan: li
             if printed == MAX_PRINTED_FAILURES:
                 tqdm.write("(further failures only in failures.jsonl)", file=sys.stderr)
 
-    for rejected in inputs.rejected:
-        skipped(rejected["source"], rejected["reason"])
-    bar = tqdm(total=len(plan), initial=start, unit="video", desc=f"shards {args.split}", disable=args.quiet,
+    if state.part is None or state.part[0] == 0:  # every part reads the same inputs: part 0 speaks for them
+        for rejected in inputs.rejected:
+            skipped(rejected["source"], rejected["reason"])
+    bar = tqdm(total=len(plan), initial=start, unit="video", desc=f"shards {state.prefix}", disable=args.quiet,
                dynamic_ncols=True, smoothing=0.05)
     try:
-        results = contextlib.closing(ordered_transcodes(plan[start:], settings, args.workers, str(state.work_dir)))
-        with results as ordered:
+        with executor_transcodes(args, plan[start:], settings, str(state.work_dir)) as ordered:
             for position, (item, result) in enumerate(ordered, start=start):
                 if result.ok:
                     sink.add_sample(position, item, result)
@@ -488,7 +603,7 @@ def _write_outputs(args: argparse.Namespace, state: BuildState, sink: ShardSink,
     """failures.jsonl, then manifest.json (last: its presence means a finished build); the summary line."""
     out_dir = state.out_dir
     failures = list(inputs.rejected) + [f for m in sink.markers for f in m["failures"]] + stats["orphan_failures"]
-    write_file_atomically(out_dir / fmt.FAILURES_NAME, "".join(json.dumps(f) + "\n" for f in failures))
+    write_file_atomically(out_dir / fmt.FAILURES_NAME, failure_lines(failures))
     num_samples = sum(m["num_samples"] for m in sink.markers)
     if num_samples == 0:
         state.finish()
@@ -498,37 +613,84 @@ def _write_outputs(args: argparse.Namespace, state: BuildState, sink: ShardSink,
         return 1
 
     removed = state.remove_stale_shards(len(sink.markers))
-    manifest = {
-        "format": fmt.FORMAT_VERSION,
-        "split": args.split,
-        "codec": args.codec,
-        "params": identity["params"],
-        "inputs_sha256": identity["inputs_sha256"],
-        "ffmpeg": ffmpeg_version(),
-        "classes": inputs.classes,
-        "num_samples": num_samples,
-        "num_failures": len(failures),
-        "num_inputs": len(plan) + len(inputs.rejected),
-        "num_frames": sum(m["num_frames"] for m in sink.markers),
-        "duration": round(sum(m["duration"] for m in sink.markers), 3),
-        "shards": [{k: m[k] for k in ("tar", "index", "num_samples", "bytes", "sha256", "first_sample_id")}
-                   for m in sink.markers],
-        "keys": [k for m in sink.markers for k in m["keys"]],
-    }
+    manifest = manifest_record(identity, inputs.classes, ffmpeg_version(), sink.markers, len(failures),
+                               len(plan) + len(inputs.rejected))
     write_file_atomically(out_dir / fmt.MANIFEST_NAME, json.dumps(manifest, indent=1) + "\n")
     state.finish()
-
-    elapsed = time.perf_counter() - started
-    total_bytes = sum(m["bytes"] for m in sink.markers)
-    done_now = stats["ok"] + stats["failed"]
-    layout = f" in {args.container}" + (f", {args.phases} phases" if args.phases > 1 else "")
     print(f"shards: {args.split}: {num_samples} samples in {len(sink.markers)} shards "
-          f"({_format_bytes(total_bytes)}, {args.codec}{layout}), {len(failures)} skipped "
-          f"(see {fmt.FAILURES_NAME}); this run: {done_now} videos in {elapsed:.1f} s = "
-          f"{done_now / elapsed:.2f} videos/s, {stats['source_seconds'] / elapsed:.1f} source-s/s "
-          f"with {args.workers} workers -> {out_dir / fmt.MANIFEST_NAME}"
+          f"({_format_bytes(sum(m['bytes'] for m in sink.markers))}, {_layout(args)}), {len(failures)} skipped "
+          f"(see {fmt.FAILURES_NAME}); {_this_run(args, stats, started)} -> {out_dir / fmt.MANIFEST_NAME}"
           + (f" (removed stale {', '.join(removed)})" if removed else ""), file=sys.stderr)
     return 0
+
+
+def failure_lines(failures: list[dict]) -> str:
+    """failures.jsonl: one JSON object per line, "source", "key", "reason" first, in that order, whether a record
+    comes from this run or from a marker read back (markers are stored with sorted keys)."""
+    first = ("source", "key", "reason")
+    ordered = ({**{k: f[k] for k in first if k in f}, **{k: f[k] for k in sorted(f) if k not in first}}
+               for f in failures)
+    return "".join(json.dumps(f) + "\n" for f in ordered)
+
+
+def manifest_record(identity: dict, classes: list[str], ffmpeg: str, markers: list[dict], num_failures: int,
+                    num_inputs: int) -> dict:
+    """manifest.json of a finished build from its shards' markers, in order (one build's, or a merge's with ids
+    renumbered): `shards.format` says what readers rely on."""
+    params = identity["params"]
+    return {
+        "format": fmt.FORMAT_VERSION,
+        "split": params["split"],
+        "codec": params["codec"],
+        "params": params,
+        "inputs_sha256": identity["inputs_sha256"],
+        "ffmpeg": ffmpeg,
+        "classes": classes,
+        "num_samples": sum(m["num_samples"] for m in markers),
+        "num_failures": num_failures,
+        "num_inputs": num_inputs,
+        "num_frames": sum(m["num_frames"] for m in markers),
+        "duration": round(sum(m["duration"] for m in markers), 3),
+        "shards": [{k: m[k] for k in ("tar", "index", "num_samples", "bytes", "sha256", "first_sample_id")}
+                   for m in markers],
+        "keys": [k for m in markers for k in m["keys"]],
+    }
+
+
+def _write_part_outputs(args: argparse.Namespace, state: BuildState, sink: ShardSink, inputs: InputSet,
+                        plan: list[VideoInput], identity: dict, stats: dict, started: float) -> int:
+    """A finished part: its record (all `shards.merge` needs: shards, failures, the inputs' rejects, classes,
+    ffmpeg) is written last into its state folder; no manifest, no failures.jsonl (the merge writes them)."""
+    index, count = state.part
+    removed = state.remove_stale_shards(len(sink.markers))
+    record = {**identity, "part": [index, count], "plan_range": list(state.plan_range), "ffmpeg": ffmpeg_version(),
+              "classes": inputs.classes, "rejected": inputs.rejected, "num_inputs": len(plan) + len(inputs.rejected),
+              "markers": sink.markers, "orphan_failures": stats["orphan_failures"]}
+    state.finish_part(record)
+    start, end = state.plan_range
+    num_samples = sum(m["num_samples"] for m in sink.markers)
+    failed = sum(len(m["failures"]) for m in sink.markers) + len(stats["orphan_failures"])
+    positions = f"plan positions {start}..{end - 1} of {len(plan)}" if end > start else \
+        f"none of the {len(plan)} planned videos: more parts than videos"
+    print(f"shards: {args.split} part {index}/{count} ({positions}): "
+          f"{num_samples} samples in {len(sink.markers)} shards ({_format_bytes(sum(m['bytes'] for m in sink.markers))}"
+          f", {_layout(args)}), {failed} skipped; {_this_run(args, stats, started)}; when all {count} parts are "
+          f"finished: python -m shards.merge {state.out_dir}"
+          + (f" (removed stale {', '.join(removed)})" if removed else ""), file=sys.stderr)
+    return 0
+
+
+def _layout(args: argparse.Namespace) -> str:
+    return f"{args.codec} in {args.container}" + (f", {args.phases} phases" if args.phases > 1 else "")
+
+
+def _this_run(args: argparse.Namespace, stats: dict, started: float) -> str:
+    """The throughput of this run, for the summary line."""
+    elapsed = time.perf_counter() - started
+    done_now = stats["ok"] + stats["failed"]
+    how = f"{args.workers} workers" + (" on Ray" if args.executor == "ray" else "") if args.workers else "no workers"
+    return (f"this run: {done_now} videos in {elapsed:.1f} s = {done_now / elapsed:.2f} videos/s, "
+            f"{stats['source_seconds'] / elapsed:.1f} source-s/s with {how}")
 
 
 def main(argv: list[str] | None = None) -> int:

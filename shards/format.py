@@ -6,6 +6,7 @@ A build writes one split into one directory::
     OUT/{split}-{NNNNNN}.idx   DALI index file for each tar (format "v1.2", see `write_dali_index`)
     OUT/manifest.json          written last: build parameters, classes, per-shard counts and sha256, keys
     OUT/failures.jsonl         one line per skipped input: {"source": path, "reason": "..."}
+    (a partitioned build names its shards OUT/{split}-p{III}-{NNNNNN}.tar: see "Partitioned builds" below)
 
 Each sample is a group of tar members sharing a key (no dots, unique within the split):
 
@@ -38,7 +39,19 @@ Versions: "videomae-shards/2" added the IVF layouts and the cuts table; "videoma
 members, no cuts) are still read, decoded from each member's start.
 
 `sample_id` runs 0..num_samples-1 in shard order (shard i holds ids first_sample_id .. first_sample_id+n-1);
-`manifest["keys"][sample_id]` is the sample's key.
+`manifest["keys"][sample_id]` is the sample's key. Readers rely on it: eval sizes its per-video tables by
+num_samples and indexes them by id, and drops corrupt samples by id.
+
+Partitioned builds (`shards.build --part I/N`, then `shards.merge`): part I builds the contiguous plan positions
+[I*P//N, (I+1)*P//N) into `OUT/{split}-p{III}-{NNNNNN}.tar` (+ `.idx`; `part_shard_prefix`), so names never collide
+across parts, and no manifest. Until the merge its samples carry provisional ids, start + their rank in the part (start
+= the part's first plan position): unique across parts, but with gaps where videos failed. `shards.merge` renumbers
+every sample of part I to offset_I + its rank in the part (offset_I = samples of the parts before it) by rewriting
+the 12-byte `KEY.info` and the `KEY.json` member in place (a json member whose id has fewer digits shrinks: its tar
+header and index entry are rewritten, its data stays in its 512-byte blocks), then writes the manifest. The result
+holds the ids, keys, labels and per-sample bytes of a one-machine build (the plan order is the same); only shard
+boundaries and names differ. One exception: a json member that would free a 512-byte block by shrinking (its size
+one of 512k+1 .. 512k+d, d the digits lost) keeps its size with trailing spaces, which JSON allows.
 """
 
 from __future__ import annotations
@@ -71,6 +84,20 @@ _INFO_STRUCT = struct.Struct("<3i")
 MANIFEST_NAME = "manifest.json"
 FAILURES_NAME = "failures.jsonl"
 TAR_BLOCK = 512
+
+
+def pack_meta(meta: dict) -> bytes:
+    """The `KEY.json` member: compact JSON with sorted keys, so that the same fields give the same bytes."""
+    return json.dumps(meta, sort_keys=True, separators=(",", ":")).encode()
+
+
+def renumber_meta(data: bytes, sample_id: int) -> bytes:
+    """`KEY.json` bytes with `sample_id` as the id: what `pack_meta` writes for the same fields. ValueError if `data`
+    (trailing spaces aside) is not what `pack_meta` writes."""
+    meta = json.loads(data)
+    if not isinstance(meta, dict) or pack_meta(meta) != data.rstrip(b" "):
+        raise ValueError("not a sample's json member as the builder writes it")
+    return pack_meta({**meta, "sample_id": int(sample_id)})
 
 
 def pack_info(num_frames: int, label: int, sample_id: int) -> bytes:
@@ -153,6 +180,16 @@ def phase_frames(num_frames: int, phases: int, phase: int) -> int:
 
 def shard_name(split: str, index: int) -> str:
     return f"{split}-{index:06d}.tar"
+
+
+def part_label(index: int, count: int) -> str:
+    """The name of part `index` of `count` in file names: p000, p001, ... (wider only past 1000 parts)."""
+    return f"p{index:0{max(3, len(str(count - 1)))}d}"
+
+
+def part_shard_prefix(split: str, index: int, count: int) -> str:
+    """What a part's shard names start with, `{split}-p{III}` (`shard_name(prefix, n)` names them)."""
+    return f"{split}-{part_label(index, count)}"
 
 
 def index_path_for(tar_path: str | os.PathLike) -> str:

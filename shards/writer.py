@@ -50,6 +50,20 @@ def write_file_atomically(path: str | os.PathLike, data: bytes | str) -> None:
         raise
 
 
+def member_header(name: str, size: int) -> bytes:
+    """The one-block USTAR header of a member: fixed mtime, mode and owner, so that equal members give equal bytes
+    (`shards.merge` rewrites headers of renumbered members with it)."""
+    info = tarfile.TarInfo(name)
+    info.size = size
+    info.mtime = _MTIME
+    info.mode = 0o644
+    info.uid = info.gid = 0
+    info.uname = info.gname = ""
+    header = info.tobuf(format=tarfile.USTAR_FORMAT, encoding="utf-8", errors="strict")
+    assert len(header) == TAR_BLOCK, "member names must fit one USTAR header"
+    return header
+
+
 def member_bytes(size: int) -> int:
     """Bytes a member of `size` data bytes takes in the tar: one header block plus the data padded to blocks."""
     return TAR_BLOCK + -(-size // TAR_BLOCK) * TAR_BLOCK
@@ -98,16 +112,9 @@ class ShardWriter:
     def add_sample(self, key: str, members: Sequence[tuple[str, bytes]]) -> None:
         """Append one sample: `members` are (extension, data), written as `KEY.ext` in the order given."""
         for ext, data in members:
-            info = tarfile.TarInfo(f"{key}.{ext}")
-            info.size = len(data)
-            info.mtime = _MTIME
-            info.mode = 0o644
-            info.uid = info.gid = 0
-            info.uname = info.gname = ""
-            header = info.tobuf(format=tarfile.USTAR_FORMAT, encoding="utf-8", errors="strict")
-            assert len(header) == TAR_BLOCK, "member names must fit one USTAR header"
-            self._write(header)
-            self._members.append((info.name, self._offset, len(data)))
+            name = f"{key}.{ext}"
+            self._write(member_header(name, len(data)))
+            self._members.append((name, self._offset, len(data)))
             self._write(data)
             pad = -len(data) % TAR_BLOCK
             if pad:
