@@ -39,6 +39,8 @@ from typing import Any, Iterator, Sequence
 import torch
 from torch import nn
 
+from model.runtime import autocast, pipeline_device, resolve_device
+
 DEFAULT_SHORT_SIDE = 320  # as the training shards (`shards.build --short-side`)
 DEFAULT_STRIDE = 4        # VideoMAE's Kinetics sampling rate (SSv2 models use 2)
 # CLI limits: far beyond any real setting, they stop absurd values (overflowing frame indices, out-of-memory
@@ -46,17 +48,6 @@ DEFAULT_STRIDE = 4        # VideoMAE's Kinetics sampling rate (SSv2 models use 2
 MAX_STRIDE = 64
 MAX_SHORT_SIDE = 4096
 SHARD_SPLIT = "predict"
-
-
-def resolve_device(device: str | None) -> str:
-    """"cpu" | "gpu"; None or "auto" picks the GPU when torch sees one."""
-    if device in (None, "auto"):
-        return "gpu" if torch.cuda.is_available() else "cpu"
-    if device not in ("cpu", "gpu"):
-        raise ValueError(f"device {device!r}: expected 'cpu', 'gpu' or 'auto'")
-    if device == "gpu" and not torch.cuda.is_available():
-        raise ValueError("device 'gpu' asked for, but torch sees no CUDA device")
-    return device
 
 
 def load_classifier(checkpoint_or_model: str | os.PathLike | nn.Module, trust_pickle: bool = False) -> nn.Module:
@@ -176,9 +167,9 @@ def predict(checkpoint_or_model: str | os.PathLike | nn.Module, videos: Sequence
     """
     from shards import format as fmt
 
-    device = resolve_device(device)
+    torch_device = resolve_device(device)
+    device = pipeline_device(torch_device)
     model = load_classifier(checkpoint_or_model, trust_pickle)
-    torch_device = torch.device("cuda" if device == "gpu" else "cpu")
     model = model.to(torch_device).eval()
     cfg, class_names = model.cfg, getattr(model, "class_names", None)
     clips, crops = (1, 1) if single_view else (5, 3)
@@ -233,14 +224,13 @@ def _run_views(model: nn.Module, shard_dir: str, device: str, torch_device: torc
         num_samples = loader.num_samples
         sums = torch.zeros(num_samples, cfg.num_classes, dtype=torch.float64)
         counts = torch.zeros(num_samples, dtype=torch.int64)
-        amp = torch_device.type == "cuda"
         epoch = loader.epoch
         for batch in tqdm(loader, total=len(loader), desc="predict", unit="batch", disable=not progress,
                           leave=False):
             video, sample_id = batch["video"], batch["sample_id"].long().cpu()
             for start in range(0, video.shape[0], view_batch):
                 chunk = video[start:start + view_batch].to(torch_device, non_blocking=True)
-                with torch.autocast(torch_device.type, dtype=torch.bfloat16, enabled=amp):
+                with autocast(torch_device, "auto"):
                     logits = model(chunk)
                 probs = logits.float().softmax(dim=-1).double().cpu()
                 ids = sample_id[start:start + view_batch]

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from model.pixels import mask_video, reconstruct_pixels, unnormalize_video
+from model.runtime import pipeline_device, resolve_device
 
 MASK_GREY = 0.5
 
@@ -58,11 +59,11 @@ def reconstruct(checkpoint_or_model: str | os.PathLike | nn.Module, shards: Any,
 
     model = load_pretraining_model(checkpoint_or_model, trust_pickle)
     cfg = model.cfg
-    torch_device = torch.device("cuda" if device == "gpu" else "cpu")
+    torch_device = resolve_device(device)
     model = model.to(torch_device).eval()
-    loader = build_loader(shards, "pretrain", num, device=device, num_frames=cfg.num_frames, stride=stride,
-                          input_size=cfg.img_size, patch_size=cfg.patch_size, tubelet_size=cfg.tubelet_size,
-                          mask_ratio=mask_ratio, seed=seed, debug_outputs=True,
+    loader = build_loader(shards, "pretrain", num, device=pipeline_device(torch_device), num_frames=cfg.num_frames,
+                          stride=stride, input_size=cfg.img_size, patch_size=cfg.patch_size,
+                          tubelet_size=cfg.tubelet_size, mask_ratio=mask_ratio, seed=seed, debug_outputs=True,
                           shuffle_buffer=64)  # a picture needs no 512-sample shuffle buffer filled first
     try:
         if len(loader) == 0:
