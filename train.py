@@ -568,23 +568,6 @@ class StopRequest:
         self.signal = signal.Signals(signum).name
 
 
-def training_flops_per_clip(model_cfg, kind: str, mask_ratio: float) -> int:
-    """`model.flops.training_flops_per_clip`, and with VideoMAE V2's decoder masking the FLOPs that model runs: its
-    decoder over the N - M + K tokens it gets (K kept of the M masked) and its head over K, instead of N and M."""
-    from model import flops
-    from model.layers import num_tube_masked
-
-    total = flops.training_flops_per_clip(model_cfg, kind, mask_ratio=mask_ratio)
-    if kind != "pretrain" or not model_cfg.decoder_mask_ratio:
-        return total
-    parts = flops.forward_flops(model_cfg, kind, mask_ratio=mask_ratio)
-    n, m = model_cfg.num_patches, num_tube_masked(model_cfg.grid, mask_ratio)
-    k, width = m - int(model_cfg.decoder_mask_ratio * m), model_cfg.decoder_embed_dim
-    decoder = model_cfg.decoder_depth * flops._block_flops(n - m + k, width, model_cfg.mlp_ratio)
-    head = 2 * k * width * model_cfg.patch_dim
-    return total - 3 * (parts["decoder"] + parts["decoder_head"] - decoder - head)
-
-
 class GraphedStep:
     """One optimizer step (forward, backward, gradient clipping or norm, AdamW) as one CUDA graph, replayed every
     step (run.cuda_graph_step): one launch instead of thousands of kernels, no host work between them.
@@ -662,6 +645,7 @@ def train(cfg: Config, mode: str, resume: str | None, facts: dict) -> int:
 
     from model.checkpoint import (RESUME_KEYS, capture_rng_state, load_checkpoint, model_payload,
                                   newest_intact_checkpoint, restore_rng_state, save_checkpoint, set_aside)
+    from model import flops
     from model.optim import build_adamw
     from model.schedule import CosineSchedule
 
@@ -744,7 +728,7 @@ def train(cfg: Config, mode: str, resume: str | None, facts: dict) -> int:
         ddp_model = torch.compile(ddp_model, mode=None if cfg.run.compile_mode == "default" else cfg.run.compile_mode)
     params = [p for p in model.parameters() if p.requires_grad]
     log = MetricsLog(out_dir, dist.is_main, cfg.run.tensorboard)
-    flops_per_clip = training_flops_per_clip(model_cfg, kind, cfg.data.mask_ratio)
+    flops_per_clip = flops.training_flops_per_clip(model_cfg, kind, mask_ratio=cfg.data.mask_ratio)
     peak = peak_flops(cfg, dist.device)
     stop_at = min(total_steps, cfg.run.stop_after_steps or total_steps)
     say(f"{mode}: {type(model).__name__} '{cfg.model.name}' {sum(p.numel() for p in params) / 1e6:.1f}M params on "

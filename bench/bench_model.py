@@ -45,7 +45,8 @@ import torch.nn.functional as F
 
 from model import VideoMAEConfig, build_model
 from model.layers import num_tube_masked
-from train import GraphedStep, training_flops_per_clip
+from model.flops import training_flops_per_clip
+from train import GraphedStep
 
 H100_DENSE_BF16 = 989e12
 DECODER_MASK_RATIO = 0.5  # VideoMAE V2's --decoder_mask_ratio
@@ -195,7 +196,7 @@ def run_variant(kind: str, variant: str, base_cfg: VideoMAEConfig, state: dict[s
         sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
         print(f"## profile {kind} {variant} (3 steps)")
         print(prof.key_averages().table(sort_by=sort, row_limit=args.profile))
-    flops_clip = training_flops_per_clip(cfg, kind, args.mask_ratio)  # decoder masking: the FLOPs it runs
+    flops_clip = training_flops_per_clip(cfg, kind, mask_ratio=args.mask_ratio)  # decoder masking: the FLOPs it runs
     clips_s = b * args.steps / elapsed
     result = dict(kind=kind, variant=variant, recipe=recipe(variant) if kind == "pretrain" else "videomae",
                   batch=b, steps=args.steps, step_ms=1e3 * elapsed / args.steps,

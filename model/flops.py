@@ -8,7 +8,9 @@ Counted: every matrix multiplication of the model, at 2 FLOPs per multiply-add:
       qkv 2*n*d*3d, attention scores q k^T 2*n*n*d, attention-weighted values 2*n*n*d, output projection 2*n*d*d,
       MLP 2*n*d*h + 2*n*h*d;
   * pretraining: encoder over the V visible tokens, encoder_to_decoder 2*V*D*Dd, decoder blocks over all N tokens,
-    the head 2*M*Dd*patch_dim over the M masked tokens only;
+    the head 2*M*Dd*patch_dim over the M masked tokens only; with VideoMAE V2's decoder masking
+    (`decoder_mask_ratio` r, training only) the decoder runs over the N - M + K tokens it gets (K = M - int(r * M)
+    of the masked ones kept) and the head over K;
   * classification: encoder over N tokens, head 2*D*num_classes.
 Not counted: LayerNorm, softmax, GELU, bias and residual adds, the loss (all O(n*d), under 1% here).
 Training = 3 x forward (backward = 2 x forward: gradients w.r.t. activations and weights), the usual
@@ -32,19 +34,21 @@ def _block_flops(n: int, d: int, mlp_ratio: float) -> int:
 
 def forward_flops(cfg: VideoMAEConfig, kind: str, num_masked: int | None = None,
                   mask_ratio: float = 0.9) -> dict[str, int]:
-    """Forward matmul FLOPs per clip, by part. `num_masked` defaults to the official tube masking at `mask_ratio`."""
+    """Forward matmul FLOPs per clip in training, by part. `num_masked` defaults to the official tube masking at
+    `mask_ratio`."""
     n = cfg.num_patches
     d = cfg.embed_dim
     parts: dict[str, int] = {}
     if kind == "pretrain":
         m = num_tube_masked(cfg.grid, mask_ratio) if num_masked is None else num_masked
         v = n - m
+        k = m - int(cfg.decoder_mask_ratio * m)  # masked tokens the decoder reconstructs (all of them without V2's)
         dd = cfg.decoder_embed_dim
         parts["embed"] = 2 * v * cfg.patch_dim * d
         parts["encoder"] = cfg.depth * _block_flops(v, d, cfg.mlp_ratio)
         parts["encoder_to_decoder"] = 2 * v * d * dd
-        parts["decoder"] = cfg.decoder_depth * _block_flops(n, dd, cfg.mlp_ratio)
-        parts["decoder_head"] = 2 * m * dd * cfg.patch_dim
+        parts["decoder"] = cfg.decoder_depth * _block_flops(v + k, dd, cfg.mlp_ratio)
+        parts["decoder_head"] = 2 * k * dd * cfg.patch_dim
     elif kind == "classify":
         parts["embed"] = 2 * n * cfg.patch_dim * d
         parts["encoder"] = cfg.depth * _block_flops(n, d, cfg.mlp_ratio)

@@ -15,7 +15,7 @@ import torch
 
 import pipeline_shards as ps
 import train
-from model import VideoMAEConfig
+from model import VideoMAEConfig, flops
 
 TINY_MODEL = ("model.overrides={patch_size: 8, depth: 1, embed_dim: 16, num_heads: 1, decoder_depth: 1, "
               "decoder_embed_dim: 16, decoder_num_heads: 1}")
@@ -108,8 +108,8 @@ def test_decoder_masking_trains_and_is_counted_in_the_flops(tmp_path, capsys):
     v = n - m
     expected = 3 * (2 * v * 1536 * 768 + 12 * block(v, 768) + 2 * v * 768 * 384 + 4 * block(v + k, 384)
                     + 2 * k * 384 * 1536)
-    assert train.training_flops_per_clip(cfg.replace(decoder_mask_ratio=0.5), "pretrain", 0.9) == expected
-    plain = train.training_flops_per_clip(cfg, "pretrain", 0.9)
+    assert flops.training_flops_per_clip(cfg.replace(decoder_mask_ratio=0.5), "pretrain", mask_ratio=0.9) == expected
+    plain = flops.training_flops_per_clip(cfg, "pretrain", mask_ratio=0.9)
     assert plain == 3 * (2 * v * 1536 * 768 + 12 * block(v, 768) + 2 * v * 768 * 384 + 4 * block(n, 384)
                          + 2 * m * 384 * 1536)
     assert 0.5 < expected / plain < 0.7
