@@ -646,8 +646,8 @@ def train(cfg: Config, mode: str, resume: str | None, facts: dict) -> int:
     from model.checkpoint import (RESUME_KEYS, capture_rng_state, load_checkpoint, model_payload,
                                   newest_intact_checkpoint, restore_rng_state, save_checkpoint, set_aside)
     from model import flops
-    from model.optim import build_adamw
-    from model.schedule import CosineSchedule
+    from training.optim import build_adamw
+    from training.schedule import CosineSchedule
 
     stop = StopRequest()
     dist = setup_distributed()

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from model.schedule import CosineSchedule
+from training.schedule import CosineSchedule
 
 
 def official_cosine_scheduler(base_value, final_value, epochs, niter_per_ep, warmup_epochs=0, start_warmup_value=0):

@@ -4,7 +4,10 @@ Grouping follows the official code (MCG-NJU/VideoMAE `optim_factory.get_paramete
 weight decay when it is 1-D (biases, LayerNorm weights), its name ends in ".bias", or the model lists it in
 `no_weight_decay()` (positional embeddings, tokens). With layer decay d < 1, a parameter in layer i of L+2 layers
 (0 = patch embedding and tokens, 1..L = blocks, L+1 = head and final norm) trains at lr x d ** (L + 1 - i), stored
-as the group's `lr_scale` and applied by `model.schedule.CosineSchedule.apply`.
+as the group's `lr_scale` and applied by `training.schedule.CosineSchedule.apply`.
+
+Not timm's `param_groups_layer_decay`: same groups for our ViTs, but it counts the layers it finds (max id + 1), not
+get_num_layers() + 2 as the official assigner does (tests/test_training_optim.py::test_model_layer_id_for_is_preferred).
 """
 
 from __future__ import annotations

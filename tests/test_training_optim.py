@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from model.optim import build_adamw, describe_groups, param_groups, vit_layer_id
+from training.optim import build_adamw, describe_groups, param_groups, vit_layer_id
 
 
 class TinyViT(nn.Module):

@@ -11,8 +11,11 @@ with W warmup steps and T total steps. The official scripts scale `min_lr` and `
 peak lr, but never pass `warmup_lr` on (`start_warmup_value` keeps its default of 0), so their warmup starts at 0;
 our `start` defaults to 0 for the same behaviour.
 
-Each optimizer param group may carry an `lr_scale` (layer-wise decay, see `model.optim`); the group's lr is the
-scheduled lr times that scale.
+Not timm's CosineLRScheduler: its warmup reaches `base` at step W, the official at W - 1 (test_matches_official_array).
+
+Each optimizer param group may carry an `lr_scale` (layer-wise decay, see `training.optim`); the group's lr is the
+scheduled lr times that scale. The schedule is a pure function of the step: a resumed run keeps its own (possibly
+overridden) shape and says so when it differs from the checkpoint's.
 """
 
 from __future__ import annotations
@@ -57,9 +60,3 @@ class CosineSchedule:
     def state_dict(self) -> dict:
         return {"base": self.base, "final": self.final, "total_steps": self.total_steps,
                 "warmup_steps": self.warmup_steps, "start": self.start}
-
-    def load_state_dict(self, state: dict) -> None:
-        # The schedule is a pure function of the step; a resumed run keeps its own (possibly overridden) shape but
-        # warns loudly in train.py if it differs from the checkpoint's.
-        for key, value in state.items():
-            setattr(self, key, value)
