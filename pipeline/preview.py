@@ -22,12 +22,13 @@ taken from the DALI graph's own outputs (nothing recomputed here):
 from __future__ import annotations
 
 import argparse
-import os
+import io
 import sys
 
 import numpy as np
 
 from pipeline.loader import build_loader
+from shards import format as fmt
 
 
 def collect(args: argparse.Namespace) -> dict[str, np.ndarray]:
@@ -42,7 +43,7 @@ def collect(args: argparse.Namespace) -> dict[str, np.ndarray]:
     sources = [s for s in batch["source"] for _ in range(views)]
     dump = {
         "frames": batch["frames"].cpu().numpy(),
-        "keys": np.array([s.rpartition(":")[2].rpartition("/")[2].partition(".")[0] for s in sources]),
+        "keys": np.array([fmt.split_member_name(s.rpartition(":")[2])[0] for s in sources]),
         "sources": np.array(sources),
         "sample_id": batch["sample_id"].cpu().numpy(),
         "frame_idx": batch["frame_idx"].cpu().numpy(),
@@ -86,10 +87,8 @@ def draw(dump: dict[str, np.ndarray], out: str, patch_size: int, tubelet_size: i
                     label += f"\nclip {dump['clip'][r]} crop {dump['crop'][r]}"
                 ax.set_ylabel(label, fontsize=6)
     fig.tight_layout()
-    tmp = out + ".tmp.png"
-    fig.savefig(tmp, dpi=110)
+    fmt.atomic_write(out, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
     plt.close(fig)
-    os.replace(tmp, out)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -118,9 +117,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"preview: {error}", file=sys.stderr)
         return 2
     if args.dump:
-        tmp = args.dump + ".tmp.npz"
-        np.savez_compressed(tmp, **dump)
-        os.replace(tmp, args.dump)
+        data = io.BytesIO()
+        np.savez_compressed(data, **dump)
+        fmt.atomic_write(args.dump, data.getvalue())
     if args.out:
         draw(dump, args.out, args.patch_size, args.tubelet_size)
     print(f"preview: {dump['frames'].shape[0]} views of {len(set(dump['sample_id'].tolist()))} clips"

@@ -11,7 +11,6 @@ sample's rows (eval, where the neighbour's video is read under the corrupt sampl
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import shutil
 import tempfile
@@ -24,7 +23,6 @@ import numpy as np
 from shards import format as fmt
 from shards import ivf
 
-CPU_DECODABLE = {"vp8", "vp9", "mjpeg"}
 _FOURCC_CODECS = {
     b"avc1": "h264", b"avc3": "h264", b"hvc1": "hevc", b"hev1": "hevc", b"vp09": "vp9", b"vp08": "vp8",
     b"av01": "av1", b"mp4v": "mpeg4", b"jpeg": "mjpeg", b"mjpa": "mjpeg", b"mjpb": "mjpeg", b"MJPG": "mjpeg",
@@ -38,27 +36,15 @@ class IndexedSample:
 
     @property
     def key(self) -> str:
-        name = next(iter(self.components.values()))[2]
-        return name.rsplit("/", 1)[-1].partition(".")[0]
+        return fmt.split_member_name(next(iter(self.components.values()))[2])[0]
 
 
 def read_index(index_path: str) -> tuple[str, list[IndexedSample]]:
-    """Parse a DALI "v1.2" index file: (header line, samples in order)."""
-    with open(index_path) as f:
-        header = f.readline().rstrip("\n")
-        samples = []
-        for line_no, line in enumerate(f, start=1):
-            tokens = line.split()
-            if not tokens:
-                continue
-            if len(tokens) % 4:
-                raise ValueError(f"{index_path}: line {line_no} is not '<ext> <offset> <size> <name>' groups")
-            comps = {tokens[i]: (int(tokens[i + 1]), int(tokens[i + 2]), tokens[i + 3])
-                     for i in range(0, len(tokens), 4)}
-            samples.append(IndexedSample(line_no, comps))
-    if not header.startswith("v1.2"):
-        raise ValueError(f"{index_path}: index version {header.split()[0] if header else '?'!r}, expected v1.2")
-    return header, samples
+    """A DALI index file (`shards.format.read_index`, ValueError if malformed): (its header line, its samples in
+    order)."""
+    samples = [IndexedSample(line, {e.ext: (e.offset, e.size, e.name) for e in entries})
+               for line, entries in enumerate(fmt.read_index(index_path), start=1)]
+    return f"{fmt.INDEX_VERSION} {len(samples)}", samples
 
 
 def sniff_codec(mp4: bytes) -> str | None:
@@ -76,13 +62,18 @@ def sniff_codec(mp4: bytes) -> str | None:
 NVDEC_VP9_MIN_SIDE = 128
 
 
-def manifest_codec(directory: str) -> str | None:
-    path = Path(directory) / fmt.MANIFEST_NAME
-    if not path.is_file():
-        return None
+def _manifest_if_there(directory: str) -> dict | None:
+    """The JSON object in the directory's manifest, unchecked (shards from other tools may carry a partial one), or
+    None when it is missing or unreadable."""
     try:
-        manifest = json.loads(path.read_text())
-    except (OSError, ValueError):
+        return fmt.read_json_object(Path(directory) / fmt.MANIFEST_NAME)
+    except ValueError:
+        return None
+
+
+def manifest_codec(directory: str) -> str | None:
+    manifest = _manifest_if_there(directory)
+    if manifest is None:
         return None
     for holder in (manifest, manifest.get("build", {}), manifest.get("params", {}), manifest.get("args", {})):
         if isinstance(holder, dict) and isinstance(holder.get("codec"), str):
@@ -112,10 +103,10 @@ class ShardSet:
         listed: dict[str, int] = {}
         for directory in sorted({os.path.dirname(os.path.abspath(tar)) for tar in self.tars}):
             try:
-                manifest = json.loads((Path(directory) / fmt.MANIFEST_NAME).read_text())
+                manifest = _manifest_if_there(directory)
                 listed.update({os.path.join(directory, s["tar"]): int(s["bytes"]) for s in manifest["shards"]
                                if "bytes" in s})
-            except (OSError, ValueError, KeyError, TypeError):
+            except (ValueError, KeyError, TypeError):
                 continue  # shards without a (readable) manifest: the index check below still holds
         for tar in self.tars:
             size = os.path.getsize(tar)
@@ -180,7 +171,7 @@ class ShardSet:
             if directory not in seen or manifest_codec(directory) is None:
                 seen[directory] = self.codec(tar)
             codec = seen[directory]
-            if codec is not None and codec not in CPU_DECODABLE:
+            if codec is not None and codec not in fmt.DALI_CPU_CODECS:
                 raise ValueError(f"{tar}: codec {codec} cannot be decoded by DALI's CPU video decoder (VP8, VP9 and "
                                  f"MJPEG only); use device='gpu' or rebuild the shards as VP9")
 
@@ -189,13 +180,10 @@ class ShardSet:
         decoder refused VP9 under 128x128 ("Video is too small ... supported: 128x128", seen 2026-11-25), failing
         every sample. Only the manifest's build settings are consulted; shards without a manifest pass."""
         for directory in sorted({os.path.dirname(os.path.abspath(tar)) for tar in self.tars}):
-            path = Path(directory) / fmt.MANIFEST_NAME
-            if not path.is_file():
+            manifest = _manifest_if_there(directory)
+            if manifest is None:
                 continue
-            try:
-                short_side = json.loads(path.read_text()).get("params", {}).get("short_side")
-            except (OSError, ValueError):
-                continue
+            short_side = manifest.get("params", {}).get("short_side")
             codec = manifest_codec(directory)
             if codec in ("vp8", "vp9") and isinstance(short_side, int) and short_side < NVDEC_VP9_MIN_SIDE:
                 raise ValueError(f"{directory}: {codec} shards with short side {short_side} px are below NVDEC's "
@@ -287,11 +275,11 @@ class ShardSet:
             if tar not in by_tar:
                 out.append(index_path)
                 continue
-            header, samples = self.index(tar)
+            samples = self.index(tar)[1]
             bad = [any(c[2] in by_tar[tar] for c in s.components.values()) for s in samples]
             if all(bad):
                 raise RuntimeError(f"{tar}: every sample is corrupt; remove the shard")
-            lines = []
+            patched = []
             for i, sample in enumerate(samples):
                 comps = dict(sample.components)
                 if bad[i]:
@@ -301,14 +289,12 @@ class ShardSet:
                             comps[ext] = samples[donor].components[ext]
                     else:
                         comps = dict(samples[donor].components)
-                lines.append(" ".join(f"{ext} {o} {s} {n}" for ext, (o, s, n) in comps.items()))
-            digest = hashlib.sha1(("\n".join(lines) + str(keep_own_info)).encode()).hexdigest()[:12]
+                patched.append([(ext, o, s, n) for ext, (o, s, n) in comps.items()])
+            text = fmt.index_text(patched)
+            digest = hashlib.sha1((text + str(keep_own_info)).encode()).hexdigest()[:12]
             path = os.path.join(self._patch_dir, f"{Path(tar).stem}.{digest}.idx")
             if not os.path.exists(path):
-                tmp = path + ".tmp"
-                with open(tmp, "w") as f:
-                    f.write("\n".join([header, *lines]) + "\n")
-                os.replace(tmp, path)
+                fmt.atomic_write(path, text)
             out.append(path)
         return out
 

@@ -63,7 +63,7 @@ from shards.inputs import InputError, InputSet, VideoInput, collect_inputs
 from shards.resume import BuildConflict, BuildLocked, BuildLocks, BuildState, inputs_digest
 from shards.transcode import (CODECS, EncodeSettings, TranscodeAborted, TranscodeResult, default_gop, die_with_parent,
                               ffmpeg_version, transcode)
-from shards.writer import ShardWriter, member_bytes, write_file_atomically
+from shards.writer import ShardWriter, member_bytes
 
 MAX_PRINTED_FAILURES = 20
 EXIT_RETRY = 75  # sysexits' EX_TEMPFAIL: stopped by a failure of our own side; re-run the same command to resume
@@ -603,7 +603,7 @@ def _write_outputs(args: argparse.Namespace, state: BuildState, sink: ShardSink,
     """failures.jsonl, then manifest.json (last: its presence means a finished build); the summary line."""
     out_dir = state.out_dir
     failures = list(inputs.rejected) + [f for m in sink.markers for f in m["failures"]] + stats["orphan_failures"]
-    write_file_atomically(out_dir / fmt.FAILURES_NAME, failure_lines(failures))
+    fmt.atomic_write(out_dir / fmt.FAILURES_NAME, failure_lines(failures))
     num_samples = sum(m["num_samples"] for m in sink.markers)
     if num_samples == 0:
         state.finish()
@@ -615,7 +615,7 @@ def _write_outputs(args: argparse.Namespace, state: BuildState, sink: ShardSink,
     removed = state.remove_stale_shards(len(sink.markers))
     manifest = manifest_record(identity, inputs.classes, ffmpeg_version(), sink.markers, len(failures),
                                len(plan) + len(inputs.rejected))
-    write_file_atomically(out_dir / fmt.MANIFEST_NAME, json.dumps(manifest, indent=1) + "\n")
+    fmt.write_manifest(out_dir, manifest)
     state.finish()
     print(f"shards: {args.split}: {num_samples} samples in {len(sink.markers)} shards "
           f"({_format_bytes(sum(m['bytes'] for m in sink.markers))}, {_layout(args)}), {len(failures)} skipped "

@@ -56,13 +56,14 @@ one of 512k+1 .. 512k+d, d the digits lost) keeps its size with trailing spaces,
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import json
 import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, NamedTuple, Sequence
 
 import braceexpand
 import numpy as np
@@ -84,6 +85,17 @@ _INFO_STRUCT = struct.Struct("<3i")
 MANIFEST_NAME = "manifest.json"
 FAILURES_NAME = "failures.jsonl"
 TAR_BLOCK = 512
+INDEX_VERSION = "v1.2"  # DALI's webdataset index format (`read_index`, `write_dali_index`)
+# Codecs DALI's CPU video decoder reads (measured with nvidia-dali 2.4: VP8, VP9 and MJPEG; H.264, HEVC, AV1 and
+# MPEG-4 need its GPU decoder, NVDEC).
+DALI_CPU_CODECS = ("vp8", "vp9", "mjpeg")
+
+
+def split_member_name(name: str) -> tuple[str, str]:
+    """(key, extension) of a tar member name: the base name up to its first dot, and what follows that dot
+    (`dir/abc.p0.ivf` -> ("abc", "p0.ivf")). WebDataset groups consecutive members with the same key into a sample."""
+    key, _, ext = name.rsplit("/", 1)[-1].partition(".")
+    return key, ext
 
 
 def pack_meta(meta: dict) -> bytes:
@@ -210,13 +222,9 @@ def read_manifest(directory: str | os.PathLike) -> dict:
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no manifest (the build did not finish, or this is not a shard directory)")
     try:
-        with open(path) as f:
-            manifest = json.load(f)
-    except (OSError, ValueError) as e:
-        raise ValueError(f"{path}: unreadable ({' '.join(str(e).split())}); rebuild it with `python -m "
-                         f"shards.build`") from None
-    if not isinstance(manifest, dict):
-        raise ValueError(f"{path}: not a JSON object")
+        manifest = read_json_object(path)
+    except ValueError as e:
+        raise ValueError(f"{e}; rebuild it with `python -m shards.build`") from None
     if manifest.get("format") not in READABLE_FORMATS:
         raise ValueError(f"{path}: format {manifest.get('format')!r}, expected one of {READABLE_FORMATS} (rebuild "
                          f"it with `python -m shards.build`)")
@@ -224,6 +232,25 @@ def read_manifest(directory: str | os.PathLike) -> dict:
     if problem:
         raise ValueError(f"{path}: {problem} (damaged or hand-edited; rebuild it with `python -m shards.build`)")
     return manifest
+
+
+def write_manifest(directory: str | os.PathLike, manifest: dict) -> None:
+    """Write `directory`/manifest.json (indented JSON) whole or not at all (`atomic_write`): a build, a merge and
+    `apps.predict` write it last, so that its presence means a finished directory."""
+    atomic_write(Path(directory) / MANIFEST_NAME, json.dumps(manifest, indent=1) + "\n")
+
+
+def read_json_object(path: str | os.PathLike) -> dict:
+    """The JSON object in `path`. ValueError, one line naming the file, when it cannot be read ("unreadable (...)",
+    a missing file included) or holds something else than an object ("not a JSON object")."""
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{path}: unreadable ({' '.join(str(e).split())})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: not a JSON object")
+    return data
 
 
 def _manifest_problem(manifest: dict) -> str | None:
@@ -273,26 +300,95 @@ def resolve_shards(spec: str | os.PathLike | Sequence[str | os.PathLike]) -> lis
     return out
 
 
+class IndexEntry(NamedTuple):
+    """One component of a sample in a DALI index file: `<ext> <offset> <size> <name>`."""
+
+    ext: str
+    offset: int  # of the member's data in the tar
+    size: int
+    name: str  # the tar member's name
+
+
+def read_index(path: str | os.PathLike) -> list[list[IndexEntry]]:
+    """DALI's webdataset index file ("v1.2", as `write_dali_index` and DALI's `wds2idx` write it): its samples, in
+    order, each the list of its components. ValueError (one line naming the file) unless the first line is
+    `v1.2 <number of samples>`, that number is the number of sample lines, and each sample line is whole
+    `<ext> <offset> <size> <name>` groups with integer offsets and sizes."""
+    with open(path) as f:
+        lines = f.read().splitlines()
+    head = lines[0].split() if lines else []
+    if len(head) != 2 or head[0] != INDEX_VERSION or not head[1].isdigit():
+        raise ValueError(f"{path}: first line {lines[0] if lines else ''!r} is not '{INDEX_VERSION} <num_samples>'")
+    samples = []
+    for number, line in enumerate(lines[1:], start=2):
+        tokens = line.split()
+        if not tokens or len(tokens) % 4:
+            raise ValueError(f"{path}: line {number} ({line[:80]!r}) is not groups of '<ext> <offset> <size> <name>'")
+        try:
+            samples.append([IndexEntry(tokens[i], int(tokens[i + 1]), int(tokens[i + 2]), tokens[i + 3])
+                            for i in range(0, len(tokens), 4)])
+        except ValueError:
+            raise ValueError(f"{path}: line {number} ({line[:80]!r}) has an offset or size that is not an "
+                             f"integer") from None
+    if int(head[1]) != len(samples):
+        raise ValueError(f"{path}: header says {head[1]} samples, the file lists {len(samples)}")
+    return samples
+
+
+def index_text(samples: Sequence[Sequence[tuple[str, int, int, str]]]) -> str:
+    """The text of a DALI index file listing `samples`, each a sequence of (ext, offset, size, member name)."""
+    lines = [f"{INDEX_VERSION} {len(samples)}"]
+    lines += [" ".join(f"{ext} {offset} {size} {name}" for ext, offset, size, name in comps) for comps in samples]
+    return "\n".join(lines) + "\n"
+
+
 def write_dali_index(members: Sequence[tuple[str, int, int]], path: str | os.PathLike) -> None:
     """Write DALI's webdataset index ("v1.2") for a tar whose members are known.
 
     `members`: (member name, offset of the member's data in the tar, size in bytes), in tar order.
-    Members that share a key (the name up to its first dot, after the last '/') form one sample line:
-    `<ext> <offset> <size> <name>` for each component. Written to a temp name, then renamed.
+    Members that share a key (`split_member_name`) form one sample line: `<ext> <offset> <size> <name>` for each
+    component. Written whole or not at all (`atomic_write`); `read_index` reads it back.
     """
-    samples: list[list[tuple[str, int, int, str]]] = []
+    samples: list[list[IndexEntry]] = []
     last_key = None
     for name, offset, size in members:
-        base = name.rsplit("/", 1)[-1]
-        key, _, ext = base.partition(".")
+        key, ext = split_member_name(name)
         if key != last_key:
             samples.append([])
             last_key = key
-        samples[-1].append((ext, offset, size, name))
-    lines = [f"v1.2 {len(samples)}"]
-    for comps in samples:
-        lines.append(" ".join(f"{ext} {offset} {size} {name}" for ext, offset, size, name in comps))
+        samples[-1].append(IndexEntry(ext, offset, size, name))
+    atomic_write(path, index_text(samples))
+
+
+def with_filename(error: OSError, path: str | os.PathLike) -> OSError:
+    """`error` naming `path` (a failed `write` or `close` raises OSError without a file name: the one-line message
+    of a stopped build must say where the disk is full)."""
+    if error.filename is not None:
+        return error
+    named = OSError(error.errno, error.strerror or str(error), str(path))
+    named.__cause__ = error
+    return named
+
+
+def atomic_write(path: str | os.PathLike, data: bytes | str | Callable[[str], object]) -> None:
+    """Write `path` whole or not at all: to `{path}.tmp`, fsync, then rename over `path`. `data` is the content
+    (bytes, or str written as UTF-8), or a function that writes the file it is given (a temp name: an encoder's
+    output, a plot). On any failure the temp file goes and the error is raised again; an OSError names the file."""
     tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        f.write("\n".join(lines) + "\n")
-    os.replace(tmp, path)
+    try:
+        if callable(data):
+            data(tmp)
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
+        else:
+            with open(tmp, "wb") as f:
+                f.write(data.encode() if isinstance(data, str) else data)
+                f.flush()
+                os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as e:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        if isinstance(e, OSError):
+            raise with_filename(e, tmp) from None
+        raise

@@ -35,10 +35,9 @@ from pathlib import Path
 
 from shards import format as fmt
 from shards.build import EXIT_RETRY, describe_own_failure, failure_lines, manifest_record, part_range
-from shards.resume import (FINISHED_NAME, PART_DIR, STATE_DIR, BuildConflict, BuildLocked, BuildLocks, read_json_object,
+from shards.resume import (FINISHED_NAME, PART_DIR, STATE_DIR, BuildConflict, BuildLocked, BuildLocks, read_state_json,
                            state_difference, remove_stale_part_locks, shard_problems)
-from shards.verify import read_index_file
-from shards.writer import member_header, sha256_file, write_file_atomically
+from shards.writer import member_header, sha256_file
 
 
 class MergeRefused(Exception):
@@ -77,7 +76,7 @@ def read_parts(out_dir: Path) -> list[Part]:
     parts = []
     for folder in dirs:
         try:
-            params = read_json_object(folder / "params.json")
+            params = read_state_json(folder / "params.json")
         except BuildConflict:
             raise MergeRefused(f"{folder / 'params.json'}: missing or unreadable: re-run that part's build") from None
         part = params.get("part")
@@ -85,7 +84,7 @@ def read_parts(out_dir: Path) -> list[Part]:
                 and fmt.part_label(*part) == folder.name):
             raise MergeRefused(f"{folder / 'params.json'}: names no part [I, N] matching {folder.name}")
         finished = folder / FINISHED_NAME
-        parts.append(Part(part[0], part[1], folder, params, read_json_object(finished) if finished.is_file() else None))
+        parts.append(Part(part[0], part[1], folder, params, read_state_json(finished) if finished.is_file() else None))
     return sorted(parts, key=lambda p: p.index)
 
 
@@ -147,7 +146,7 @@ def patch_shard_ids(tar_path: Path, old_first: int, new_first: int) -> str:
     members = []
     fd = os.open(tar_path, os.O_RDWR | os.O_CLOEXEC)
     try:
-        for k, sample in enumerate(read_index_file(index_path)):
+        for k, sample in enumerate(fmt.read_index(index_path)):
             for ext, offset, size, name in sample:
                 if ext in (fmt.INFO_EXT, fmt.META_EXT):
                     size = _renumber_member(fd, tar_path, name, offset, old_first + k, new_first + k)
@@ -212,7 +211,7 @@ def _write_merged(out_dir: Path, parts: list[Part], markers: list[dict]) -> dict
     failures = list(first["rejected"])
     for part in parts:
         failures += [f for m in part.record["markers"] for f in m["failures"]] + part.record["orphan_failures"]
-    write_file_atomically(out_dir / fmt.FAILURES_NAME, failure_lines(failures))
+    fmt.atomic_write(out_dir / fmt.FAILURES_NAME, failure_lines(failures))
     if not markers:
         first_failure = f"; first: {failures[0]['source']}: {failures[0]['reason']}" if failures else ""
         raise MergeRefused(f"nothing succeeded: all {first['num_inputs']} inputs of the {len(parts)} parts failed "
@@ -220,7 +219,7 @@ def _write_merged(out_dir: Path, parts: list[Part], markers: list[dict]) -> dict
     manifest = manifest_record(_identity(first), first["classes"], first["ffmpeg"], markers, len(failures),
                                first["num_inputs"])
     manifest["parts"] = len(parts)
-    write_file_atomically(out_dir / fmt.MANIFEST_NAME, json.dumps(manifest, indent=1) + "\n")
+    fmt.write_manifest(out_dir, manifest)
     return manifest
 
 
@@ -233,8 +232,8 @@ def _already_merged(out_dir: Path) -> bool:
     root = out_dir / STATE_DIR
     parts = sorted(p for p in root.iterdir() if PART_DIR.fullmatch(p.name)) if root.is_dir() else []
     if parts:
-        params = read_json_object(parts[0] / "params.json") if (parts[0] / "params.json").is_file() else {}
-        if _identity(params) != _identity(read_json_object(manifest_path)):
+        params = read_state_json(parts[0] / "params.json") if (parts[0] / "params.json").is_file() else {}
+        if _identity(params) != _identity(read_state_json(manifest_path)):
             raise MergeRefused(f"{out_dir} holds a finished build ({fmt.MANIFEST_NAME}) and parts of another one "
                                f"in {root}; rebuild the parts with --overwrite, or use another --out")
         shutil.rmtree(root, ignore_errors=True)

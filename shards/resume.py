@@ -54,8 +54,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from shards.format import FAILURES_NAME, MANIFEST_NAME, index_path_for, part_label, part_shard_prefix
-from shards.writer import write_file_atomically
+from shards.format import (FAILURES_NAME, MANIFEST_NAME, atomic_write, index_path_for, part_label, part_shard_prefix,
+                           read_json_object)
 
 STATE_DIR = ".build"
 LOCK_NAME = ".build.lock"
@@ -238,20 +238,16 @@ def inputs_digest(items: list, classes: list[str]) -> str:
 
 
 def _write_json(path: Path, data: dict) -> None:
-    write_file_atomically(path, json.dumps(data, indent=1, sort_keys=True))
+    atomic_write(path, json.dumps(data, indent=1, sort_keys=True))
 
 
-def read_json_object(path: Path) -> dict:
-    """A JSON object from `path`; BuildConflict naming the file when it is unreadable or not an object."""
+def read_state_json(path: Path) -> dict:
+    """A JSON object from `path` (`shards.format.read_json_object`); BuildConflict naming the file when it is
+    unreadable or not an object."""
     try:
-        with open(path) as f:
-            data = json.load(f)
-    except (OSError, ValueError) as e:
-        raise BuildConflict(f"{path}: unreadable ({' '.join(str(e).split())}); use --overwrite to start "
-                            f"over") from None
-    if not isinstance(data, dict):
-        raise BuildConflict(f"{path}: not a JSON object; use --overwrite to start over")
-    return data
+        return read_json_object(path)
+    except ValueError as e:
+        raise BuildConflict(f"{e}; use --overwrite to start over") from None
 
 
 def _describe_difference(old: dict, new: dict) -> str:
@@ -325,7 +321,7 @@ class BuildState:
             self.clear()
         manifest_path = self.out_dir / MANIFEST_NAME
         if manifest_path.is_file():
-            manifest = read_json_object(manifest_path)
+            manifest = read_state_json(manifest_path)
             old = {"params": manifest.get("params"), "inputs_sha256": manifest.get("inputs_sha256")}
             if old == identity:
                 self._check_finished(manifest)
@@ -339,7 +335,7 @@ class BuildState:
         mine = self._state_identity(identity)
         markers: list[dict] = []
         if params_path.is_file():
-            old = read_json_object(params_path)
+            old = read_state_json(params_path)
             if old != mine:
                 raise BuildConflict(f"{self.out_dir} holds an unfinished build{self._of_part()} with other settings "
                                     f"or inputs ({state_difference(old, mine)}); re-run the original command to "
@@ -388,7 +384,7 @@ class BuildState:
 
     def _remove_temp_files(self) -> None:
         """Temp files a killed build may have left beside the shards (index, failures, manifest; see
-        `write_file_atomically`): they would otherwise stay in OUT for good."""
+        `atomic_write`): they would otherwise stay in OUT for good."""
         outputs = "" if self.part is not None else rf"|{re.escape(MANIFEST_NAME)}|{re.escape(FAILURES_NAME)}"
         pattern = re.compile(rf"^({re.escape(self.prefix)}-\d{{6}}\.idx{outputs})\.tmp$")
         for p in self.out_dir.iterdir():
@@ -409,7 +405,7 @@ class BuildState:
 
     def _check_part_finished(self) -> None:
         """As `_check_finished`, for a finished part (its record lists its shards)."""
-        record = read_json_object(self.dir / FINISHED_NAME)
+        record = read_state_json(self.dir / FINISHED_NAME)
         problems = shard_problems(self.out_dir, record.get("markers") or [], "its part recorded")
         if problems:
             more = f" (and {len(problems) - 1} more problem(s))" if len(problems) > 1 else ""
@@ -419,10 +415,8 @@ class BuildState:
     def _valid_prefix(self) -> list[dict]:
         kept: list[dict] = []
         for path in sorted(self.done_dir.glob("*.json")) if self.done_dir.is_dir() else []:
-            try:
-                with open(path) as f:
-                    marker = json.load(f)
-            except (OSError, ValueError):
+            marker = _read_json_if_there(path)
+            if marker is None:
                 break
             tar = self.out_dir / marker["tar"]
             expected_first = kept[-1]["first_sample_id"] + kept[-1]["num_samples"] if kept else self.id_base
@@ -486,8 +480,6 @@ def state_difference(old: dict, new: dict) -> str:
 def _read_json_if_there(path: Path) -> dict | None:
     """A JSON object from `path`, or None when it is gone or unreadable (another part may be rewriting it)."""
     try:
-        with open(path) as f:
-            data = json.load(f)
-    except (OSError, ValueError):
+        return read_json_object(path)
+    except ValueError:
         return None
-    return data if isinstance(data, dict) else None

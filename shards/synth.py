@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import io
 import math
 import os
 import subprocess
@@ -31,6 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
+from shards.format import atomic_write
 from shards.inputs import kinetics_stem
 from shards.transcode import ffmpeg_exe
 
@@ -147,14 +149,16 @@ def render_video(motion: Motion, seed: int, num_frames: int = 64, height: int = 
 def encode_h264(frames: np.ndarray, path: Path, fps: float) -> None:
     """Encode uint8[T, H, W, 3] as an H.264 MP4 at `path` (temp name, then rename)."""
     t, h, w, _ = frames.shape
-    tmp = path.with_name(path.name + ".tmp")
-    cmd = [ffmpeg_exe(), "-nostdin", "-v", "error", "-y", "-f", "rawvideo", "-pix_fmt", "rgb24", "-s", f"{w}x{h}",
-           "-r", f"{fps:g}", "-i", "-", "-c:v", "libx264", "-preset", "veryfast", "-crf", "18", "-pix_fmt",
-           "yuv420p", "-threads", "1", "-f", "mp4", str(tmp)]
-    proc = subprocess.run(cmd, input=np.ascontiguousarray(frames).tobytes(), capture_output=True)
-    if proc.returncode != 0:
-        raise RuntimeError(f"ffmpeg failed writing {path}: {proc.stderr.decode(errors='replace').strip()}")
-    os.replace(tmp, path)
+
+    def encode(tmp: str) -> None:
+        cmd = [ffmpeg_exe(), "-nostdin", "-v", "error", "-y", "-f", "rawvideo", "-pix_fmt", "rgb24", "-s", f"{w}x{h}",
+               "-r", f"{fps:g}", "-i", "-", "-c:v", "libx264", "-preset", "veryfast", "-crf", "18", "-pix_fmt",
+               "yuv420p", "-threads", "1", "-f", "mp4", tmp]
+        proc = subprocess.run(cmd, input=np.ascontiguousarray(frames).tobytes(), capture_output=True)
+        if proc.returncode != 0:
+            raise RuntimeError(f"ffmpeg failed writing {path}: {proc.stderr.decode(errors='replace').strip()}")
+
+    atomic_write(path, encode)
 
 
 def _youtube_ids(rng: np.random.Generator, n: int) -> list[str]:
@@ -202,12 +206,11 @@ def make_dataset(out: str | os.PathLike, num_classes: int = 4, per_class: int = 
         rows = list(pool.map(make, jobs))
     for split in counts:
         split_rows = sorted((r for r in rows if r["split"] == split), key=lambda r: (r["label"], r["youtube_id"]))
-        tmp = out / f"{split}.csv.tmp"
-        with open(tmp, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=["label", "youtube_id", "time_start", "time_end", "split"])
-            writer.writeheader()
-            writer.writerows(split_rows)
-        os.replace(tmp, out / f"{split}.csv")
+        text = io.StringIO(newline="")
+        writer = csv.DictWriter(text, fieldnames=["label", "youtube_id", "time_start", "time_end", "split"])
+        writer.writeheader()
+        writer.writerows(split_rows)
+        atomic_write(out / f"{split}.csv", text.getvalue())
     classes = sorted(m.name for m in motions)
     (out / "classes.txt").write_text("".join(c + "\n" for c in classes))
     return {"classes": classes, "train": num_classes * per_class, "val": num_classes * val_per_class,

@@ -57,8 +57,6 @@ def default_gop(container: str, phases: int) -> int:
     """The keyframe interval (in frames of each member) a build uses when `--gop` is not given."""
     table = IVF_GOP if container == IVF_EXT else MP4_GOP
     return table["phases" if phases > 1 else "timeline"]
-# Codecs DALI's CPU decoder reads (the others need its GPU decoder).
-DALI_CPU_CODECS = ("vp9", "mjpeg")
 
 
 @dataclass(frozen=True)

@@ -35,7 +35,7 @@ import numpy as np
 from shards import format as fmt
 from shards import ivf
 from shards.mp4info import read_mp4_video_info
-from shards.transcode import DALI_CPU_CODECS, count_decoded_frames
+from shards.transcode import count_decoded_frames
 from shards.writer import sha256_file
 
 OTHER_EXTS = (fmt.LABEL_EXT, fmt.META_EXT, fmt.INFO_EXT)
@@ -44,27 +44,6 @@ OTHER_EXTS = (fmt.LABEL_EXT, fmt.META_EXT, fmt.INFO_EXT)
 def manifest_layout(manifest: dict) -> fmt.Layout:
     params = manifest.get("params", {})
     return fmt.Layout(int(params.get("phases", 1)), params.get("container", fmt.VIDEO_EXT))
-
-
-def read_index_file(path: str | os.PathLike) -> list[list[tuple[str, int, int, str]]]:
-    """A DALI index file as samples of (ext, offset, size, name) components. Raises ValueError if malformed."""
-    with open(path) as f:
-        lines = f.read().splitlines()
-    if not lines:
-        raise ValueError("empty index file")
-    head = lines[0].split()
-    if len(head) != 2 or head[0] != "v1.2":
-        raise ValueError(f"first line {lines[0]!r} is not 'v1.2 <num_samples>'")
-    samples = []
-    for line in lines[1:]:
-        parts = line.split()
-        if len(parts) % 4:
-            raise ValueError(f"line {line[:80]!r} is not groups of 'ext offset size name'")
-        samples.append([(parts[i], int(parts[i + 1]), int(parts[i + 2]), parts[i + 3])
-                        for i in range(0, len(parts), 4)])
-    if int(head[1]) != len(samples):
-        raise ValueError(f"header says {head[1]} samples, file lists {len(samples)}")
-    return samples
 
 
 class MemberPastEnd(tarfile.TarError):
@@ -78,12 +57,6 @@ def read_member(tar: tarfile.TarFile, member: tarfile.TarInfo, tar_size: int) ->
         raise MemberPastEnd(f"member {member.name!r} declares {member.size} bytes at offset {member.offset_data}, "
                             f"past the end of the tar ({tar_size} bytes)")
     return tar.extractfile(member).read()
-
-
-def _split_name(name: str) -> tuple[str, str]:
-    base = name.rsplit("/", 1)[-1]
-    key, _, ext = base.partition(".")
-    return key, ext
 
 
 def check_shard_members(tar_path: Path, idx_path: Path, on_sample) -> tuple[list[str], int]:
@@ -100,7 +73,7 @@ def check_shard_members(tar_path: Path, idx_path: Path, on_sample) -> tuple[list
             if not member.isreg():
                 problems.append(f"{tar_path.name}: unexpected non-file member {member.name!r}")
                 continue
-            key, ext = _split_name(member.name)
+            key, ext = fmt.split_member_name(member.name)
             data = read_member(tar, member, tar_size)
             if current is None or current["key"] != key:
                 if current is not None:
@@ -114,10 +87,11 @@ def check_shard_members(tar_path: Path, idx_path: Path, on_sample) -> tuple[list
     if current is not None:
         on_sample(current)
     try:
-        index = read_index_file(idx_path)
-    except (OSError, ValueError) as e:
-        return problems + [f"{idx_path.name}: unreadable index ({e})"], num_samples
-    flat = [(_split_name(name)[0], ext, off, size, name) for comps in index for ext, off, size, name in comps]
+        index = fmt.read_index(idx_path)
+    except (OSError, ValueError) as e:  # each names the file
+        return problems + [f"unreadable index: {e}"], num_samples
+    flat = [(fmt.split_member_name(name)[0], ext, off, size, name)
+            for comps in index for ext, off, size, name in comps]
     if len(index) != num_samples:
         problems.append(f"{idx_path.name}: index lists {len(index)} samples, tar holds {num_samples}")
     if flat != index_components:
@@ -333,7 +307,7 @@ def _check_decoding(directory: Path, manifest: dict, claimed: list[int | None], 
     codec = manifest["codec"]
     if layout.cuttable:
         return _check_ivf_decoding(tars, layout, expected, mismatch, log)
-    if codec in DALI_CPU_CODECS:
+    if codec in fmt.DALI_CPU_CODECS:
         total = 0
         for ext in exts:
             try:
@@ -354,7 +328,7 @@ def _check_decoding(directory: Path, manifest: dict, claimed: list[int | None], 
             jobs = []
             with tarfile.open(tar_path, "r:") as tar:
                 for member in tar:
-                    key, _, ext = member.name.rpartition("/")[2].partition(".")
+                    key, ext = fmt.split_member_name(member.name)
                     if key != last_key:
                         sample_id, last_key = sample_id + 1, key
                     if ext in exts:
@@ -384,7 +358,7 @@ def _tar_samples(tar_path: str):
     tar_size = os.path.getsize(tar_path)
     with tarfile.open(tar_path, "r:") as tar:
         for member in tar:
-            key, ext = _split_name(member.name)
+            key, ext = fmt.split_member_name(member.name)
             if current is None or current[1] != key:
                 if current is not None:
                     yield current

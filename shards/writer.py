@@ -16,38 +16,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
-from shards.format import TAR_BLOCK, index_path_for, write_dali_index
+from shards.format import TAR_BLOCK, index_path_for, with_filename, write_dali_index
 
 RECORD_SIZE = 20 * TAR_BLOCK  # tar files end on a 10 KiB record boundary, as GNU tar and Python's tarfile write them
 _MTIME = 0
-
-
-def with_filename(error: OSError, path: str | os.PathLike) -> OSError:
-    """`error` naming `path` (a failed `write` or `close` raises OSError without a file name: the one-line message
-    of a stopped build must say where the disk is full)."""
-    if error.filename is not None:
-        return error
-    named = OSError(error.errno, error.strerror or str(error), str(path))
-    named.__cause__ = error
-    return named
-
-
-def write_file_atomically(path: str | os.PathLike, data: bytes | str) -> None:
-    """Write `path` whole or not at all: a temp name, fsync, then rename. A failed write (a full disk) removes the
-    temp file and raises OSError naming it."""
-    tmp = f"{path}.tmp"
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data.encode() if isinstance(data, str) else data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as e:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        if isinstance(e, OSError):
-            raise with_filename(e, tmp) from None
-        raise
 
 
 def member_header(name: str, size: int) -> bytes:
@@ -133,12 +105,7 @@ class ShardWriter:
         except OSError as e:
             raise with_filename(e, self.temp_path) from None
         index_path = index_path_for(self.final_path)
-        try:
-            write_dali_index(self._members, index_path)  # written under a temp name, then renamed
-        except OSError as e:
-            with contextlib.suppress(OSError):
-                os.unlink(f"{index_path}.tmp")
-            raise with_filename(e, f"{index_path}.tmp") from None
+        write_dali_index(self._members, index_path)  # whole or not at all; an OSError names its temp file
         os.replace(self.temp_path, self.final_path)
         return ShardRecord(self.final_path.name, Path(index_path).name, len(self.keys), self._offset,
                            self._sha.hexdigest(), list(self.keys))

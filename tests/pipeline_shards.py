@@ -167,9 +167,7 @@ def write_shards(directory: str | os.PathLike, videos: list[TestVideo], per_shar
     manifest = {"format": fmt.FORMAT_VERSION, "split": split, "codec": codec, "num_samples": len(videos),
                 "classes": classes or sorted({f"class{v.label}" for v in videos}),
                 "shards": shard_entries, "keys": [v.key for v in videos]}
-    tmp = directory / (fmt.MANIFEST_NAME + ".tmp")
-    tmp.write_text(json.dumps(manifest, indent=1))
-    os.replace(tmp, directory / fmt.MANIFEST_NAME)
+    fmt.write_manifest(directory, manifest)
     result = TestShards(str(directory), tars, videos)
     result.by_id = {v.sample_id: v for v in videos}
     return result

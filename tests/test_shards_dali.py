@@ -32,7 +32,7 @@ def tar_samples(tars: list[str]) -> list[dict[str, bytes]]:
         last = None
         with tarfile.open(path) as tar:
             for member in tar:
-                key, _, ext = member.name.partition(".")
+                key, ext = fmt.split_member_name(member.name)
                 if key != last:
                     samples.append({})
                     last = key

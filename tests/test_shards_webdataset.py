@@ -41,14 +41,13 @@ def indexed_samples(directory: Path, manifest: dict) -> dict[str, tuple[str, lis
     (lines `ext offset size name` per member, one line per sample)."""
     out: dict[str, tuple[str, list[str]]] = {}
     for shard in manifest["shards"]:
-        lines = (directory / shard["index"]).read_text().splitlines()
-        assert lines[0] == f"v1.2 {shard['num_samples']}", shard
-        for line in lines[1:]:
-            fields = line.split()
-            names = fields[3::4]
-            key = names[0].split(".", 1)[0]
-            assert key not in out and all(n.split(".", 1)[0] == key for n in names), line
-            out[key] = (str(directory / shard["tar"]), fields[0::4])
+        samples = fmt.read_index(directory / shard["index"])
+        assert len(samples) == shard["num_samples"], shard
+        for sample in samples:
+            keys = {fmt.split_member_name(entry.name)[0] for entry in sample}
+            key = fmt.split_member_name(sample[0].name)[0]
+            assert key not in out and keys == {key}, sample
+            out[key] = (str(directory / shard["tar"]), [entry.ext for entry in sample])
     return out
 
 
