@@ -85,15 +85,18 @@ def seek_probe(tars: list[str], device: str, threads: int, batch_size: int, batc
             return fn.decoders.video(mp4, device="mixed" if device == "gpu" else "cpu",
                                      frames=fn.cast(frame, dtype=types.INT32)).shape()
 
-        pipe = one_frame()
-        pipe.build()
-        pipe.run()
-        start = time.perf_counter()
-        for _ in range(batches):
-            pipe.run()
-        rates[which] = round(batch_size * batches / (time.perf_counter() - start), 1)
-        del pipe
+        rates[which] = round(batch_size * batches / _timed_runs(one_frame(), batches), 1)
     return rates
+
+
+def _timed_runs(pipe, batches: int) -> float:
+    """Seconds `batches` runs of the DALI pipeline `pipe` take, after building it and one warm-up run."""
+    pipe.build()
+    pipe.run()
+    started = time.perf_counter()
+    for _ in range(batches):
+        pipe.run()
+    return time.perf_counter() - started
 
 
 def cost_probe(tars: list[str], layout: fmt.Layout, batch_size: int, batches: int = 4) -> dict:
@@ -111,15 +114,7 @@ def cost_probe(tars: list[str], layout: fmt.Layout, batch_size: int, batches: in
                 ext=[layout.video_exts[0], fmt.INFO_EXT], dtypes=[types.UINT8, types.INT32], name="reader")
             return fn.decoders.video(member, device="cpu", start_frame=start, sequence_length=count).shape()
 
-        pipe = run()
-        pipe.build()
-        pipe.run()
-        started = time.perf_counter()
-        for _ in range(batches):
-            pipe.run()
-        seconds = (time.perf_counter() - started) / (batches * batch_size)
-        del pipe
-        return seconds * 1e3
+        return _timed_runs(run(), batches) / (batches * batch_size) * 1e3
 
     one, sixteen, skipped = per_video(0, 1), per_video(0, 16), per_video(24, 16)
     decoded_and_output = (sixteen - one) / 15
@@ -244,10 +239,7 @@ def main(argv: list[str] | None = None) -> int:
             "seek_probe": probe, "cost_probe": costs, "runs": runs, "ratios": ratios,
         }
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        tmp = args.out + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(report, f, indent=1)
-        os.replace(tmp, args.out)
+        fmt.atomic_write(args.out, json.dumps(report, indent=1))
         print(f"bench_decode: -> {args.out}")
     return 0
 

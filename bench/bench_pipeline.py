@@ -230,10 +230,7 @@ def main(argv: list[str] | None = None) -> int:
         }
         if args.out:
             Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-            tmp = args.out + ".tmp"
-            with open(tmp, "w") as f:
-                json.dump(report, f, indent=1)
-            os.replace(tmp, args.out)
+            fmt.atomic_write(args.out, json.dumps(report, indent=1))
 
     # Decoding strategies first when asked for: which one feeds a GPU fastest is the question a time-limited GPU
     # run most needs answered. Then the comparison with the baseline.

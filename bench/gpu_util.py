@@ -25,9 +25,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 from pathlib import Path
 from typing import Any
+
+from shards import format as fmt
 
 ENGINES = ("sm", "mem", "enc", "dec", "jpg", "ofa")
 
@@ -98,9 +99,7 @@ def describe(step: str, summary: dict[str, Any]) -> str:
 
 
 def _write_json(path: Path, data: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1))
-    os.replace(tmp, path)
+    fmt.atomic_write(path, json.dumps(data, indent=1))
 
 
 def record(summary: dict[str, Any], step: str, step_json: Path | None, summary_json: Path | None) -> None:
