@@ -355,6 +355,39 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                           "--samples-per-shard is given)")
     out.add_argument("--samples-per-shard", type=int, default=None, help="at most this many samples per shard")
     out.add_argument("--overwrite", action="store_true", help="discard an earlier build in --out and start over")
+    _add_transcoding_args(p)
+    run = p.add_argument_group("running")
+    run.add_argument("--workers", type=int, default=None,
+                     help="parallel transcoding processes (default: the CPUs available); with --executor ray, "
+                          "half the window of tasks in flight (default: the cluster's CPUs / --threads)")
+    run.add_argument("--timeout", type=float, default=600.0,
+                     help="seconds per video before ffmpeg is killed (default 600)")
+    run.add_argument("--part", default=None, metavar="I/N",
+                     help="build only part I of N (I from 0) of the planned videos, beside the other parts in "
+                          "--out, then `python -m shards.merge OUT` once all are done. Default: a Slurm array "
+                          "task's (SLURM_ARRAY_TASK_ID - SLURM_ARRAY_TASK_MIN of SLURM_ARRAY_TASK_COUNT) when set, "
+                          "else the whole build; 'none' ignores Slurm")
+    run.add_argument("--executor", choices=("local", "ray"), default="local",
+                     help="local: a process pool on this machine (default); ray: Ray tasks (pip install "
+                          "videomae-fast[ray]); the output is identical")
+    run.add_argument("--ray-address", default=None,
+                     help="--executor ray: the cluster to join (default: RAY_ADDRESS, else a local Ray instance "
+                          "started and stopped by the build)")
+    run.add_argument("--quiet", action="store_true", help="no progress bar")
+    args = p.parse_args(argv)
+    if args.shard_size_mb is None and args.samples_per_shard is None:
+        args.shard_size_mb = 1000.0
+    if args.samples_per_shard is not None and args.samples_per_shard < 1:
+        p.error("--samples-per-shard must be >= 1")
+    if args.workers is not None and args.workers < 1:
+        p.error("--workers must be >= 1")
+    if args.workers is None and args.executor == "local":
+        args.workers = len(os.sched_getaffinity(0))
+    return args
+
+
+def _add_transcoding_args(p: argparse.ArgumentParser) -> None:
+    """The options that decide the bytes of each transcoded video (`EncodeSettings`, and part of the identity)."""
     enc = p.add_argument_group("transcoding")
     enc.add_argument("--codec", choices=CODECS, default="vp9",
                      help="vp9: DALI decodes it on CPU and GPU; h264: GPU (NVDEC) only; mjpeg: intra-only, "
@@ -385,34 +418,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     enc.add_argument("--tolerate-decode-errors", action="store_true",
                      help="keep videos whose source has decoding errors (ffmpeg conceals them) instead of "
                           "skipping them")
-    run = p.add_argument_group("running")
-    run.add_argument("--workers", type=int, default=None,
-                     help="parallel transcoding processes (default: the CPUs available); with --executor ray, "
-                          "half the window of tasks in flight (default: the cluster's CPUs / --threads)")
-    run.add_argument("--timeout", type=float, default=600.0,
-                     help="seconds per video before ffmpeg is killed (default 600)")
-    run.add_argument("--part", default=None, metavar="I/N",
-                     help="build only part I of N (I from 0) of the planned videos, beside the other parts in "
-                          "--out, then `python -m shards.merge OUT` once all are done. Default: a Slurm array "
-                          "task's (SLURM_ARRAY_TASK_ID - SLURM_ARRAY_TASK_MIN of SLURM_ARRAY_TASK_COUNT) when set, "
-                          "else the whole build; 'none' ignores Slurm")
-    run.add_argument("--executor", choices=("local", "ray"), default="local",
-                     help="local: a process pool on this machine (default); ray: Ray tasks (pip install "
-                          "videomae-fast[ray]); the output is identical")
-    run.add_argument("--ray-address", default=None,
-                     help="--executor ray: the cluster to join (default: RAY_ADDRESS, else a local Ray instance "
-                          "started and stopped by the build)")
-    run.add_argument("--quiet", action="store_true", help="no progress bar")
-    args = p.parse_args(argv)
-    if args.shard_size_mb is None and args.samples_per_shard is None:
-        args.shard_size_mb = 1000.0
-    if args.samples_per_shard is not None and args.samples_per_shard < 1:
-        p.error("--samples-per-shard must be >= 1")
-    if args.workers is not None and args.workers < 1:
-        p.error("--workers must be >= 1")
-    if args.workers is None and args.executor == "local":
-        args.workers = len(os.sched_getaffinity(0))
-    return args
 
 
 def _read_inputs(args: argparse.Namespace) -> tuple[InputSet, EncodeSettings]:
