@@ -52,6 +52,11 @@ header and index entry are rewritten, its data stays in its 512-byte blocks), th
 holds the ids, keys, labels and per-sample bytes of a one-machine build (the plan order is the same); only shard
 boundaries and names differ. One exception: a json member that would free a 512-byte block by shrinking (its size
 one of 512k+1 .. 512k+d, d the digits lost) keeps its size with trailing spaces, which JSON allows.
+
+Every reader and writer of these files uses this module: `read_index` / `write_dali_index` (index files),
+`split_member_name` (key and extension of a member), `read_manifest` / `write_manifest`, `read_json_object`,
+`DALI_CPU_CODECS`, and `atomic_write`, which writes every file above (and the builder's state, the benchmarks'
+reports) whole or not at all.
 """
 
 from __future__ import annotations
