@@ -12,7 +12,7 @@ benchmarked separately). Variants, each a fresh model with the same weights:
   fused-bf16-compile-cudagraphs  the same in mode="reduce-overhead" (CUDA graphs: no per-kernel launch cost)
   fused-bf16-compile-autotune    the same in mode="max-autotune" (Triton autotuning, CUDA graphs; long warm-up)
   fused-bf16-graphstep           fused-bf16 with the whole step (forward, backward, AdamW) replayed as one CUDA
-                                 graph (train.GraphedStep, run.cuda_graph_step)
+                                 graph (training.step.GraphedStep, run.cuda_graph_step)
   fused-bf16-compile-graphstep   the same with the model torch.compile'd (mode default) inside the graph
   fused-bf16-compile-flash       fused-bf16-compile with SDPA restricted to flash attention (attn_backend)
   fused-bf16-compile-cudnn       ... to cuDNN attention, which torch ranks below flash by default
@@ -46,12 +46,12 @@ import torch.nn.functional as F
 from model import VideoMAEConfig, build_model
 from model.layers import num_tube_masked
 from model.flops import training_flops_per_clip
-from train import GraphedStep
+from training.step import GraphedStep
 
 H100_DENSE_BF16 = 989e12
 DECODER_MASK_RATIO = 0.5  # VideoMAE V2's --decoder_mask_ratio
 # fast: SDPA + visible-only embedding + fused loss; compile: None | "blocks" | a torch.compile mode; graph_step: the
-# whole step as one CUDA graph (train.GraphedStep); attn: VideoMAEConfig.attn_backend; decoder_mask: its ratio
+# whole step as one CUDA graph (training.step.GraphedStep); attn: VideoMAEConfig.attn_backend; decoder_mask: its ratio
 VARIANTS = {
     "ref-fp32": dict(fast=False, bf16=False, compile=None),
     "fused-fp32": dict(fast=True, bf16=False, compile=None),
@@ -148,7 +148,7 @@ def run_variant(kind: str, variant: str, base_cfg: VideoMAEConfig, state: dict[s
     num_masked = num_tube_masked(cfg.grid, args.mask_ratio)
     labels = torch.randint(0, cfg.num_classes, (b,), generator=gen).to(device)
     graphed = spec.get("graph_step", False)
-    # a captured step must not reuse autocast's weight casts across replays (as train.py's forward_loss)
+    # a captured step must not reuse autocast's weight casts across replays (as training.trainer's loss)
     amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=spec["bf16"], cache_enabled=not graphed)
 
     cudagraphs = spec["compile"] in ("reduce-overhead", "max-autotune")  # modes that capture graphs themselves

@@ -32,7 +32,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import train  # noqa: E402  (the config schema and checks)
+from training.config import check_config, load_config  # noqa: E402
 
 
 def run_side(name: str, args, overrides: list[str], out_dir: Path) -> dict:
@@ -78,8 +78,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("overrides", nargs="*", help="section.key=value for both runs")
     args = p.parse_intermixed_args(argv)
 
-    cfg = train.load_config(args.config, args.overrides)
-    facts = train.check_config(cfg, args.mode)  # the real side's shards must exist
+    cfg = load_config(args.config, args.overrides)
+    facts = check_config(cfg, args.mode)  # the real side's shards must exist
     # Same sizes as the real side: samples (so epochs and the lr schedule match) and classes (head width).
     in_memory = [*args.overrides, "data.source=synthetic", "data.synthetic_in_memory=true",
                  f"data.synthetic_samples={facts['num_samples'] or 1024}",

@@ -1,30 +1,19 @@
 """Our checkpoint format ("videomae-fast/1"): written atomically, last N kept, loadable with `weights_only=True`.
 
-A checkpoint is one `torch.save`d dict:
+A checkpoint is one `torch.save`d dict. Its model part (`model_payload`) is what `model.load_pretrained` reads:
 
     format        "videomae-fast/1"
     kind          "pretrain" | "classify"
     model_config  VideoMAEConfig.to_dict()
     model         state_dict of the bare model (unwrapped from DDP and torch.compile)
     class_names   list[str] | None
-    step, epoch   optimizer steps taken; loader epoch in progress
-    optimizer     optimizer.state_dict()
-    scheduler     CosineSchedule.state_dict()
-    scaler        GradScaler.state_dict() (fp16 only) | None
-    model_ema     EMA weights (fine-tuning with EMA) | None
-    rng           [per rank] {"torch", "cuda", "numpy", "python"}
-    loader        [per rank] loader.state_dict()
-    train_config  the resolved training configuration (plain dict)
 
-Every value is a tensor or a plain Python container of str/int/float/bool/None, so `torch.load(...,
-weights_only=True)` reads it (numpy's RNG state is stored as a tensor for that reason). `model.load_pretrained`
-reads `model_config`, `model`, `kind` and `class_names`; the rest serves `train.py --resume`.
+Training adds the run's state to the same dict (step, optimizer, schedule, RNG and loader states: see
+`training.checkpointing`). Every value is a tensor or a plain Python container, so `torch.load(...,
+weights_only=True)` reads the whole file.
 
 Files are `checkpoint-{step:08d}.pt` in the run directory. A save writes `*.pt.tmp-{pid}` first, then renames it
 (`os.replace` is atomic on POSIX filesystems), so a crash never leaves a half-written file under a real name.
-A file can still be damaged later (a full disk elsewhere, a bad copy): `newest_intact_checkpoint` skips such files,
-and `set_aside` renames them out of the `checkpoint-*.pt` namespace so that keep-last-N never keeps a damaged file
-in place of a good one.
 """
 
 from __future__ import annotations
@@ -33,21 +22,16 @@ import argparse
 import json
 import os
 import pickle
-import random
 import re
 import zipfile
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
 FORMAT = "videomae-fast/1"
 _NAME = re.compile(r"^checkpoint-(\d{8,})\.pt$")
-# what `train.py --resume` reads; a checkpoint without any of these cannot continue a run
-RESUME_KEYS = ("kind", "model_config", "model", "step", "optimizer", "scheduler", "rng", "loader")
-DAMAGED_SUFFIX = ".damaged"
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
@@ -184,8 +168,8 @@ def stored_num_classes(path: str | os.PathLike, trust_pickle: bool = False) -> i
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu",
                     required: tuple[str, ...] = ()) -> dict:
     """Read one of our checkpoints, fully, with weights_only=True; it must hold every key of `required` (e.g.
-    RESUME_KEYS). Anything else (missing, empty, truncated, foreign, lacking keys) is a ValueError of one line naming
-    the file and the problem (FileNotFoundError for a missing file)."""
+    training.checkpointing.RESUME_KEYS). Anything else (missing, empty, truncated, foreign, lacking keys) is a
+    ValueError of one line naming the file and the problem (FileNotFoundError for a missing file)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: checkpoint not found")
@@ -200,56 +184,3 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     if missing:
         raise ValueError(f"{path}: incomplete checkpoint, no {', '.join(missing)}")
     return ckpt
-
-
-def newest_intact_checkpoint(run_dir: str | os.PathLike, required: tuple[str, ...] = RESUME_KEYS,
-                             map_location: str | torch.device = "cpu"
-                             ) -> tuple[Path | None, dict | None, list[tuple[Path, str]]]:
-    """The newest checkpoint of `run_dir` that loads fully (`load_checkpoint` with `required`).
-
-    Returns (path, checkpoint, skipped): path and checkpoint are None when none loads; `skipped` holds (file, one-line
-    reason) for each newer file that did not load. Files are tried newest first until one loads, so a damaged newest
-    checkpoint costs the steps since the previous one, not the run."""
-    skipped: list[tuple[Path, str]] = []
-    for path in reversed(list_checkpoints(run_dir)):
-        try:
-            return path, load_checkpoint(path, map_location, required), skipped
-        except (OSError, ValueError) as e:  # OSError: gone meanwhile (another rank set it aside), an I/O error
-            skipped.append((path, (str(e).splitlines() or [f"{path}: {type(e).__name__}"])[0]))
-    return None, None, skipped
-
-
-def set_aside(path: str | os.PathLike) -> Path:
-    """Rename a damaged checkpoint to `*.pt.damaged`: kept for inspection, but no longer a `checkpoint-*.pt`, so that
-    neither resuming nor keep-last-N counts it."""
-    path = Path(path)
-    target = path.with_name(path.name + DAMAGED_SUFFIX)
-    os.replace(path, target)
-    return target
-
-
-def capture_rng_state() -> dict[str, Any]:
-    """This process's RNG states (torch CPU, every CUDA device, numpy global, python `random`)."""
-    np_state = np.random.get_state()
-    return {
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-        "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
-                  "has_gauss": int(np_state[3]), "cached_gaussian": float(np_state[4])},
-        "python": _to_lists(random.getstate()),
-    }
-
-
-def restore_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"].cpu())
-    if state.get("cuda") and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
-    n = state["numpy"]
-    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
-                         n["cached_gaussian"]))
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
-
-
-def _to_lists(value: Any) -> Any:
-    return [_to_lists(v) for v in value] if isinstance(value, tuple) else value

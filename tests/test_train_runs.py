@@ -9,6 +9,7 @@ identical while reading disjoint samples; a non-finite loss stops the run naming
 from __future__ import annotations
 
 import csv
+import functools
 import json
 import os
 import signal
@@ -22,6 +23,7 @@ import numpy as np
 import pytest
 import torch
 
+import train
 from model.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -170,11 +172,12 @@ def free_port():
 
 def test_torchrun_two_ranks_stay_identical_on_disjoint_data(data, tmp_path):
     out = tmp_path / "ddp"
+    # this file as the script: train.py's main with each rank recording what it trained on (`recording_main`)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
-           "--master-port", str(free_port()), *train_cmd("finetune", out, *data, "data.batch_size=2",
-                                                         "optim.max_steps=6", "model.drop_path_rate=0.1",
-                                                         "run.log_interval=3", "run.record_sample_ids=true")[1:]]
-    run(cmd, env={"OMP_NUM_THREADS": "1"})
+           "--master-port", str(free_port()), __file__,
+           *train_cmd("finetune", out, *data, "data.batch_size=2", "optim.max_steps=6", "model.drop_path_rate=0.1",
+                      "run.log_interval=3")[2:]]
+    run(cmd, env={"OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)})
     r0, r1 = (torch.load(out / f"rank{r}-record.pt") for r in (0, 1))
     for name, value in r0["params"].items():
         torch.testing.assert_close(r1["params"][name], value, rtol=0, atol=0, msg=name)
@@ -191,19 +194,28 @@ def test_torchrun_two_ranks_stay_identical_on_disjoint_data(data, tmp_path):
 
 
 SYNTHETIC = ["data.source=synthetic", "data.synthetic_samples=16", "data.batch_size=4", "optim.max_steps=8",
-             "run.log_interval=4", "run.ckpt_interval=0", "data.synthetic_nan_batches=[2]"]
+             "run.log_interval=4", "run.ckpt_interval=0"]
 
 
-def test_non_finite_loss_stops_naming_the_step(tmp_path):
-    proc = subprocess.run(train_cmd("pretrain", tmp_path / "run", *SYNTHETIC), capture_output=True, text=True,
-                          cwd=ROOT, timeout=120)
-    assert proc.returncode == 3, proc.stdout + proc.stderr
-    assert "the loss is not finite at step 2" in proc.stdout
+@pytest.fixture
+def nan_batch_2(monkeypatch):
+    """The synthetic loader hands out NaN videos in its batch 2 (fault injection; train.py runs in this process)."""
+    import pipeline.synthetic
+
+    monkeypatch.setattr(pipeline.synthetic, "SyntheticLoader",
+                        functools.partial(pipeline.synthetic.SyntheticLoader, nan_batches=(2,)))
+
+
+def test_non_finite_loss_stops_naming_the_step(tmp_path, nan_batch_2, capsys):
+    returncode = train.main(train_cmd("pretrain", tmp_path / "run", *SYNTHETIC)[2:])
+    stdout = capsys.readouterr().out
+    assert returncode == 3, stdout
+    assert "the loss is not finite at step 2" in stdout
     assert latest_checkpoint(tmp_path / "run") is None  # the spoiled weights are not saved
 
 
-def test_non_finite_step_is_skipped_when_asked(tmp_path):
-    run(train_cmd("pretrain", tmp_path / "run", *SYNTHETIC, "run.skip_nonfinite=true"))
+def test_non_finite_step_is_skipped_when_asked(tmp_path, nan_batch_2):
+    assert train.main(train_cmd("pretrain", tmp_path / "run", *SYNTHETIC, "run.skip_nonfinite=true")[2:]) == 0
     ckpt = load_checkpoint(latest_checkpoint(tmp_path / "run"))
     assert ckpt["step"] == 8 and all(torch.isfinite(v).all() for v in ckpt["model"].values())
     assert [m.get("skipped_steps") for m in metrics(tmp_path / "run")] == [1, 1]
@@ -243,3 +255,33 @@ def test_sigterm_to_one_rank_stops_every_rank_at_the_same_step(data, tmp_path):
     ckpt = load_checkpoint(latest_checkpoint(out))
     assert ckpt["step"] == metrics(out)[-1]["step"] and ckpt["step"] % 2 == 0
     assert len(ckpt["rng"]) == len(ckpt["loader"]) == 2  # both ranks' states
+
+
+def recording_main(argv: list[str]) -> int:
+    """train.py's main, with each rank also writing `rank{r}-record.pt` into run.out_dir: the (epoch, sample_id) rows
+    it trained on and its final weights (run as a script under torchrun by the two-rank test above)."""
+    from training.trainer import Trainer
+
+    rows: list = []
+    next_batch, run_to_end = Trainer.next_batch, Trainer.run
+
+    def recording_next_batch(self):
+        epoch = self.loader.epoch  # the batch's epoch: the loader moves on as it hands out an epoch's last batch
+        batch = next_batch(self)
+        ids = batch["sample_id"].cpu()
+        rows.append(torch.stack([torch.full_like(ids, epoch), ids], 1))
+        return batch
+
+    def recording_run(self):
+        status = run_to_end(self)
+        torch.save({"sample_ids": torch.cat(rows) if rows else torch.empty((0, 2), dtype=torch.long),
+                    "params": {k: v.detach().cpu() for k, v in self.model.state_dict().items()}},
+                   self.out_dir / f"rank{self.dist.rank}-record.pt")
+        return status
+
+    Trainer.next_batch, Trainer.run = recording_next_batch, recording_run
+    return train.main(argv)
+
+
+if __name__ == "__main__":
+    sys.exit(recording_main(sys.argv[1:]))

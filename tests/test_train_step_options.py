@@ -16,17 +16,21 @@ import torch
 import pipeline_shards as ps
 import train
 from model import VideoMAEConfig, flops
+from model.checkpoint import latest_checkpoint, load_checkpoint
+from training.build import make_model
+from training.config import RunConfig, load_config
 
 TINY_MODEL = ("model.overrides={patch_size: 8, depth: 1, embed_dim: 16, num_heads: 1, decoder_depth: 1, "
               "decoder_embed_dim: 16, decoder_num_heads: 1}")
 SYNTHETIC = ["data.source=synthetic", "data.synthetic_samples=8", "data.synthetic_classes=3", "data.num_frames=2",
              "data.input_size=16", "data.mask_ratio=0.5", "data.batch_size=2", TINY_MODEL, "optim.max_steps=3",
              "optim.lr_batch_base=0", "optim.lr=1e-2", "optim.warmup_steps=0", "run.log_interval=1",
-             "run.tensorboard=false", "run.record_sample_ids=true"]
+             "run.tensorboard=false"]
 
 
 def final_params(out) -> dict[str, torch.Tensor]:
-    return torch.load(out / "rank0-record.pt", weights_only=True)["params"]
+    """The run's final weights: its last checkpoint (run.ckpt_final, on by default)."""
+    return load_checkpoint(latest_checkpoint(out))["model"]
 
 
 def one_line_error(capsys, argv: list[str], message: str) -> None:
@@ -36,7 +40,7 @@ def one_line_error(capsys, argv: list[str], message: str) -> None:
 
 
 def test_defaults_leave_the_step_eager(tmp_path, monkeypatch):
-    run = train.RunConfig()
+    run = RunConfig()
     assert run.compile_mode is None and run.cuda_graph_step is False
     assert VideoMAEConfig().attn_backend == "auto" and VideoMAEConfig().decoder_mask_ratio == 0.0
 
@@ -62,8 +66,8 @@ def test_compiled_training_equals_eager_training(tmp_path, monkeypatch):
     assert train.main(["pretrain", *SYNTHETIC, f"run.out_dir={compiled}", "run.compile_mode=default"]) == 0
     assert modes == [None]  # "default" is torch.compile's mode=None
     a, b = final_params(eager), final_params(compiled)
-    torch.manual_seed(0)  # train.py seeds run.seed + rank before building the model
-    start = train.make_model(train.load_config(None, SYNTHETIC), "pretrain", None)[0].state_dict()
+    torch.manual_seed(0)  # the Trainer seeds run.seed + rank before building the model
+    start = make_model(load_config(None, SYNTHETIC), "pretrain", None)[0].state_dict()
     assert a.keys() == b.keys() and any(not torch.allclose(a[k], start[k]) for k in a)  # the weights moved
     for key in a:  # AdamW moves each weight by ~lr (1e-2) per step whatever its gradient's size: 1e-4 is rounding
         torch.testing.assert_close(b[key], a[key], rtol=1e-4, atol=1e-4, msg=key)
@@ -157,7 +161,7 @@ def test_cuda_graph_step_equals_eager_steps_on_the_dali_pipeline(tmp_path):
     common = ["pretrain", "data.num_frames=4", "data.stride=4", "data.input_size=32", "data.batch_size=2",
               "data.mask_ratio=0.75", f"data.train={shards.directory}", "data.device=gpu", "optim.max_steps=6",
               "optim.lr_batch_base=0", "optim.lr=1e-2", "optim.warmup_steps=0", "run.precision=fp32",
-              "run.log_interval=1", "run.tensorboard=false", "run.record_sample_ids=true",
+              "run.log_interval=1", "run.tensorboard=false",
               TINY_MODEL.replace("patch_size: 8", "patch_size: 16")]
     eager, graphed = tmp_path / "eager", tmp_path / "graphed"
     assert train.main([*common, f"run.out_dir={eager}"]) == 0

@@ -8,7 +8,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-import train
+from training.evaluate import aggregate_views
 
 NUM_SAMPLES, NUM_VIEWS, NUM_CLASSES = 5, 3, 4
 
@@ -48,7 +48,7 @@ def worker(rank, port, out):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=2)
     logits, sid, view = views_for_rank(rank)
-    mean, counts = train.aggregate_views(logits.softmax(-1), sid, view, NUM_SAMPLES, NUM_VIEWS, rank)
+    mean, counts = aggregate_views(logits.softmax(-1), sid, view, NUM_SAMPLES, NUM_VIEWS, rank)
     torch.save({"mean": mean, "counts": counts}, f"{out}/rank{rank}.pt")
     dist.destroy_process_group()
 
@@ -72,7 +72,7 @@ def test_two_rank_average_matches_hand_computation(tmp_path):
 def test_single_process_without_duplicates_is_the_plain_mean():
     logits, sid, view = views_for_rank(0)
     keep = torch.arange(8)  # drop the duplicated last row
-    mean, counts = train.aggregate_views(logits[keep].softmax(-1), sid[keep], view[keep], 3, NUM_VIEWS, 0)
+    mean, counts = aggregate_views(logits[keep].softmax(-1), sid[keep], view[keep], 3, NUM_VIEWS, 0)
     for v in range(3):
         torch.testing.assert_close(mean[v].float(), logits[keep][sid[keep] == v].softmax(-1).mean(0))
     assert counts.tolist() == [3, 3, 2]

@@ -1,5 +1,5 @@
-"""Checkpoint files: atomic writes, keep-last-N, weights_only loading, RNG round trips, damaged files and files
-that would run code."""
+"""Checkpoint files (model.checkpoint) and run state (training.checkpointing): atomic writes, keep-last-N,
+weights_only loading, RNG round trips, damaged files and files that would run code."""
 
 import random
 
@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from model.checkpoint import (FORMAT, capture_rng_state, latest_checkpoint, list_checkpoints, load_checkpoint,
-                              newest_intact_checkpoint, restore_rng_state, save_checkpoint, set_aside, unwrap_model)
+from model.checkpoint import FORMAT, latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint, unwrap_model
+from training.checkpointing import capture_rng_state, newest_intact_checkpoint, restore_rng_state, set_aside
 
 
 def payload(step, **extra):

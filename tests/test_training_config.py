@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 import train
+from training import config
 from model import VideoMAEClassifier, VideoMAEConfig, build_model
 from model.checkpoint import model_payload, save_checkpoint
 
@@ -25,14 +26,14 @@ def test_published_configs_pass_every_check(shard_dirs):
         mode = next(m for m in ("pretrain", "finetune", "eval") if m in path.stem)
         local = [f"data.train={shard_dirs['train']}", f"data.val={shard_dirs['val']}", "data.batch_size=2",
                  "model.pretrained=null"]
-        cfg = train.load_config(str(path), local)
+        cfg = config.load_config(str(path), local)
         # eval needs weights; its data and model settings are checked the way fine-tuning checks them
-        facts = train.check_config(cfg, "finetune" if mode == "eval" else mode)
+        facts = config.check_config(cfg, "finetune" if mode == "eval" else mode)
         assert facts["num_samples"] == 12, path
 
 
 def test_overrides_are_typed():
-    cfg = train.load_config(None, ["optim.lr=1e-3", "optim.betas=[0.9, 0.95]", "run.ema=true",
+    cfg = config.load_config(None, ["optim.lr=1e-3", "optim.betas=[0.9, 0.95]", "run.ema=true",
                                    "model.num_classes=7", "optim.clip_grad=null", "data.options.erase_prob=0.5"])
     assert cfg.optim.lr == 1e-3 and cfg.optim.betas == [0.9, 0.95] and cfg.run.ema is True
     assert cfg.model.num_classes == 7 and cfg.optim.clip_grad is None and cfg.data.options == {"erase_prob": 0.5}
@@ -46,8 +47,8 @@ def test_overrides_are_typed():
     (["optim.lr"], "is not key=value"),
 ])
 def test_bad_keys_and_values(overrides, message):
-    with pytest.raises(train.ConfigError, match=message) as e:
-        train.load_config(None, overrides)
+    with pytest.raises(config.ConfigError, match=message) as e:
+        config.load_config(None, overrides)
     assert "\n" not in str(e.value)
 
 
@@ -114,12 +115,12 @@ def test_cli_truncated_shard_is_a_config_error(tmp_path):
 
 
 def test_small_dataset_and_bad_enums(tmp_path):
-    with pytest.raises(train.ConfigError, match="fewer than one global batch"):
-        train.check_config(train.load_config(None, SYNTHETIC + ["data.batch_size=16"]), "pretrain")
-    with pytest.raises(train.ConfigError, match="run.precision"):
-        train.check_config(train.load_config(None, SYNTHETIC + ["run.precision=fp8"]), "pretrain")
-    with pytest.raises(train.ConfigError, match="eval needs model.pretrained"):
-        train.check_config(train.load_config(None, SYNTHETIC), "eval")
+    with pytest.raises(config.ConfigError, match="fewer than one global batch"):
+        config.check_config(config.load_config(None, SYNTHETIC + ["data.batch_size=16"]), "pretrain")
+    with pytest.raises(config.ConfigError, match="run.precision"):
+        config.check_config(config.load_config(None, SYNTHETIC + ["run.precision=fp8"]), "pretrain")
+    with pytest.raises(config.ConfigError, match="eval needs model.pretrained"):
+        config.check_config(config.load_config(None, SYNTHETIC), "eval")
 
 
 @pytest.mark.parametrize("override,message", [
@@ -204,7 +205,7 @@ def test_cli_resume_auto_with_only_damaged_checkpoints_stops(tmp_path):
 
 
 def test_cli_pretrained_file_that_would_run_code(tmp_path):
-    from test_train_checkpoint import crafted_checkpoint
+    from test_training_checkpointing import crafted_checkpoint
 
     cfg = VideoMAEConfig.from_name("small", num_frames=2, img_size=16, patch_size=8, depth=1, embed_dim=16,
                                    num_heads=1, num_classes=3)

@@ -1,0 +1,67 @@
+"""One process per GPU (or CPU worker) under torchrun: env:// rendezvous, this process's device, collectives that are
+no-ops in a single process, and console lines from rank 0."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as torch_dist
+
+from model.runtime import resolve_device
+
+
+@dataclass
+class Dist:
+    rank: int
+    world_size: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def setup() -> Dist:
+    """env:// rendezvous from torchrun's variables (NCCL on GPUs, gloo on CPUs); the GPU of LOCAL_RANK if torch sees
+    one, else the CPU."""
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    device = resolve_device("auto", index=int(os.environ.get("LOCAL_RANK", 0)))
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        torch.set_float32_matmul_precision("high")  # TF32 for the few fp32 matmuls left outside bf16 autocast
+        torch.backends.cudnn.benchmark = True  # fixed clip shapes: pick the fastest Conv3d (tubelet embedding)
+    if world > 1 and not torch_dist.is_initialized():
+        torch_dist.init_process_group("nccl" if device.type == "cuda" else "gloo", init_method="env://", rank=rank,
+                                      world_size=world, device_id=device if device.type == "cuda" else None)
+    return Dist(rank, world, device)
+
+
+def teardown() -> None:
+    if torch_dist.is_available() and torch_dist.is_initialized():
+        torch_dist.destroy_process_group()
+
+
+def all_reduce(tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
+    """In place across ranks (sum, max or min); returns `tensor`."""
+    if torch_dist.is_initialized():
+        torch_dist.all_reduce(tensor, op={"sum": torch_dist.ReduceOp.SUM, "max": torch_dist.ReduceOp.MAX,
+                                          "min": torch_dist.ReduceOp.MIN}[op])
+    return tensor
+
+
+def gather(obj: Any) -> list:
+    """Every rank's `obj` (picklable), in rank order, on every rank."""
+    if not torch_dist.is_initialized():
+        return [obj]
+    out = [None] * torch_dist.get_world_size()
+    torch_dist.all_gather_object(out, obj)
+    return out
+
+
+def say(message: str, dist: Dist | None = None) -> None:
+    """Print on rank 0 (or wherever `dist` is None)."""
+    if dist is None or dist.is_main:
+        print(message, flush=True)

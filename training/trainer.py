@@ -1,0 +1,342 @@
+"""Pretraining and fine-tuning: the `Trainer` builds a run's components once, steps, logs and checkpoints.
+
+    trainer = Trainer(cfg, mode, facts, dist, ckpt)   # ckpt: training.checkpointing.load_resume(...) or None
+    exit_code = trainer.run()
+
+The training step never waits for the GPU: loss sums, grad norms and the non-finite check stay on the device and are
+read once per logging interval (`log_window`), which is also when the ranks agree to stop after a SIGTERM. Every
+checkpoint is `state_dict()` and every resume `load_state_dict()`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import signal
+import time
+from pathlib import Path
+from typing import Iterator
+
+import torch
+import torch.nn.functional as F
+import yaml
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from model.checkpoint import model_payload, save_checkpoint
+from model.flops import training_flops_per_clip
+from model.runtime import autocast, autocast_dtype
+from training.build import build_loader, build_mixup, make_model
+from training.checkpointing import capture_rng_state, restore_rng_state
+from training.config import Config
+from training.distributed import Dist, all_reduce, gather, say
+from training.metrics import MetricsLog, Window, peak_flops, skipped_samples
+from training.optim import build_adamw
+from training.schedule import CosineSchedule
+from training.step import GraphedStep
+
+NO_BAD = torch.iinfo(torch.int64).min  # "no non-finite step" in the max-reduced flags of log_window
+
+
+class StopRequest:
+    """Set by SIGTERM (preemption; torchrun forwards it to every worker) or SIGUSR1 (Slurm's --signal warning)."""
+
+    def __init__(self) -> None:
+        self.signal: str | None = None
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        self.signal = signal.Signals(signum).name
+
+
+class NonFiniteLoss(RuntimeError):
+    """A non-finite loss ends the run (exit status 3) without saving the spoiled weights."""
+
+
+class Trainer:
+    """A pretraining or fine-tuning run on this rank: typed components built once, then `run()`.
+
+    Resuming: the checkpoint's model config and this rank's loader position are construction arguments (the
+    architecture and where the pipeline starts depend on them); everything else goes through `load_state_dict`,
+    called between building the stateful parts and wrapping them (DDP, torch.compile, the CUDA-graph step, which
+    turns the optimizer's lr into device tensors)."""
+
+    def __init__(self, cfg: Config, mode: str, facts: dict, dist: Dist, ckpt: dict | None = None,
+                 stop: StopRequest | None = None) -> None:
+        self.cfg, self.mode, self.facts, self.dist = cfg, mode, facts, dist
+        self.kind = "pretrain" if mode == "pretrain" else "classify"
+        self.stop = stop or StopRequest()
+        self.out_dir = Path(cfg.run.out_dir)
+        self.step = 0
+        torch.manual_seed(cfg.run.seed + dist.rank)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+
+        self.model, self.model_cfg = make_model(cfg, mode, facts["num_classes"], ckpt["model_config"] if ckpt else None)
+        self.model.to(dist.device).train()
+        self.loader = build_loader(cfg, mode, dist, self.model_cfg, state=ckpt["loader"][dist.rank] if ckpt else None)
+        self._build_optimization()
+        self.ema = None
+        if cfg.run.ema:
+            from timm.utils import ModelEmaV3
+
+            self.ema = ModelEmaV3(self.model, decay=cfg.run.ema_decay)
+        self.mixup = build_mixup(cfg, facts["num_classes"], dist.rank) if mode == "finetune" else None
+        if ckpt is not None:
+            self.load_state_dict(ckpt)
+        self._build_runtime()
+
+    # ------------------------------------------------------------------------------------------------- building
+    def _build_optimization(self) -> None:
+        """VideoMAE's rule: lr = base lr x videos per optimizer step / 256 (repeats are not counted), cosine per
+        step; AdamW over VideoMAE's parameter groups; a loss scaler for fp16."""
+        o, dist = self.cfg.optim, self.dist
+        self.videos_per_step = self.cfg.data.batch_size * o.grad_accum * dist.world_size
+        scale = self.videos_per_step / o.lr_batch_base if o.lr_batch_base else 1.0
+        self.steps_per_epoch = max(1, len(self.loader) // o.grad_accum)
+        self.total_steps = o.max_steps or max(1, round(o.epochs * self.steps_per_epoch))
+        warmup = o.warmup_steps if o.warmup_steps is not None else round(o.warmup_epochs * self.steps_per_epoch)
+        self.schedule = CosineSchedule(o.lr * scale, o.min_lr * scale, self.total_steps,
+                                       min(warmup, self.total_steps), o.warmup_lr * scale)
+        self.optimizer = build_adamw(self.model, lr=self.schedule.base, weight_decay=o.weight_decay,
+                                     betas=tuple(o.betas), eps=o.eps,
+                                     layer_decay=o.layer_decay if o.layer_decay < 1 else None)
+        fp16 = autocast_dtype(dist.device, self.cfg.run.precision) == torch.float16
+        self.scaler = torch.amp.GradScaler(dist.device.type) if fp16 else None
+
+    def _build_runtime(self) -> None:
+        """DDP and torch.compile around the model, metrics, the run's summary line, the CUDA-graph step."""
+        cfg, dist = self.cfg, self.dist
+        self.ddp_model: nn.Module = self.model if dist.world_size == 1 else \
+            DDP(self.model, device_ids=[dist.device.index] if dist.device.type == "cuda" else None)
+        if cfg.run.compile_mode:  # the whole model (DDP's buckets become graph breaks); checkpoints hold the bare one
+            mode = None if cfg.run.compile_mode == "default" else cfg.run.compile_mode
+            self.ddp_model = torch.compile(self.ddp_model, mode=mode)
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.log = MetricsLog(self.out_dir, dist.is_main, cfg.run.tensorboard)
+        self.flops_per_clip = training_flops_per_clip(self.model_cfg, self.kind, mask_ratio=cfg.data.mask_ratio)
+        self.peak = peak_flops(cfg.run.peak_tflops, dist.device)
+        self.stop_at = min(self.total_steps, cfg.run.stop_after_steps or self.total_steps)
+        self._num_masked: int | None = None  # masked tokens per clip, read once: passing it spares a host sync
+        self._batches = self._epochs()
+        say(f"{self.mode}: {type(self.model).__name__} '{cfg.model.name}' "
+            f"{sum(p.numel() for p in self.params) / 1e6:.1f}M params on {dist.world_size} x {dist.device.type}; "
+            f"{self.videos_per_step} videos x {cfg.data.num_repeats} clips per step, {self.steps_per_epoch} "
+            f"steps/epoch, {self.total_steps} steps (from {self.step} to {self.stop_at}), peak lr "
+            f"{self.schedule.base:.3g}", dist)
+        if dist.is_main:
+            (self.out_dir / "config.yaml").write_text(yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False))
+        self.graphed = None
+        if cfg.run.cuda_graph_step:
+            self.graphed = GraphedStep(lambda inputs: self._loss(inputs, mix=False), self.optimizer, self.params,
+                                       cfg.optim.clip_grad)
+            say("run.cuda_graph_step: the first 3 steps run eagerly, then each step replays one CUDA graph", dist)
+
+    # ---------------------------------------------------------------------------------------------------- state
+    def state_dict(self) -> dict:
+        """The run as one checkpoint payload (training.checkpointing lists the keys). A collective: every rank calls
+        it, contributing its RNG and loader states, and every rank gets the whole payload."""
+        rng = capture_rng_state()
+        if self.mixup is not None:
+            rng["mixup"] = self.mixup.rng.bit_generator.state
+        rngs, loaders = gather(rng), gather(self.loader.state_dict())
+        class_names = self.facts["class_names"] if self.kind == "classify" else None
+        return {**model_payload(self.kind, self.model_cfg, self.model, class_names),
+                "step": self.step, "epoch": getattr(self.loader, "epoch", None),
+                "optimizer": self.optimizer.state_dict(), "scheduler": self.schedule.state_dict(),
+                "scaler": self.scaler.state_dict() if self.scaler else None,
+                "model_ema": self.ema.module.state_dict() if self.ema else None, "rng": rngs, "loader": loaders,
+                "train_config": dataclasses.asdict(self.cfg)}
+
+    def load_state_dict(self, ckpt: dict) -> None:
+        """Continue from `ckpt` (a state_dict() payload): weights, optimizer, scaler, EMA, step, and this rank's RNG
+        states last (building the model and the loader drew random numbers)."""
+        self.model.load_state_dict(ckpt["model"])
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        if self.scaler is not None and ckpt.get("scaler"):
+            self.scaler.load_state_dict(ckpt["scaler"])
+        if self.ema is not None:  # a checkpoint without EMA weights starts the EMA at the model's
+            self.ema.module.load_state_dict(ckpt.get("model_ema") or ckpt["model"])
+        if ckpt["scheduler"] != self.schedule.state_dict():
+            say(f"note: lr schedule {ckpt['scheduler']} in the checkpoint, now {self.schedule.state_dict()}", self.dist)
+        self.step = int(ckpt["step"])
+        restore_rng_state(ckpt["rng"][self.dist.rank])
+        if self.mixup is not None:
+            self.mixup.rng.bit_generator.state = ckpt["rng"][self.dist.rank]["mixup"]
+
+    def save(self) -> Path | None:
+        """A checkpoint of this step (every rank takes part; rank 0 writes). Its path on rank 0, None elsewhere."""
+        state = self.state_dict()
+        if not self.dist.is_main:
+            return None
+        return save_checkpoint(state, self.out_dir, self.step, keep_last=self.cfg.run.ckpt_keep)
+
+    # ----------------------------------------------------------------------------------------------------- step
+    def _epochs(self) -> Iterator[dict]:
+        """The loader's epochs back to back."""
+        while True:
+            empty = True
+            for batch in self.loader:
+                empty = False
+                yield batch
+            if empty and len(self.loader) == 0:
+                raise RuntimeError("the data loader yields no batches")
+
+    def next_batch(self) -> dict:
+        """The next batch; the wait counts as data time."""
+        t_wait = time.perf_counter()
+        batch = next(self._batches)
+        self.window.wait += time.perf_counter() - t_wait
+        self.window.clips += batch["video"].shape[0]
+        return batch
+
+    def _loss(self, batch: dict, mix: bool = True) -> torch.Tensor:
+        """The step's loss: the pretraining loss, or cross-entropy against the labels (mixup / cutmix drawn here
+        unless `mix` is False: the graphed step gets mixed inputs)."""
+        # a captured step must not reuse autocast's weight casts across replays: no cache under a CUDA graph
+        with autocast(self.dist.device, self.cfg.run.precision, cache_enabled=not self.cfg.run.cuda_graph_step):
+            if self.mode == "pretrain":
+                if self._num_masked is None:
+                    self._num_masked = int(batch["mask"][0].sum())
+                return self.ddp_model(batch["video"], batch["mask"], self._num_masked)[0]
+            video, target = batch["video"], batch["label"]
+            if mix and self.mixup is not None:
+                video, target = self.mixup(video, target)
+            logits = self.ddp_model(video).float()
+        if target.dtype.is_floating_point:  # soft targets from mixup / cutmix, label smoothing folded in
+            return torch.sum(-target * F.log_softmax(logits, dim=-1), dim=-1).mean()
+        return F.cross_entropy(logits, target, label_smoothing=self.cfg.aug.smoothing)
+
+    def _graph_inputs(self, batch: dict) -> dict:
+        """The step's inputs as the graph takes them: mixup/cutmix drawn on the host first (a graph would replay
+        the first draw forever)."""
+        if self.mode == "pretrain":
+            return {"video": batch["video"], "mask": batch["mask"]}
+        video, target = batch["video"], batch["label"]
+        if self.mixup is not None:
+            video, target = self.mixup(video, target)
+        return {"video": video, "label": target}
+
+    def _backward(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Forward and backward over optim.grad_accum batches (DDP all-reduces on the last); unscaling, clipping.
+        Returns (mean loss, grad norm: None unless clipping, skipping or logging needs it)."""
+        o, scaler = self.cfg.optim, self.scaler
+        step_loss = torch.zeros((), device=self.dist.device)
+        for micro in range(o.grad_accum):
+            batch = self.next_batch()
+            sync_grads = micro == o.grad_accum - 1 or self.dist.world_size == 1
+            with contextlib.nullcontext() if sync_grads else self.ddp_model.no_sync():
+                loss = self._loss(batch)
+                (scaler.scale(loss / o.grad_accum) if scaler else loss / o.grad_accum).backward()
+            step_loss += loss.detach() / o.grad_accum
+        if scaler is not None:
+            scaler.unscale_(self.optimizer)
+        if o.clip_grad:
+            return step_loss, torch.nn.utils.clip_grad_norm_(self.params, o.clip_grad)
+        if self.cfg.run.skip_nonfinite or (self.step + 1) % self.cfg.run.log_interval == 0:
+            return step_loss, torch.nn.utils.get_total_norm([p.grad for p in self.params if p.grad is not None])
+        return step_loss, None
+
+    def train_step(self) -> None:
+        """One optimizer step: forward, backward, clipping, AdamW (or one CUDA-graph replay of all that), EMA. The
+        loss is summed on the device; a non-finite one is remembered there for log_window (or, with
+        run.skip_nonfinite, the step is skipped: a host sync per step)."""
+        if self.graphed is not None:  # forward, backward, clipping and AdamW in one replay (check_step_options)
+            self.lr = self.schedule(self.step)
+            self.graphed.set_lr(self.lr)
+            step_loss, self.grad_norm = self.graphed(self._graph_inputs(self.next_batch()))
+        else:
+            self.lr = self.schedule.apply(self.optimizer, self.step)
+            step_loss, self.grad_norm = self._backward()
+        # Gradients are already all-reduced, so every rank sees the same norm and decides alike.
+        if self.cfg.run.skip_nonfinite and not torch.isfinite(self.grad_norm).item():
+            self.skipped_steps += 1
+            say(f"step {self.step}: non-finite loss or gradient, step skipped ({self.skipped_steps} so far)", self.dist)
+        else:
+            if self.scaler is not None:
+                self.scaler.step(self.optimizer)
+            elif self.graphed is None:
+                self.optimizer.step()
+            if self.ema is not None:
+                self.ema.update(self.model, step=self.step)
+            self.first_bad_step = torch.where((self.first_bad_step < 0) & ~torch.isfinite(step_loss), self.step,
+                                              self.first_bad_step)
+            self.loss_sum += torch.nan_to_num(step_loss, nan=0.0, posinf=0.0, neginf=0.0)
+            self.window.loss_steps += 1
+        if self.scaler is not None:
+            self.scaler.update()
+        if self.graphed is None:  # a graphed step overwrites its gradients; dropping them would free the graph's memory
+            self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+
+    # ------------------------------------------------------------------------------------------------------ run
+    def log_window(self) -> bool:
+        """The one host sync of a logging interval: the earliest non-finite step on any rank (NonFiniteLoss) and any
+        rank's stop request, then the window's metrics, logged on rank 0. Returns whether to stop."""
+        dist, window = self.dist, self.window
+        flags = torch.stack([torch.where(self.first_bad_step >= 0, -self.first_bad_step, NO_BAD),
+                             torch.tensor(int(self.stop.signal is not None), device=dist.device)])
+        all_reduce(flags, "max")
+        if flags[0].item() != NO_BAD:
+            raise NonFiniteLoss(f"the loss is not finite at step {-flags[0].item()}; stopped without saving (set "
+                                f"run.skip_nonfinite=true to skip such steps instead)")
+        zero = torch.zeros((), device=dist.device)
+        sums = all_reduce(torch.stack([self.loss_sum, zero + window.clips, zero + window.wait,
+                                       zero + skipped_samples(self.loader)]))
+        elapsed = time.perf_counter() - window.t0
+        clips_per_s = sums[1].item() / elapsed
+        record = {"epoch": getattr(self.loader, "epoch", None),
+                  "loss": sums[0].item() / (dist.world_size * max(window.loss_steps, 1)), "lr": self.lr,
+                  "grad_norm": None if self.grad_norm is None else self.grad_norm.item(),
+                  "clips_per_s": clips_per_s, "data_wait": sums[2].item() / (dist.world_size * elapsed),
+                  "skipped_samples": int(sums[3].item())}
+        if self.peak:
+            record["mfu"] = self.flops_per_clip * clips_per_s / (dist.world_size * self.peak)
+        if dist.device.type == "cuda":
+            record["mem_gib"] = torch.cuda.max_memory_allocated(dist.device) / 2**30
+        if self.skipped_steps:
+            record["skipped_steps"] = self.skipped_steps
+        self.log.log(self.step, record)
+        self.loss_sum = torch.zeros((), device=dist.device)
+        self.window = Window()
+        return bool(flags[1].item())
+
+    def _checkpoint(self) -> None:
+        """An interval checkpoint, never of a model spoiled by NaNs; its time is not training throughput."""
+        if all_reduce(self.first_bad_step.clone(), "max").item() >= 0:
+            raise NonFiniteLoss(f"the loss is not finite at step {self.first_bad_step.item()}; stopped")
+        t_save = time.perf_counter()
+        self.save()
+        self.window.t0 += time.perf_counter() - t_save
+
+    def run(self) -> int:
+        """Train to the end of the schedule (or run.stop_after_steps, or a stop request), checkpointing on the way
+        and at the end. Exit status: 0, or 3 for a non-finite loss."""
+        cfg, dist = self.cfg, self.dist
+        self.loss_sum = torch.zeros((), device=dist.device)
+        self.first_bad_step = torch.full((), -1, dtype=torch.int64, device=dist.device)
+        self.skipped_steps, self.lr, self.grad_norm = 0, 0.0, None
+        self.window = Window()
+        if dist.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(dist.device)
+        stopped_by = None
+        try:
+            while self.step < self.stop_at:
+                self.train_step()
+                if self.step % cfg.run.log_interval == 0 or self.step == self.stop_at or \
+                        (dist.world_size == 1 and self.stop.signal):
+                    if self.log_window():
+                        stopped_by = self.stop.signal or "another rank's signal"
+                        break
+                if cfg.run.ckpt_interval and self.step % cfg.run.ckpt_interval == 0 and self.step < self.stop_at:
+                    self._checkpoint()
+        except NonFiniteLoss as e:
+            say(f"error: {e}", dist)
+            self.log.close()
+            return 3
+        path = self.save() if cfg.run.ckpt_final or stopped_by else None
+        self.log.close()
+        outcome = f"stopped by {stopped_by}" if stopped_by else "finished"
+        say(f"{self.mode} {outcome} at step {self.step} of {self.total_steps}; checkpoint {path}"
+            + ("; resume with --resume auto" if self.step < self.total_steps else ""), dist)
+        return 0
