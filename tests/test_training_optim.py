@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from training.optim import build_adamw, describe_groups, param_groups, vit_layer_id
+from training.optim import build_adamw, param_groups, vit_layer_id
 
 
 class TinyViT(nn.Module):
@@ -31,7 +31,7 @@ def groups_by_name(groups):
 
 
 def test_no_decay_for_biases_norms_and_listed_names():
-    by_name = groups_by_name(describe_groups(TinyViT(), weight_decay=0.05))
+    by_name = groups_by_name(param_groups(TinyViT(), weight_decay=0.05))
     assert by_name["pos_embed"]["weight_decay"] == 0.0
     assert by_name["blocks.0.0.weight"]["weight_decay"] == 0.0  # LayerNorm weight (1-D)
     assert by_name["blocks.0.1.bias"]["weight_decay"] == 0.0
@@ -43,7 +43,7 @@ def test_no_decay_for_biases_norms_and_listed_names():
 
 def test_layer_decay_scales_follow_the_official_assigner():
     depth, decay = 3, 0.75
-    by_name = groups_by_name(describe_groups(TinyViT(depth), 0.05, layer_decay=decay))
+    by_name = groups_by_name(param_groups(TinyViT(depth), 0.05, layer_decay=decay))
     expected = {"patch_embed.proj.weight": 0, "pos_embed": 0, "blocks.0.1.weight": 1, "blocks.2.0.bias": 3,
                 "fc_norm.weight": 4, "head.weight": 4}
     for name, layer in expected.items():

@@ -13,7 +13,7 @@ get_num_layers() + 2 as the official assigner does (tests/test_training_optim.py
 from __future__ import annotations
 
 import re
-from typing import Callable, Iterable
+from typing import Callable
 
 import torch
 from torch import nn
@@ -34,20 +34,14 @@ def vit_layer_id(name: str, num_layers: int) -> int:
     return num_layers + 1
 
 
-def param_groups(
-    model: nn.Module,
-    weight_decay: float,
-    layer_decay: float | None = None,
-    skip_names: Iterable[str] = (),
-) -> list[dict]:
-    """Parameter groups for `torch.optim.AdamW`: one per (layer, decay/no-decay), each with `lr_scale`.
+def param_groups(model: nn.Module, weight_decay: float, layer_decay: float | None = None) -> list[dict]:
+    """Parameter groups for `torch.optim.AdamW`: one per (layer, decay/no-decay), each with `lr_scale` and the
+    parameters' `names`.
 
-    `skip_names` adds to `model.no_weight_decay()`. Names may match exactly or as a suffix after a dot (so that
-    "pos_embed" also matches "encoder.pos_embed").
+    Names in `model.no_weight_decay()` match exactly or as a suffix after a dot (so that "pos_embed" also matches
+    "encoder.pos_embed").
     """
-    skip = set(skip_names)
-    if hasattr(model, "no_weight_decay"):
-        skip |= set(model.no_weight_decay())
+    skip = set(model.no_weight_decay()) if hasattr(model, "no_weight_decay") else set()
 
     layer_of: Callable[[str], int] | None = None
     scales: list[float] | None = None
@@ -86,29 +80,12 @@ def _matches(name: str, skip: set[str]) -> bool:
     return any(name.endswith("." + s) for s in skip)
 
 
-def build_adamw(
-    model: nn.Module,
-    lr: float,
-    weight_decay: float,
-    betas: tuple[float, float] = (0.9, 0.999),
-    eps: float = 1e-8,
-    layer_decay: float | None = None,
-    fused: bool | None = None,
-) -> torch.optim.AdamW:
-    """AdamW over `param_groups(model, ...)`.
-
-    `fused=None` picks the fused CUDA kernel when the parameters live on a GPU (one kernel launch for all
-    parameters instead of a loop or foreach chunks) and the default implementation on the CPU.
-    """
+def build_adamw(model: nn.Module, lr: float, weight_decay: float, betas: tuple[float, float] = (0.9, 0.999),
+                eps: float = 1e-8, layer_decay: float | None = None) -> torch.optim.AdamW:
+    """AdamW over `param_groups(model, ...)`: the fused CUDA kernel when the parameters live on a GPU (one kernel
+    launch for all parameters instead of a loop or foreach chunks), the default implementation on the CPU."""
     groups = param_groups(model, weight_decay, layer_decay)
-    if fused is None:
-        fused = any(p.is_cuda for g in groups for p in g["params"])
+    fused = any(p.is_cuda for g in groups for p in g["params"])
     for g in groups:
         g.pop("names")
-    return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
-                             fused=bool(fused))
-
-
-def describe_groups(model: nn.Module, weight_decay: float, layer_decay: float | None = None) -> list[dict]:
-    """Groups with parameter names instead of tensors (for logs and tests)."""
-    return [{k: v for k, v in g.items() if k != "params"} for g in param_groups(model, weight_decay, layer_decay)]
+    return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, fused=fused)

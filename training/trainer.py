@@ -15,7 +15,7 @@ import dataclasses
 import signal
 import time
 from pathlib import Path
-from typing import Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -34,6 +34,11 @@ from training.metrics import MetricsLog, Window, peak_flops, skipped_samples
 from training.optim import build_adamw
 from training.schedule import CosineSchedule
 from training.step import GraphedStep
+
+if TYPE_CHECKING:
+    from timm.utils import ModelEmaV3
+
+    from pipeline.mixup import VideoMixup
 
 NO_BAD = torch.iinfo(torch.int64).min  # "no non-finite step" in the max-reduced flags of log_window
 
@@ -61,6 +66,17 @@ class Trainer:
     architecture and where the pipeline starts depend on them); everything else goes through `load_state_dict`,
     called between building the stateful parts and wrapping them (DDP, torch.compile, the CUDA-graph step, which
     turns the optimizer's lr into device tensors)."""
+
+    model: nn.Module  # the bare model: checkpoints hold its weights
+    ddp_model: nn.Module  # what the step calls: `model`, in DDP and/or torch.compile
+    loader: Any  # pipeline.VideoLoader, or pipeline.synthetic.SyntheticLoader
+    schedule: CosineSchedule
+    optimizer: torch.optim.AdamW
+    scaler: torch.amp.GradScaler | None  # fp16 only
+    ema: ModelEmaV3 | None
+    mixup: VideoMixup | None  # fine-tuning with mixup / cutmix
+    graphed: GraphedStep | None  # run.cuda_graph_step
+    log: MetricsLog
 
     def __init__(self, cfg: Config, mode: str, facts: dict, dist: Dist, ckpt: dict | None = None,
                  stop: StopRequest | None = None) -> None:
@@ -119,6 +135,11 @@ class Trainer:
         self.stop_at = min(self.total_steps, cfg.run.stop_after_steps or self.total_steps)
         self._num_masked: int | None = None  # masked tokens per clip, read once: passing it spares a host sync
         self._batches = self._epochs()
+        # on the device until log_window reads them: the loss summed over the window, the first non-finite step
+        self.loss_sum = torch.zeros((), device=dist.device)
+        self.first_bad_step = torch.full((), -1, dtype=torch.int64, device=dist.device)
+        self.lr, self.grad_norm, self.skipped_steps = 0.0, None, 0
+        self.window = Window()
         say(f"{self.mode}: {type(self.model).__name__} '{cfg.model.name}' "
             f"{sum(p.numel() for p in self.params) / 1e6:.1f}M params on {dist.world_size} x {dist.device.type}; "
             f"{self.videos_per_step} videos x {cfg.data.num_repeats} clips per step, {self.steps_per_epoch} "
@@ -313,10 +334,7 @@ class Trainer:
         """Train to the end of the schedule (or run.stop_after_steps, or a stop request), checkpointing on the way
         and at the end. Exit status: 0, or 3 for a non-finite loss."""
         cfg, dist = self.cfg, self.dist
-        self.loss_sum = torch.zeros((), device=dist.device)
-        self.first_bad_step = torch.full((), -1, dtype=torch.int64, device=dist.device)
-        self.skipped_steps, self.lr, self.grad_norm = 0, 0.0, None
-        self.window = Window()
+        self.window = Window()  # the clock starts now
         if dist.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(dist.device)
         stopped_by = None
