@@ -172,7 +172,7 @@ def test_cli_refuses_absurd_values_in_one_line(classifier_ckpt, tmp_path, capsys
 
 
 def test_cli_refuses_a_checkpoint_that_would_run_code(tmp_path, inputs, run_module):
-    from test_train_checkpoint import crafted_checkpoint
+    from test_training_checkpointing import crafted_checkpoint
 
     marker = tmp_path / "created-by-unpickling"
     cfg = tiny_config(num_classes=len(CLASS_NAMES))

@@ -21,7 +21,7 @@ from transformers import VideoMAEForPreTraining, VideoMAEForVideoClassification 
 from model import CheckpointError, VideoMAEConfig, VideoMAEPretrain, build_model, load_pretrained  # noqa: E402
 from model.checkpoint import model_payload  # noqa: E402
 from model_weights import randomize_  # noqa: E402
-from test_train_checkpoint import crafted_checkpoint  # noqa: E402
+from test_training_checkpointing import crafted_checkpoint  # noqa: E402
 
 GEOMETRY = dict(image_size=32, patch_size=8, num_frames=4, tubelet_size=2)
 ENCODER = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=256)
