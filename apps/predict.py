@@ -137,9 +137,7 @@ def write_prediction_shards(videos: Sequence[str | os.PathLike], out_dir: str | 
                 "shards": [{"tar": record.tar, "index": record.index, "num_samples": record.num_samples,
                             "bytes": record.bytes, "sha256": record.sha256, "first_sample_id": 0}],
                 "keys": record.keys}
-    tmp = out_dir / (fmt.MANIFEST_NAME + ".tmp")
-    tmp.write_text(json.dumps(manifest, indent=1) + "\n")
-    os.replace(tmp, out_dir / fmt.MANIFEST_NAME)
+    fmt.write_manifest(out_dir, manifest)
     return keys, failures
 
 
@@ -224,7 +222,6 @@ def _run_views(model: nn.Module, shard_dir: str, device: str, torch_device: torc
         num_samples = loader.num_samples
         sums = torch.zeros(num_samples, cfg.num_classes, dtype=torch.float64)
         counts = torch.zeros(num_samples, dtype=torch.int64)
-        epoch = loader.epoch
         for batch in tqdm(loader, total=len(loader), desc="predict", unit="batch", disable=not progress,
                           leave=False):
             video, sample_id = batch["video"], batch["sample_id"].long().cpu()
@@ -236,8 +233,6 @@ def _run_views(model: nn.Module, shard_dir: str, device: str, torch_device: torc
                 ids = sample_id[start:start + view_batch]
                 sums.index_add_(0, ids, probs)
                 counts.index_add_(0, ids, torch.ones_like(ids))
-            if loader.epoch != epoch:  # the loader moves on to the next epoch as it hands out the last batch
-                break
         return sums, counts, list(loader.stats.corrupt)
     finally:
         loader.close()

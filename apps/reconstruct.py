@@ -23,8 +23,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from model.pixels import mask_video, reconstruct_pixels, unnormalize_video
+from model.pixels import mask_video, reconstruct_pixels
 from model.runtime import pipeline_device, resolve_device
+from shards import format as fmt
 
 MASK_GREY = 0.5
 
@@ -88,7 +89,7 @@ def reconstruct(checkpoint_or_model: str | os.PathLike | nn.Module, shards: Any,
         "recon": recon.clamp(0, 1).permute(0, 2, 3, 4, 1).cpu().numpy(),
         "mask": mask.cpu().numpy(),
         "frame_idx": frame_idx,
-        "keys": [s.rpartition(":")[2].rpartition("/")[2].partition(".")[0] for s in sources],
+        "keys": [fmt.split_member_name(s.rpartition(":")[2])[0] for s in sources],
         "loss": float(loss),
     }
 
@@ -120,12 +121,9 @@ def draw(result: dict[str, Any], out: str | os.PathLike, num_times: int = 4, mas
                     ax.set_ylabel(f"{result['keys'][i]}\n{name}" if r == 0 else name, fontsize=7)
     fig.suptitle(f"VideoMAE reconstruction (loss {result['loss']:.4f})", fontsize=9)
     fig.tight_layout()
-    out = str(out)
     Path(out).parent.mkdir(parents=True, exist_ok=True)
-    tmp = out + ".tmp.png"
-    fig.savefig(tmp, dpi=110)
+    fmt.atomic_write(out, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
     plt.close(fig)
-    os.replace(tmp, out)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -35,7 +35,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import os
 import platform
 import time
 from typing import Any
@@ -46,6 +45,7 @@ import torch.nn.functional as F
 from model import VideoMAEConfig, build_model
 from model.layers import num_tube_masked
 from model.flops import training_flops_per_clip
+from shards import format as fmt
 from training.step import GraphedStep
 
 H100_DENSE_BF16 = 989e12
@@ -267,9 +267,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     def save(report: dict) -> None:  # after every variant: a run cut short by a time limit keeps what it measured
         if args.out:
-            with open(args.out + ".tmp", "w") as f:
-                json.dump(report, f, indent=2)
-            os.replace(args.out + ".tmp", args.out)
+            fmt.atomic_write(args.out, json.dumps(report, indent=2))
 
     for kind in args.kinds.split(","):
         cfg = VideoMAEConfig.from_name(args.size, num_frames=args.frames, img_size=args.img)

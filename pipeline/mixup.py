@@ -83,4 +83,3 @@ class VideoMixup:
         return video, target * lam + target.flip(0) * (1.0 - lam)
 
 
-Mixup = VideoMixup  # the name train.py imports

@@ -103,8 +103,8 @@ def test_cli_truncated_shard_is_a_config_error(tmp_path):
     from shards import format as fmt
 
     shards = ps.make_test_shards(tmp_path / "shards", [20] * 4, per_shard=2)
-    last = open(fmt.index_path_for(shards.tars[-1])).read().split()
-    end = max(int(last[i + 1]) + int(last[i + 2]) for i in range(2, len(last), 4))  # after "v1.2 N"
+    index = fmt.read_index(fmt.index_path_for(shards.tars[-1]))
+    end = max(entry.offset + entry.size for sample in index for entry in sample)
     data = open(shards.tars[-1], "rb").read()
     open(shards.tars[-1], "wb").write(data[:end - 100])  # the tar now ends inside its last member
     out = tmp_path / "run"
