@@ -52,7 +52,7 @@ from torch import nn
 
 from .checkpoint import resolve_checkpoint_path
 from .config import VideoMAEConfig
-from .loading import config_from_hf, convert_hf_state_dict, load_pretrained
+from .loading import config_from_hf, convert_hf_state_dict, load_pretrained, rename_prefixes
 from .videomae import VideoMAEClassifier, VideoMAEPretrain
 
 log = logging.getLogger("model.export_hf")
@@ -236,12 +236,10 @@ def to_hf_state_dict(state: dict[str, torch.Tensor], kind: str) -> dict[str, tor
     for key, value in state.items():
         if key in used:
             continue
-        for src, dst in simple.items():
-            if key.startswith(src):
-                out[dst + key[len(src):]] = value
-                break
-        else:
+        renamed = rename_prefixes(key, simple)
+        if renamed is None:
             raise ExportError(f"{key}: no transformers VideoMAE counterpart")
+        out[renamed] = value
     return out
 
 

@@ -147,6 +147,14 @@ def _convert_hf_blocks(state: dict[str, torch.Tensor], src_prefix: str, dst_pref
             out[f"{dst_prefix}{i}.{mapped}" if mapped else f"{src_prefix}{i}.{rest}"] = value
 
 
+def rename_prefixes(key: str, prefixes: dict[str, str]) -> str | None:
+    """`key` with its first matching prefix (of `prefixes`, old -> new, in order) replaced; None when none matches."""
+    for src, dst in prefixes.items():
+        if key.startswith(src):
+            return dst + key[len(src):]
+    return None
+
+
 def convert_hf_state_dict(state: dict[str, torch.Tensor], kind: str) -> dict[str, torch.Tensor]:
     """HF VideoMAE key layout -> ours. Keys it does not know are passed through unchanged (and then fail the
     strict load with their HF name)."""
@@ -163,19 +171,11 @@ def convert_hf_state_dict(state: dict[str, torch.Tensor], kind: str) -> dict[str
         "encoder_to_decoder.": "encoder_to_decoder.",
         "decoder.norm.": "decoder.norm.",
         "decoder.head.": "decoder.head.",
+        "mask_token": "mask_token",
     }
     for key, value in state.items():
-        if key in used:
-            continue
-        if key == "mask_token":
-            out[key] = value
-            continue
-        for src, dst in simple.items():
-            if key.startswith(src):
-                out[dst + key[len(src):]] = value
-                break
-        else:
-            out[key] = value
+        if key not in used:
+            out[rename_prefixes(key, simple) or key] = value
     return out
 
 
