@@ -22,7 +22,7 @@ reader reads all of them (eval, whose indices are stride multiples, only the fir
 phase start % P, are decoded from that member at positions index // P (`phase_member`). Everything else sees
 timeline indices.
 
-Decoding (`decode_clip`): DALI 2.4's decoder decodes from the first byte it is handed and reopens the stream for a
+Decoding (`frame_run`, `keyframe_cut`, `decode_run`, `repeat_frames`): DALI 2.4's decoder decodes from the first byte it is handed and reopens the stream for a
 repeated frame index, so the decoder is asked for each distinct frame once, as one strided run (`start_frame`,
 `stride`, `sequence_length`), and repeats (edge padding of short videos, eval clips that overlap) are made after
 decoding (`fn.sequence_rearrange`). IVF members are first cut (`keyframe_cut`): the member's header, then its bytes
@@ -194,11 +194,16 @@ def phase_member(members: list, frame_idx, phases: int):
     if len(members) == 1:
         return members[0], _int(0)
     chosen = members[0]
-    phase = frame_idx[0] - phases * (frame_idx[0] // phases)
+    phase = clip_phase(frame_idx, phases)
     for p in range(1, phases):  # per-sample selection, in the graph (DALI conditionals merge the branches)
         if phase == p:
             chosen = members[p]
     return chosen, phase
+
+
+def clip_phase(frame_idx, phases: int):
+    """int32: the stride phase (member) of a clip, frame_idx[0] % P (every frame of a clip shares it)."""
+    return frame_idx[0] - phases * (frame_idx[0] // phases)
 
 
 class FrameRun:
@@ -260,7 +265,7 @@ def build_probe(layout: fmt.Layout, stride: int, device: str, device_id: int | N
     def probe():
         member = fn.external_source(name="video", dtype=types.UINT8, ndim=1)
         frame_idx = fn.external_source(name="frame_idx", dtype=types.INT32, ndim=1)
-        phase = frame_idx[0] - layout.phases * (frame_idx[0] // layout.phases)
+        phase = clip_phase(frame_idx, layout.phases)
         run = frame_run(frame_idx, layout.phases, stride)
         if layout.cuttable and cut:
             rows = cut_rows(fn.external_source(name="cuts", dtype=types.INT32, ndim=1))

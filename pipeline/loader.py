@@ -181,9 +181,6 @@ class VideoLoader:
             raise ValueError(f"device {device!r}: expected 'cpu' or 'gpu'")
         if batch_size < 1:
             raise ValueError(f"batch_size={batch_size}: must be >= 1")
-        if cfg.decoder_groups > batch_size:
-            raise ValueError(f"decoder_groups={cfg.decoder_groups} exceeds batch_size={batch_size}: some decoder "
-                             f"instances would never get a sample")
         if cfg.pipelines * cfg.decoder_groups > batch_size:
             raise ValueError(f"pipelines={cfg.pipelines} x decoder_groups={cfg.decoder_groups} exceeds batch_size="
                              f"{batch_size}: some decoder instances would never get a sample")
