@@ -6,7 +6,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 DEMO   ?= demo
 
-.PHONY: venv test demo bench bench-gpu clean
+.PHONY: venv test lint demo bench bench-gpu clean
 
 venv: $(STAMP)
 
@@ -16,8 +16,12 @@ $(STAMP): requirements.txt requirements-dev.txt setup.cfg pyproject.toml
 	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 
-test: $(STAMP)
+test: $(STAMP) lint
 	$(PY) -m pytest tests
+
+lint: $(STAMP)  # rules in pyproject.toml; `$(VENV)/bin/ruff format .` fixes the formatting
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 
 demo: $(STAMP)
 	$(PY) -m apps.demo --out $(DEMO)

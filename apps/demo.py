@@ -25,8 +25,11 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-CONFIGS = {"pretrain": "configs/demo_pretrain.yaml", "finetune": "configs/demo_finetune.yaml",
-           "eval": "configs/demo_eval.yaml"}
+CONFIGS = {
+    "pretrain": "configs/demo_pretrain.yaml",
+    "finetune": "configs/demo_finetune.yaml",
+    "eval": "configs/demo_eval.yaml",
+}
 
 
 def steps(out: Path) -> list[tuple[str, list[str]]]:
@@ -34,25 +37,130 @@ def steps(out: Path) -> list[tuple[str, list[str]]]:
     raw, shards, runs = out / "raw", out / "shards", out / "runs"
     data = [f"data.train={shards / 'train'}"]
     return [
-        ("synthetic videos", [py, "-m", "shards.synth", "--out", str(raw), "--classes", "4", "--per-class", "96",
-                              "--val-per-class", "24", "--seed", "0"]),
-        ("train shards", [py, "-m", "shards.build", "--csv", str(raw / "train.csv"), "--root", str(raw),
-                          "--split", "train", "--out", str(shards / "train"), "--short-side", "96",
-                          "--phases", "4"]),
-        ("val shards", [py, "-m", "shards.build", "--csv", str(raw / "val.csv"), "--root", str(raw), "--split",
-                        "val", "--out", str(shards / "val"), "--short-side", "96", "--phases", "4",
-                        "--classes", str(shards / "train" / "manifest.json")]),
+        (
+            "synthetic videos",
+            [
+                py,
+                "-m",
+                "shards.synth",
+                "--out",
+                str(raw),
+                "--classes",
+                "4",
+                "--per-class",
+                "96",
+                "--val-per-class",
+                "24",
+                "--seed",
+                "0",
+            ],
+        ),
+        (
+            "train shards",
+            [
+                py,
+                "-m",
+                "shards.build",
+                "--csv",
+                str(raw / "train.csv"),
+                "--root",
+                str(raw),
+                "--split",
+                "train",
+                "--out",
+                str(shards / "train"),
+                "--short-side",
+                "96",
+                "--phases",
+                "4",
+            ],
+        ),
+        (
+            "val shards",
+            [
+                py,
+                "-m",
+                "shards.build",
+                "--csv",
+                str(raw / "val.csv"),
+                "--root",
+                str(raw),
+                "--split",
+                "val",
+                "--out",
+                str(shards / "val"),
+                "--short-side",
+                "96",
+                "--phases",
+                "4",
+                "--classes",
+                str(shards / "train" / "manifest.json"),
+            ],
+        ),
         ("verify train", [py, "-m", "shards.verify", str(shards / "train")]),
         ("verify val", [py, "-m", "shards.verify", str(shards / "val")]),
-        ("pretrain", [py, "train.py", "pretrain", "--config", CONFIGS["pretrain"], "--resume", "auto", *data,
-                      f"run.out_dir={runs / 'pretrain'}"]),
-        ("finetune", [py, "train.py", "finetune", "--config", CONFIGS["finetune"], "--resume", "auto", *data,
-                      f"model.pretrained={runs / 'pretrain'}", f"run.out_dir={runs / 'finetune'}"]),
-        ("eval", [py, "train.py", "eval", "--config", CONFIGS["eval"], f"data.val={shards / 'val'}",
-                  f"model.pretrained={runs / 'finetune'}", f"run.out_dir={runs / 'eval'}"]),
-        ("reconstruction", [py, "-m", "apps.reconstruct", "--checkpoint", str(runs / "pretrain"),
-                            "--shards", str(shards / "val"), "--out", str(out / "reconstruction.png"),
-                            "--num", "2", "--mask-ratio", "0.75", "--stride", "16"]),  # as demo_pretrain
+        (
+            "pretrain",
+            [
+                py,
+                "train.py",
+                "pretrain",
+                "--config",
+                CONFIGS["pretrain"],
+                "--resume",
+                "auto",
+                *data,
+                f"run.out_dir={runs / 'pretrain'}",
+            ],
+        ),
+        (
+            "finetune",
+            [
+                py,
+                "train.py",
+                "finetune",
+                "--config",
+                CONFIGS["finetune"],
+                "--resume",
+                "auto",
+                *data,
+                f"model.pretrained={runs / 'pretrain'}",
+                f"run.out_dir={runs / 'finetune'}",
+            ],
+        ),
+        (
+            "eval",
+            [
+                py,
+                "train.py",
+                "eval",
+                "--config",
+                CONFIGS["eval"],
+                f"data.val={shards / 'val'}",
+                f"model.pretrained={runs / 'finetune'}",
+                f"run.out_dir={runs / 'eval'}",
+            ],
+        ),
+        (
+            "reconstruction",
+            [
+                py,
+                "-m",
+                "apps.reconstruct",
+                "--checkpoint",
+                str(runs / "pretrain"),
+                "--shards",
+                str(shards / "val"),
+                "--out",
+                str(out / "reconstruction.png"),
+                "--num",
+                "2",
+                "--mask-ratio",
+                "0.75",
+                "--stride",
+                "16",
+            ],
+        ),  # as demo_pretrain
     ]
 
 
@@ -73,14 +181,18 @@ def summary(out: Path, timings: dict[str, float]) -> str:
             first, last = records[0], records[-1]
             clips = sum(r["clips_per_s"] for r in records) / len(records)
             wait = sum(r["data_wait"] for r in records) / len(records)
-            lines.append(f"  {stage:9s} loss {first['loss']:.4f} (step {first['step']}) -> {last['loss']:.4f} "
-                         f"(step {last['step']}); {clips:.0f} clips/s, data wait {100 * wait:.0f}%")
+            lines.append(
+                f"  {stage:9s} loss {first['loss']:.4f} (step {first['step']}) -> {last['loss']:.4f} "
+                f"(step {last['step']}); {clips:.0f} clips/s, data wait {100 * wait:.0f}%"
+            )
     result = runs / "eval" / "eval.json"
     if result.is_file():
         ev = json.loads(result.read_text())
         classes = len(json.loads((out / "shards" / "val" / "manifest.json").read_text())["classes"])
-        lines.append(f"  eval      top-1 {100 * ev['top1']:.1f}%  top-5 {100 * ev['top5']:.1f}% on {ev['videos']} "
-                     f"held-out videos, 5 clips x 3 crops (chance {100 / classes:.0f}%)")
+        lines.append(
+            f"  eval      top-1 {100 * ev['top1']:.1f}%  top-5 {100 * ev['top5']:.1f}% on {ev['videos']} "
+            f"held-out videos, 5 clips x 3 crops (chance {100 / classes:.0f}%)"
+        )
         lines.append(f"            per-video predictions: {runs / 'eval' / 'predictions.csv'}")
     picture = out / "reconstruction.png"
     if picture.is_file():

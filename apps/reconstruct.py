@@ -31,19 +31,31 @@ MASK_GREY = 0.5
 
 
 # ---------------------------------------------------------------------------------------------------- running
-def load_pretraining_model(checkpoint_or_model: str | os.PathLike | nn.Module,
-                           trust_pickle: bool = False) -> nn.Module:
+def load_pretraining_model(checkpoint_or_model: str | os.PathLike | nn.Module, trust_pickle: bool = False) -> nn.Module:
     from model.loading import load_model_of_kind
     from model.videomae import VideoMAEPretrain
 
-    return load_model_of_kind(checkpoint_or_model, VideoMAEPretrain, "pretraining model",
-                              "reconstruction needs a pretraining checkpoint, with its decoder", trust_pickle)
+    return load_model_of_kind(
+        checkpoint_or_model,
+        VideoMAEPretrain,
+        "pretraining model",
+        "reconstruction needs a pretraining checkpoint, with its decoder",
+        trust_pickle,
+    )
 
 
 @torch.no_grad()
-def reconstruct(checkpoint_or_model: str | os.PathLike | nn.Module, shards: Any, *, num: int = 2, seed: int = 0,
-                mask_ratio: float = 0.9, stride: int = 4, device: str = "cpu",
-                trust_pickle: bool = False) -> dict[str, Any]:
+def reconstruct(
+    checkpoint_or_model: str | os.PathLike | nn.Module,
+    shards: Any,
+    *,
+    num: int = 2,
+    seed: int = 0,
+    mask_ratio: float = 0.9,
+    stride: int = 4,
+    device: str = "cpu",
+    trust_pickle: bool = False,
+) -> dict[str, Any]:
     """One pretraining batch of `num` clips from `shards`, reconstructed. Returns numpy arrays:
 
         frames      uint8[B, T, H, W, C]    the pipeline's views before normalization
@@ -62,10 +74,21 @@ def reconstruct(checkpoint_or_model: str | os.PathLike | nn.Module, shards: Any,
     cfg = model.cfg
     torch_device = resolve_device(device)
     model = model.to(torch_device).eval()
-    loader = build_loader(shards, "pretrain", num, device=pipeline_device(torch_device), num_frames=cfg.num_frames,
-                          stride=stride, input_size=cfg.img_size, patch_size=cfg.patch_size,
-                          tubelet_size=cfg.tubelet_size, mask_ratio=mask_ratio, seed=seed, debug_outputs=True,
-                          shuffle_buffer=64)  # a picture needs no 512-sample shuffle buffer filled first
+    loader = build_loader(
+        shards,
+        "pretrain",
+        num,
+        device=pipeline_device(torch_device),
+        num_frames=cfg.num_frames,
+        stride=stride,
+        input_size=cfg.img_size,
+        patch_size=cfg.patch_size,
+        tubelet_size=cfg.tubelet_size,
+        mask_ratio=mask_ratio,
+        seed=seed,
+        debug_outputs=True,
+        shuffle_buffer=64,
+    )  # a picture needs no 512-sample shuffle buffer filled first
     try:
         if len(loader) == 0:
             raise ValueError(f"{shards}: {loader.num_samples} clips, fewer than --num {num}")
@@ -80,8 +103,8 @@ def reconstruct(checkpoint_or_model: str | os.PathLike | nn.Module, shards: Any,
         sources = list(batch["source"])
     finally:
         loader.close()
-    original = torch.from_numpy(frames).float().div(255.0)                       # [B, T, H, W, C]
-    hidden_thwc = hidden.cpu().permute(0, 2, 3, 4, 1)                              # [B, T, H, W, 1]
+    original = torch.from_numpy(frames).float().div(255.0)  # [B, T, H, W, C]
+    hidden_thwc = hidden.cpu().permute(0, 2, 3, 4, 1)  # [B, T, H, W, 1]
     masked = torch.where(hidden_thwc, torch.full_like(original, MASK_GREY), original)
     return {
         "frames": frames,
@@ -105,8 +128,11 @@ def draw(result: dict[str, Any], out: str | os.PathLike, num_times: int = 4, mas
     b, t = frames.shape[:2]
     times = np.unique(np.linspace(0, t - 1, min(t, num_times)).round().astype(int))
     ratio = float(result["mask"].mean()) if mask_ratio is None else mask_ratio
-    rows = [("original", lambda i, ti: frames[i, ti]), (f"masked ({100 * ratio:.0f}%)", lambda i, ti: masked[i, ti]),
-            ("reconstruction", lambda i, ti: recon[i, ti])]
+    rows = [
+        ("original", lambda i, ti: frames[i, ti]),
+        (f"masked ({100 * ratio:.0f}%)", lambda i, ti: masked[i, ti]),
+        ("reconstruction", lambda i, ti: recon[i, ti]),
+    ]
     fig, axes = plt.subplots(3 * b, len(times), figsize=(1.8 * len(times), 1.9 * 3 * b), squeeze=False)
     for i in range(b):
         for r, (name, image_of) in enumerate(rows):
@@ -127,9 +153,11 @@ def draw(result: dict[str, Any], out: str | os.PathLike, num_times: int = 4, mas
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m apps.reconstruct",
-                                description="Draw original / masked / reconstructed frames of a pretraining "
-                                            "checkpoint on clips from shards (PNG).")
+    p = argparse.ArgumentParser(
+        prog="python -m apps.reconstruct",
+        description="Draw original / masked / reconstructed frames of a pretraining "
+        "checkpoint on clips from shards (PNG).",
+    )
     p.add_argument("--checkpoint", required=True, help="pretraining checkpoint (ours, HF or official), or a run dir")
     p.add_argument("--shards", required=True, help="shard directory, brace pattern, glob or tar")
     p.add_argument("--out", required=True, help="PNG to write")
@@ -139,22 +167,35 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--mask-ratio", type=float, default=0.9, help="tube masking ratio (default 0.9)")
     p.add_argument("--stride", type=int, default=4, help="frame sampling rate (default 4)")
     p.add_argument("--device", choices=["cpu", "gpu"], default="cpu")
-    p.add_argument("--trust-pickle", action="store_true",
-                   help="load a checkpoint that needs full unpickling (it can run code): only a file you trust")
+    p.add_argument(
+        "--trust-pickle",
+        action="store_true",
+        help="load a checkpoint that needs full unpickling (it can run code): only a file you trust",
+    )
     args = p.parse_args(argv)
     if args.num < 1 or args.frames < 1:
         p.error("--num and --frames must be >= 1")
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     try:
-        result = reconstruct(args.checkpoint, args.shards, num=args.num, seed=args.seed, mask_ratio=args.mask_ratio,
-                             stride=args.stride, device=args.device, trust_pickle=args.trust_pickle)
+        result = reconstruct(
+            args.checkpoint,
+            args.shards,
+            num=args.num,
+            seed=args.seed,
+            mask_ratio=args.mask_ratio,
+            stride=args.stride,
+            device=args.device,
+            trust_pickle=args.trust_pickle,
+        )
     except (OSError, ValueError) as e:
         print(f"error: {str(e).splitlines()[0]}", file=sys.stderr)
         return 2
     draw(result, args.out, args.frames)
     n = len(result["keys"])
-    print(f"reconstruct: {n} clip{'s' if n != 1 else ''}, {100 * result['mask'].mean():.0f}% of tubelets masked, "
-          f"loss {result['loss']:.4f} -> {args.out}")
+    print(
+        f"reconstruct: {n} clip{'s' if n != 1 else ''}, {100 * result['mask'].mean():.0f}% of tubelets masked, "
+        f"loss {result['loss']:.4f} -> {args.out}"
+    )
     return 0
 
 

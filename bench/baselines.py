@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import collections
 import io
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from typing import Iterator
 
 import numpy as np
 import torch
@@ -43,13 +43,26 @@ def official_indices(n: int, t: int, stride: int, rng: np.random.Generator) -> l
 def multiscale_crop(h: int, w: int, size: int, rng: np.random.Generator) -> tuple[int, int, int, int]:
     """GroupMultiScaleCrop._sample_crop_size (scales 1, .875, .75, .66, max_distort 1, more_fix_crop)."""
     base = min(w, h)
-    sizes = [int(base * s) for s in (1, .875, .75, .66)]
+    sizes = [int(base * s) for s in (1, 0.875, 0.75, 0.66)]
     sizes = [size if abs(s - size) < 3 else s for s in sizes]
     pairs = [(sizes[j], sizes[i]) for i in range(4) for j in range(4) if abs(i - j) <= 1]
     cw, ch = pairs[int(rng.integers(len(pairs)))]
     ws, hs = (w - cw) // 4, (h - ch) // 4
-    offsets = [(0, 0), (4 * ws, 0), (0, 4 * hs), (4 * ws, 4 * hs), (2 * ws, 2 * hs), (0, 2 * hs), (4 * ws, 2 * hs),
-               (2 * ws, 4 * hs), (2 * ws, 0), (ws, hs), (3 * ws, hs), (ws, 3 * hs), (3 * ws, 3 * hs)]
+    offsets = [
+        (0, 0),
+        (4 * ws, 0),
+        (0, 4 * hs),
+        (4 * ws, 4 * hs),
+        (2 * ws, 2 * hs),
+        (0, 2 * hs),
+        (4 * ws, 2 * hs),
+        (2 * ws, 4 * hs),
+        (2 * ws, 0),
+        (ws, hs),
+        (3 * ws, hs),
+        (ws, 3 * hs),
+        (3 * ws, 3 * hs),
+    ]
     ox, oy = offsets[int(rng.integers(len(offsets)))]
     return oy, ox, ch, cw
 
@@ -63,8 +76,9 @@ def tube_mask(t: int, size: int, patch: int, tubelet: int, ratio: float, rng: np
     return np.tile(pattern, (t // tubelet, 1)).flatten().astype(bool)
 
 
-def augment_views(clip: torch.Tensor, repeats: int, size: int, rng: np.random.Generator) -> tuple[torch.Tensor,
-                                                                                          torch.Tensor]:
+def augment_views(
+    clip: torch.Tensor, repeats: int, size: int, rng: np.random.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
     """K pretraining views of one decoded clip, as VideoMAE makes them: `clip` uint8 or float [C, T, H, W] in
     0..255 -> (float[K, C, T, size, size] normalized, bool[K, N] tube masks)."""
     clip = clip.float()
@@ -72,9 +86,10 @@ def augment_views(clip: torch.Tensor, repeats: int, size: int, rng: np.random.Ge
     views, masks = [], []
     for _ in range(repeats):
         y0, x0, h, w = multiscale_crop(clip.shape[2], clip.shape[3], size, rng)
-        crop = clip[:, :, y0:y0 + h, x0:x0 + w].transpose(0, 1)            # [T, C, h, w]
-        crop = F.interpolate(crop, size=(size, size), mode="bilinear", align_corners=False,
-                             antialias=True).transpose(0, 1)
+        crop = clip[:, :, y0 : y0 + h, x0 : x0 + w].transpose(0, 1)  # [T, C, h, w]
+        crop = F.interpolate(crop, size=(size, size), mode="bilinear", align_corners=False, antialias=True).transpose(
+            0, 1
+        )
         views.append((crop / 255.0 - MEAN) / STD)
         masks.append(torch.from_numpy(tube_mask(t, size, 16, 2, 0.9, rng)))
     return torch.stack(views), torch.stack(masks)
@@ -119,19 +134,26 @@ class DecordClips(torch.utils.data.IterableDataset):
 
 def decord_batches(tars, batch_size, workers, repeats, t, stride, size, device):
     loader = torch.utils.data.DataLoader(
-        DecordClips(tars, t, stride, size, repeats), batch_size=batch_size, num_workers=workers,
-        pin_memory=device.type == "cuda", worker_init_fn=lambda _: torch.set_num_threads(1),
-        persistent_workers=workers > 0, prefetch_factor=2 if workers > 0 else None)
+        DecordClips(tars, t, stride, size, repeats),
+        batch_size=batch_size,
+        num_workers=workers,
+        pin_memory=device.type == "cuda",
+        worker_init_fn=lambda _: torch.set_num_threads(1),
+        persistent_workers=workers > 0,
+        prefetch_factor=2 if workers > 0 else None,
+    )
     for video, mask in loader:
-        yield {"video": video.to(device, non_blocking=True).flatten(0, 1),
-               "mask": mask.to(device, non_blocking=True).flatten(0, 1)}
+        yield {
+            "video": video.to(device, non_blocking=True).flatten(0, 1),
+            "mask": mask.to(device, non_blocking=True).flatten(0, 1),
+        }
 
 
 def torchcodec_available() -> str | None:
     """None when torchcodec decodes here, else why not (one line)."""
     try:
         from torchcodec.decoders import VideoDecoder  # noqa: F401  (loads FFmpeg's libraries)
-    except Exception as e:  # ImportError, or OSError/RuntimeError when FFmpeg's shared libraries are missing
+    except Exception as e:  # noqa: BLE001 - ImportError, or OSError/RuntimeError when FFmpeg's shared libraries are missing
         return f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"
     return None
 
@@ -148,7 +170,7 @@ def torchcodec_batches(tars, batch_size, threads, repeats, t, stride, size, devi
         rng = np.random.default_rng([seed, position])
         decoder = VideoDecoder(video, seek_mode="approximate", num_ffmpeg_threads=1)
         indices = official_indices(decoder.metadata.num_frames, t, stride, rng)
-        frames = decoder.get_frames_at(indices).data                           # uint8[T, C, H, W]
+        frames = decoder.get_frames_at(indices).data  # uint8[T, C, H, W]
         return augment_views(frames.permute(1, 0, 2, 3), repeats, size, rng)
 
     def positions():
@@ -168,8 +190,10 @@ def torchcodec_batches(tars, batch_size, threads, repeats, t, stride, size, devi
                     pending.append(pool.submit(one, *next(feed)))
                 done.append(pending.popleft().result())
             video, mask = torch.stack([v for v, _ in done]), torch.stack([m for _, m in done])
-            yield {"video": video.to(device, non_blocking=True).flatten(0, 1),
-                   "mask": mask.to(device, non_blocking=True).flatten(0, 1)}
+            yield {
+                "video": video.to(device, non_blocking=True).flatten(0, 1),
+                "mask": mask.to(device, non_blocking=True).flatten(0, 1),
+            }
 
 
 def baseline_batches(kind: str, tars, batch_size, n, repeats, t, stride, size, device):

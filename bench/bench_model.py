@@ -43,8 +43,8 @@ import torch
 import torch.nn.functional as F
 
 from model import VideoMAEConfig, build_model
-from model.layers import num_tube_masked
 from model.flops import training_flops_per_clip
+from model.layers import num_tube_masked
 from shards import format as fmt
 from training.step import GraphedStep
 
@@ -67,24 +67,38 @@ VARIANTS = {
     "fused-bf16-compile-cudnn": dict(fast=True, bf16=True, compile="default", attn="cudnn"),
     "fused-bf16-decmask": dict(fast=True, bf16=True, compile=None, decoder_mask=DECODER_MASK_RATIO),
     "fused-bf16-compile-decmask": dict(fast=True, bf16=True, compile="default", decoder_mask=DECODER_MASK_RATIO),
-    "fused-bf16-compile-graphstep-decmask": dict(fast=True, bf16=True, compile="default", graph_step=True,
-                                                 decoder_mask=DECODER_MASK_RATIO),
+    "fused-bf16-compile-graphstep-decmask": dict(
+        fast=True, bf16=True, compile="default", graph_step=True, decoder_mask=DECODER_MASK_RATIO
+    ),
 }
-DEFAULT_GPU_VARIANTS = ["ref-fp32", "fused-fp32", "ref-bf16", "fused-bf16", "fused-bf16-compile",
-                        "fused-bf16-compile-cudagraphs", "fused-bf16-graphstep", "fused-bf16-compile-graphstep",
-                        "fused-bf16-compile-flash", "fused-bf16-compile-cudnn", "fused-bf16-compile-decmask",
-                        "fused-bf16-compile-graphstep-decmask"]
+DEFAULT_GPU_VARIANTS = [
+    "ref-fp32",
+    "fused-fp32",
+    "ref-bf16",
+    "fused-bf16",
+    "fused-bf16-compile",
+    "fused-bf16-compile-cudagraphs",
+    "fused-bf16-graphstep",
+    "fused-bf16-compile-graphstep",
+    "fused-bf16-compile-flash",
+    "fused-bf16-compile-cudnn",
+    "fused-bf16-compile-decmask",
+    "fused-bf16-compile-graphstep-decmask",
+]
 
 
 def cuda_only(variant: str) -> bool:
     """Variants that need a GPU: CUDA graphs, cuDNN / memory-efficient attention."""
     spec = VARIANTS[variant]
-    return spec.get("graph_step", False) or spec.get("attn") in ("cudnn", "efficient") or \
-        spec["compile"] in ("reduce-overhead", "max-autotune")
+    return (
+        spec.get("graph_step", False)
+        or spec.get("attn") in ("cudnn", "efficient")
+        or spec["compile"] in ("reduce-overhead", "max-autotune")
+    )
 
 
 def recipe(variant: str) -> str:
-    """"videomae" (the published objective) or the decoder-masking objective a variant trains."""
+    """ "videomae" (the published objective) or the decoder-masking objective a variant trains."""
     ratio = VARIANTS[variant].get("decoder_mask", 0.0)
     return f"videomae-v2-decoder-mask-{ratio}" if ratio else "videomae"
 
@@ -108,11 +122,12 @@ def measure_matmul_peak(device: torch.device, dtype: torch.dtype, n: int, reps: 
         sync(device)
         times.append(time.perf_counter() - t0)
     times.sort()
-    return 2 * n ** 3 / times[len(times) // 2]
+    return 2 * n**3 / times[len(times) // 2]
 
 
-def tube_masks(batch: int, cfg: VideoMAEConfig, ratio: float, device: torch.device, count: int,
-               gen: torch.Generator) -> list[torch.Tensor]:
+def tube_masks(
+    batch: int, cfg: VideoMAEConfig, ratio: float, device: torch.device, count: int, gen: torch.Generator
+) -> list[torch.Tensor]:
     """`count` batches of official tube masks (one random spatial pattern per clip, repeated over time)."""
     t, h, w = cfg.grid
     per_frame = int(ratio * h * w)
@@ -125,13 +140,24 @@ def tube_masks(batch: int, cfg: VideoMAEConfig, ratio: float, device: torch.devi
     return out
 
 
-def run_variant(kind: str, variant: str, base_cfg: VideoMAEConfig, state: dict[str, torch.Tensor],
-                args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
+def run_variant(
+    kind: str,
+    variant: str,
+    base_cfg: VideoMAEConfig,
+    state: dict[str, torch.Tensor],
+    args: argparse.Namespace,
+    device: torch.device,
+) -> dict[str, Any]:
     spec = VARIANTS[variant]
-    cfg = base_cfg.replace(fused_attn=spec["fast"], fused_loss=spec["fast"], sparse_embed=spec["fast"],
-                           compile_blocks=spec["compile"] == "blocks", grad_checkpointing=args.grad_checkpointing,
-                           attn_backend=spec.get("attn", "auto"),
-                           decoder_mask_ratio=spec.get("decoder_mask", 0.0) if kind == "pretrain" else 0.0)
+    cfg = base_cfg.replace(
+        fused_attn=spec["fast"],
+        fused_loss=spec["fast"],
+        sparse_embed=spec["fast"],
+        compile_blocks=spec["compile"] == "blocks",
+        grad_checkpointing=args.grad_checkpointing,
+        attn_backend=spec.get("attn", "auto"),
+        decoder_mask_ratio=spec.get("decoder_mask", 0.0) if kind == "pretrain" else 0.0,
+    )
     model = build_model(kind, cfg)
     model.load_state_dict(state)
     model.to(device).train()
@@ -139,8 +165,14 @@ def run_variant(kind: str, variant: str, base_cfg: VideoMAEConfig, state: dict[s
     if spec["compile"] not in (None, "blocks"):
         fwd = torch.compile(model, mode=None if spec["compile"] == "default" else spec["compile"])
     use_fused_adam = device.type == "cuda"
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.05,
-                            fused=use_fused_adam, foreach=None if use_fused_adam else True)
+    opt = torch.optim.AdamW(
+        model.parameters(),
+        lr=1e-4,
+        betas=(0.9, 0.95),
+        weight_decay=0.05,
+        fused=use_fused_adam,
+        foreach=None if use_fused_adam else True,
+    )
     gen = torch.Generator().manual_seed(0)
     b = args.batch
     video = torch.randn(b, cfg.in_chans, cfg.num_frames, cfg.img_size, cfg.img_size, generator=gen).to(device)
@@ -198,13 +230,22 @@ def run_variant(kind: str, variant: str, base_cfg: VideoMAEConfig, state: dict[s
         print(prof.key_averages().table(sort_by=sort, row_limit=args.profile))
     flops_clip = training_flops_per_clip(cfg, kind, mask_ratio=args.mask_ratio)  # decoder masking: the FLOPs it runs
     clips_s = b * args.steps / elapsed
-    result = dict(kind=kind, variant=variant, recipe=recipe(variant) if kind == "pretrain" else "videomae",
-                  batch=b, steps=args.steps, step_ms=1e3 * elapsed / args.steps,
-                  clips_per_s=clips_s, achieved_tflops=flops_clip * clips_s / 1e12,
-                  train_gflops_per_clip=flops_clip / 1e9, warmup_s=warmup_s, final_loss=float(last))
+    result = dict(
+        kind=kind,
+        variant=variant,
+        recipe=recipe(variant) if kind == "pretrain" else "videomae",
+        batch=b,
+        steps=args.steps,
+        step_ms=1e3 * elapsed / args.steps,
+        clips_per_s=clips_s,
+        achieved_tflops=flops_clip * clips_s / 1e12,
+        train_gflops_per_clip=flops_clip / 1e9,
+        warmup_s=warmup_s,
+        final_loss=float(last),
+    )
     if device.type == "cuda":
-        result["peak_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2 ** 30
-    del model, fwd, opt, whole_step
+        result["peak_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+    model = fwd = opt = whole_step = None  # free the variant's memory before empty_cache
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return result
@@ -216,15 +257,21 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--size", default="base", help="small | base | large | huge")
     p.add_argument("--frames", type=int, default=16)
     p.add_argument("--img", type=int, default=224)
-    p.add_argument("--batch", default=None, help="clips per step, or a comma list to sweep (default: 64 on cuda, "
-                   "1 on cpu)")
-    p.add_argument("--classify-batch", default=None,
-                   help="fine-tuning batch(es) (default: 16 on cuda, where the reference path needs ~41 GiB at 16; "
-                        "else --batch)")
+    p.add_argument(
+        "--batch", default=None, help="clips per step, or a comma list to sweep (default: 64 on cuda, 1 on cpu)"
+    )
+    p.add_argument(
+        "--classify-batch",
+        default=None,
+        help="fine-tuning batch(es) (default: 16 on cuda, where the reference path needs ~41 GiB at 16; else --batch)",
+    )
     p.add_argument("--mask-ratio", type=float, default=0.9)
     p.add_argument("--kinds", default="pretrain,classify")
-    p.add_argument("--variants", default=None,
-                   help=f"comma list of {list(VARIANTS)} (default: all on cuda, all but compile on cpu)")
+    p.add_argument(
+        "--variants",
+        default=None,
+        help=f"comma list of {list(VARIANTS)} (default: all on cuda, all but compile on cpu)",
+    )
     p.add_argument("--steps", type=int, default=None, help="timed steps (default 20 cuda / 2 cpu)")
     p.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 5 cuda / 1 cpu)")
     p.add_argument("--grad-checkpointing", action="store_true")
@@ -238,12 +285,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.threads:
         torch.set_num_threads(args.threads)
     batches = [int(b) for b in (args.batch or ("64" if on_gpu else "1")).split(",")]
-    classify_batches = ([int(b) for b in args.classify_batch.split(",")] if args.classify_batch else
-                        [16] if on_gpu else batches)
+    classify_batches = (
+        [int(b) for b in args.classify_batch.split(",")] if args.classify_batch else [16] if on_gpu else batches
+    )
     args.steps = args.steps or (20 if on_gpu else 2)
     args.warmup = args.warmup if args.warmup is not None else (5 if on_gpu else 1)
-    variants = (args.variants.split(",") if args.variants else
-                DEFAULT_GPU_VARIANTS if on_gpu else [v for v in VARIANTS if "compile" not in v and not cuda_only(v)])
+    variants = (
+        args.variants.split(",")
+        if args.variants
+        else DEFAULT_GPU_VARIANTS
+        if on_gpu
+        else [v for v in VARIANTS if "compile" not in v and not cuda_only(v)]
+    )
     for v in variants:
         if v not in VARIANTS:
             p.error(f"unknown variant {v!r}; choose from {list(VARIANTS)}")
@@ -253,17 +306,24 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     # measured matmul peaks, same run
     n = 8192 if on_gpu else 2048
-    peaks = {"bf16": measure_matmul_peak(device, torch.bfloat16, n, 10 if on_gpu else 3),
-             "fp32": measure_matmul_peak(device, torch.float32, n, 10 if on_gpu else 3)}
-    env = dict(device=torch.cuda.get_device_name(device) if on_gpu else platform.processor() or platform.machine(),
-               torch=torch.__version__, threads=torch.get_num_threads(),
-               date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-               measured_matmul_tflops={k: v / 1e12 for k, v in peaks.items()})
-    print(f"# {env['device']}, torch {env['torch']}, {env['threads']} threads; measured matmul peak: "
-          f"bf16 {peaks['bf16'] / 1e12:.1f} TFLOP/s, fp32 {peaks['fp32'] / 1e12:.1f} TFLOP/s")
+    peaks = {
+        "bf16": measure_matmul_peak(device, torch.bfloat16, n, 10 if on_gpu else 3),
+        "fp32": measure_matmul_peak(device, torch.float32, n, 10 if on_gpu else 3),
+    }
+    env = dict(
+        device=torch.cuda.get_device_name(device) if on_gpu else platform.processor() or platform.machine(),
+        torch=torch.__version__,
+        threads=torch.get_num_threads(),
+        date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        measured_matmul_tflops={k: v / 1e12 for k, v in peaks.items()},
+    )
+    print(
+        f"# {env['device']}, torch {env['torch']}, {env['threads']} threads; measured matmul peak: "
+        f"bf16 {peaks['bf16'] / 1e12:.1f} TFLOP/s, fp32 {peaks['fp32'] / 1e12:.1f} TFLOP/s"
+    )
 
     results: list[dict] = []
-    report = dict(env=env, args={k: v for k, v in vars(args).items()}, results=results)
+    report = dict(env=env, args=dict(vars(args).items()), results=results)
 
     def save(report: dict) -> None:  # after every variant: a run cut short by a time limit keeps what it measured
         if args.out:
@@ -273,17 +333,25 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         cfg = VideoMAEConfig.from_name(args.size, num_frames=args.frames, img_size=args.img)
         torch.manual_seed(0)
         state = build_model(kind, cfg).state_dict()
-        for batch, variant in [(b, v) for b in (classify_batches if kind == "classify" else batches)
-                               for v in variants if kind == "pretrain" or recipe(v) == "videomae"]:
+        for batch, variant in [
+            (b, v)
+            for b in (classify_batches if kind == "classify" else batches)
+            for v in variants
+            if kind == "pretrain" or recipe(v) == "videomae"
+        ]:
             kind_args = argparse.Namespace(**{**vars(args), "batch": batch})
             try:
                 r = run_variant(kind, variant, cfg, state, kind_args, device)
             except torch.OutOfMemoryError:
                 r = dict(kind=kind, variant=variant, batch=batch, error="out of memory")
                 torch.cuda.empty_cache()
-            except Exception as e:  # one variant this machine cannot run (a kernel, a capture) must not end the run
-                r = dict(kind=kind, variant=variant, batch=batch,
-                         error=f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:200]}")
+            except Exception as e:  # noqa: BLE001 - one variant this machine cannot run (a kernel, a capture) must not end the run
+                r = dict(
+                    kind=kind,
+                    variant=variant,
+                    batch=batch,
+                    error=f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:200]}",
+                )
                 if on_gpu:
                     torch.cuda.empty_cache()
             if "error" not in r:
@@ -300,27 +368,40 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     published = [r for r in results if r.get("recipe", "videomae") == "videomae"]
     print_table(published, results, "VideoMAE (published recipe)")
     if len(published) < len(results):
-        print_table([r for r in results if r not in published], results,
-                    f"VideoMAE V2 decoder masking (ratio {DECODER_MASK_RATIO}): another objective, not the published "
-                    "recipe; FLOPs are those it runs")
+        print_table(
+            [r for r in results if r not in published],
+            results,
+            f"VideoMAE V2 decoder masking (ratio {DECODER_MASK_RATIO}): another objective, not the published "
+            "recipe; FLOPs are those it runs",
+        )
     save(report)
     return report
 
 
 def print_table(rows: list[dict], results: list[dict], title: str) -> None:
-    print(f"\n## {title}\n{'kind':9} {'variant':36} {'batch':>5} {'step ms':>9} {'clips/s':>9} {'TFLOP/s':>8} "
-          f"{'MFU meas':>8} {'MFU 989':>8} {'vs ref':>7}")
+    print(
+        f"\n## {title}\n{'kind':9} {'variant':36} {'batch':>5} {'step ms':>9} {'clips/s':>9} {'TFLOP/s':>8} "
+        f"{'MFU meas':>8} {'MFU 989':>8} {'vs ref':>7}"
+    )
     for r in rows:
         if "error" in r:
             print(f"{r['kind']:9} {r['variant']:36} {r['batch']:>5} {r['error']}")
             continue
         ref_name = "ref-bf16" if "bf16" in r["variant"] else "ref-fp32"
-        ref = next((q for q in results if q["kind"] == r["kind"] and q["variant"] == ref_name
-                    and q["batch"] == r["batch"] and "error" not in q), None)
+        ref = next(
+            (
+                q
+                for q in results
+                if q["kind"] == r["kind"] and q["variant"] == ref_name and q["batch"] == r["batch"] and "error" not in q
+            ),
+            None,
+        )
         speedup = f"{r['clips_per_s'] / ref['clips_per_s']:.2f}x" if ref else "-"
         mfu989 = f"{100 * r['mfu_vs_h100_989']:.1f}%" if "mfu_vs_h100_989" in r else "-"
-        print(f"{r['kind']:9} {r['variant']:36} {r['batch']:>5} {r['step_ms']:>9.1f} {r['clips_per_s']:>9.2f} "
-              f"{r['achieved_tflops']:>8.2f} {100 * r['mfu_vs_measured_matmul']:>7.1f}% {mfu989:>8} {speedup:>7}")
+        print(
+            f"{r['kind']:9} {r['variant']:36} {r['batch']:>5} {r['step_ms']:>9.1f} {r['clips_per_s']:>9.2f} "
+            f"{r['achieved_tflops']:>8.2f} {100 * r['mfu_vs_measured_matmul']:>7.1f}% {mfu989:>8} {speedup:>7}"
+        )
 
 
 if __name__ == "__main__":

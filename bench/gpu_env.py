@@ -48,27 +48,38 @@ def measure_ceilings() -> dict:
     src = torch.randint(0, 255, (1 << 31,), device="cuda", dtype=torch.uint8)  # 2 GiB: far past the L2
     dst = torch.empty_like(src)
     copy_s = _timed(lambda: dst.copy_(src), 10)
-    return {"bf16_matmul_tflops": 2 * n ** 3 / matmul_s / 1e12,
-            "d2d_copy_tb_s_read_plus_write": 2 * src.numel() / copy_s / 1e12}
+    return {
+        "bf16_matmul_tflops": 2 * n**3 / matmul_s / 1e12,
+        "d2d_copy_tb_s_read_plus_write": 2 * src.numel() / copy_s / 1e12,
+    }
 
 
 def collect() -> dict:
     import torch
 
-    facts = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-             "host": platform.node(), "cpus": len(os.sched_getaffinity(0)), "python": platform.python_version(),
-             "torch": torch.__version__, "nvdec": nvdec_available()}
+    facts = {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "host": platform.node(),
+        "cpus": len(os.sched_getaffinity(0)),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "nvdec": nvdec_available(),
+    }
     for name in ("triton", "timm", "nvidia.dali", "decord"):
         try:
             facts[name] = __import__(name, fromlist=["__version__"]).__version__
-        except Exception as e:  # a missing library is a fact too
+        except Exception as e:  # noqa: BLE001 - a missing library is a fact too
             facts[name] = f"unavailable ({type(e).__name__})"
     if torch.cuda.is_available():
         props = torch.cuda.get_device_properties(0)
-        facts.update(gpu=props.name, sms=props.multi_processor_count, gpu_mem_gib=props.total_memory / 2 ** 30)
+        facts.update(gpu=props.name, sms=props.multi_processor_count, gpu_mem_gib=props.total_memory / 2**30)
         try:
-            facts["driver"] = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-                                             capture_output=True, text=True, timeout=30).stdout.strip()
+            facts["driver"] = subprocess.run(
+                ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                capture_output=True,
+                text=True,
+                timeout=30,
+            ).stdout.strip()
         except (OSError, subprocess.TimeoutExpired):
             facts["driver"] = "unknown"
         facts.update(measure_ceilings())

@@ -36,8 +36,14 @@ class LayoutSpec:
 
 
 # name -> (phases, container, GOP; None: the builder's default for the container)
-_BASE = {"timeline": (1, "mp4", 16), "phases4": (4, "mp4", 64), "cut4": (4, "ivf", None), "cut1": (1, "ivf", None),
-         "phases2": (2, "mp4", 64), "cut2": (2, "ivf", None)}
+_BASE = {
+    "timeline": (1, "mp4", 16),
+    "phases4": (4, "mp4", 64),
+    "cut4": (4, "ivf", None),
+    "cut1": (1, "ivf", None),
+    "phases2": (2, "mp4", 64),
+    "cut2": (2, "ivf", None),
+}
 
 
 def parse_layout(spec: str) -> LayoutSpec:
@@ -50,19 +56,42 @@ def parse_layout(spec: str) -> LayoutSpec:
     return LayoutSpec(spec if gop else name, phases, container, gop_value)
 
 
-def make_layout_shards(root: Path, layout: LayoutSpec, videos: Path, short_side: int, workers: int,
-                       samples_per_shard: int = 4) -> Path:
+def make_layout_shards(
+    root: Path, layout: LayoutSpec, videos: Path, short_side: int, workers: int, samples_per_shard: int = 4
+) -> Path:
     """Shards of the videos listed in `videos/train.csv` (or `train.list`) in `layout`, built once under `root`
     (reused when their manifest exists)."""
     from shards.build import main as build_main
 
     out = root / f"train-{layout.name.replace(':', '-g')}"
     if not (out / fmt.MANIFEST_NAME).is_file():
-        listing = ["--csv", str(videos / "train.csv")] if (videos / "train.csv").is_file() else \
-            ["--list", str(videos / "train.list")]
-        assert build_main([*listing, "--root", str(videos), "--split", "train",
-                           "--out", str(out), "--short-side", str(short_side), "--samples-per-shard",
-                           str(samples_per_shard), "--workers", str(workers), "--quiet", *layout.build_args]) == 0
+        listing = (
+            ["--csv", str(videos / "train.csv")]
+            if (videos / "train.csv").is_file()
+            else ["--list", str(videos / "train.list")]
+        )
+        assert (
+            build_main(
+                [
+                    *listing,
+                    "--root",
+                    str(videos),
+                    "--split",
+                    "train",
+                    "--out",
+                    str(out),
+                    "--short-side",
+                    str(short_side),
+                    "--samples-per-shard",
+                    str(samples_per_shard),
+                    "--workers",
+                    str(workers),
+                    "--quiet",
+                    *layout.build_args,
+                ]
+            )
+            == 0
+        )
     return out
 
 
@@ -72,8 +101,25 @@ def synthetic_videos(root: Path, per_class: int, size: str, frames: int, workers
 
     videos = root / "videos"
     if not (videos / "train.csv").is_file():
-        assert synth_main(["--out", str(videos), "--classes", "4", "--per-class", str(per_class), "--size", size,
-                           "--frames", str(frames), "--workers", str(workers)]) == 0
+        assert (
+            synth_main(
+                [
+                    "--out",
+                    str(videos),
+                    "--classes",
+                    "4",
+                    "--per-class",
+                    str(per_class),
+                    "--size",
+                    size,
+                    "--frames",
+                    str(frames),
+                    "--workers",
+                    str(workers),
+                ]
+            )
+            == 0
+        )
     return videos
 
 
@@ -97,7 +143,7 @@ def real_videos(root: Path) -> Path:
 @dataclass
 class SampleFacts:
     num_frames: int
-    bytes: int            # the sample's video members and cuts table
+    bytes: int  # the sample's video members and cuts table
     keyframes: list[list[int]] | None  # per member: key frame numbers (IVF layouts), None for MP4
 
 
@@ -115,8 +161,9 @@ def sample_facts(tars: list[str]) -> list[SampleFacts]:
             keyframes = None
             if shards.layout.cuttable:
                 rows = fmt.unpack_cuts(shards.read_member(tar, *sample.components[fmt.CUTS_EXT][:2]))
-                keyframes = [rows[(rows[:, 0] == m) & (rows[:, 3] == fmt.CUT_KEY), 1].tolist()
-                             for m in range(shards.phases)]
+                keyframes = [
+                    rows[(rows[:, 0] == m) & (rows[:, 3] == fmt.CUT_KEY), 1].tolist() for m in range(shards.phases)
+                ]
             out.append(SampleFacts(info["num_frames"], video_bytes, keyframes))
     return out
 
@@ -145,6 +192,9 @@ def decoded_frames_per_clip(facts: list[SampleFacts], phases: int, t: int, strid
 def layout_summary(tars: list[str], phases: int, t: int, stride: int) -> dict:
     """Bytes per video, decoded frames per clip and frames per video of a shard set (from its tables)."""
     facts = sample_facts(tars)
-    return {"videos": len(facts), "mean_frames": round(float(np.mean([f.num_frames for f in facts])), 1),
-            "bytes_per_video": round(float(np.mean([f.bytes for f in facts]))),
-            "decoded_frames_per_clip": round(decoded_frames_per_clip(facts, phases, t, stride), 1)}
+    return {
+        "videos": len(facts),
+        "mean_frames": round(float(np.mean([f.num_frames for f in facts])), 1),
+        "bytes_per_video": round(float(np.mean([f.bytes for f in facts]))),
+        "decoded_frames_per_clip": round(decoded_frames_per_clip(facts, phases, t, stride), 1),
+    }

@@ -15,14 +15,20 @@ from collections import defaultdict
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.pyplot as plt
 
-STYLE = {"dali": dict(color="tab:green", marker="o", label="this pipeline (DALI)"),
-         "baseline": dict(color="tab:gray", marker="s", label="decord + DataLoader baseline"),
-         "torchcodec": dict(color="tab:brown", marker="D", label="torchcodec + threads baseline")}
+STYLE = {
+    "dali": dict(color="tab:green", marker="o", label="this pipeline (DALI)"),
+    "baseline": dict(color="tab:gray", marker="s", label="decord + DataLoader baseline"),
+    "torchcodec": dict(color="tab:brown", marker="D", label="torchcodec + threads baseline"),
+}
 LAYOUT_COLORS = ["tab:green", "tab:blue", "tab:red", "tab:purple", "tab:orange"]
-LAYOUT_WORDS = {"timeline": "timeline order", "phases4": "4 phases, MP4", "cut4": "4 phases, IVF cut at key frames",
-                "cut1": "timeline order, IVF cut"}
+LAYOUT_WORDS = {
+    "timeline": "timeline order",
+    "phases4": "4 phases, MP4",
+    "cut4": "4 phases, IVF cut at key frames",
+    "cut1": "timeline order, IVF cut",
+}
 
 
 def _line(name: str, layouts: list[str]) -> dict:
@@ -31,9 +37,12 @@ def _line(name: str, layouts: list[str]) -> dict:
         return STYLE[name]
     layout = name.split(" ", 1)[1] if " " in name else "timeline"
     colour = LAYOUT_COLORS[layouts.index(layout) % len(LAYOUT_COLORS)] if layout in layouts else "tab:green"
-    return dict(color=colour, marker="o" if layout == layouts[0] else "^",
-                label=f"this pipeline, {LAYOUT_WORDS.get(layout.split(':')[0], layout)}"
-                      + (f" (GOP {layout.split(':')[1]})" if ":" in layout else ""))
+    return dict(
+        color=colour,
+        marker="o" if layout == layouts[0] else "^",
+        label=f"this pipeline, {LAYOUT_WORDS.get(layout.split(':')[0], layout)}"
+        + (f" (GOP {layout.split(':')[1]})" if ":" in layout else ""),
+    )
 
 
 def _median_by(rows: list[dict], x_key: str, y_key: str) -> dict[str, tuple[list, list]]:
@@ -60,20 +69,26 @@ def plot(results: list[dict], out: str) -> None:
         layouts = list(dict.fromkeys(r.get("layout", "timeline") for r in result["results"] if r["loader"] == "dali"))
         for loader, (xs, ys) in _median_by(result["results"], "repeats", "clips_per_s").items():
             top.plot(xs, ys, **_line(loader, layouts))
-        top.set(xlabel="views per decoded clip K (repeated augmentation)", ylabel="clips/s emitted",
-                title=_title(result), xticks=sorted({r["repeats"] for r in result["results"]}))
+        top.set(
+            xlabel="views per decoded clip K (repeated augmentation)",
+            ylabel="clips/s emitted",
+            title=_title(result),
+            xticks=sorted({r["repeats"] for r in result["results"]}),
+        )
         top.set_ylim(bottom=0)
         top.grid(alpha=0.3)
         top.legend(fontsize=8)
         sweep = result.get("sweep") or []
         for kind in ("dali", "baseline", "torchcodec"):
             rows = [r for r in sweep if r["loader"] == kind]
-            for loader, (xs, ys) in _median_by(rows, "workers" if kind == "baseline" else "threads",
-                                               "decoded_clips_per_s").items():
+            for loader, (xs, ys) in _median_by(
+                rows, "workers" if kind == "baseline" else "threads", "decoded_clips_per_s"
+            ).items():
                 bottom.plot(xs, ys, **_line(loader, layouts))
                 bottom.set_xticks(xs)
-        bottom.set(xlabel="decode threads (DALI, torchcodec) / DataLoader workers (decord)",
-                   ylabel="clips/s decoded (K=1)")
+        bottom.set(
+            xlabel="decode threads (DALI, torchcodec) / DataLoader workers (decord)", ylabel="clips/s decoded (K=1)"
+        )
         bottom.set_ylim(bottom=0)
         bottom.grid(alpha=0.3)
         if not sweep:

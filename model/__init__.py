@@ -14,5 +14,13 @@ from .config import VideoMAEConfig
 from .loading import CHECKPOINT_FORMAT, CheckpointError, build_model, load_pretrained
 from .videomae import VideoMAEClassifier, VideoMAEPretrain
 
-__all__ = ["VideoMAEConfig", "VideoMAEPretrain", "VideoMAEClassifier", "build_model", "load_pretrained",
-           "CheckpointError", "CHECKPOINT_FORMAT", "flops"]
+__all__ = [
+    "VideoMAEConfig",
+    "VideoMAEPretrain",
+    "VideoMAEClassifier",
+    "build_model",
+    "load_pretrained",
+    "CheckpointError",
+    "CHECKPOINT_FORMAT",
+    "flops",
+]

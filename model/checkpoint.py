@@ -48,8 +48,13 @@ def unwrap_model(model: nn.Module) -> nn.Module:
 def model_payload(kind: str, model_config: Any, model: nn.Module, class_names: list[str] | None = None) -> dict:
     """The part of a checkpoint that `model.load_pretrained` reads: format, kind, config, bare weights, labels.
     `model_config` is a VideoMAEConfig; `model` may be wrapped (DDP, torch.compile). Training adds its state."""
-    return {"format": FORMAT, "kind": kind, "model_config": model_config.to_dict(),
-            "model": unwrap_model(model).state_dict(), "class_names": class_names}
+    return {
+        "format": FORMAT,
+        "kind": kind,
+        "model_config": model_config.to_dict(),
+        "model": unwrap_model(model).state_dict(),
+        "class_names": class_names,
+    }
 
 
 def checkpoint_name(step: int) -> str:
@@ -114,8 +119,10 @@ def torch_load_refusal(path: str | os.PathLike, exc: BaseException) -> str:
     """The one-line error for a file that torch.load(weights_only=True) did not read: an unpickling refusal names
     the opt-in (full unpickling can run code), anything else is an unreadable file."""
     if isinstance(exc, pickle.UnpicklingError):
-        return (f"{path}: refused: it needs full unpickling, which can run code ({load_error_reason(exc)}); if you "
-                f"trust this file, pass {TRUST_FLAG}")
+        return (
+            f"{path}: refused: it needs full unpickling, which can run code ({load_error_reason(exc)}); if you "
+            f"trust this file, pass {TRUST_FLAG}"
+        )
     return f"{path}: not a readable checkpoint ({load_error_reason(exc)})"
 
 
@@ -165,8 +172,9 @@ def stored_num_classes(path: str | os.PathLike, trust_pickle: bool = False) -> i
     return int(head.shape[0]) if isinstance(head, torch.Tensor) else None
 
 
-def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu",
-                    required: tuple[str, ...] = ()) -> dict:
+def load_checkpoint(
+    path: str | os.PathLike, map_location: str | torch.device = "cpu", required: tuple[str, ...] = ()
+) -> dict:
     """Read one of our checkpoints, fully, with weights_only=True; it must hold every key of `required` (e.g.
     training.checkpointing.RESUME_KEYS). Anything else (missing, empty, truncated, foreign, lacking keys) is a
     ValueError of one line naming the file and the problem (FileNotFoundError for a missing file)."""

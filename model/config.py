@@ -22,8 +22,16 @@ _SIZES: dict[str, tuple[int, int, int, int, int]] = {
     "huge": (1280, 32, 16, 640, 8),
 }
 ATTN_BACKENDS = ("auto", "flash", "cudnn", "efficient", "math")  # SDPA kernels (torch.nn.attention.SDPBackend)
-_ALIASES = {"s": "small", "b": "base", "l": "large", "h": "huge",
-            "vit-s": "small", "vit-b": "base", "vit-l": "large", "vit-h": "huge"}
+_ALIASES = {
+    "s": "small",
+    "b": "base",
+    "l": "large",
+    "h": "huge",
+    "vit-s": "small",
+    "vit-b": "base",
+    "vit-l": "large",
+    "vit-h": "huge",
+}
 
 
 @dataclass
@@ -96,8 +104,10 @@ class VideoMAEConfig:
         if self.embed_dim % self.num_heads:
             problems.append(f"embed_dim {self.embed_dim} is not a multiple of num_heads {self.num_heads}")
         if self.decoder_embed_dim % self.decoder_num_heads:
-            problems.append(f"decoder_embed_dim {self.decoder_embed_dim} is not a multiple of "
-                            f"decoder_num_heads {self.decoder_num_heads}")
+            problems.append(
+                f"decoder_embed_dim {self.decoder_embed_dim} is not a multiple of "
+                f"decoder_num_heads {self.decoder_num_heads}"
+            )
         if self.attn_backend not in ATTN_BACKENDS:
             problems.append(f"attn_backend {self.attn_backend!r} is not one of {', '.join(ATTN_BACKENDS)}")
         if not 0.0 <= self.decoder_mask_ratio < 1.0:  # NaN included
@@ -106,14 +116,13 @@ class VideoMAEConfig:
             raise ValueError("VideoMAEConfig: " + "; ".join(problems))
 
     @classmethod
-    def from_name(cls, name: str, **overrides: Any) -> "VideoMAEConfig":
+    def from_name(cls, name: str, **overrides: Any) -> VideoMAEConfig:
         """The official size `name` ("small" | "base" | "large" | "huge", or s/b/l/h) with `overrides` applied."""
         key = _ALIASES.get(name.lower(), name.lower())
         if key not in _SIZES:
             raise ValueError(f"unknown VideoMAE size {name!r}; expected one of {sorted(_SIZES)}")
         dim, depth, heads, dec_dim, dec_heads = _SIZES[key]
-        base = dict(embed_dim=dim, depth=depth, num_heads=heads,
-                    decoder_embed_dim=dec_dim, decoder_num_heads=dec_heads)
+        base = dict(embed_dim=dim, depth=depth, num_heads=heads, decoder_embed_dim=dec_dim, decoder_num_heads=dec_heads)
         base.update(overrides)
         return cls.from_dict(base)
 
@@ -142,7 +151,7 @@ class VideoMAEConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "VideoMAEConfig":
+    def from_dict(cls, d: dict[str, Any]) -> VideoMAEConfig:
         """Inverse of `to_dict`; unknown keys are an error (a checkpoint from another code version)."""
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - known)
@@ -150,5 +159,5 @@ class VideoMAEConfig:
             raise ValueError(f"VideoMAEConfig: unknown fields {unknown}")
         return cls(**d)
 
-    def replace(self, **changes: Any) -> "VideoMAEConfig":
+    def replace(self, **changes: Any) -> VideoMAEConfig:
         return dataclasses.replace(self, **changes)

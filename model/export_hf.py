@@ -79,7 +79,7 @@ class ExportError(ValueError):
 
 
 def model_kind(model: nn.Module) -> str:
-    """"pretrain" for a VideoMAEPretrain, "classify" for a VideoMAEClassifier; ExportError otherwise."""
+    """ "pretrain" for a VideoMAEPretrain, "classify" for a VideoMAEClassifier; ExportError otherwise."""
     if isinstance(model, VideoMAEPretrain):
         return "pretrain"
     if isinstance(model, VideoMAEClassifier):
@@ -142,16 +142,31 @@ def hf_config(cfg: VideoMAEConfig, kind: str, class_names: list[str] | None = No
 def _architecture(cfg: VideoMAEConfig, kind: str) -> dict[str, Any]:
     """The fields that decide what a model of `kind` computes at inference (MLP widths instead of the ratio,
     the effective head-norm eps apart: it is handled by `approximations`)."""
-    fields = ("img_size", "patch_size", "tubelet_size", "num_frames", "in_chans", "embed_dim", "depth", "num_heads",
-              "qkv_bias", "norm_eps", "learnable_pos_emb")
+    fields = (
+        "img_size",
+        "patch_size",
+        "tubelet_size",
+        "num_frames",
+        "in_chans",
+        "embed_dim",
+        "depth",
+        "num_heads",
+        "qkv_bias",
+        "norm_eps",
+        "learnable_pos_emb",
+    )
     arch = {f: getattr(cfg, f) for f in fields}
     arch["mlp_hidden"] = _mlp_hidden(cfg.embed_dim, cfg.mlp_ratio)
     if kind == "classify":
         arch.update(num_classes=cfg.num_classes, use_mean_pooling=cfg.use_mean_pooling)
     else:
-        arch.update(decoder_embed_dim=cfg.decoder_embed_dim, decoder_depth=cfg.decoder_depth,
-                    decoder_num_heads=cfg.decoder_num_heads, norm_pix_loss=cfg.norm_pix_loss,
-                    decoder_mlp_hidden=_mlp_hidden(cfg.decoder_embed_dim, cfg.mlp_ratio))
+        arch.update(
+            decoder_embed_dim=cfg.decoder_embed_dim,
+            decoder_depth=cfg.decoder_depth,
+            decoder_num_heads=cfg.decoder_num_heads,
+            norm_pix_loss=cfg.norm_pix_loss,
+            decoder_mlp_hidden=_mlp_hidden(cfg.decoder_embed_dim, cfg.mlp_ratio),
+        )
     return arch
 
 
@@ -169,11 +184,15 @@ def approximations(cfg: VideoMAEConfig, kind: str) -> list[str]:
 def _check_config(cfg: VideoMAEConfig, kind: str, written: dict[str, Any], source: str) -> None:
     """The written config must read back (through loading.config_from_hf) as the same architecture."""
     if cfg.learnable_pos_emb:
-        raise ExportError(f"{source}: learnable position embeddings cannot be exported (transformers' VideoMAE "
-                          "has only the fixed sin-cos table)")
+        raise ExportError(
+            f"{source}: learnable position embeddings cannot be exported (transformers' VideoMAE "
+            "has only the fixed sin-cos table)"
+        )
     if kind == "classify" and cfg.num_classes <= 0:
-        raise ExportError(f"{source}: a classifier without a head (num_classes {cfg.num_classes}) cannot be "
-                          "exported as VideoMAEForVideoClassification")
+        raise ExportError(
+            f"{source}: a classifier without a head (num_classes {cfg.num_classes}) cannot be "
+            "exported as VideoMAEForVideoClassification"
+        )
     try:
         back = config_from_hf(written, source, kind)
     except ValueError as e:
@@ -188,8 +207,9 @@ def _check_config(cfg: VideoMAEConfig, kind: str, written: dict[str, Any], sourc
 # weights
 
 
-def _blocks_to_hf(state: dict[str, torch.Tensor], src_prefix: str, dst_prefix: str, out: dict[str, torch.Tensor],
-                  used: set[str]) -> None:
+def _blocks_to_hf(
+    state: dict[str, torch.Tensor], src_prefix: str, dst_prefix: str, out: dict[str, torch.Tensor], used: set[str]
+) -> None:
     """Our blocks `src_prefix{i}.` -> HF layers `dst_prefix{i}.`; qkv.weight float[3D, D] split into query, key,
     value float[D, D] each (q, k, v order, as `_convert_hf_blocks` concatenates them)."""
     pattern = re.compile(re.escape(src_prefix) + r"(\d+)\.(.+)$")
@@ -209,7 +229,7 @@ def _blocks_to_hf(state: dict[str, torch.Tensor], src_prefix: str, dst_prefix: s
             continue
         for src, dst in _BLOCK_TO_HF.items():
             if rest.startswith(src):
-                out[base + dst + rest[len(src):]] = value
+                out[base + dst + rest[len(src) :]] = value
                 break
         else:
             raise ExportError(f"{key}: no transformers VideoMAE counterpart")
@@ -231,8 +251,14 @@ def to_hf_state_dict(state: dict[str, torch.Tensor], kind: str) -> dict[str, tor
     if kind == "classify":
         simple.update({"fc_norm.": "fc_norm.", "head.": "classifier."})
     else:
-        simple.update({"encoder_to_decoder.": "encoder_to_decoder.", "decoder.norm.": "decoder.norm.",
-                       "decoder.head.": "decoder.head.", "mask_token": "mask_token"})
+        simple.update(
+            {
+                "encoder_to_decoder.": "encoder_to_decoder.",
+                "decoder.norm.": "decoder.norm.",
+                "decoder.head.": "decoder.head.",
+                "mask_token": "mask_token",
+            }
+        )
     for key, value in state.items():
         if key in used:
             continue
@@ -243,8 +269,7 @@ def to_hf_state_dict(state: dict[str, torch.Tensor], kind: str) -> dict[str, tor
     return out
 
 
-def _check_inverse(state: dict[str, torch.Tensor], hf_state: dict[str, torch.Tensor], kind: str,
-                   source: str) -> None:
+def _check_inverse(state: dict[str, torch.Tensor], hf_state: dict[str, torch.Tensor], kind: str, source: str) -> None:
     """`convert_hf_state_dict(hf_state)` must give `state` back exactly (same keys, bit-equal tensors)."""
     back = convert_hf_state_dict(hf_state, kind)
     if set(back) != set(state):
@@ -275,8 +300,7 @@ def check_out_dir(out: Path, overwrite: bool) -> None:
         raise ValueError(f"{out}: directory exists and is not empty (pass --overwrite to replace it)")
 
 
-def export_model(model: nn.Module, out: str | os.PathLike, overwrite: bool = False,
-                 source: str | None = None) -> Path:
+def export_model(model: nn.Module, out: str | os.PathLike, overwrite: bool = False, source: str | None = None) -> Path:
     """Write `model` (a VideoMAEPretrain or VideoMAEClassifier, its class names from `model.class_names`) as a
     transformers VideoMAE directory `out` (config.json + model.safetensors), atomically. Returns `out`.
 
@@ -300,11 +324,15 @@ def export_model(model: nn.Module, out: str | os.PathLike, overwrite: bool = Fal
     hf_state = {k: v.contiguous() for k, v in to_hf_state_dict(state, kind).items()}
     _check_inverse(state, hf_state, kind, source)
     for note in approximations(cfg, kind):
-        log.warning("%s: %s; transformers computes what ours does with head_norm_eps=%g", source, note,
-                    HF_HEAD_NORM_EPS)
+        log.warning(
+            "%s: %s; transformers computes what ours does with head_norm_eps=%g", source, note, HF_HEAD_NORM_EPS
+        )
     if kind == "classify" and class_names is None:
-        log.info("%s: no class names; id2label gets transformers' placeholders LABEL_0 ... LABEL_%d", source,
-                 cfg.num_classes - 1)
+        log.info(
+            "%s: no class names; id2label gets transformers' placeholders LABEL_0 ... LABEL_%d",
+            source,
+            cfg.num_classes - 1,
+        )
 
     out.parent.mkdir(parents=True, exist_ok=True)
     # a temp directory beside `out` (same filesystem, so the rename below is atomic), hidden by its dot
@@ -329,8 +357,9 @@ def export_model(model: nn.Module, out: str | os.PathLike, overwrite: bool = Fal
     return out
 
 
-def export_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike, overwrite: bool = False,
-                      **overrides: Any) -> tuple[Path, nn.Module]:
+def export_checkpoint(
+    checkpoint: str | os.PathLike, out: str | os.PathLike, overwrite: bool = False, **overrides: Any
+) -> tuple[Path, nn.Module]:
     """Load `checkpoint` (anything `load_pretrained` reads; a run directory means its latest checkpoint) and
     `export_model` it to `out`. `overrides`: VideoMAEConfig fields for `load_pretrained` (geometry and head counts
     of official .pth files). Returns (out, the loaded model)."""
@@ -345,11 +374,16 @@ def export_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike, ove
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m model.export_hf",
-                                description="Write a checkpoint as a Hugging Face transformers VideoMAE directory "
-                                            "(config.json + model.safetensors).")
-    p.add_argument("--checkpoint", required=True,
-                   help="our run directory or checkpoint file, a Hugging Face directory, or an official .pth")
+    p = argparse.ArgumentParser(
+        prog="python -m model.export_hf",
+        description="Write a checkpoint as a Hugging Face transformers VideoMAE directory "
+        "(config.json + model.safetensors).",
+    )
+    p.add_argument(
+        "--checkpoint",
+        required=True,
+        help="our run directory or checkpoint file, a Hugging Face directory, or an official .pth",
+    )
     p.add_argument("--out", required=True, help="output directory (written atomically)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing non-empty --out")
     p.add_argument("--num-frames", type=int, help="official .pth only: frames per clip if not 16")
@@ -368,9 +402,16 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    overrides = {k: v for k, v in (("num_frames", args.num_frames), ("img_size", args.img_size),
-                                   ("num_heads", args.num_heads), ("decoder_num_heads", args.decoder_num_heads))
-                 if v is not None}
+    overrides = {
+        k: v
+        for k, v in (
+            ("num_frames", args.num_frames),
+            ("img_size", args.img_size),
+            ("num_heads", args.num_heads),
+            ("decoder_num_heads", args.decoder_num_heads),
+        )
+        if v is not None
+    }
     try:
         _, model = export_checkpoint(args.checkpoint, out, overwrite=args.overwrite, **overrides)
     except Exception as e:  # noqa: BLE001 - a CLI boundary: any failure to read or convert is one line
@@ -381,11 +422,14 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     kind = model_kind(model)
     cfg = model.cfg
-    size_mb = (out / WEIGHTS_NAME).stat().st_size / 2 ** 20
-    what = (f"{cfg.num_classes} classes" if kind == "classify"
-            else f"decoder {cfg.decoder_embed_dim} x {cfg.decoder_depth}")
-    print(f"export_hf: {ARCHITECTURES[kind]} (embed {cfg.embed_dim}, depth {cfg.depth}, {what}) -> {out} "
-          f"({size_mb:.1f} MB)")
+    size_mb = (out / WEIGHTS_NAME).stat().st_size / 2**20
+    what = (
+        f"{cfg.num_classes} classes" if kind == "classify" else f"decoder {cfg.decoder_embed_dim} x {cfg.decoder_depth}"
+    )
+    print(
+        f"export_hf: {ARCHITECTURES[kind]} (embed {cfg.embed_dim}, depth {cfg.depth}, {what}) -> {out} "
+        f"({size_mb:.1f} MB)"
+    )
     return 0
 
 

@@ -32,8 +32,9 @@ def _block_flops(n: int, d: int, mlp_ratio: float) -> int:
     return 2 * n * d * 3 * d + 2 * 2 * n * n * d + 2 * n * d * d + 2 * 2 * n * d * h
 
 
-def forward_flops(cfg: VideoMAEConfig, kind: str, num_masked: int | None = None,
-                  mask_ratio: float = 0.9) -> dict[str, int]:
+def forward_flops(
+    cfg: VideoMAEConfig, kind: str, num_masked: int | None = None, mask_ratio: float = 0.9
+) -> dict[str, int]:
     """Forward matmul FLOPs per clip in training, by part. `num_masked` defaults to the official tube masking at
     `mask_ratio`."""
     n = cfg.num_patches
@@ -59,7 +60,8 @@ def forward_flops(cfg: VideoMAEConfig, kind: str, num_masked: int | None = None,
     return parts
 
 
-def training_flops_per_clip(cfg: VideoMAEConfig, kind: str, num_masked: int | None = None,
-                            mask_ratio: float = 0.9) -> int:
+def training_flops_per_clip(
+    cfg: VideoMAEConfig, kind: str, num_masked: int | None = None, mask_ratio: float = 0.9
+) -> int:
     """FLOPs of one training step per clip = 3 x the forward matmul FLOPs (see module docstring)."""
     return 3 * forward_flops(cfg, kind, num_masked, mask_ratio)["total"]

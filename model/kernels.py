@@ -32,7 +32,7 @@ except ImportError:  # pragma: no cover - depends on the install
     _HAVE_TRITON = False
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def triton_available() -> bool:
     """True when Triton imports and can target a CUDA device (or runs in its interpreter)."""
     if not _HAVE_TRITON:
@@ -46,15 +46,35 @@ if _HAVE_TRITON:
 
     @triton.jit
     def _norm_pix_mse_kernel(
-        video_ptr, pred_ptr, ids_ptr, partial_ptr, grad_ptr, mean_ptr, std_ptr,
-        grad_scale, num_masked, grid_h, grid_w,
-        s_vb, s_vc, s_vt, s_vh, s_vw,  # video strides (elements)
-        s_pb, s_pn,  # pred strides over batch and token (the last dim is contiguous)
-        s_gb, s_gn,  # grad strides likewise
+        video_ptr,
+        pred_ptr,
+        ids_ptr,
+        partial_ptr,
+        grad_ptr,
+        mean_ptr,
+        std_ptr,
+        grad_scale,
+        num_masked,
+        grid_h,
+        grid_w,
+        s_vb,
+        s_vc,
+        s_vt,
+        s_vh,
+        s_vw,  # video strides (elements)
+        s_pb,
+        s_pn,  # pred strides over batch and token (the last dim is contiguous)
+        s_gb,
+        s_gn,  # grad strides likewise
         s_ib,  # ids stride over batch
-        C: tl.constexpr, TUBELET: tl.constexpr, PATCH: tl.constexpr,
-        BLOCK_PIX: tl.constexpr, BLOCK_C: tl.constexpr,
-        NORM_PIX: tl.constexpr, WRITE_GRAD: tl.constexpr, EPS: tl.constexpr,
+        C: tl.constexpr,
+        TUBELET: tl.constexpr,
+        PATCH: tl.constexpr,
+        BLOCK_PIX: tl.constexpr,
+        BLOCK_C: tl.constexpr,
+        NORM_PIX: tl.constexpr,
+        WRITE_GRAD: tl.constexpr,
+        EPS: tl.constexpr,
     ):
         NPIX: tl.constexpr = TUBELET * PATCH * PATCH
         row = tl.program_id(0)
@@ -96,9 +116,17 @@ if _HAVE_TRITON:
             tl.store(grad_ptr + b * s_gb + j * s_gn + col, g.to(grad_ptr.dtype.element_ty), mask=ok)
 
 
-def _launch(pred: torch.Tensor, video: torch.Tensor, ids_masked: torch.Tensor, tubelet: int, patch: int,
-            norm_pix: bool, pixel_mean: torch.Tensor, pixel_std: torch.Tensor, write_grad: bool
-            ) -> tuple[torch.Tensor, torch.Tensor | None]:
+def _launch(
+    pred: torch.Tensor,
+    video: torch.Tensor,
+    ids_masked: torch.Tensor,
+    tubelet: int,
+    patch: int,
+    norm_pix: bool,
+    pixel_mean: torch.Tensor,
+    pixel_std: torch.Tensor,
+    write_grad: bool,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     b, c, t, h, w = video.shape
     m = ids_masked.shape[1]
     npix = tubelet * patch * patch
@@ -116,14 +144,32 @@ def _launch(pred: torch.Tensor, video: torch.Tensor, ids_masked: torch.Tensor, t
     num_warps = 8 if block_pix * block_c >= 2048 else 4
     if rows > 0:
         _norm_pix_mse_kernel[(rows,)](
-            video, pred, ids_masked, partial, grad, pixel_mean.float().contiguous(),
+            video,
+            pred,
+            ids_masked,
+            partial,
+            grad,
+            pixel_mean.float().contiguous(),
             pixel_std.float().contiguous(),
-            2.0 / total, m, h // patch, w // patch,
-            *video.stride(), pred.stride(0), pred.stride(1),
-            grad.stride(0) if write_grad else 0, grad.stride(1) if write_grad else 0,
+            2.0 / total,
+            m,
+            h // patch,
+            w // patch,
+            *video.stride(),
+            pred.stride(0),
+            pred.stride(1),
+            grad.stride(0) if write_grad else 0,
+            grad.stride(1) if write_grad else 0,
             ids_masked.stride(0),
-            C=c, TUBELET=tubelet, PATCH=patch, BLOCK_PIX=block_pix, BLOCK_C=block_c,
-            NORM_PIX=norm_pix, WRITE_GRAD=write_grad, EPS=1e-6, num_warps=num_warps,
+            C=c,
+            TUBELET=tubelet,
+            PATCH=patch,
+            BLOCK_PIX=block_pix,
+            BLOCK_C=block_c,
+            NORM_PIX=norm_pix,
+            WRITE_GRAD=write_grad,
+            EPS=1e-6,
+            num_warps=num_warps,
         )
     loss = partial.sum() / total
     return loss, (grad if write_grad else None)
@@ -147,12 +193,20 @@ class _NormPixMSE(torch.autograd.Function):
 
 
 @torch.compiler.disable  # keep the custom kernel out of compiled graphs: it is already one fused launch
-def norm_pix_mse_triton(pred: torch.Tensor, video: torch.Tensor, ids_masked: torch.Tensor, tubelet: int,
-                        patch: int, norm_pix: bool, pixel_mean: torch.Tensor, pixel_std: torch.Tensor
-                        ) -> torch.Tensor:
+def norm_pix_mse_triton(
+    pred: torch.Tensor,
+    video: torch.Tensor,
+    ids_masked: torch.Tensor,
+    tubelet: int,
+    patch: int,
+    norm_pix: bool,
+    pixel_mean: torch.Tensor,
+    pixel_std: torch.Tensor,
+) -> torch.Tensor:
     """Fused loss. pred: float[B, M, t*p*p*C] (any float dtype), video: float[B, C, T, H, W] (any strides),
     ids_masked: int64[B, M], pixel_mean / pixel_std: float[C] (on the video's device). Returns float32[]."""
     if not _HAVE_TRITON:
-        raise RuntimeError("the fused pixel loss needs Triton, which is not installed; set fused_loss=False or "
-                           "use backend='torch'")
+        raise RuntimeError(
+            "the fused pixel loss needs Triton, which is not installed; set fused_loss=False or use backend='torch'"
+        )
     return _NormPixMSE.apply(pred, video, ids_masked, pixel_mean, pixel_std, tubelet, patch, norm_pix)

@@ -18,8 +18,12 @@ from torch.utils.checkpoint import checkpoint
 
 # VideoMAEConfig.attn_backend -> the SDPA kernels allowed (None: torch's own choice among all of them)
 SDPA_BACKENDS: dict[str, list[SDPBackend] | None] = {
-    "auto": None, "flash": [SDPBackend.FLASH_ATTENTION], "cudnn": [SDPBackend.CUDNN_ATTENTION],
-    "efficient": [SDPBackend.EFFICIENT_ATTENTION], "math": [SDPBackend.MATH]}
+    "auto": None,
+    "flash": [SDPBackend.FLASH_ATTENTION],
+    "cudnn": [SDPBackend.CUDNN_ATTENTION],
+    "efficient": [SDPBackend.EFFICIENT_ATTENTION],
+    "math": [SDPBackend.MATH],
+}
 
 
 def sinusoid_position_table(num_positions: int, dim: int) -> torch.Tensor:
@@ -74,8 +78,7 @@ class PatchEmbed(nn.Module):
     def __init__(self, in_chans: int, embed_dim: int, tubelet: int, patch: int) -> None:
         super().__init__()
         self.tubelet, self.patch = tubelet, patch
-        self.proj = nn.Conv3d(in_chans, embed_dim, kernel_size=(tubelet, patch, patch),
-                              stride=(tubelet, patch, patch))
+        self.proj = nn.Conv3d(in_chans, embed_dim, kernel_size=(tubelet, patch, patch), stride=(tubelet, patch, patch))
 
     def forward(self, video: torch.Tensor) -> torch.Tensor:
         return self.proj(video).flatten(2).transpose(1, 2)
@@ -94,12 +97,13 @@ class Attention(nn.Module):
     reference softmax((q * scale) k^T) v.
     """
 
-    def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True, fused: bool = True,
-                 backend: str = "auto") -> None:
+    def __init__(
+        self, dim: int, num_heads: int, qkv_bias: bool = True, fused: bool = True, backend: str = "auto"
+    ) -> None:
         super().__init__()
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
-        self.scale = self.head_dim ** -0.5
+        self.scale = self.head_dim**-0.5
         self.fused = fused
         self.backends = SDPA_BACKENDS[backend]
         self.qkv = nn.Linear(dim, dim * 3, bias=False)
@@ -132,9 +136,17 @@ class Attention(nn.Module):
 class Block(nn.Module):
     """Pre-norm transformer block: x + attn(norm1(x)), then x + mlp(norm2(x)), with stochastic depth."""
 
-    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, qkv_bias: bool = True,
-                 drop_path: float = 0.0, norm_eps: float = 1e-6, fused_attn: bool = True,
-                 attn_backend: str = "auto") -> None:
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        mlp_ratio: float = 4.0,
+        qkv_bias: bool = True,
+        drop_path: float = 0.0,
+        norm_eps: float = 1e-6,
+        fused_attn: bool = True,
+        attn_backend: str = "auto",
+    ) -> None:
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, eps=norm_eps)
         self.attn = Attention(dim, num_heads, qkv_bias=qkv_bias, fused=fused_attn, backend=attn_backend)
@@ -147,13 +159,23 @@ class Block(nn.Module):
         return x + self.drop_path(self.mlp(self.norm2(x)))
 
 
-def make_blocks(dim: int, depth: int, num_heads: int, mlp_ratio: float, qkv_bias: bool, drop_path_rate: float,
-                norm_eps: float, fused_attn: bool, compile_blocks: bool,
-                attn_backend: str = "auto") -> nn.ModuleList:
+def make_blocks(
+    dim: int,
+    depth: int,
+    num_heads: int,
+    mlp_ratio: float,
+    qkv_bias: bool,
+    drop_path_rate: float,
+    norm_eps: float,
+    fused_attn: bool,
+    compile_blocks: bool,
+    attn_backend: str = "auto",
+) -> nn.ModuleList:
     """`depth` blocks with the official linearly increasing drop-path rates 0 .. drop_path_rate."""
     rates = torch.linspace(0, drop_path_rate, depth, device="cpu").tolist() if depth > 0 else []
-    blocks = nn.ModuleList(Block(dim, num_heads, mlp_ratio, qkv_bias, r, norm_eps, fused_attn, attn_backend)
-                           for r in rates)
+    blocks = nn.ModuleList(
+        Block(dim, num_heads, mlp_ratio, qkv_bias, r, norm_eps, fused_attn, attn_backend) for r in rates
+    )
     if compile_blocks:
         for blk in blocks:
             blk.compile()  # regional compilation: identical blocks share one compiled graph
@@ -207,17 +229,19 @@ def mask_to_ids(mask: torch.Tensor, num_masked: int | None = None) -> tuple[torc
         counts_host = counts.tolist()
         num_masked = counts_host[0] if counts_host else 0
         if any(c != num_masked for c in counts_host):
-            raise ValueError(f"every sample must mask the same number of tokens; got per-sample counts "
-                             f"{sorted(set(counts_host))}")
+            raise ValueError(
+                f"every sample must mask the same number of tokens; got per-sample counts {sorted(set(counts_host))}"
+            )
     elif not torch.compiler.is_compiling():
         torch._assert_async((counts == num_masked).all(), "mask rows must each mask num_masked tokens")
     # a stable sort of 0 (visible) / 1 (masked) keys lists visible tokens first, each group in token order
     ids = torch.argsort(mask.to(torch.int32), dim=1, stable=True)
-    return ids[:, : n - num_masked], ids[:, n - num_masked:]
+    return ids[:, : n - num_masked], ids[:, n - num_masked :]
 
 
-def decoder_target_ids(ids_masked: torch.Tensor, ratio: float, generator: torch.Generator | None = None
-                       ) -> torch.Tensor:
+def decoder_target_ids(
+    ids_masked: torch.Tensor, ratio: float, generator: torch.Generator | None = None
+) -> torch.Tensor:
     """VideoMAE V2's decoder masking (random per clip): of each row's M masked tokens `ids_masked: int64[B, M]`,
     keep K = M - int(ratio * M) drawn uniformly without replacement -> int64[B, K], in increasing token order.
 
@@ -241,6 +265,19 @@ def num_tube_masked(cfg_grid: tuple[int, int, int], mask_ratio: float) -> int:
     return int(mask_ratio * h * w) * t
 
 
-__all__ = ["sinusoid_position_table", "tubelet_view", "gather_tubelets", "PatchEmbed", "Attention", "Block",
-           "make_blocks", "run_blocks", "mask_to_ids", "decoder_target_ids", "gather_tokens", "num_tube_masked",
-           "init_linear_xavier_", "init_linear_trunc_normal_"]
+__all__ = [
+    "sinusoid_position_table",
+    "tubelet_view",
+    "gather_tubelets",
+    "PatchEmbed",
+    "Attention",
+    "Block",
+    "make_blocks",
+    "run_blocks",
+    "mask_to_ids",
+    "decoder_target_ids",
+    "gather_tokens",
+    "num_tube_masked",
+    "init_linear_xavier_",
+    "init_linear_trunc_normal_",
+]

@@ -73,8 +73,9 @@ def _summarize(names: list[str], limit: int = 8) -> str:
     return shown + (f", ... ({len(names)} in all)" if len(names) > limit else "")
 
 
-def load_state_strict(model: nn.Module, state: dict[str, torch.Tensor], source: str,
-                      allow_missing: tuple[str, ...] = ()) -> list[str]:
+def load_state_strict(
+    model: nn.Module, state: dict[str, torch.Tensor], source: str, allow_missing: tuple[str, ...] = ()
+) -> list[str]:
     """Copy `state` into `model`, failing on any missing, unexpected or shape-mismatched key.
 
     Keys of the model starting with a prefix in `allow_missing` may be absent (they keep their fresh init);
@@ -85,8 +86,11 @@ def load_state_strict(model: nn.Module, state: dict[str, torch.Tensor], source: 
     allowed = [k for k in missing if k.startswith(allow_missing)] if allow_missing else []
     missing = [k for k in missing if k not in allowed]
     unexpected = [k for k in state if k not in own]
-    mismatched = [f"{k} (checkpoint {list(state[k].shape)} vs model {list(own[k].shape)})"
-                  for k in state if k in own and tuple(state[k].shape) != tuple(own[k].shape)]
+    mismatched = [
+        f"{k} (checkpoint {list(state[k].shape)} vs model {list(own[k].shape)})"
+        for k in state
+        if k in own and tuple(state[k].shape) != tuple(own[k].shape)
+    ]
     problems = []
     if missing:
         problems.append(f"missing keys: {_summarize(missing)}")
@@ -115,7 +119,7 @@ def _hf_layer_key(rest: str) -> str | None:
     }
     for src, dst in table.items():
         if rest.startswith(src):
-            return dst + rest[len(src):]
+            return dst + rest[len(src) :]
     if rest in ("attention.attention.q_bias", "attention.attention.query.bias"):
         return "attn.q_bias"
     if rest in ("attention.attention.v_bias", "attention.attention.value.bias"):
@@ -123,8 +127,9 @@ def _hf_layer_key(rest: str) -> str | None:
     return None
 
 
-def _convert_hf_blocks(state: dict[str, torch.Tensor], src_prefix: str, dst_prefix: str,
-                       out: dict[str, torch.Tensor], used: set[str]) -> None:
+def _convert_hf_blocks(
+    state: dict[str, torch.Tensor], src_prefix: str, dst_prefix: str, out: dict[str, torch.Tensor], used: set[str]
+) -> None:
     """Blocks under `src_prefix{i}.` -> `dst_prefix{i}.` with q/k/v weights fused into qkv (q, k, v order)."""
     pattern = re.compile(re.escape(src_prefix) + r"(\d+)\.(.+)$")
     layers: dict[int, dict[str, torch.Tensor]] = {}
@@ -140,8 +145,9 @@ def _convert_hf_blocks(state: dict[str, torch.Tensor], src_prefix: str, dst_pref
                 raise CheckpointError(f"layer {src_prefix}{i}: query/key/value weights incomplete")
             out[f"{dst_prefix}{i}.attn.qkv.weight"] = torch.cat(qkv, dim=0)
         if "attention.attention.key.bias" in parts:
-            raise CheckpointError(f"layer {src_prefix}{i} has a key bias; VideoMAE attention has none "
-                                  "(q and v biases only)")
+            raise CheckpointError(
+                f"layer {src_prefix}{i} has a key bias; VideoMAE attention has none (q and v biases only)"
+            )
         for rest, value in parts.items():
             mapped = _hf_layer_key(rest)
             out[f"{dst_prefix}{i}.{mapped}" if mapped else f"{src_prefix}{i}.{rest}"] = value
@@ -151,7 +157,7 @@ def rename_prefixes(key: str, prefixes: dict[str, str]) -> str | None:
     """`key` with its first matching prefix (of `prefixes`, old -> new, in order) replaced; None when none matches."""
     for src, dst in prefixes.items():
         if key.startswith(src):
-            return dst + key[len(src):]
+            return dst + key[len(src) :]
     return None
 
 
@@ -181,6 +187,7 @@ def convert_hf_state_dict(state: dict[str, torch.Tensor], kind: str) -> dict[str
 
 def config_from_hf(hf: dict[str, Any], source: str, kind: str) -> VideoMAEConfig:
     """VideoMAEConfig from an HF config.json dict of a model of `kind`."""
+
     def size(v: Any) -> int:
         if isinstance(v, (list, tuple)):
             if len(set(v)) != 1:
@@ -203,22 +210,35 @@ def config_from_hf(hf: dict[str, Any], source: str, kind: str) -> VideoMAEConfig
         dec_hidden = int(hf.get("decoder_hidden_size", 384))
         dec_inter = int(hf.get("decoder_intermediate_size", 1536))
         if dec_inter != int(dec_hidden * mlp_ratio):
-            raise CheckpointError(f"{source}: decoder_intermediate_size {dec_inter} != decoder_hidden_size x mlp "
-                                  f"ratio ({dec_hidden} x {mlp_ratio}); one MLP ratio for encoder and decoder is "
-                                  "assumed")
-        decoder = dict(decoder_embed_dim=dec_hidden, decoder_depth=int(hf.get("decoder_num_hidden_layers", 4)),
-                       decoder_num_heads=int(hf.get("decoder_num_attention_heads", 6)))
+            raise CheckpointError(
+                f"{source}: decoder_intermediate_size {dec_inter} != decoder_hidden_size x mlp "
+                f"ratio ({dec_hidden} x {mlp_ratio}); one MLP ratio for encoder and decoder is "
+                "assumed"
+            )
+        decoder = dict(
+            decoder_embed_dim=dec_hidden,
+            decoder_depth=int(hf.get("decoder_num_hidden_layers", 4)),
+            decoder_num_heads=int(hf.get("decoder_num_attention_heads", 6)),
+        )
     # pretraining configs carry HF's placeholder labels (LABEL_0, LABEL_1): keep our default class count there
     id2label = (hf.get("id2label") or {}) if kind == "classify" else {}
     num_classes = len(id2label) if id2label else VideoMAEConfig.num_classes
     return VideoMAEConfig(
-        img_size=size(hf.get("image_size", 224)), patch_size=size(hf.get("patch_size", 16)),
-        tubelet_size=int(hf.get("tubelet_size", 2)), num_frames=int(hf.get("num_frames", 16)),
-        in_chans=int(hf.get("num_channels", 3)), embed_dim=hidden, depth=int(hf.get("num_hidden_layers", 12)),
-        num_heads=int(hf.get("num_attention_heads", 12)), mlp_ratio=mlp_ratio,
+        img_size=size(hf.get("image_size", 224)),
+        patch_size=size(hf.get("patch_size", 16)),
+        tubelet_size=int(hf.get("tubelet_size", 2)),
+        num_frames=int(hf.get("num_frames", 16)),
+        in_chans=int(hf.get("num_channels", 3)),
+        embed_dim=hidden,
+        depth=int(hf.get("num_hidden_layers", 12)),
+        num_heads=int(hf.get("num_attention_heads", 12)),
+        mlp_ratio=mlp_ratio,
         qkv_bias=bool(hf.get("qv_bias", hf.get("qkv_bias", True))),
-        norm_eps=float(hf.get("layer_norm_eps", 1e-12)), head_norm_eps=1e-5,  # HF's fc_norm/decoder norm: torch default
-        **decoder, norm_pix_loss=bool(hf.get("norm_pix_loss", True)), num_classes=num_classes,
+        norm_eps=float(hf.get("layer_norm_eps", 1e-12)),
+        head_norm_eps=1e-5,  # HF's fc_norm/decoder norm: torch default
+        **decoder,
+        norm_pix_loss=bool(hf.get("norm_pix_loss", True)),
+        num_classes=num_classes,
         use_mean_pooling=bool(hf.get("use_mean_pooling", True)),
     )
 
@@ -229,20 +249,26 @@ def _hf_kind(hf: dict[str, Any], source: str) -> str:
         return "pretrain"
     if "VideoMAEForVideoClassification" in archs:
         return "classify"
-    raise CheckpointError(f"{source}: config.json architectures {archs} is neither VideoMAEForPreTraining nor "
-                          "VideoMAEForVideoClassification")
+    raise CheckpointError(
+        f"{source}: config.json architectures {archs} is neither VideoMAEForPreTraining nor "
+        "VideoMAEForVideoClassification"
+    )
 
 
 def _drop_fixed_position_tables(state: dict[str, torch.Tensor], cfg: VideoMAEConfig, source: str) -> None:
     """HF's sin-cos tables are constants; should a file store them, they must equal ours (then they are dropped)."""
-    for key, dim in (("videomae.embeddings.position_embeddings", cfg.embed_dim),
-                     ("position_embeddings", cfg.decoder_embed_dim)):
+    for key, dim in (
+        ("videomae.embeddings.position_embeddings", cfg.embed_dim),
+        ("position_embeddings", cfg.decoder_embed_dim),
+    ):
         if key in state:
             stored = state.pop(key).float()
             expected = sinusoid_position_table(cfg.num_patches, dim)
             if stored.shape != expected.shape or not torch.allclose(stored, expected, atol=1e-5):
-                raise CheckpointError(f"{source}: {key} {list(stored.shape)} is not the fixed sin-cos table "
-                                      f"{list(expected.shape)} this architecture uses")
+                raise CheckpointError(
+                    f"{source}: {key} {list(stored.shape)} is not the fixed sin-cos table "
+                    f"{list(expected.shape)} this architecture uses"
+                )
 
 
 def _read_hf_dir(path: Path) -> tuple[str, VideoMAEConfig, dict[str, torch.Tensor], list[str] | None]:
@@ -259,8 +285,9 @@ def _read_hf_dir(path: Path) -> tuple[str, VideoMAEConfig, dict[str, torch.Tenso
     elif (path / "pytorch_model.bin").exists():
         state = torch.load(path / "pytorch_model.bin", map_location="cpu", weights_only=True)
     else:
-        raise CheckpointError(f"{path}: no model.safetensors or pytorch_model.bin (sharded HF checkpoints are "
-                              "not supported)")
+        raise CheckpointError(
+            f"{path}: no model.safetensors or pytorch_model.bin (sharded HF checkpoints are not supported)"
+        )
     _drop_fixed_position_tables(state, cfg, str(path))
     class_names = None
     if kind == "classify" and hf.get("id2label"):
@@ -283,7 +310,7 @@ def _torch_load(path: Path, trust_pickle: bool = False) -> Any:
             return torch.load(path, map_location="cpu", weights_only=False)
         with torch.serialization.safe_globals([argparse.Namespace]):
             return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - refused pickles, truncated or empty files, not a torch file
+    except Exception as exc:
         if trust_pickle:
             raise CheckpointError(f"{path}: not a readable checkpoint ({load_error_reason(exc)})") from exc
         raise CheckpointError(torch_load_refusal(path, exc)) from exc
@@ -294,8 +321,10 @@ def _official_kind(state: dict[str, torch.Tensor], source: str) -> str:
         return "pretrain"
     if any(k.startswith(("blocks.", "patch_embed.")) for k in state):
         return "classify"
-    raise CheckpointError(f"{source}: state dict has neither encoder./decoder. (pretraining) nor blocks./patch_embed. "
-                          f"(classification) keys; first keys: {_summarize(list(state))}")
+    raise CheckpointError(
+        f"{source}: state dict has neither encoder./decoder. (pretraining) nor blocks./patch_embed. "
+        f"(classification) keys; first keys: {_summarize(list(state))}"
+    )
 
 
 def config_from_official(state: dict[str, torch.Tensor], kind: str, source: str) -> VideoMAEConfig:
@@ -314,20 +343,27 @@ def config_from_official(state: dict[str, torch.Tensor], kind: str, source: str)
     fc1 = state.get(f"{enc}blocks.0.mlp.fc1.weight")
     mlp_ratio = fc1.shape[0] / dim if fc1 is not None else 4.0
     fields: dict[str, Any] = dict(
-        embed_dim=dim, in_chans=in_chans, tubelet_size=tubelet, patch_size=patch, depth=depth_of(f"{enc}blocks."),
-        num_heads=_HEADS_BY_DIM.get(dim, max(1, dim // 64)), mlp_ratio=mlp_ratio,
+        embed_dim=dim,
+        in_chans=in_chans,
+        tubelet_size=tubelet,
+        patch_size=patch,
+        depth=depth_of(f"{enc}blocks."),
+        num_heads=_HEADS_BY_DIM.get(dim, max(1, dim // 64)),
+        mlp_ratio=mlp_ratio,
         qkv_bias=f"{enc}blocks.0.attn.q_bias" in state,
         learnable_pos_emb=f"{enc}pos_embed" in state,
     )
     if kind == "pretrain":
         dec = state.get("decoder.blocks.0.norm1.weight")
         if dec is not None:
-            fields.update(decoder_embed_dim=dec.shape[0], decoder_depth=depth_of("decoder.blocks."),
-                          decoder_num_heads=_DECODER_HEADS_BY_DIM.get(dec.shape[0], max(1, dec.shape[0] // 64)))
+            fields.update(
+                decoder_embed_dim=dec.shape[0],
+                decoder_depth=depth_of("decoder.blocks."),
+                decoder_num_heads=_DECODER_HEADS_BY_DIM.get(dec.shape[0], max(1, dec.shape[0] // 64)),
+            )
     else:
         head = state.get("head.weight")
-        fields.update(num_classes=head.shape[0] if head is not None else 0,
-                      use_mean_pooling="fc_norm.weight" in state)
+        fields.update(num_classes=head.shape[0] if head is not None else 0, use_mean_pooling="fc_norm.weight" in state)
     return VideoMAEConfig(**fields)
 
 
@@ -338,8 +374,9 @@ def _fix_official_pos_embed(state: dict[str, torch.Tensor], kind: str, cfg: Vide
         state[key] = state[key][:, : cfg.num_patches]
 
 
-def _read_torch_file(path: Path, cfg_overrides: dict[str, Any], trust_pickle: bool = False
-                     ) -> tuple[str, VideoMAEConfig, dict[str, torch.Tensor], list[str] | None, str]:
+def _read_torch_file(
+    path: Path, cfg_overrides: dict[str, Any], trust_pickle: bool = False
+) -> tuple[str, VideoMAEConfig, dict[str, torch.Tensor], list[str] | None, str]:
     obj = _torch_load(path, trust_pickle)
     if isinstance(obj, dict) and obj.get("format") == CHECKPOINT_FORMAT:
         kind = obj.get("kind")
@@ -365,10 +402,11 @@ def _read_torch_file(path: Path, cfg_overrides: dict[str, Any], trust_pickle: bo
             state = obj  # a bare state dict
         else:
             raise CheckpointError(f"{path}: no 'model' or 'module' state dict; top-level keys: {_summarize(list(obj))}")
-    state = {(k[len("module."):] if k.startswith("module.") else k): v for k, v in state.items()}
+    state = {(k[len("module.") :] if k.startswith("module.") else k): v for k, v in state.items()}
     kind = _official_kind(state, str(path))
-    arch_fields = {k: v for k, v in cfg_overrides.items()
-                   if k in ("num_frames", "img_size", "num_heads", "decoder_num_heads")}
+    arch_fields = {
+        k: v for k, v in cfg_overrides.items() if k in ("num_frames", "img_size", "num_heads", "decoder_num_heads")
+    }
     cfg = config_from_official(state, kind, str(path)).replace(**arch_fields)
     _fix_official_pos_embed(state, kind, cfg)
     return kind, cfg, state, None, "official"
@@ -383,15 +421,21 @@ def _pretrain_to_classifier_state(state: dict[str, torch.Tensor], cfg: VideoMAEC
     for k, v in state.items():
         if not k.startswith("encoder."):
             continue
-        k = k[len("encoder."):]
+        k = k[len("encoder.") :]
         if k.startswith("norm.") and cfg.use_mean_pooling:
             continue  # mean pooling uses fc_norm instead of the encoder's final norm (official fine-tuning)
         out[k] = v
     return out
 
 
-def load_pretrained(path: str | os.PathLike, kind: str | None = None, num_classes: int | None = None, *,
-                    trust_pickle: bool = False, **cfg_overrides: Any) -> nn.Module:
+def load_pretrained(
+    path: str | os.PathLike,
+    kind: str | None = None,
+    num_classes: int | None = None,
+    *,
+    trust_pickle: bool = False,
+    **cfg_overrides: Any,
+) -> nn.Module:
     """A ready model (eval mode, on the CPU) from a checkpoint at `path` (see the module docstring for formats).
 
     kind: "pretrain" | "classify" | None (= the checkpoint's own kind). A pretraining checkpoint loaded with
@@ -419,8 +463,9 @@ def load_pretrained(path: str | os.PathLike, kind: str | None = None, num_classe
 
     want = kind or src_kind
     if want == "pretrain" and src_kind == "classify":
-        raise CheckpointError(f"{path}: a classification checkpoint has no decoder; it cannot be loaded as a "
-                              "pretraining model")
+        raise CheckpointError(
+            f"{path}: a classification checkpoint has no decoder; it cannot be loaded as a pretraining model"
+        )
     changes = dict(cfg_overrides)
     if want == "classify" and src_kind == "pretrain":
         # fine-tuning starts with the official head (mean pooling + fc_norm) whatever the pretraining config
@@ -436,22 +481,35 @@ def load_pretrained(path: str | os.PathLike, kind: str | None = None, num_classe
         fresh = load_state_strict(model, state, str(path), allow_missing=("fc_norm.", "head."))
         if isinstance(model.head, nn.Linear):
             model.reset_head()
-        log.warning("%s: fine-tuning start from a %s pretraining checkpoint: encoder weights loaded, decoder "
-                    "dropped, newly initialised (%d classes): %s", path, fmt, cfg.num_classes,
-                    ", ".join(fresh) or "nothing")
+        log.warning(
+            "%s: fine-tuning start from a %s pretraining checkpoint: encoder weights loaded, decoder "
+            "dropped, newly initialised (%d classes): %s",
+            path,
+            fmt,
+            cfg.num_classes,
+            ", ".join(fresh) or "nothing",
+        )
         class_names = None
     else:
         load_state_strict(model, state, str(path))
-        log.info("%s: loaded %s %s checkpoint (embed %d, depth %d%s)", path, fmt, want, cfg.embed_dim, cfg.depth,
-                 f", {cfg.num_classes} classes" if want == "classify" else "")
+        log.info(
+            "%s: loaded %s %s checkpoint (embed %d, depth %d%s)",
+            path,
+            fmt,
+            want,
+            cfg.embed_dim,
+            cfg.depth,
+            f", {cfg.num_classes} classes" if want == "classify" else "",
+        )
     if class_names is not None and want == "classify" and len(class_names) != cfg.num_classes:
         raise CheckpointError(f"{path}: {len(class_names)} class names for {cfg.num_classes} classes")
     model.class_names = list(class_names) if class_names is not None else None
     return model.eval()
 
 
-def load_model_of_kind(checkpoint_or_model: str | os.PathLike | nn.Module, kind: type, what: str,
-                       why: str, trust_pickle: bool = False) -> nn.Module:
+def load_model_of_kind(
+    checkpoint_or_model: str | os.PathLike | nn.Module, kind: type, what: str, why: str, trust_pickle: bool = False
+) -> nn.Module:
     """`checkpoint_or_model` as a model of class `kind`: a model passes through, a path goes through
     `load_pretrained` (a run directory means its latest checkpoint; `trust_pickle` as there). Another class is a
     one-line error naming the source: "SOURCE: a X is not a WHAT (WHY)"."""
@@ -465,4 +523,3 @@ def load_model_of_kind(checkpoint_or_model: str | os.PathLike | nn.Module, kind:
     if not isinstance(model, kind):
         raise ValueError(f"{source}: a {type(model).__name__} is not a {what} ({why})")
     return model
-

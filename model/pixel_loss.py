@@ -59,8 +59,9 @@ def norm_pix_target_reference(video: torch.Tensor, tubelet: int, patch: int, nor
     return _normalize_tokens(tokens, norm_pix)
 
 
-def masked_pixel_mse_reference(pred: torch.Tensor, video: torch.Tensor, mask: torch.Tensor, tubelet: int,
-                               patch: int, norm_pix: bool = True) -> torch.Tensor:
+def masked_pixel_mse_reference(
+    pred: torch.Tensor, video: torch.Tensor, mask: torch.Tensor, tubelet: int, patch: int, norm_pix: bool = True
+) -> torch.Tensor:
     """Reference loss. pred: float[B, M, t*p*p*C] (masked tokens in token order), mask: bool[B, N] -> float[]."""
     with torch.no_grad():
         target = norm_pix_target_reference(video.float(), tubelet, patch, norm_pix)
@@ -68,9 +69,15 @@ def masked_pixel_mse_reference(pred: torch.Tensor, video: torch.Tensor, mask: to
     return F.mse_loss(pred.float(), target)
 
 
-def masked_target_torch(video: torch.Tensor, ids_masked: torch.Tensor, tubelet: int, patch: int,
-                        norm_pix: bool = True, pixel_mean: torch.Tensor | None = None,
-                        pixel_std: torch.Tensor | None = None) -> torch.Tensor:
+def masked_target_torch(
+    video: torch.Tensor,
+    ids_masked: torch.Tensor,
+    tubelet: int,
+    patch: int,
+    norm_pix: bool = True,
+    pixel_mean: torch.Tensor | None = None,
+    pixel_std: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Target of the masked tokens only.
 
     video: float[B, C, T, H, W], ids_masked: int64[B, M] -> float32[B, M, t*p*p*C]."""
@@ -85,18 +92,33 @@ def masked_target_torch(video: torch.Tensor, ids_masked: torch.Tensor, tubelet: 
     return _normalize_tokens(raw, norm_pix)
 
 
-def masked_pixel_mse_torch(pred: torch.Tensor, video: torch.Tensor, ids_masked: torch.Tensor, tubelet: int,
-                           patch: int, norm_pix: bool = True, pixel_mean: torch.Tensor | None = None,
-                           pixel_std: torch.Tensor | None = None) -> torch.Tensor:
+def masked_pixel_mse_torch(
+    pred: torch.Tensor,
+    video: torch.Tensor,
+    ids_masked: torch.Tensor,
+    tubelet: int,
+    patch: int,
+    norm_pix: bool = True,
+    pixel_mean: torch.Tensor | None = None,
+    pixel_std: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Gather-first torch loss (differentiable w.r.t. pred). Shapes as `masked_pixel_mse_reference`."""
     with torch.no_grad():
         target = masked_target_torch(video, ids_masked, tubelet, patch, norm_pix, pixel_mean, pixel_std)
     return F.mse_loss(pred.float(), target)
 
 
-def masked_pixel_mse(pred: torch.Tensor, video: torch.Tensor, ids_masked: torch.Tensor, tubelet: int, patch: int,
-                     norm_pix: bool = True, pixel_mean: torch.Tensor | None = None,
-                     pixel_std: torch.Tensor | None = None, backend: str = "auto") -> torch.Tensor:
+def masked_pixel_mse(
+    pred: torch.Tensor,
+    video: torch.Tensor,
+    ids_masked: torch.Tensor,
+    tubelet: int,
+    patch: int,
+    norm_pix: bool = True,
+    pixel_mean: torch.Tensor | None = None,
+    pixel_std: torch.Tensor | None = None,
+    backend: str = "auto",
+) -> torch.Tensor:
     """Fused masked normalized-pixel MSE.
 
     pred: float[B, M, t*p*p*C] predictions for the masked tokens `ids_masked: int64[B, M]` (token order),

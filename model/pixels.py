@@ -21,7 +21,7 @@ from model.pixel_loss import TARGET_EPS, pixel_stats
 def tubelet_pixels(pixels: torch.Tensor, tubelet: int, patch: int) -> torch.Tensor:
     """pixels: float[B, C, T, H, W] -> float[B, N, tubelet*patch*patch, C]: per token (t, h, w order) its pixels in
     (dt, dh, dw) order, each with its channels: the layout of the pretraining target before flattening."""
-    tv = tubelet_view(pixels, tubelet, patch)            # [B, T', H', W', C, t, p, p]
+    tv = tubelet_view(pixels, tubelet, patch)  # [B, T', H', W', C, t, p, p]
     return tv.flatten(1, 3).flatten(3).transpose(2, 3)
 
 
@@ -37,12 +37,14 @@ def unnormalize_video(video: torch.Tensor) -> torch.Tensor:
     """The pipeline's ImageNet-normalized `video: float[B, C, T, H, W]` back to pixels in [0, 1]."""
     mean, std = pixel_stats(video.shape[1])
     shape = (1, -1, 1, 1, 1)
-    return video.float() * torch.tensor(std, device=video.device).view(shape) + \
-        torch.tensor(mean, device=video.device).view(shape)
+    return video.float() * torch.tensor(std, device=video.device).view(shape) + torch.tensor(
+        mean, device=video.device
+    ).view(shape)
 
 
-def reconstruct_pixels(video: torch.Tensor, mask: torch.Tensor, pred: torch.Tensor, tubelet: int, patch: int,
-                       norm_pix: bool = True) -> torch.Tensor:
+def reconstruct_pixels(
+    video: torch.Tensor, mask: torch.Tensor, pred: torch.Tensor, tubelet: int, patch: int, norm_pix: bool = True
+) -> torch.Tensor:
     """The reconstructed clip in pixels: float32[B, C, T, H, W] (about [0, 1]; not clamped).
 
     video: float[B, C, T, H, W] ImageNet-normalized (the model's input); mask: bool[B, N] (True = masked, M per
@@ -53,8 +55,8 @@ def reconstruct_pixels(video: torch.Tensor, mask: torch.Tensor, pred: torch.Tens
     """
     b, c, t, h, w = video.shape
     grid = (t // tubelet, h // patch, w // patch)
-    tokens = tubelet_pixels(unnormalize_video(video), tubelet, patch)     # [B, N, P, C]
-    masked = tokens[mask]                                                  # [B*M, P, C], batch then token order
+    tokens = tubelet_pixels(unnormalize_video(video), tubelet, patch)  # [B, N, P, C]
+    masked = tokens[mask]  # [B*M, P, C], batch then token order
     values = pred.float().reshape(masked.shape)
     if norm_pix:
         mean = masked.mean(dim=-2, keepdim=True)

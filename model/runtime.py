@@ -19,7 +19,7 @@ DEVICES = ("auto", "cpu", "gpu")
 
 
 def resolve_device(requested: str | None = "auto", index: int | None = None) -> torch.device:
-    """"auto" / None: the GPU when torch sees one, else the CPU; "gpu" (or "cuda"): the GPU, a ValueError of one line
+    """ "auto" / None: the GPU when torch sees one, else the CPU; "gpu" (or "cuda"): the GPU, a ValueError of one line
     without one; "cpu". `index` picks the GPU (a process's LOCAL_RANK); torch's current device otherwise."""
     if requested not in (None, "cuda", *DEVICES):
         raise ValueError(f"device {requested!r}: expected 'cpu', 'gpu' or 'auto'")

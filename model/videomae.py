@@ -16,8 +16,17 @@ import torch
 from torch import nn
 
 from .config import VideoMAEConfig
-from .layers import (PatchEmbed, decoder_target_ids, gather_tokens, init_linear_trunc_normal_, init_linear_xavier_,
-                     make_blocks, mask_to_ids, run_blocks, sinusoid_position_table)
+from .layers import (
+    PatchEmbed,
+    decoder_target_ids,
+    gather_tokens,
+    init_linear_trunc_normal_,
+    init_linear_xavier_,
+    make_blocks,
+    mask_to_ids,
+    run_blocks,
+    sinusoid_position_table,
+)
 from .pixel_loss import masked_pixel_mse, masked_pixel_mse_reference, pixel_stats
 
 
@@ -36,7 +45,7 @@ class _LayerDecayMixin:
     def layer_id_for(self, name: str) -> int:
         """Layer id of parameter `name` (as in `named_parameters()`)."""
         if self._encoder_prefix and name.startswith(self._encoder_prefix):
-            name = name[len(self._encoder_prefix):]
+            name = name[len(self._encoder_prefix) :]
         elif self._encoder_prefix and name != "mask_token":
             return self.cfg.depth + 1  # decoder side
         if name in ("cls_token", "mask_token", "pos_embed") or name.startswith("patch_embed"):
@@ -58,19 +67,28 @@ class VideoMAEEncoder(nn.Module):
             nn.init.trunc_normal_(self.pos_embed, std=0.02)
         else:
             # a constant, not a weight: never in state_dict, rebuilt on construction (as the official code)
-            self.register_buffer("pos_embed", sinusoid_position_table(cfg.num_patches, cfg.embed_dim),
-                                 persistent=False)
-        self.blocks = make_blocks(cfg.embed_dim, cfg.depth, cfg.num_heads, cfg.mlp_ratio, cfg.qkv_bias,
-                                  cfg.drop_path_rate, cfg.norm_eps, cfg.fused_attn, cfg.compile_blocks,
-                                  cfg.attn_backend)
+            self.register_buffer("pos_embed", sinusoid_position_table(cfg.num_patches, cfg.embed_dim), persistent=False)
+        self.blocks = make_blocks(
+            cfg.embed_dim,
+            cfg.depth,
+            cfg.num_heads,
+            cfg.mlp_ratio,
+            cfg.qkv_bias,
+            cfg.drop_path_rate,
+            cfg.norm_eps,
+            cfg.fused_attn,
+            cfg.compile_blocks,
+            cfg.attn_backend,
+        )
         self.norm = nn.LayerNorm(cfg.embed_dim, eps=cfg.norm_eps) if final_norm else nn.Identity()
 
     def _check_input(self, video: torch.Tensor) -> None:
         c = self.cfg
         want = (c.in_chans, c.num_frames, c.img_size, c.img_size)
         if video.dim() != 5 or tuple(video.shape[1:]) != want:
-            raise ValueError(f"video must be float[B, C, T, H, W] = [B, {', '.join(map(str, want))}], "
-                             f"got {list(video.shape)}")
+            raise ValueError(
+                f"video must be float[B, C, T, H, W] = [B, {', '.join(map(str, want))}], got {list(video.shape)}"
+            )
 
     def embed(self, video: torch.Tensor) -> torch.Tensor:
         """All tokens: float[B, N, D] (embedding + position)."""
@@ -98,16 +116,25 @@ class VideoMAEDecoder(nn.Module):
     def __init__(self, cfg: VideoMAEConfig) -> None:
         super().__init__()
         self.cfg = cfg
-        self.blocks = make_blocks(cfg.decoder_embed_dim, cfg.decoder_depth, cfg.decoder_num_heads, cfg.mlp_ratio,
-                                  cfg.qkv_bias, cfg.drop_path_rate, cfg.norm_eps, cfg.fused_attn,
-                                  cfg.compile_blocks, cfg.attn_backend)
+        self.blocks = make_blocks(
+            cfg.decoder_embed_dim,
+            cfg.decoder_depth,
+            cfg.decoder_num_heads,
+            cfg.mlp_ratio,
+            cfg.qkv_bias,
+            cfg.drop_path_rate,
+            cfg.norm_eps,
+            cfg.fused_attn,
+            cfg.compile_blocks,
+            cfg.attn_backend,
+        )
         self.norm = nn.LayerNorm(cfg.decoder_embed_dim, eps=cfg.final_head_norm_eps)
         self.head = nn.Linear(cfg.decoder_embed_dim, cfg.patch_dim)
 
     def forward(self, x: torch.Tensor, num_masked: int) -> torch.Tensor:
         """x: float[B, N, Dd] (visible tokens first, then masked) -> float[B, num_masked, patch_dim]."""
         x = run_blocks(self.blocks, x, self.cfg.grad_checkpointing)
-        return self.head(self.norm(x[:, x.shape[1] - num_masked:]))
+        return self.head(self.norm(x[:, x.shape[1] - num_masked :]))
 
 
 class VideoMAEPretrain(_LayerDecayMixin, nn.Module):
@@ -131,8 +158,9 @@ class VideoMAEPretrain(_LayerDecayMixin, nn.Module):
         self.encoder = VideoMAEEncoder(cfg, final_norm=True)
         self.encoder_to_decoder = nn.Linear(cfg.embed_dim, cfg.decoder_embed_dim, bias=False)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, cfg.decoder_embed_dim))
-        self.register_buffer("pos_embed", sinusoid_position_table(cfg.num_patches, cfg.decoder_embed_dim),
-                             persistent=False)
+        self.register_buffer(
+            "pos_embed", sinusoid_position_table(cfg.num_patches, cfg.decoder_embed_dim), persistent=False
+        )
         self.decoder = VideoMAEDecoder(cfg)
         mean, std = pixel_stats(cfg.in_chans)
         self.register_buffer("pixel_mean", torch.tensor(mean), persistent=False)
@@ -173,8 +201,13 @@ class VideoMAEPretrain(_LayerDecayMixin, nn.Module):
             return decoder_target_ids(ids_masked, self.cfg.decoder_mask_ratio)
         return ids_masked
 
-    def forward(self, video: torch.Tensor, mask: torch.Tensor, num_masked: int | None = None,
-                ids_target: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self,
+        video: torch.Tensor,
+        mask: torch.Tensor,
+        num_masked: int | None = None,
+        ids_target: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """video: float[B, C, T, H, W] (ImageNet-normalized), mask: bool[B, N] (True = masked, M per row).
 
         Returns (loss: float32[], pred: float[B, K, tubelet*patch*patch*C]); pred rows follow the reconstructed
@@ -189,13 +222,20 @@ class VideoMAEPretrain(_LayerDecayMixin, nn.Module):
         pred = self.forward_pred(video, ids_visible, ids_target)
         cfg = self.cfg
         if cfg.fused_loss:
-            loss = masked_pixel_mse(pred, video, ids_target, cfg.tubelet_size, cfg.patch_size, cfg.norm_pix_loss,
-                                    self.pixel_mean, self.pixel_std)
+            loss = masked_pixel_mse(
+                pred,
+                video,
+                ids_target,
+                cfg.tubelet_size,
+                cfg.patch_size,
+                cfg.norm_pix_loss,
+                self.pixel_mean,
+                self.pixel_std,
+            )
         else:
             if ids_target is not ids_masked:  # the reference formula selects the target tokens with a mask
                 mask = torch.zeros_like(mask).scatter_(1, ids_target, True)
-            loss = masked_pixel_mse_reference(pred, video, mask, cfg.tubelet_size, cfg.patch_size,
-                                              cfg.norm_pix_loss)
+            loss = masked_pixel_mse_reference(pred, video, mask, cfg.tubelet_size, cfg.patch_size, cfg.norm_pix_loss)
         return loss, pred
 
 

@@ -13,8 +13,13 @@ See `pipeline.loader` (epochs, resume, corrupt samples, the zero-copy handoff), 
 
 import importlib
 
-_EXPORTS = {"PipelineConfig": "pipeline.config", "VideoLoader": "pipeline.loader", "LoaderStats": "pipeline.loader",
-            "build_loader": "pipeline.loader", "VideoMixup": "pipeline.mixup"}
+_EXPORTS = {
+    "PipelineConfig": "pipeline.config",
+    "VideoLoader": "pipeline.loader",
+    "LoaderStats": "pipeline.loader",
+    "build_loader": "pipeline.loader",
+    "VideoMixup": "pipeline.mixup",
+}
 __all__ = list(_EXPORTS)
 
 

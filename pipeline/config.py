@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Optional
 
 MODES = ("pretrain", "finetune", "eval")
 DECODE_CHOICES = ("fixed", "auto")
@@ -33,51 +32,51 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 @dataclass(frozen=True)
 class PipelineConfig:
     mode: str = "pretrain"
-    num_frames: int = 16            # T, frames per clip
-    stride: int = 4                 # sampling rate between consecutive frames of a clip
-    input_size: int = 224           # output frames are input_size x input_size
-    num_repeats: int = 1            # K views per decoded clip (repeated augmentation)
+    num_frames: int = 16  # T, frames per clip
+    stride: int = 4  # sampling rate between consecutive frames of a clip
+    input_size: int = 224  # output frames are input_size x input_size
+    num_repeats: int = 1  # K views per decoded clip (repeated augmentation)
     # pretraining mask (official TubeMaskingGenerator: int(ratio * spatial tokens) per temporal slot)
     mask_ratio: float = 0.9
     patch_size: int = 16
     tubelet_size: int = 2
     # spatial augmentation
-    flip: Optional[bool] = None
+    flip: bool | None = None
     scales: tuple[float, ...] = (1.0, 0.875, 0.75, 0.66)  # multi-scale crop, fractions of the short side
     max_distort: int = 1
     more_fix_crop: bool = True
-    rrc_scale: tuple[float, float] = (0.08, 1.0)           # random resized crop (fine-tuning)
+    rrc_scale: tuple[float, float] = (0.08, 1.0)  # random resized crop (fine-tuning)
     rrc_ratio: tuple[float, float] = (3 / 4, 4 / 3)
-    antialias: Optional[bool] = None
+    antialias: bool | None = None
     # fine-tuning extras
-    rand_augment: Optional[bool] = None
+    rand_augment: bool | None = None
     rand_augment_n: int = 4
-    rand_augment_m: int = 7          # magnitude on timm's 0..10 scale
-    erase_prob: Optional[float] = None
+    rand_augment_m: int = 7  # magnitude on timm's 0..10 scale
+    erase_prob: float | None = None
     # evaluation protocol
     eval_clips: int = 5
     eval_crops: int = 3
-    short_side: Optional[int] = None  # eval: resize the short side to this before cropping (default input_size)
+    short_side: int | None = None  # eval: resize the short side to this before cropping (default input_size)
     # normalization
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
     # reading
-    shuffle: Optional[bool] = None
-    shuffle_buffer: int = 512        # DALI reader shuffle buffer, samples (per rank)
-    use_mmap: bool = True            # map the tars (local disks); False reads them with plain I/O (network mounts)
-    drop_last: Optional[bool] = None
-    debug_outputs: bool = False      # also emit uint8 frames before normalization (preview/dump)
+    shuffle: bool | None = None
+    shuffle_buffer: int = 512  # DALI reader shuffle buffer, samples (per rank)
+    use_mmap: bool = True  # map the tars (local disks); False reads them with plain I/O (network mounts)
+    drop_last: bool | None = None
+    debug_outputs: bool = False  # also emit uint8 frames before normalization (preview/dump)
     # decoding strategy (GPU backend; experimental, to be measured: bench.bench_pipeline --decode-sweep)
-    decoder_groups: int = 1          # split each batch over this many concurrent decoder instances (NVDEC engines)
-    cpu_decoder_groups: int = 0      # of those, how many decode on CPU threads, then move to the GPU for
-                                     # augmentation (hybrid decoding; = decoder_groups: CPU decode, GPU augment)
-    pipelines: int = 1               # independent DALI pipelines per rank, each with its own threads and decoders,
-                                     # pipeline i decoding rows i::pipelines of every batch (outputs do not change)
-    decode: str = "fixed"            # "auto": time candidate strategies (pipelines, decoder groups, CPU groups) on
-                                     # the first batches at start and keep the fastest (outputs do not change)
-    auto_batches: int = 3            # decode="auto": timed batches per candidate, after one untimed batch
+    decoder_groups: int = 1  # split each batch over this many concurrent decoder instances (NVDEC engines)
+    cpu_decoder_groups: int = 0  # of those, how many decode on CPU threads, then move to the GPU for
+    # augmentation (hybrid decoding; = decoder_groups: CPU decode, GPU augment)
+    pipelines: int = 1  # independent DALI pipelines per rank, each with its own threads and decoders,
+    # pipeline i decoding rows i::pipelines of every batch (outputs do not change)
+    decode: str = "fixed"  # "auto": time candidate strategies (pipelines, decoder groups, CPU groups) on
+    # the first batches at start and keep the fastest (outputs do not change)
+    auto_batches: int = 3  # decode="auto": timed batches per candidate, after one untimed batch
 
-    def resolved(self) -> "PipelineConfig":
+    def resolved(self) -> PipelineConfig:
         """A copy with every mode-dependent `None` replaced by the mode's default, validated."""
         if self.mode not in MODES:
             raise ValueError(f"mode {self.mode!r}: expected one of {MODES}")
@@ -108,8 +107,9 @@ class PipelineConfig:
         if self.auto_batches < 1:
             raise ValueError(f"auto_batches={self.auto_batches}: must be >= 1")
         if not 0 <= self.cpu_decoder_groups <= self.decoder_groups:
-            raise ValueError(f"cpu_decoder_groups={self.cpu_decoder_groups}: must be in [0, decoder_groups="
-                             f"{self.decoder_groups}]")
+            raise ValueError(
+                f"cpu_decoder_groups={self.cpu_decoder_groups}: must be in [0, decoder_groups={self.decoder_groups}]"
+            )
         if self.num_repeats < 1:
             raise ValueError(f"num_repeats={self.num_repeats}: must be >= 1")
         if self.mode == "pretrain":
@@ -138,8 +138,9 @@ class PipelineConfig:
         and/or "cpu" (hybrid), by `cpu_decoder_groups`."""
         if device == "cpu":
             return {"cpu"}
-        return ({"cpu"} if self.cpu_decoder_groups else set()) | \
-            ({"mixed"} if self.cpu_decoder_groups < self.decoder_groups else set())
+        return ({"cpu"} if self.cpu_decoder_groups else set()) | (
+            {"mixed"} if self.cpu_decoder_groups < self.decoder_groups else set()
+        )
 
     @property
     def spatial_tokens(self) -> int:

@@ -22,12 +22,12 @@ reader reads all of them (eval, whose indices are stride multiples, only the fir
 phase start % P, are decoded from that member at positions index // P (`phase_member`). Everything else sees
 timeline indices.
 
-Decoding (`frame_run`, `keyframe_cut`, `decode_run`, `repeat_frames`): DALI 2.4's decoder decodes from the first byte it is handed and reopens the stream for a
-repeated frame index, so the decoder is asked for each distinct frame once, as one strided run (`start_frame`,
-`stride`, `sequence_length`), and repeats (edge padding of short videos, eval clips that overlap) are made after
-decoding (`fn.sequence_rearrange`). IVF members are first cut (`keyframe_cut`): the member's header, then its bytes
-from the last key frame at or before the run's first frame to the end of its last frame, found in the sample's
-cuts table (`shards.format`). A clip then costs its own frames plus its distance to that key frame.
+Decoding (`frame_run`, `keyframe_cut`, `decode_run`, `repeat_frames`): DALI 2.4's decoder decodes from the first byte it
+is handed and reopens the stream for a repeated frame index, so the decoder is asked for each distinct frame once, as
+one strided run (`start_frame`, `stride`, `sequence_length`), and repeats (edge padding of short videos, eval clips that
+overlap) are made after decoding (`fn.sequence_rearrange`). IVF members are first cut (`keyframe_cut`): the member's
+header, then its bytes from the last key frame at or before the run's first frame to the end of its last frame, found in
+the sample's cuts table (`shards.format`). A clip then costs its own frames plus its distance to that key frame.
 
 Plan: an external source feeds one int32 per sample per iteration (a whole-batch numpy array from the loader, the
 graph's only Python input; no per-sample callback). A sample planned -1 is skipped: the expensive branch (decode,
@@ -42,11 +42,11 @@ spreads positions over the groups so that no instance ever sees an empty batch.
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
-from nvidia.dali import OperatorConcurrency, StreamPolicy, fn, pipeline_def, types
 import nvidia.dali.math as dmath
+from nvidia.dali import OperatorConcurrency, StreamPolicy, fn, pipeline_def, types
 from nvidia.dali.auto_aug import augmentations as aa
 from nvidia.dali.auto_aug import rand_augment as ra
 from nvidia.dali.auto_aug.core import augmentation
@@ -55,12 +55,12 @@ from pipeline.config import PipelineConfig
 from pipeline.masking import tube_mask_from_scores, tube_mask_scores
 from shards import format as fmt
 
-IVF_HEADER = 32        # bytes of an IVF file header (shards.ivf)
-RRC_ATTEMPTS = 10      # torchvision/VideoMAE random resized crop: 10 attempts, then a central fallback
-ERASE_ATTEMPTS = 10    # timm RandomErasing: 10 attempts per frame
+IVF_HEADER = 32  # bytes of an IVF file header (shards.ivf)
+RRC_ATTEMPTS = 10  # torchvision/VideoMAE random resized crop: 10 attempts, then a central fallback
+ERASE_ATTEMPTS = 10  # timm RandomErasing: 10 attempts per frame
 ERASE_AREA = (0.02, 1 / 3)
 ERASE_ASPECT = (0.3, 1 / 0.3)
-FIX_OFFSETS = [(0, 0), (4, 0), (0, 4), (4, 4), (2, 2)]                        # (x, y) multiples of the step
+FIX_OFFSETS = [(0, 0), (4, 0), (0, 4), (4, 4), (2, 2)]  # (x, y) multiples of the step
 MORE_FIX_OFFSETS = [(0, 2), (4, 2), (2, 4), (2, 0), (1, 1), (3, 1), (1, 3), (3, 3)]
 
 
@@ -76,20 +76,46 @@ def output_names(cfg: PipelineConfig) -> list[str]:
     return names
 
 
-def build_pipeline(cfg: PipelineConfig, paths: list[str], index_paths: list[str], *, batch_size: int, device: str,
-                   device_id: int | None, shard_id: int, num_shards: int, seed: int, num_threads: int,
-                   prefetch_depth: int, plan_source: Callable[[], np.ndarray],
-                   layout: fmt.Layout = fmt.Layout(), cut: bool = True):
+def build_pipeline(
+    cfg: PipelineConfig,
+    paths: list[str],
+    index_paths: list[str],
+    *,
+    batch_size: int,
+    device: str,
+    device_id: int | None,
+    shard_id: int,
+    num_shards: int,
+    seed: int,
+    num_threads: int,
+    prefetch_depth: int,
+    plan_source: Callable[[], np.ndarray],
+    layout: fmt.Layout = fmt.Layout(),  # noqa: B008 - a frozen dataclass: one shared default is safe
+    cut: bool = True,
+):
     """A DALI pipeline reading `paths` as shard `shard_id` of `num_shards` (one epoch's worth); `plan_source()`
     returns int32[batch_size] per iteration (see the module docstring); `layout`: how the shards store videos;
     `cut=False` hands IVF members to the decoder whole (for a decoder that cannot read cut ones)."""
     parallel = {}
     if device == "gpu" and cfg.decoder_groups > 1:  # let the decoder instances run at once, each on its stream
         parallel = dict(concurrency=OperatorConcurrency.FULL, stream_policy=StreamPolicy.PER_OPERATOR)
-    return _video_pipeline(cfg, paths, index_paths, device, shard_id, num_shards, plan_source, layout, cut,
-                           batch_size=batch_size, num_threads=num_threads,
-                           device_id=device_id if device == "gpu" else None, seed=seed,
-                           prefetch_queue_depth=prefetch_depth, **parallel)
+    return _video_pipeline(
+        cfg,
+        paths,
+        index_paths,
+        device,
+        shard_id,
+        num_shards,
+        plan_source,
+        layout,
+        cut,
+        batch_size=batch_size,
+        num_threads=num_threads,
+        device_id=device_id if device == "gpu" else None,
+        seed=seed,
+        prefetch_queue_depth=prefetch_depth,
+        **parallel,
+    )
 
 
 @pipeline_def(enable_conditionals=True)
@@ -106,12 +132,20 @@ def _graph(cfg, paths, index_paths, device, shard_id, num_shards, plan_source, l
         video_exts = video_exts[:1]
     table_exts = [fmt.CUTS_EXT] if layout.cuttable else []
     *members, info = fn.readers.webdataset(
-        paths=paths, index_paths=index_paths, ext=[*video_exts, *table_exts, fmt.INFO_EXT],
+        paths=paths,
+        index_paths=index_paths,
+        ext=[*video_exts, *table_exts, fmt.INFO_EXT],
         dtypes=[types.UINT8] * len(video_exts) + [types.INT32] * len(table_exts) + [types.INT32],
-        missing_component_behavior="skip", random_shuffle=cfg.shuffle, initial_fill=cfg.shuffle_buffer,
+        missing_component_behavior="skip",
+        random_shuffle=cfg.shuffle,
+        initial_fill=cfg.shuffle_buffer,
         dont_use_mmap=not cfg.use_mmap,
-        shard_id=shard_id, num_shards=num_shards, stick_to_shard=True, pad_last_batch=True,
-        name="reader")
+        shard_id=shard_id,
+        num_shards=num_shards,
+        stick_to_shard=True,
+        pad_last_batch=True,
+        name="reader",
+    )
     cuts = cut_rows(members.pop()) if layout.cuttable else None
     plan = fn.external_source(source=plan_source, batch=True, dtype=types.INT32, ndim=0, name="plan")
     skip = plan < 0
@@ -136,12 +170,19 @@ def _graph(cfg, paths, index_paths, device, shard_id, num_shards, plan_source, l
     if skip:
         video, box, frames, mask = _placeholders(cfg, device)
     else:
-        encoded, run = (keyframe_cut(member, cuts, phase, run) if cuts is not None and cut
-                        else (member, run))
+        encoded, run = keyframe_cut(member, cuts, phase, run) if cuts is not None and cut else (member, run)
         video, box, frames, mask = _decode_and_augment(encoded, run, plan, draws, cfg, device)
 
-    outputs = {"video": video, "sample_id": _to(sample_id, device), "label": _to(label, device),
-               "frame_idx": frame_idx, "box": box, "source": source, "frames": frames, "mask": mask}
+    outputs = {
+        "video": video,
+        "sample_id": _to(sample_id, device),
+        "label": _to(label, device),
+        "frame_idx": frame_idx,
+        "box": box,
+        "source": source,
+        "frames": frames,
+        "mask": mask,
+    }
     return tuple(outputs[name] for name in output_names(cfg))
 
 
@@ -213,7 +254,7 @@ class FrameRun:
     def __init__(self, first, step: int, count, order):
         self.first, self.step, self.count, self.order = first, step, count, order
 
-    def moved(self, by) -> "FrameRun":
+    def moved(self, by) -> FrameRun:
         """The same run in a stream that starts `by` frames later into the member (a keyframe cut)."""
         return FrameRun(self.first - by, self.step, self.count, self.order)
 
@@ -260,8 +301,14 @@ def build_probe(layout: fmt.Layout, stride: int, device: str, device_id: int | N
     "cuts" (int32[rows * 4]). Outputs the frames the decoder produced (uint8[count, H, W, 3], each distinct frame
     once) and the clip (uint8[L, H, W, 3], in frame_idx order). Used to find corrupt samples and to check what a
     decoder reads."""
-    @pipeline_def(batch_size=1, num_threads=1, prefetch_queue_depth=1, enable_conditionals=False,
-                  device_id=device_id if device == "gpu" else None)
+
+    @pipeline_def(
+        batch_size=1,
+        num_threads=1,
+        prefetch_queue_depth=1,
+        enable_conditionals=False,
+        device_id=device_id if device == "gpu" else None,
+    )
     def probe():
         member = fn.external_source(name="video", dtype=types.UINT8, ndim=1)
         frame_idx = fn.external_source(name="frame_idx", dtype=types.INT32, ndim=1)
@@ -279,7 +326,7 @@ def build_probe(layout: fmt.Layout, stride: int, device: str, device_id: int | N
 # -- random draws (outside the conditional branch) --------------------------------------------------------------
 def _view_draws(cfg: PipelineConfig) -> dict:
     k = cfg.num_repeats
-    uniform = lambda *shape: fn.random.uniform(range=[0.0, 1.0], shape=list(shape))  # noqa: E731
+    uniform = lambda *shape: fn.random.uniform(range=[0.0, 1.0], shape=list(shape))
     draws = {}
     if cfg.mode == "pretrain":
         draws["pair"], draws["offset"] = uniform(k), uniform(k)
@@ -287,8 +334,11 @@ def _view_draws(cfg: PipelineConfig) -> dict:
     else:
         draws["area"], draws["ratio"] = uniform(k, RRC_ATTEMPTS), uniform(k, RRC_ATTEMPTS)
         draws["top"], draws["left"] = uniform(k, RRC_ATTEMPTS), uniform(k, RRC_ATTEMPTS)
-    draws["flip"] = (fn.random.coin_flip(probability=0.5, shape=[k], dtype=types.INT32) if cfg.flip
-                     else types.Constant(np.zeros(k, dtype=np.int32)))
+    draws["flip"] = (
+        fn.random.coin_flip(probability=0.5, shape=[k], dtype=types.INT32)
+        if cfg.flip
+        else types.Constant(np.zeros(k, dtype=np.int32))
+    )
     if cfg.erase_prob > 0:
         draws["erase"] = [uniform(k, cfg.num_frames)] + [uniform(k, cfg.num_frames, ERASE_ATTEMPTS) for _ in range(4)]
     return draws
@@ -299,8 +349,7 @@ def _first_valid(valid, values: list, attempts: int, axis: int):
     Returns (selected values..., any_valid as float 0/1)."""
     shape = [1] * axis + [attempts]
     index = types.Constant(np.arange(attempts, dtype=np.float32).reshape(shape))
-    first = fn.reductions.min(index + (1.0 - fn.cast(valid, dtype=types.FLOAT)) * attempts, axes=[axis],
-                              keep_dims=True)
+    first = fn.reductions.min(index + (1.0 - fn.cast(valid, dtype=types.FLOAT)) * attempts, axes=[axis], keep_dims=True)
     onehot = fn.cast(index == first, dtype=types.FLOAT)
     chosen = [fn.reductions.sum(onehot * v, axes=[axis]) for v in values]
     any_valid = fn.cast(fn.reductions.min(first, axes=[axis]) < attempts, dtype=types.FLOAT)
@@ -338,8 +387,9 @@ def _placeholders(cfg: PipelineConfig, device: str):
 def decode_run(encoded, run: FrameRun, decoder: str):
     """uint8[count, H, W, 3]: the run's frames, each decoded once. `decoder`: "cpu" or "mixed" (NVDEC). Past the
     stream's end (a stream shorter than its sample claims) the last frame repeats instead of black frames."""
-    return fn.decoders.video(encoded, device=decoder, start_frame=run.first, stride=run.step,
-                             sequence_length=run.count, pad_mode="edge")
+    return fn.decoders.video(
+        encoded, device=decoder, start_frame=run.first, stride=run.step, sequence_length=run.count, pad_mode="edge"
+    )
 
 
 def repeat_frames(video, run: FrameRun, length: int):
@@ -380,14 +430,20 @@ def _decode_and_augment(encoded, run: FrameRun, group, draws, cfg: PipelineConfi
         frames, box = _eval_views(video, cfg)
     else:
         frames, box = _train_views(video, height, width, draws, cfg)
-    video = fn.crop_mirror_normalize(frames, dtype=types.FLOAT, output_layout="FCDHW",
-                                     mean=[255.0 * m for m in cfg.mean], std=[255.0 * s for s in cfg.std])
+    video = fn.crop_mirror_normalize(
+        frames,
+        dtype=types.FLOAT,
+        output_layout="FCDHW",
+        mean=[255.0 * m for m in cfg.mean],
+        std=[255.0 * s for s in cfg.std],
+    )
     if cfg.mode != "eval" and cfg.erase_prob > 0:
         video = _erase(video, erase_boxes(cfg, *draws["erase"]), cfg, device)
     if cfg.mode == "pretrain":
         slots = cfg.num_frames // cfg.tubelet_size
-        mask = tube_mask_from_scores(_to(draws["mask_scores"], device), cfg.num_repeats, cfg.spatial_tokens,
-                                     slots, cfg.masked_per_slot, device)
+        mask = tube_mask_from_scores(
+            _to(draws["mask_scores"], device), cfg.num_repeats, cfg.spatial_tokens, slots, cfg.masked_per_slot, device
+        )
     else:
         mask = _to(fn.zeros(shape=[cfg.views_per_sample, 1], dtype=types.BOOL), device)
     return video, box, frames, mask
@@ -400,21 +456,26 @@ def _train_views(video, height, width, draws, cfg: PipelineConfig):
         if cfg.mode == "pretrain":
             y0, x0, h, w = multiscale_crop_box(height, width, draws["pair"][k], draws["offset"][k], cfg)
         else:
-            y0, x0, h, w = random_resized_crop_box(height, width, draws["area"][k], draws["ratio"][k],
-                                                   draws["top"][k], draws["left"][k], cfg)
+            y0, x0, h, w = random_resized_crop_box(
+                height, width, draws["area"][k], draws["ratio"][k], draws["top"][k], draws["left"][k], cfg
+            )
         flip = draws["flip"][k]
         # a reversed x range in the ROI mirrors the crop: flip costs nothing extra
         x_from, x_to = x0 + flip * w, x0 + (1 - flip) * w
         roi_start = fn.cast(fn.stack(y0, x_from), dtype=types.FLOAT)
         roi_end = fn.cast(fn.stack(y0 + h, x_to), dtype=types.FLOAT)
-        views.append(fn.resize(video, roi_start=roi_start, roi_end=roi_end, size=[s, s], antialias=cfg.antialias,
-                               dtype=types.UINT8))
+        views.append(
+            fn.resize(
+                video, roi_start=roi_start, roi_end=roi_end, size=[s, s], antialias=cfg.antialias, dtype=types.UINT8
+            )
+        )
         boxes.append(fn.cast(fn.stack(y0, x0, h, w, flip), dtype=types.INT32))
     frames = fn.stack(*views) if len(views) > 1 else fn.expand_dims(views[0], axes=[0])
     if cfg.rand_augment:
         k, t = cfg.num_repeats, cfg.num_frames
-        frames = fn.reshape(_rand_augment(fn.reshape(frames, shape=[k * t, s, s, 3], layout="FHWC"), cfg),
-                            shape=[k, t, s, s, 3])
+        frames = fn.reshape(
+            _rand_augment(fn.reshape(frames, shape=[k * t, s, s, 3], layout="FHWC"), cfg), shape=[k, t, s, s, 3]
+        )
     return fn.reshape(frames, layout="FDHWC"), fn.stack(*boxes)
 
 
@@ -463,7 +524,7 @@ def random_resized_crop_box(height, width, u_area, u_ratio, u_top, u_left, cfg: 
     fb_w = wf + too_wide * (dmath.floor(hf * r1 + 0.5) - wf)
     fb_h = hf + too_narrow * (dmath.floor(wf / r0 + 0.5) - hf)
     fb_top, fb_left = dmath.floor((hf - fb_h) / 2.0), dmath.floor((wf - fb_w) / 2.0)
-    pick = lambda a, b: fn.cast(found * a + (1.0 - found) * b, dtype=types.INT32)  # noqa: E731
+    pick = lambda a, b: fn.cast(found * a + (1.0 - found) * b, dtype=types.INT32)
     return pick(top, fb_top), pick(left, fb_left), pick(h, fb_h), pick(w, fb_w)
 
 
@@ -496,8 +557,9 @@ def _rand_augment(frames, cfg: PipelineConfig):
     coins = fn.random.coin_flip(probability=0.5, shape=[cfg.rand_augment_n], dtype=types.INT32)
     for layer in range(cfg.rand_augment_n):
         if coins[layer]:
-            frames = ra.apply_rand_augment(suite, frames, n=1, m=cfg.rand_augment_m, num_magnitude_bins=11,
-                                           shape=[s, s], fill_value=128)
+            frames = ra.apply_rand_augment(
+                suite, frames, n=1, m=cfg.rand_augment_m, num_magnitude_bins=11, shape=[s, s], fill_value=128
+            )
     return frames
 
 
@@ -531,10 +593,10 @@ def _eval_views(video, cfg: PipelineConfig):
         y0 = long_is_h * along + (1 - long_is_h) * across
         x0 = (1 - long_is_h) * along + long_is_h * across
         start = fn.stack(y0, x0)
-        crop = fn.slice(resized, start=start, shape=[s, s], axis_names="HW")          # [clips*T, S, S, C]
+        crop = fn.slice(resized, start=start, shape=[s, s], axis_names="HW")  # [clips*T, S, S, C]
         views.append(fn.reshape(crop, shape=[clips, t, s, s, 3], layout="FDHWC"))
         boxes.append(fn.stack(y0, x0, _int(s), _int(s), _int(0)))
     frames = fn.stack(*views, axis=1) if crops > 1 else fn.expand_dims(views[0], axes=[1])  # [clips, crops, ...]
     frames = fn.reshape(frames, shape=[clips * crops, t, s, s, 3], layout="FDHWC")
-    box = fn.stack(*(boxes * clips))                                                        # clip-major
+    box = fn.stack(*(boxes * clips))  # clip-major
     return frames, box

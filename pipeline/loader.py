@@ -60,14 +60,16 @@ K uint8 views (1/4 of the output size) and DALI's own operator outputs.
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import gc
 import logging
 import os
 import re
 import time
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -84,12 +86,12 @@ _SOURCE_RE = re.compile(r'"([^"\n]+?\.tar:\d+:[^"\n]+)"')
 
 @dataclass
 class LoaderStats:
-    batches: int = 0                  # batches handed out since construction
-    samples: int = 0                  # samples (not views) in them
-    corrupt_samples: int = 0          # distinct samples substituted because DALI could not decode them
-    corrupt: list[str] = field(default_factory=list)   # "tar:member: reason", one per corrupt sample
-    rebuilds: int = 0                 # pipelines rebuilt to recover from a failure
-    fast_forwarded: int = 0           # batches replayed without decoding (resume, recovery)
+    batches: int = 0  # batches handed out since construction
+    samples: int = 0  # samples (not views) in them
+    corrupt_samples: int = 0  # distinct samples substituted because DALI could not decode them
+    corrupt: list[str] = field(default_factory=list)  # "tar:member: reason", one per corrupt sample
+    rebuilds: int = 0  # pipelines rebuilt to recover from a failure
+    fast_forwarded: int = 0  # batches replayed without decoding (resume, recovery)
 
 
 # Backends whose decoders must never see an empty batch. DALI 2.4's mixed (NVDEC) video decoder hands an empty
@@ -113,15 +115,22 @@ class _DecodePlan:
     skipped iteration are decoded anyway (and their output discarded), so no decoder sees an empty batch. The
     random draws are made outside the decode branch, so every later batch is the same whatever was skipped."""
 
-    def __init__(self, batch_size: int, groups: int, start: int, stop: int | None = None, never_empty: bool = False,
-                 share: tuple[int, int] = (0, 1)):
+    def __init__(
+        self,
+        batch_size: int,
+        groups: int,
+        start: int,
+        stop: int | None = None,
+        never_empty: bool = False,
+        share: tuple[int, int] = (0, 1),
+    ):
         self.start, self.stop, self.calls, self.never_empty = start, stop, 0, never_empty
         index, count = share
         rows = np.arange(batch_size)
         mine = rows % count == index
         self.groups = np.where(mine, (rows // count) % groups, -1).astype(np.int32)
         owned = np.flatnonzero(mine)
-        self.kept = owned[:min(groups, len(owned))] if never_empty else owned[:0]
+        self.kept = owned[: min(groups, len(owned))] if never_empty else owned[:0]
 
     def __call__(self) -> np.ndarray:
         i = self.calls
@@ -173,17 +182,30 @@ class _EpochRun:
 class VideoLoader:
     """Iterates one epoch per `iter()`; see the module docstring and `build_loader`."""
 
-    def __init__(self, shards: str | os.PathLike | Sequence[str | os.PathLike], cfg: PipelineConfig,
-                 batch_size: int, *, device: str = "cpu", device_id: int | None = None, rank: int = 0,
-                 world_size: int = 1, seed: int = 0, num_threads: int | None = None, prefetch_depth: int = 2,
-                 state: dict | None = None):
+    def __init__(
+        self,
+        shards: str | os.PathLike | Sequence[str | os.PathLike],
+        cfg: PipelineConfig,
+        batch_size: int,
+        *,
+        device: str = "cpu",
+        device_id: int | None = None,
+        rank: int = 0,
+        world_size: int = 1,
+        seed: int = 0,
+        num_threads: int | None = None,
+        prefetch_depth: int = 2,
+        state: dict | None = None,
+    ):
         if device not in ("cpu", "gpu"):
             raise ValueError(f"device {device!r}: expected 'cpu' or 'gpu'")
         if batch_size < 1:
             raise ValueError(f"batch_size={batch_size}: must be >= 1")
         if cfg.pipelines * cfg.decoder_groups > batch_size:
-            raise ValueError(f"pipelines={cfg.pipelines} x decoder_groups={cfg.decoder_groups} exceeds batch_size="
-                             f"{batch_size}: some decoder instances would never get a sample")
+            raise ValueError(
+                f"pipelines={cfg.pipelines} x decoder_groups={cfg.decoder_groups} exceeds batch_size="
+                f"{batch_size}: some decoder instances would never get a sample"
+            )
         if not 0 <= rank < world_size:
             raise ValueError(f"rank={rank} is outside world_size={world_size}")
         self.cfg = cfg.resolved()
@@ -251,8 +273,12 @@ class VideoLoader:
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         """Yields the rest of the current epoch (all of it, unless resumed or interrupted), then moves to the next."""
         if len(self) == 0:
-            log.warning("pipeline: rank %d has no complete batch in an epoch (%d samples, batch size %d)",
-                        self.rank, self.samples_per_rank, self.batch_size)
+            log.warning(
+                "pipeline: rank %d has no complete batch in an epoch (%d samples, batch size %d)",
+                self.rank,
+                self.samples_per_rank,
+                self.batch_size,
+            )
         epoch = self.epoch
         while self.epoch == epoch and self._run.position < len(self):
             index = self._run.position
@@ -318,10 +344,13 @@ class VideoLoader:
         if cfg.mode == "eval":
             batch["clip"], batch["crop"] = self._eval_view_ids(b)
         if cfg.debug_outputs:
-            frame_idx = out["frame_idx"].to(torch.int64)                               # [B, T] or [B, clips*T]
+            frame_idx = out["frame_idx"].to(torch.int64)  # [B, T] or [B, clips*T]
             if cfg.mode == "eval":
-                frame_idx = frame_idx.view(b, cfg.eval_clips, 1, cfg.num_frames).expand(
-                    b, cfg.eval_clips, cfg.eval_crops, cfg.num_frames).reshape(b * views, cfg.num_frames)
+                frame_idx = (
+                    frame_idx.view(b, cfg.eval_clips, 1, cfg.num_frames)
+                    .expand(b, cfg.eval_clips, cfg.eval_crops, cfg.num_frames)
+                    .reshape(b * views, cfg.num_frames)
+                )
             else:
                 frame_idx = frame_idx.repeat_interleave(views, dim=0)
             batch["frame_idx"] = frame_idx
@@ -369,14 +398,29 @@ class VideoLoader:
         index_paths = self.shards.patched_index_paths(keep_own_info=cfg.mode == "eval")
         pipes, schedules = [], []
         for i in range(cfg.pipelines):
-            schedule = _DecodePlan(self.batch_size, cfg.decoder_groups, start,
-                                   never_empty=device in NEVER_EMPTY_DEVICES, share=(i, cfg.pipelines))
+            schedule = _DecodePlan(
+                self.batch_size,
+                cfg.decoder_groups,
+                start,
+                never_empty=device in NEVER_EMPTY_DEVICES,
+                share=(i, cfg.pipelines),
+            )
             pipe = graph.build_pipeline(
-                cfg, [self.shards.tars[i] for i in order], [index_paths[i] for i in order],
-                batch_size=self.batch_size, device=device, device_id=self.device_id if device == "gpu" else None,
-                shard_id=self.rank, num_shards=self.world_size, seed=self._epoch_seed(epoch),
-                num_threads=self.num_threads, prefetch_depth=self.prefetch_depth, plan_source=schedule,
-                layout=self.shards.layout, cut=self.cut)
+                cfg,
+                [self.shards.tars[i] for i in order],
+                [index_paths[i] for i in order],
+                batch_size=self.batch_size,
+                device=device,
+                device_id=self.device_id if device == "gpu" else None,
+                shard_id=self.rank,
+                num_shards=self.world_size,
+                seed=self._epoch_seed(epoch),
+                num_threads=self.num_threads,
+                prefetch_depth=self.prefetch_depth,
+                plan_source=schedule,
+                layout=self.shards.layout,
+                cut=self.cut,
+            )
             pipe.build()
             pipes.append(pipe)
             schedules.append(schedule)
@@ -398,8 +442,13 @@ class VideoLoader:
             if n < self.world_size:
                 raise ValueError(f"{n} samples cannot be split over {self.world_size} ranks")
             if self._expected_samples is not None and self._expected_samples != n and position:
-                log.warning("pipeline: the saved loader state counted %d samples, the shards hold %d; restarting "
-                            "epoch %d from its beginning", self._expected_samples, n, epoch)
+                log.warning(
+                    "pipeline: the saved loader state counted %d samples, the shards hold %d; restarting "
+                    "epoch %d from its beginning",
+                    self._expected_samples,
+                    n,
+                    epoch,
+                )
                 position = 0
                 for schedule in schedules:
                     schedule.start = 0
@@ -460,8 +509,9 @@ class VideoLoader:
         """decode="auto": time every candidate of _strategies() and keep the fastest in self.cfg; log the table."""
         table = []
         for pipelines, groups, cpu_groups in self._strategies():
-            cfg = dataclasses.replace(self.cfg, pipelines=pipelines, decoder_groups=groups,
-                                      cpu_decoder_groups=cpu_groups)
+            cfg = dataclasses.replace(
+                self.cfg, pipelines=pipelines, decoder_groups=groups, cpu_decoder_groups=cpu_groups
+            )
             row: dict[str, Any] = {"pipelines": pipelines, "decoder_groups": groups, "cpu_decoder_groups": cpu_groups}
             try:
                 row["clips_per_s"] = round(self._time_strategy(cfg, epoch), 2)
@@ -471,18 +521,30 @@ class VideoLoader:
         self.decode_table = table
         timed = [r for r in table if "clips_per_s" in r]
         best = max(timed, key=lambda r: r["clips_per_s"]) if timed else None
-        lines = [f"  {'->' if r is best else '  '} pipelines={r['pipelines']} decoder_groups={r['decoder_groups']} "
-                 f"cpu_decoder_groups={r['cpu_decoder_groups']}: "
-                 + (f"{r['clips_per_s']:.1f} clips/s" if "clips_per_s" in r else f"failed ({r['error']})")
-                 for r in table]
+        lines = [
+            f"  {'->' if r is best else '  '} pipelines={r['pipelines']} decoder_groups={r['decoder_groups']} "
+            f"cpu_decoder_groups={r['cpu_decoder_groups']}: "
+            + (f"{r['clips_per_s']:.1f} clips/s" if "clips_per_s" in r else f"failed ({r['error']})")
+            for r in table
+        ]
         # a warning, like the loader's other start-up lines, so that train.py's console shows it
-        log.warning("pipeline: decode=auto timed %d batches of %d clips per strategy (%s backend, %d threads per "
-                    "pipeline); %s:\n%s", self.cfg.auto_batches, self.batch_size, self.device, self.num_threads,
-                    "keeping the fastest (->)" if best else "none ran, keeping the configured one", "\n".join(lines))
+        log.warning(
+            "pipeline: decode=auto timed %d batches of %d clips per strategy (%s backend, %d threads per "
+            "pipeline); %s:\n%s",
+            self.cfg.auto_batches,
+            self.batch_size,
+            self.device,
+            self.num_threads,
+            "keeping the fastest (->)" if best else "none ran, keeping the configured one",
+            "\n".join(lines),
+        )
         if best is not None:
-            self.cfg = dataclasses.replace(self.cfg, pipelines=best["pipelines"],
-                                           decoder_groups=best["decoder_groups"],
-                                           cpu_decoder_groups=best["cpu_decoder_groups"])
+            self.cfg = dataclasses.replace(
+                self.cfg,
+                pipelines=best["pipelines"],
+                decoder_groups=best["decoder_groups"],
+                cpu_decoder_groups=best["cpu_decoder_groups"],
+            )
 
     # -- corrupt samples -----------------------------------------------------------------------------------------
     @property
@@ -500,8 +562,13 @@ class VideoLoader:
         self.shards.block(key, reason)
         self.stats.corrupt_samples += 1
         self.stats.corrupt.append(f"{tar}:{member}: {reason}")
-        log.warning("pipeline: skipping corrupt sample %s in %s (%s); %d skipped so far",
-                    member, tar, reason, self.stats.corrupt_samples)
+        log.warning(
+            "pipeline: skipping corrupt sample %s in %s (%s); %d skipped so far",
+            member,
+            tar,
+            reason,
+            self.stats.corrupt_samples,
+        )
 
     def _recover(self, run: _EpochRun, error: RuntimeError) -> None:
         reason = _error_reason(error)
@@ -538,14 +605,17 @@ class VideoLoader:
         """Whether the clip of timeline `frames` of the sample whose first video member is `member` decodes, the
         way the graph decodes it (member frames[0] % P, keyframe cut in IVF layouts)."""
         shards = self.shards
-        sample = next((s for s in shards.index(tar)[1]
-                       if s.components.get(shards.video_exts[0], (0, 0, None))[2] == member), None)
+        sample = next(
+            (s for s in shards.index(tar)[1] if s.components.get(shards.video_exts[0], (0, 0, None))[2] == member), None
+        )
         video = sample and sample.components.get(shards.video_exts[int(frames[0]) % shards.phases])
         cuts = sample and sample.components.get(fmt.CUTS_EXT)
         if video is None or video[1] == 0 or (shards.layout.cuttable and cuts is None):
             return False
-        inputs = {"video": [np.frombuffer(shards.read_member(tar, video[0], video[1]), dtype=np.uint8)],
-                  "frame_idx": [frames]}
+        inputs = {
+            "video": [np.frombuffer(shards.read_member(tar, video[0], video[1]), dtype=np.uint8)],
+            "frame_idx": [frames],
+        }
         if shards.layout.cuttable:
             table = shards.read_member(tar, cuts[0], cuts[1])
             if not table or len(table) % 4:
@@ -571,12 +641,18 @@ class VideoLoader:
         choice, why = _NVDEC_INPUT[key]
         if choice == "whole":
             self.cut = False
-            log.warning("pipeline: NVDEC does not read IVF members cut at a key frame (%s); handing them to it whole "
-                        "(each clip decoded from its member's start)", why)
+            log.warning(
+                "pipeline: NVDEC does not read IVF members cut at a key frame (%s); handing them to it whole "
+                "(each clip decoded from its member's start)",
+                why,
+            )
         elif choice == "cpu":
             self.cfg = dataclasses.replace(self.cfg, cpu_decoder_groups=self.cfg.decoder_groups)
-            log.warning("pipeline: NVDEC cannot read these IVF shards (%s); decoding them on CPU threads and "
-                        "augmenting on the GPU (rebuild with --container mp4 to decode on NVDEC)", why)
+            log.warning(
+                "pipeline: NVDEC cannot read these IVF shards (%s); decoding them on CPU threads and "
+                "augmenting on the GPU (rebuild with --container mp4 to decode on NVDEC)",
+                why,
+            )
 
     def _probe_nvdec(self) -> tuple[str, str]:
         """("cut" | "whole" | "cpu", the reason for a fallback): one clip of the first sample, from its second key
@@ -593,8 +669,11 @@ class VideoLoader:
         first = int(keys[1]) if len(keys) > 1 else 0
         step = stride // shards.phases
         frames = np.array([shards.phases * min(first + j * step, length - 1) for j in range(4)], dtype=np.int32)
-        inputs = {"video": [np.frombuffer(video, dtype=np.uint8)], "frame_idx": [frames],
-                  "cuts": [np.frombuffer(cuts, dtype="<i4")]}
+        inputs = {
+            "video": [np.frombuffer(video, dtype=np.uint8)],
+            "frame_idx": [frames],
+            "cuts": [np.frombuffer(cuts, dtype="<i4")],
+        }
 
         def decoded(device: str, cut: bool) -> np.ndarray:
             pipe = graph.build_probe(shards.layout, stride, device, self.device_id, cut=cut)
@@ -621,9 +700,17 @@ class VideoLoader:
     # -- state ---------------------------------------------------------------------------------------------------
     def state_dict(self) -> dict:
         """Where the next batch comes from. Batches already handed out count as consumed."""
-        return {"format": STATE_FORMAT, "epoch": self.epoch, "position": self._run.position, "seed": self.seed,
-                "world_size": self.world_size, "batch_size": self.batch_size, "num_samples": self.num_samples,
-                "mode": self.cfg.mode, "blocked": dict(self.shards.blocked)}
+        return {
+            "format": STATE_FORMAT,
+            "epoch": self.epoch,
+            "position": self._run.position,
+            "seed": self.seed,
+            "world_size": self.world_size,
+            "batch_size": self.batch_size,
+            "num_samples": self.num_samples,
+            "mode": self.cfg.mode,
+            "blocked": dict(self.shards.blocked),
+        }
 
     def _restore(self, state: dict) -> tuple[int, int]:
         if state.get("format") != STATE_FORMAT:
@@ -633,11 +720,18 @@ class VideoLoader:
             if tar in self.shards.tars:
                 self._block(key, reason)
         epoch, position = int(state["epoch"]), int(state["position"])
-        same = {k: state.get(k) for k in ("seed", "world_size", "batch_size", "mode")} == \
-            {"seed": self.seed, "world_size": self.world_size, "batch_size": self.batch_size, "mode": self.cfg.mode}
+        same = {k: state.get(k) for k in ("seed", "world_size", "batch_size", "mode")} == {
+            "seed": self.seed,
+            "world_size": self.world_size,
+            "batch_size": self.batch_size,
+            "mode": self.cfg.mode,
+        }
         if not same:
-            log.warning("pipeline: the saved loader state was made with other settings (seed, world size, batch "
-                        "size or mode); restarting epoch %d from its beginning", epoch)
+            log.warning(
+                "pipeline: the saved loader state was made with other settings (seed, world size, batch "
+                "size or mode); restarting epoch %d from its beginning",
+                epoch,
+            )
             return epoch, 0
         self._expected_samples = state.get("num_samples")
         return epoch, position
@@ -648,10 +742,8 @@ class VideoLoader:
         self.shards.close()
 
     def __del__(self):
-        try:
+        with contextlib.suppress(Exception):  # interpreter shutdown: modules may be gone
             self.shards.close()
-        except Exception:
-            pass
 
 
 def _select_samples(batch: dict, keep: np.ndarray, views: int) -> dict:
@@ -664,7 +756,7 @@ def _select_samples(batch: dict, keep: np.ndarray, views: int) -> dict:
         if isinstance(value, list):
             out[key] = [v for v, k in zip(value, keep) if k]
         elif prefix:
-            out[key] = value[:count * views]
+            out[key] = value[: count * views]
         else:
             out[key] = value[rows.to(value.device)]
     return out
@@ -686,12 +778,30 @@ def _error_reason(error: Exception) -> str:
     return "DALI error"
 
 
-def build_loader(shards: str | os.PathLike | Sequence[str | os.PathLike], mode: str, batch_size: int, *,
-                 device: str = "cpu", num_frames: int = 16, stride: int = 4, input_size: int = 224,
-                 num_repeats: int = 1, mask_ratio: float = 0.9, patch_size: int = 16, tubelet_size: int = 2,
-                 flip: bool | None = None, seed: int = 0, rank: int = 0, world_size: int = 1,
-                 num_threads: int | None = None, state: dict | None = None, device_id: int | None = None,
-                 prefetch_depth: int = 2, config: PipelineConfig | None = None, **options: Any) -> VideoLoader:
+def build_loader(
+    shards: str | os.PathLike | Sequence[str | os.PathLike],
+    mode: str,
+    batch_size: int,
+    *,
+    device: str = "cpu",
+    num_frames: int = 16,
+    stride: int = 4,
+    input_size: int = 224,
+    num_repeats: int = 1,
+    mask_ratio: float = 0.9,
+    patch_size: int = 16,
+    tubelet_size: int = 2,
+    flip: bool | None = None,
+    seed: int = 0,
+    rank: int = 0,
+    world_size: int = 1,
+    num_threads: int | None = None,
+    state: dict | None = None,
+    device_id: int | None = None,
+    prefetch_depth: int = 2,
+    config: PipelineConfig | None = None,
+    **options: Any,
+) -> VideoLoader:
     """A loader over `shards` (directory, brace pattern, glob, tar, or a list of these).
 
     `batch_size` counts clips per rank per step before repeats: each batch holds batch_size * K rows, K =
@@ -708,11 +818,30 @@ def build_loader(shards: str | os.PathLike | Sequence[str | os.PathLike], mode: 
     The K (or V) views of one sample are consecutive rows.
     """
     if config is None:
-        config = PipelineConfig(mode=mode, num_frames=num_frames, stride=stride, input_size=input_size,
-                                num_repeats=num_repeats, mask_ratio=mask_ratio, patch_size=patch_size,
-                                tubelet_size=tubelet_size, flip=flip, **options)
+        config = PipelineConfig(
+            mode=mode,
+            num_frames=num_frames,
+            stride=stride,
+            input_size=input_size,
+            num_repeats=num_repeats,
+            mask_ratio=mask_ratio,
+            patch_size=patch_size,
+            tubelet_size=tubelet_size,
+            flip=flip,
+            **options,
+        )
     elif options:
         raise TypeError("pass options either through `config` or as keywords, not both")
-    return VideoLoader(shards, config, batch_size, device=device, device_id=device_id, rank=rank,
-                       world_size=world_size, seed=seed, num_threads=num_threads, prefetch_depth=prefetch_depth,
-                       state=state)
+    return VideoLoader(
+        shards,
+        config,
+        batch_size,
+        device=device,
+        device_id=device_id,
+        rank=rank,
+        world_size=world_size,
+        seed=seed,
+        num_threads=num_threads,
+        prefetch_depth=prefetch_depth,
+        state=state,
+    )

@@ -21,8 +21,9 @@ def tube_mask_scores(num_views: int, spatial_tokens: int):
     return fn.random.uniform(range=[0.0, 1.0], shape=[num_views, spatial_tokens])
 
 
-def tube_mask_from_scores(scores, num_views: int, spatial_tokens: int, temporal_slots: int, masked_per_slot: int,
-                          device: str = "cpu"):
+def tube_mask_from_scores(
+    scores, num_views: int, spatial_tokens: int, temporal_slots: int, masked_per_slot: int, device: str = "cpu"
+):
     """bool[K, T' * S]: the `masked_per_slot` lowest scores of each view masked, tiled over T' temporal slots.
     `scores` and the result live on `device` ("cpu" or "gpu")."""
     k, s = num_views, spatial_tokens
@@ -31,7 +32,7 @@ def tube_mask_from_scores(scores, num_views: int, spatial_tokens: int, temporal_
     other = fn.reshape(scores, shape=[k, 1, s])
     earlier = types.Constant(np.tril(np.ones((s, s), dtype=np.uint8), k=-1)[None], device=const_device)  # j < i
     beats = fn.cast(other < mine, dtype=types.UINT8) + fn.cast(other == mine, dtype=types.UINT8) * earlier
-    rank = fn.reductions.sum(fn.cast(beats, dtype=types.INT32), axes=[2])          # [K, S], a permutation of 0..S-1
+    rank = fn.reductions.sum(fn.cast(beats, dtype=types.INT32), axes=[2])  # [K, S], a permutation of 0..S-1
     masked = fn.cast(rank < masked_per_slot, dtype=types.UINT8)
     slots = types.Constant(np.ones((1, temporal_slots, 1), dtype=np.uint8), device=const_device)
     tiled = fn.reshape(masked, shape=[k, 1, s]) * slots

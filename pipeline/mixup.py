@@ -27,9 +27,17 @@ class VideoMixup:
     B must be even. `seed` makes the draws (mode, lambda, box) reproducible.
     """
 
-    def __init__(self, num_classes: int, mixup_alpha: float = 0.8, cutmix_alpha: float = 1.0,
-                 cutmix_minmax: tuple[float, float] | None = None, prob: float = 1.0, switch_prob: float = 0.5,
-                 label_smoothing: float = 0.1, seed: int | None = None):
+    def __init__(
+        self,
+        num_classes: int,
+        mixup_alpha: float = 0.8,
+        cutmix_alpha: float = 1.0,
+        cutmix_minmax: tuple[float, float] | None = None,
+        prob: float = 1.0,
+        switch_prob: float = 0.5,
+        label_smoothing: float = 0.1,
+        seed: int | None = None,
+    ):
         if mixup_alpha <= 0 and cutmix_alpha <= 0 and cutmix_minmax is None:
             raise ValueError("mixup_alpha or cutmix_alpha must be positive")
         self.num_classes, self.mixup_alpha, self.cutmix_alpha = num_classes, mixup_alpha, cutmix_alpha
@@ -61,8 +69,12 @@ class VideoMixup:
         ratio = np.sqrt(1 - lam)
         ch, cw = int(height * ratio), int(width * ratio)
         cy, cx = int(self.rng.integers(0, height)), int(self.rng.integers(0, width))
-        return (int(np.clip(cy - ch // 2, 0, height)), int(np.clip(cy + ch // 2, 0, height)),
-                int(np.clip(cx - cw // 2, 0, width)), int(np.clip(cx + cw // 2, 0, width)))
+        return (
+            int(np.clip(cy - ch // 2, 0, height)),
+            int(np.clip(cy + ch // 2, 0, height)),
+            int(np.clip(cx - cw // 2, 0, width)),
+            int(np.clip(cx + cw // 2, 0, width)),
+        )
 
     @torch.no_grad()
     def __call__(self, video: torch.Tensor, label: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -81,5 +93,3 @@ class VideoMixup:
                 video.mul_(lam).add_(mirrored)
         target = smooth_one_hot(label, self.num_classes, self.label_smoothing)
         return video, target * lam + target.flip(0) * (1.0 - lam)
-
-

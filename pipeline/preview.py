@@ -35,9 +35,18 @@ def collect(args: argparse.Namespace) -> dict[str, np.ndarray]:
     options = dict(debug_outputs=True)
     if args.mode == "eval":
         options.update(eval_clips=args.eval_clips, eval_crops=args.eval_crops)
-    loader = build_loader(args.shards, args.mode, args.batch_size, device=args.device, num_frames=args.num_frames,
-                          stride=args.stride, input_size=args.input_size, num_repeats=args.num_repeats,
-                          seed=args.seed, **options)
+    loader = build_loader(
+        args.shards,
+        args.mode,
+        args.batch_size,
+        device=args.device,
+        num_frames=args.num_frames,
+        stride=args.stride,
+        input_size=args.input_size,
+        num_repeats=args.num_repeats,
+        seed=args.seed,
+        **options,
+    )
     batch = next(iter(loader))
     views = loader.cfg.views_per_sample
     sources = [s for s in batch["source"] for _ in range(views)]
@@ -56,8 +65,9 @@ def collect(args: argparse.Namespace) -> dict[str, np.ndarray]:
     return dump
 
 
-def draw(dump: dict[str, np.ndarray], out: str, patch_size: int, tubelet_size: int, max_rows: int = 12,
-         max_cols: int = 8) -> None:
+def draw(
+    dump: dict[str, np.ndarray], out: str, patch_size: int, tubelet_size: int, max_rows: int = 12, max_cols: int = 8
+) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -73,7 +83,7 @@ def draw(dump: dict[str, np.ndarray], out: str, patch_size: int, tubelet_size: i
             if "mask" in dump:
                 grid = dump["mask"][r].reshape(t // tubelet_size, h // patch_size, w // patch_size)[ti // tubelet_size]
                 hidden = np.kron(grid, np.ones((patch_size, patch_size)))[..., None].astype(bool)
-                tint = np.array([0.15, 0.25, 0.75], dtype=np.float32)       # masked patches: blue, dimmed
+                tint = np.array([0.15, 0.25, 0.75], dtype=np.float32)  # masked patches: blue, dimmed
                 image = np.where(hidden, 0.25 * image + 0.75 * tint, image)
             ax = axes[r, c]
             ax.imshow(image)
@@ -122,8 +132,11 @@ def main(argv: list[str] | None = None) -> int:
         fmt.atomic_write(args.dump, data.getvalue())
     if args.out:
         draw(dump, args.out, args.patch_size, args.tubelet_size)
-    print(f"preview: {dump['frames'].shape[0]} views of {len(set(dump['sample_id'].tolist()))} clips"
-          + (f" -> {args.out}" if args.out else "") + (f" -> {args.dump}" if args.dump else ""))
+    print(
+        f"preview: {dump['frames'].shape[0]} views of {len(set(dump['sample_id'].tolist()))} clips"
+        + (f" -> {args.out}" if args.out else "")
+        + (f" -> {args.dump}" if args.dump else "")
+    )
     return 0
 
 

@@ -14,9 +14,9 @@ import hashlib
 import os
 import shutil
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
@@ -24,14 +24,24 @@ from shards import format as fmt
 from shards import ivf
 
 _FOURCC_CODECS = {
-    b"avc1": "h264", b"avc3": "h264", b"hvc1": "hevc", b"hev1": "hevc", b"vp09": "vp9", b"vp08": "vp8",
-    b"av01": "av1", b"mp4v": "mpeg4", b"jpeg": "mjpeg", b"mjpa": "mjpeg", b"mjpb": "mjpeg", b"MJPG": "mjpeg",
+    b"avc1": "h264",
+    b"avc3": "h264",
+    b"hvc1": "hevc",
+    b"hev1": "hevc",
+    b"vp09": "vp9",
+    b"vp08": "vp8",
+    b"av01": "av1",
+    b"mp4v": "mpeg4",
+    b"jpeg": "mjpeg",
+    b"mjpa": "mjpeg",
+    b"mjpb": "mjpeg",
+    b"MJPG": "mjpeg",
 }
 
 
 @dataclass
 class IndexedSample:
-    line: int                                   # 1-based line in the index file (0 is the header)
+    line: int  # 1-based line in the index file (0 is the header)
     components: dict[str, tuple[int, int, str]]  # ext -> (offset, size, member name)
 
     @property
@@ -42,8 +52,10 @@ class IndexedSample:
 def read_index(index_path: str) -> tuple[str, list[IndexedSample]]:
     """A DALI index file (`shards.format.read_index`, ValueError if malformed): (its header line, its samples in
     order)."""
-    samples = [IndexedSample(line, {e.ext: (e.offset, e.size, e.name) for e in entries})
-               for line, entries in enumerate(fmt.read_index(index_path), start=1)]
+    samples = [
+        IndexedSample(line, {e.ext: (e.offset, e.size, e.name) for e in entries})
+        for line, entries in enumerate(fmt.read_index(index_path), start=1)
+    ]
     return f"{fmt.INDEX_VERSION} {len(samples)}", samples
 
 
@@ -55,7 +67,7 @@ def sniff_codec(mp4: bytes) -> str | None:
     pos = mp4.find(b"stsd")  # then version+flags, entry count, and the first entry's size and fourcc
     if pos < 0 or pos + 20 > len(mp4):
         return None
-    fourcc = mp4[pos + 16:pos + 20]
+    fourcc = mp4[pos + 16 : pos + 20]
     return _FOURCC_CODECS.get(fourcc, fourcc.decode("latin-1").strip() or None)
 
 
@@ -88,7 +100,7 @@ class ShardSet:
         self.tars: list[str] = fmt.resolve_shards(spec)
         self.index_paths: list[str] = [fmt.index_path_for(t) for t in self.tars]
         self._index_cache: dict[str, tuple[str, list[IndexedSample]]] = {}
-        self.blocked: dict[str, str] = {}        # "tar:member" -> reason
+        self.blocked: dict[str, str] = {}  # "tar:member" -> reason
         self._patch_dir: str | None = None
         self._check_sizes()
         self.layout = self._layout()
@@ -104,22 +116,28 @@ class ShardSet:
         for directory in sorted({os.path.dirname(os.path.abspath(tar)) for tar in self.tars}):
             try:
                 manifest = _manifest_if_there(directory)
-                listed.update({os.path.join(directory, s["tar"]): int(s["bytes"]) for s in manifest["shards"]
-                               if "bytes" in s})
+                listed.update(
+                    {os.path.join(directory, s["tar"]): int(s["bytes"]) for s in manifest["shards"] if "bytes" in s}
+                )
             except (ValueError, KeyError, TypeError):
                 continue  # shards without a (readable) manifest: the index check below still holds
         for tar in self.tars:
             size = os.path.getsize(tar)
             expected = listed.get(os.path.abspath(tar))
             if expected is not None and size != expected:
-                raise ValueError(f"{tar}: {size} bytes, its manifest lists {expected} (truncated or replaced; run "
-                                 f"`python -m shards.verify` on its directory and rebuild the shard)")
+                raise ValueError(
+                    f"{tar}: {size} bytes, its manifest lists {expected} (truncated or replaced; run "
+                    f"`python -m shards.verify` on its directory and rebuild the shard)"
+                )
             samples = self.index(tar)[1]
-            end = max((offset + length for sample in samples for offset, length, _ in sample.components.values()),
-                      default=0)
+            end = max(
+                (offset + length for sample in samples for offset, length, _ in sample.components.values()), default=0
+            )
             if end > size:
-                raise ValueError(f"{tar}: {size} bytes, but its index {fmt.index_path_for(tar)} points to byte {end} "
-                                 f"(a truncated shard; rebuild it, or its index with wds2idx)")
+                raise ValueError(
+                    f"{tar}: {size} bytes, but its index {fmt.index_path_for(tar)} points to byte {end} "
+                    f"(a truncated shard; rebuild it, or its index with wds2idx)"
+                )
 
     def _layout(self) -> fmt.Layout:
         """How the videos are stored (shards.format), the same in every tar: read from each tar's first sample."""
@@ -133,16 +151,20 @@ class ShardSet:
                     raise ValueError(f"{tar}: {e}") from None
         if len(found) > 1:
             (l1, t1), (l2, t2) = sorted(found.items(), key=lambda item: (item[0].phases, item[0].container))[:2]
-            raise ValueError(f"{t1} stores videos in {l1.phases} phase(s) of {l1.container}, {t2} in {l2.phases} of "
-                             f"{l2.container}: one loader reads one layout (rebuild one set with the other's "
-                             f"--phases and --container)")
+            raise ValueError(
+                f"{t1} stores videos in {l1.phases} phase(s) of {l1.container}, {t2} in {l2.phases} of "
+                f"{l2.container}: one loader reads one layout (rebuild one set with the other's "
+                f"--phases and --container)"
+            )
         return next(iter(found), fmt.Layout())
 
     def check_stride(self, stride: int) -> None:
         """Raise a one-line error when the clips' stride is not a multiple of the videos' stride phases."""
         if stride % self.phases:
-            raise ValueError(f"{self.tars[0]}: shards stored in {self.phases} stride phases need a stride that "
-                             f"{self.phases} divides, got stride={stride} (rebuild with --phases dividing it, or 1)")
+            raise ValueError(
+                f"{self.tars[0]}: shards stored in {self.phases} stride phases need a stride that "
+                f"{self.phases} divides, got stride={stride} (rebuild with --phases dividing it, or 1)"
+            )
 
     # -- inspection --------------------------------------------------------------------------------------------
     def index(self, tar: str) -> tuple[str, list[IndexedSample]]:
@@ -172,8 +194,10 @@ class ShardSet:
                 seen[directory] = self.codec(tar)
             codec = seen[directory]
             if codec is not None and codec not in fmt.DALI_CPU_CODECS:
-                raise ValueError(f"{tar}: codec {codec} cannot be decoded by DALI's CPU video decoder (VP8, VP9 and "
-                                 f"MJPEG only); use device='gpu' or rebuild the shards as VP9")
+                raise ValueError(
+                    f"{tar}: codec {codec} cannot be decoded by DALI's CPU video decoder (VP8, VP9 and "
+                    f"MJPEG only); use device='gpu' or rebuild the shards as VP9"
+                )
 
     def check_gpu_decodable(self) -> None:
         """Raise a one-line error for VP8/VP9 shards built below NVDEC's smallest frame: on an H100, DALI's mixed
@@ -186,9 +210,11 @@ class ShardSet:
             short_side = manifest.get("params", {}).get("short_side")
             codec = manifest_codec(directory)
             if codec in ("vp8", "vp9") and isinstance(short_side, int) and short_side < NVDEC_VP9_MIN_SIDE:
-                raise ValueError(f"{directory}: {codec} shards with short side {short_side} px are below NVDEC's "
-                                 f"{NVDEC_VP9_MIN_SIDE} px minimum; use device='cpu' or rebuild with --short-side "
-                                 f">= {NVDEC_VP9_MIN_SIDE}")
+                raise ValueError(
+                    f"{directory}: {codec} shards with short side {short_side} px are below NVDEC's "
+                    f"{NVDEC_VP9_MIN_SIDE} px minimum; use device='cpu' or rebuild with --short-side "
+                    f">= {NVDEC_VP9_MIN_SIDE}"
+                )
 
     def read_member(self, tar: str, offset: int, size: int) -> bytes:
         with open(tar, "rb") as f:

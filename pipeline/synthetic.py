@@ -24,8 +24,7 @@ V = num_clips * num_crops (eval) views per sample, views of one sample in consec
 
 from __future__ import annotations
 
-from typing import Iterator
-
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -67,8 +66,10 @@ class SyntheticLoader:
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         if num_frames % tubelet_size or input_size % patch_size:
-            raise ValueError(f"num_frames={num_frames} / input_size={input_size} must be multiples of "
-                             f"tubelet_size={tubelet_size} / patch_size={patch_size}")
+            raise ValueError(
+                f"num_frames={num_frames} / input_size={input_size} must be multiples of "
+                f"tubelet_size={tubelet_size} / patch_size={patch_size}"
+            )
         self.mode, self.batch_size = mode, batch_size
         self.num_samples, self.num_classes = num_samples, num_classes
         self.shape = (channels, num_frames, input_size, input_size)
@@ -77,8 +78,11 @@ class SyntheticLoader:
         self.mask_ratio = mask_ratio
         self.grid = (num_frames // tubelet_size, input_size // patch_size, input_size // patch_size)
         self.seed, self.rank, self.world_size = seed, rank, world_size
-        self.device = torch.device("cuda", torch.cuda.current_device()) if str(device) in ("gpu", "cuda") \
+        self.device = (
+            torch.device("cuda", torch.cuda.current_device())
+            if str(device) in ("gpu", "cuda")
             else torch.device(device)
+        )
         self.in_memory = in_memory
         self.nan_batches = set(nan_batches)  # fault injection: these batches (counted from 0) hold NaN videos
         self.epoch, self.position = 0, 0
@@ -101,7 +105,7 @@ class SyntheticLoader:
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         ids = self._rank_ids(self.epoch)
         for b in range(self.position, len(self)):
-            batch_ids = ids[b * self.batch_size:(b + 1) * self.batch_size]
+            batch_ids = ids[b * self.batch_size : (b + 1) * self.batch_size]
             batch = self._cached_batch(batch_ids) if self.in_memory else self._make_batch(batch_ids)
             # Counted when handed out, so state_dict() taken after a step resumes after it; the epoch moves on with
             # its last batch (as pipeline.build_loader does), so `epoch` already names the next batch's epoch.
@@ -116,8 +120,13 @@ class SyntheticLoader:
             self.epoch += 1
 
     def state_dict(self) -> dict:
-        return {"kind": "synthetic", "epoch": self.epoch, "position": self.position, "seed": self.seed,
-                "world_size": self.world_size}
+        return {
+            "kind": "synthetic",
+            "epoch": self.epoch,
+            "position": self.position,
+            "seed": self.seed,
+            "world_size": self.world_size,
+        }
 
     def load_state_dict(self, state: dict) -> None:
         if state.get("kind") != "synthetic":
@@ -135,7 +144,7 @@ class SyntheticLoader:
             order = torch.arange(self.num_samples)
         else:
             order = torch.randperm(self.num_samples, generator=torch.Generator().manual_seed(self.seed + 7919 * epoch))
-        return order[self.rank::self.world_size]
+        return order[self.rank :: self.world_size]
 
     def _make_batch(self, sample_ids: torch.Tensor) -> dict[str, torch.Tensor]:
         ids = sample_ids.repeat_interleave(self.views)

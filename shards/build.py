@@ -49,20 +49,29 @@ import sys
 import threading
 import time
 from collections import deque
+from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
-from typing import Callable, Iterator, Mapping
 
 from tqdm import tqdm
 
 from shards import format as fmt
+
 # Ray itself is imported only for --executor ray (shards.executors.import_ray)
 from shards.executors import ExecutorUnavailable, import_ray, ray_ordered_transcodes, ray_session
 from shards.inputs import InputError, InputSet, VideoInput, collect_inputs
 from shards.resume import BuildConflict, BuildLocked, BuildLocks, BuildState, inputs_digest
-from shards.transcode import (CODECS, EncodeSettings, TranscodeAborted, TranscodeResult, default_gop, die_with_parent,
-                              ffmpeg_version, transcode)
+from shards.transcode import (
+    CODECS,
+    EncodeSettings,
+    TranscodeAborted,
+    TranscodeResult,
+    default_gop,
+    die_with_parent,
+    ffmpeg_version,
+    transcode,
+)
 from shards.writer import ShardWriter, member_bytes
 
 MAX_PRINTED_FAILURES = 20
@@ -152,12 +161,15 @@ def slurm_part(env: Mapping[str, str]) -> tuple[int, int] | None:
         first, step = int(env.get("SLURM_ARRAY_TASK_MIN", "0")), int(env.get("SLURM_ARRAY_TASK_STEP") or 1)
         last = int(env.get("SLURM_ARRAY_TASK_MAX", first + (count - 1) * step))
     except (KeyError, ValueError) as e:
-        raise ValueError(f"Slurm array task: SLURM_ARRAY_TASK_ID/COUNT/MIN/MAX/STEP unreadable ({e}); pass --part "
-                         f"I/N") from None
+        raise ValueError(
+            f"Slurm array task: SLURM_ARRAY_TASK_ID/COUNT/MIN/MAX/STEP unreadable ({e}); pass --part I/N"
+        ) from None
     index, off_step = divmod(task - first, step) if step > 0 else (-1, 0)
     if off_step or not 0 <= index < count or last != first + (count - 1) * step:
-        raise ValueError(f"Slurm array task {task}: the array (min {first}, max {last}, step {step}, {count} tasks) is "
-                         f"not one evenly spaced range; pass --part I/N (or --part none)")
+        raise ValueError(
+            f"Slurm array task {task}: the array (min {first}, max {last}, step {step}, {count} tasks) is "
+            f"not one evenly spaced range; pass --part I/N (or --part none)"
+        )
     return index, count
 
 
@@ -183,8 +195,9 @@ def _kill_workers(pool: ProcessPoolExecutor) -> None:
             process.kill()
 
 
-def ordered_transcodes(items: list[VideoInput], settings: EncodeSettings, workers: int, workdir: str,
-                       window: int | None = None) -> Iterator[tuple[VideoInput, TranscodeResult]]:
+def ordered_transcodes(
+    items: list[VideoInput], settings: EncodeSettings, workers: int, workdir: str, window: int | None = None
+) -> Iterator[tuple[VideoInput, TranscodeResult]]:
     """Transcode `items` on `workers` processes, yielding results in the order of `items`.
 
     At most `window` transcodes are submitted ahead of the one the writer waits for, which bounds memory (each
@@ -197,8 +210,9 @@ def ordered_transcodes(items: list[VideoInput], settings: EncodeSettings, worker
     window = window or 2 * workers
     # spawn: the pool may be started from a process that already runs threads (DALI, torch, pytest); forking
     # such a process can deadlock. Workers need little more than shards.transcode.
-    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=_init_worker,
-                               initargs=(os.getpid(),))
+    pool = ProcessPoolExecutor(
+        workers, mp_context=multiprocessing.get_context("spawn"), initializer=_init_worker, initargs=(os.getpid(),)
+    )
     pending: deque = deque()
     try:
         feed = iter(items)
@@ -218,8 +232,9 @@ def ordered_transcodes(items: list[VideoInput], settings: EncodeSettings, worker
 
 
 @contextlib.contextmanager
-def executor_transcodes(args: argparse.Namespace, items: list[VideoInput], settings: EncodeSettings,
-                        workdir: str) -> Iterator[Iterator[tuple[VideoInput, TranscodeResult]]]:
+def executor_transcodes(
+    args: argparse.Namespace, items: list[VideoInput], settings: EncodeSettings, workdir: str
+) -> Iterator[Iterator[tuple[VideoInput, TranscodeResult]]]:
     """The results of transcoding `items` in plan order, from the executor --executor names (the process pool, or
     Ray tasks: shards.executors); sets args.workers when Ray chooses it. The generator is closed on leaving."""
     if args.executor != "ray" or not items:  # nothing to do needs no Ray
@@ -232,14 +247,23 @@ def executor_transcodes(args: argparse.Namespace, items: list[VideoInput], setti
             yield ordered
 
 
-def sample_members(item: VideoInput, result: TranscodeResult, label: int, sample_id: int,
-                   codec: str) -> list[tuple[str, bytes]]:
+def sample_members(
+    item: VideoInput, result: TranscodeResult, label: int, sample_id: int, codec: str
+) -> list[tuple[str, bytes]]:
     """The tar members of one sample, in the order format.py lists them."""
     info = result.info
     meta = {
-        "key": item.key, "source": item.source, "label": label, "label_name": item.label_name,
-        "fps": round(info.fps, 6), "num_frames": info.num_frames, "width": info.width, "height": info.height,
-        "duration": round(info.duration, 6), "codec": codec, "sample_id": sample_id,
+        "key": item.key,
+        "source": item.source,
+        "label": label,
+        "label_name": item.label_name,
+        "fps": round(info.fps, 6),
+        "num_frames": info.num_frames,
+        "width": info.width,
+        "height": info.height,
+        "duration": round(info.duration, 6),
+        "codec": codec,
+        "sample_id": sample_id,
     }
     videos = result.videos
     if len(videos) > 1:
@@ -265,8 +289,15 @@ def _format_bytes(n: float) -> str:
 class ShardSink:
     """Groups transcoded samples into shards in plan order and records a resume marker per finished shard."""
 
-    def __init__(self, state: BuildState, codec: str, classes_index, kept: list[dict],
-                 max_bytes: int | None, max_samples: int | None) -> None:
+    def __init__(
+        self,
+        state: BuildState,
+        codec: str,
+        classes_index,
+        kept: list[dict],
+        max_bytes: int | None,
+        max_samples: int | None,
+    ) -> None:
         self.state, self.prefix, self.codec, self.label_of = state, state.prefix, codec, classes_index
         self.max_bytes, self.max_samples = max_bytes, max_samples
         self.markers = list(kept)
@@ -286,12 +317,14 @@ class ShardSink:
         members = sample_members(item, result, label, self.next_sample_id, self.codec)
         size = sum(member_bytes(len(data)) for _, data in members)
         if self.writer is not None and (
-                (self.max_samples and len(self.writer.keys) >= self.max_samples)
-                or (self.max_bytes and self.writer.bytes_written + size > self.max_bytes)):
+            (self.max_samples and len(self.writer.keys) >= self.max_samples)
+            or (self.max_bytes and self.writer.bytes_written + size > self.max_bytes)
+        ):
             self.close_shard(position)
         if self.writer is None:
-            self.writer = ShardWriter(self.state.out_dir, fmt.shard_name(self.prefix, len(self.markers)),
-                                      self.state.work_dir)
+            self.writer = ShardWriter(
+                self.state.out_dir, fmt.shard_name(self.prefix, len(self.markers)), self.state.work_dir
+            )
             self.first_sample_id = self.next_sample_id
         self.writer.add_sample(item.key, members)
         self.next_sample_id += 1
@@ -302,10 +335,18 @@ class ShardSink:
         """Finish the open shard; it owns plan positions [self.position, plan_end) and their failures."""
         record = self.writer.close()
         marker = {
-            "shard": len(self.markers), "tar": record.tar, "index": record.index,
-            "num_samples": record.num_samples, "bytes": record.bytes, "sha256": record.sha256,
-            "first_sample_id": self.first_sample_id, "plan_start": self.position, "plan_end": plan_end,
-            "keys": record.keys, "failures": self.pending_failures, "num_frames": self.shard_frames,
+            "shard": len(self.markers),
+            "tar": record.tar,
+            "index": record.index,
+            "num_samples": record.num_samples,
+            "bytes": record.bytes,
+            "sha256": record.sha256,
+            "first_sample_id": self.first_sample_id,
+            "plan_start": self.position,
+            "plan_end": plan_end,
+            "keys": record.keys,
+            "failures": self.pending_failures,
+            "num_frames": self.shard_frames,
             "duration": round(self.shard_duration, 6),
         }
         self.state.record_shard(marker)
@@ -335,44 +376,69 @@ class ShardSink:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="python -m shards.build",
-        description="Transcode a labelled video collection into WebDataset tar shards + DALI index files.")
+        description="Transcode a labelled video collection into WebDataset tar shards + DALI index files.",
+    )
     src = p.add_argument_group("inputs (exactly one of --csv, --list, --folders)")
     src.add_argument("--csv", help="Kinetics annotation CSV (label,youtube_id,time_start,time_end,split[,is_cc])")
     src.add_argument("--list", help="list file: one 'relative/path LABEL' per line (LABEL an index or a name)")
     src.add_argument("--folders", help="a folder per class: DIR/<class name>/**/<video>")
-    src.add_argument("--root", help="video root for --csv (flat or a folder per label) and --list "
-                                    "(default: the list's folder)")
-    src.add_argument("--classes", help="class names in index order: a text file (one per line), a JSON list, "
-                                       "or a manifest.json to reuse (so val agrees with train)")
+    src.add_argument(
+        "--root", help="video root for --csv (flat or a folder per label) and --list (default: the list's folder)"
+    )
+    src.add_argument(
+        "--classes",
+        help="class names in index order: a text file (one per line), a JSON list, "
+        "or a manifest.json to reuse (so val agrees with train)",
+    )
     src.add_argument("--all-rows", action="store_true", help="--csv: use every row, ignoring the split column")
     out = p.add_argument_group("output")
     out.add_argument("--out", required=True, help="output directory (one split per directory)")
     out.add_argument("--split", required=True, help="split name: shard prefix, and the CSV rows selected")
-    out.add_argument("--seed", type=int, default=0,
-                     help="shuffle seed for the order of samples across shards (default 0)")
-    out.add_argument("--shard-size-mb", type=float, default=None,
-                     help="start a new shard before one would exceed this size (default 1000 unless "
-                          "--samples-per-shard is given)")
+    out.add_argument(
+        "--seed", type=int, default=0, help="shuffle seed for the order of samples across shards (default 0)"
+    )
+    out.add_argument(
+        "--shard-size-mb",
+        type=float,
+        default=None,
+        help="start a new shard before one would exceed this size (default 1000 unless --samples-per-shard is given)",
+    )
     out.add_argument("--samples-per-shard", type=int, default=None, help="at most this many samples per shard")
     out.add_argument("--overwrite", action="store_true", help="discard an earlier build in --out and start over")
     _add_transcoding_args(p)
     run = p.add_argument_group("running")
-    run.add_argument("--workers", type=int, default=None,
-                     help="parallel transcoding processes (default: the CPUs available); with --executor ray, "
-                          "half the window of tasks in flight (default: the cluster's CPUs / --threads)")
-    run.add_argument("--timeout", type=float, default=600.0,
-                     help="seconds per video before ffmpeg is killed (default 600)")
-    run.add_argument("--part", default=None, metavar="I/N",
-                     help="build only part I of N (I from 0) of the planned videos, beside the other parts in "
-                          "--out, then `python -m shards.merge OUT` once all are done. Default: a Slurm array "
-                          "task's (SLURM_ARRAY_TASK_ID - SLURM_ARRAY_TASK_MIN of SLURM_ARRAY_TASK_COUNT) when set, "
-                          "else the whole build; 'none' ignores Slurm")
-    run.add_argument("--executor", choices=("local", "ray"), default="local",
-                     help="local: a process pool on this machine (default); ray: Ray tasks (pip install "
-                          "videomae-fast[ray]); the output is identical")
-    run.add_argument("--ray-address", default=None,
-                     help="--executor ray: the cluster to join (default: RAY_ADDRESS, else a local Ray instance "
-                          "started and stopped by the build)")
+    run.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        help="parallel transcoding processes (default: the CPUs available); with --executor ray, "
+        "half the window of tasks in flight (default: the cluster's CPUs / --threads)",
+    )
+    run.add_argument(
+        "--timeout", type=float, default=600.0, help="seconds per video before ffmpeg is killed (default 600)"
+    )
+    run.add_argument(
+        "--part",
+        default=None,
+        metavar="I/N",
+        help="build only part I of N (I from 0) of the planned videos, beside the other parts in "
+        "--out, then `python -m shards.merge OUT` once all are done. Default: a Slurm array "
+        "task's (SLURM_ARRAY_TASK_ID - SLURM_ARRAY_TASK_MIN of SLURM_ARRAY_TASK_COUNT) when set, "
+        "else the whole build; 'none' ignores Slurm",
+    )
+    run.add_argument(
+        "--executor",
+        choices=("local", "ray"),
+        default="local",
+        help="local: a process pool on this machine (default); ray: Ray tasks (pip install "
+        "videomae-fast[ray]); the output is identical",
+    )
+    run.add_argument(
+        "--ray-address",
+        default=None,
+        help="--executor ray: the cluster to join (default: RAY_ADDRESS, else a local Ray instance "
+        "started and stopped by the build)",
+    )
     run.add_argument("--quiet", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
     if args.shard_size_mb is None and args.samples_per_shard is None:
@@ -389,49 +455,93 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def _add_transcoding_args(p: argparse.ArgumentParser) -> None:
     """The options that decide the bytes of each transcoded video (`EncodeSettings`, and part of the identity)."""
     enc = p.add_argument_group("transcoding")
-    enc.add_argument("--codec", choices=CODECS, default="vp9",
-                     help="vp9: DALI decodes it on CPU and GPU; h264: GPU (NVDEC) only; mjpeg: intra-only, "
-                          "cheapest to decode, ~7x larger (default vp9)")
-    enc.add_argument("--short-side", type=int, default=320,
-                     help="scale so the short side has this many pixels (default 320)")
+    enc.add_argument(
+        "--codec",
+        choices=CODECS,
+        default="vp9",
+        help="vp9: DALI decodes it on CPU and GPU; h264: GPU (NVDEC) only; mjpeg: intra-only, "
+        "cheapest to decode, ~7x larger (default vp9)",
+    )
+    enc.add_argument(
+        "--short-side", type=int, default=320, help="scale so the short side has this many pixels (default 320)"
+    )
     enc.add_argument("--fps", type=float, default=None, help="output frame rate (default: the source's)")
-    enc.add_argument("--container", choices=fmt.CONTAINERS, default=None,
-                     help="ivf: VP9 members the pipeline cuts at the key frame before each clip, so a clip decodes "
-                          "~gop/2 frames more than its own (default for vp9); mp4: decoded from each member's "
-                          "start (h264, mjpeg; vp9 for comparison or older readers)")
-    enc.add_argument("--gop", type=int, default=None,
-                     help="keyframe interval in frames (of each member with --phases). Default: ivf 32, or 16 with "
-                          "--phases (a clip decodes ~gop/2 extra frames); mp4 16, or 64 with --phases (DALI 2.4 "
-                          "decodes mp4 members from their start, so fewer key frames only save bytes)")
-    enc.add_argument("--quality", type=int, default=None,
-                     help="crf for vp9 (default 36) and h264 (default 23); q:v 2-31 for mjpeg (default 3)")
-    enc.add_argument("--threads", type=int, default=1,
-                     help="ffmpeg threads per video; part of the output's identity (encoders' bytes depend on "
-                          "it). Parallelism comes from --workers (default 1)")
-    enc.add_argument("--phases", type=int, default=1,
-                     help="store each video as P members, member p holding frames p, p+P, p+2P, ...: a clip "
-                          "sampled at a stride that P divides is then consecutive frames near the start of one "
-                          "member (--phases 4 for VideoMAE's stride 4: ~4x fewer decoded frames per clip with "
-                          "DALI's decoder; default 1: one member in timeline order; at most 8)")
-    enc.add_argument("--min-frames", type=int, default=16,
-                     help="skip videos with fewer frames after transcoding (default 16)")
-    enc.add_argument("--tolerate-decode-errors", action="store_true",
-                     help="keep videos whose source has decoding errors (ffmpeg conceals them) instead of "
-                          "skipping them")
+    enc.add_argument(
+        "--container",
+        choices=fmt.CONTAINERS,
+        default=None,
+        help="ivf: VP9 members the pipeline cuts at the key frame before each clip, so a clip decodes "
+        "~gop/2 frames more than its own (default for vp9); mp4: decoded from each member's "
+        "start (h264, mjpeg; vp9 for comparison or older readers)",
+    )
+    enc.add_argument(
+        "--gop",
+        type=int,
+        default=None,
+        help="keyframe interval in frames (of each member with --phases). Default: ivf 32, or 16 with "
+        "--phases (a clip decodes ~gop/2 extra frames); mp4 16, or 64 with --phases (DALI 2.4 "
+        "decodes mp4 members from their start, so fewer key frames only save bytes)",
+    )
+    enc.add_argument(
+        "--quality",
+        type=int,
+        default=None,
+        help="crf for vp9 (default 36) and h264 (default 23); q:v 2-31 for mjpeg (default 3)",
+    )
+    enc.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="ffmpeg threads per video; part of the output's identity (encoders' bytes depend on "
+        "it). Parallelism comes from --workers (default 1)",
+    )
+    enc.add_argument(
+        "--phases",
+        type=int,
+        default=1,
+        help="store each video as P members, member p holding frames p, p+P, p+2P, ...: a clip "
+        "sampled at a stride that P divides is then consecutive frames near the start of one "
+        "member (--phases 4 for VideoMAE's stride 4: ~4x fewer decoded frames per clip with "
+        "DALI's decoder; default 1: one member in timeline order; at most 8)",
+    )
+    enc.add_argument(
+        "--min-frames", type=int, default=16, help="skip videos with fewer frames after transcoding (default 16)"
+    )
+    enc.add_argument(
+        "--tolerate-decode-errors",
+        action="store_true",
+        help="keep videos whose source has decoding errors (ffmpeg conceals them) instead of skipping them",
+    )
 
 
 def _read_inputs(args: argparse.Namespace) -> tuple[InputSet, EncodeSettings]:
     """The inputs and the encoder settings (InputError or ValueError: a one-line message)."""
-    inputs = collect_inputs(csv_path=args.csv, list_path=args.list, folders=args.folders, root=args.root,
-                            split=args.split, classes_file=args.classes, all_rows=args.all_rows)
+    inputs = collect_inputs(
+        csv_path=args.csv,
+        list_path=args.list,
+        folders=args.folders,
+        root=args.root,
+        split=args.split,
+        classes_file=args.classes,
+        all_rows=args.all_rows,
+    )
     if args.container is None:
         args.container = EncodeSettings(codec=args.codec).effective_container
     if args.gop is None:
         args.gop = default_gop(args.container, args.phases)
-    settings = EncodeSettings(codec=args.codec, short_side=args.short_side, fps=args.fps, gop=args.gop,
-                              quality=args.quality, threads=args.threads, min_frames=args.min_frames,
-                              timeout=args.timeout, tolerate_decode_errors=args.tolerate_decode_errors,
-                              phases=args.phases, container=args.container)
+    settings = EncodeSettings(
+        codec=args.codec,
+        short_side=args.short_side,
+        fps=args.fps,
+        gop=args.gop,
+        quality=args.quality,
+        threads=args.threads,
+        min_frames=args.min_frames,
+        timeout=args.timeout,
+        tolerate_decode_errors=args.tolerate_decode_errors,
+        phases=args.phases,
+        container=args.container,
+    )
     return inputs, settings
 
 
@@ -460,8 +570,10 @@ def build(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     problem = split_name_problem(args.split)
     if problem:
-        print(f"error: --split {args.split!r}: {problem} (the split name prefixes the shard files inside --out)",
-              file=sys.stderr)
+        print(
+            f"error: --split {args.split!r}: {problem} (the split name prefixes the shard files inside --out)",
+            file=sys.stderr,
+        )
         return 1
     try:
         part = resolve_part(args.part, os.environ)
@@ -476,8 +588,11 @@ def build(args: argparse.Namespace) -> int:
     plan = plan_order(inputs.videos, args.seed)
     if not plan:
         extra = f" ({len(inputs.rejected)} rejected: {inputs.rejected[0]['reason']})" if inputs.rejected else ""
-        print(f"error: no inputs: {args.csv or args.list or args.folders} lists no videos for split "
-              f"{args.split!r}{extra}", file=sys.stderr)
+        print(
+            f"error: no inputs: {args.csv or args.list or args.folders} lists no videos for split "
+            f"{args.split!r}{extra}",
+            file=sys.stderr,
+        )
         return 1
     lock = BuildLocks(args.out, part)
     with _sigterm_raises():
@@ -497,21 +612,37 @@ def build(args: argparse.Namespace) -> int:
             lock.release()
 
 
-def build_identity(args: argparse.Namespace, settings: EncodeSettings, plan: list[VideoInput],
-                   inputs: InputSet) -> dict:
+def build_identity(
+    args: argparse.Namespace, settings: EncodeSettings, plan: list[VideoInput], inputs: InputSet
+) -> dict:
     """What makes two builds the same build (resume, re-runs and the parts of one merge compare it): every
     setting that affects the output, and a hash of the planned inputs and the classes."""
     params = {
-        "split": args.split, **settings.output_params(), "seed": args.seed,
-        "shard_size_mb": args.shard_size_mb, "samples_per_shard": args.samples_per_shard,
-        "input": {"csv": args.csv, "list": args.list, "folders": args.folders, "root": args.root,
-                  "classes": args.classes, "all_rows": args.all_rows},
+        "split": args.split,
+        **settings.output_params(),
+        "seed": args.seed,
+        "shard_size_mb": args.shard_size_mb,
+        "samples_per_shard": args.samples_per_shard,
+        "input": {
+            "csv": args.csv,
+            "list": args.list,
+            "folders": args.folders,
+            "root": args.root,
+            "classes": args.classes,
+            "all_rows": args.all_rows,
+        },
     }
     return {"params": params, "inputs_sha256": inputs_digest(plan, inputs.classes)}
 
 
-def _build_locked(args: argparse.Namespace, inputs: InputSet, settings: EncodeSettings, plan: list[VideoInput],
-                  part: tuple[int, int] | None, started: float) -> int:
+def _build_locked(
+    args: argparse.Namespace,
+    inputs: InputSet,
+    settings: EncodeSettings,
+    plan: list[VideoInput],
+    part: tuple[int, int] | None,
+    started: float,
+) -> int:
     """The build, with the output directory locked: resume point, transcoding, shards, failures and manifest (or,
     for a part, its finished record)."""
     out_dir = Path(args.out)
@@ -524,8 +655,14 @@ def _build_locked(args: argparse.Namespace, inputs: InputSet, settings: EncodeSe
         if resume.complete:
             _say_complete(out_dir, part, resume.part_finished)
             return 0
-        sink = ShardSink(state, args.codec, inputs.label_index, resume.markers,
-                         int(args.shard_size_mb * 1e6) if args.shard_size_mb else None, args.samples_per_shard)
+        sink = ShardSink(
+            state,
+            args.codec,
+            inputs.label_index,
+            resume.markers,
+            int(args.shard_size_mb * 1e6) if args.shard_size_mb else None,
+            args.samples_per_shard,
+        )
         stats = _transcode_plan(args, settings, plan[start:end], inputs, state, sink)
         if part is not None:
             return _write_part_outputs(args, state, sink, inputs, plan, identity, stats, started)
@@ -543,31 +680,48 @@ def _build_locked(args: argparse.Namespace, inputs: InputSet, settings: EncodeSe
             return EXIT_INTERRUPTED if isinstance(e, KeyboardInterrupt) else EXIT_TERMINATED
         if isinstance(e, (OSError, BuildStopped)):
             reason = describe_own_failure(e) if isinstance(e, OSError) else str(e)
-            print(f"error: {reason}; {kept}: fix this and re-run the same command to resume (the videos after "
-                  f"them are retried)", file=sys.stderr)
+            print(
+                f"error: {reason}; {kept}: fix this and re-run the same command to resume (the videos after "
+                f"them are retried)",
+                file=sys.stderr,
+            )
             return EXIT_RETRY
         raise
 
 
 def _say_complete(out_dir: Path, part: tuple[int, int] | None, part_finished: bool) -> None:
     if part_finished:
-        print(f"shards: part {part[0]}/{part[1]} of this build is already finished in {out_dir}; nothing to do "
-              f"(`python -m shards.merge {out_dir}` once every part is; --overwrite rebuilds this part)",
-              file=sys.stderr)
+        print(
+            f"shards: part {part[0]}/{part[1]} of this build is already finished in {out_dir}; nothing to do "
+            f"(`python -m shards.merge {out_dir}` once every part is; --overwrite rebuilds this part)",
+            file=sys.stderr,
+        )
         return
-    print(f"shards: {out_dir} already holds this build ({fmt.MANIFEST_NAME} present, every shard it lists "
-          f"there with its size); nothing to do (use --overwrite to rebuild)", file=sys.stderr)
+    print(
+        f"shards: {out_dir} already holds this build ({fmt.MANIFEST_NAME} present, every shard it lists "
+        f"there with its size); nothing to do (use --overwrite to rebuild)",
+        file=sys.stderr,
+    )
 
 
-def _transcode_plan(args: argparse.Namespace, settings: EncodeSettings, plan: list[VideoInput], inputs: InputSet,
-                    state: BuildState, sink: ShardSink) -> dict:
+def _transcode_plan(
+    args: argparse.Namespace,
+    settings: EncodeSettings,
+    plan: list[VideoInput],
+    inputs: InputSet,
+    state: BuildState,
+    sink: ShardSink,
+) -> dict:
     """Transcode the plan (a part's: its range of the plan) from the resume point into the sink; returns this
     run's counts."""
     start = sink.position
     if sink.markers:
-        print(f"shards: resuming: keeping {len(sink.markers)} finished shard(s) "
-              f"({sum(m['num_samples'] for m in sink.markers)} samples), {len(plan) - start} of {len(plan)} videos "
-              f"to go", file=sys.stderr)
+        print(
+            f"shards: resuming: keeping {len(sink.markers)} finished shard(s) "
+            f"({sum(m['num_samples'] for m in sink.markers)} samples), {len(plan) - start} of {len(plan)} videos "
+            f"to go",
+            file=sys.stderr,
+        )
     stats = {"ok": 0, "failed": 0, "source_seconds": 0.0}
     printed = 0
 
@@ -582,8 +736,15 @@ def _transcode_plan(args: argparse.Namespace, settings: EncodeSettings, plan: li
     if state.part is None or state.part[0] == 0:  # every part reads the same inputs: part 0 speaks for them
         for rejected in inputs.rejected:
             skipped(rejected["source"], rejected["reason"])
-    bar = tqdm(total=len(plan), initial=start, unit="video", desc=f"shards {state.prefix}", disable=args.quiet,
-               dynamic_ncols=True, smoothing=0.05)
+    bar = tqdm(
+        total=len(plan),
+        initial=start,
+        unit="video",
+        desc=f"shards {state.prefix}",
+        disable=args.quiet,
+        dynamic_ncols=True,
+        smoothing=0.05,
+    )
     try:
         with executor_transcodes(args, plan[start:], settings, str(state.work_dir)) as ordered:
             for position, (item, result) in enumerate(ordered, start=start):
@@ -603,8 +764,16 @@ def _transcode_plan(args: argparse.Namespace, settings: EncodeSettings, plan: li
     return stats
 
 
-def _write_outputs(args: argparse.Namespace, state: BuildState, sink: ShardSink, inputs: InputSet,
-                   plan: list[VideoInput], identity: dict, stats: dict, started: float) -> int:
+def _write_outputs(
+    args: argparse.Namespace,
+    state: BuildState,
+    sink: ShardSink,
+    inputs: InputSet,
+    plan: list[VideoInput],
+    identity: dict,
+    stats: dict,
+    started: float,
+) -> int:
     """failures.jsonl, then manifest.json (last: its presence means a finished build); the summary line."""
     out_dir = state.out_dir
     failures = list(inputs.rejected) + [f for m in sink.markers for f in m["failures"]] + stats["orphan_failures"]
@@ -613,19 +782,25 @@ def _write_outputs(args: argparse.Namespace, state: BuildState, sink: ShardSink,
     if num_samples == 0:
         state.finish()
         first = f"; first: {failures[0]['source']}: {failures[0]['reason']}" if failures else ""
-        print(f"error: nothing succeeded: all {len(plan)} videos failed (see {out_dir / fmt.FAILURES_NAME}){first}",
-              file=sys.stderr)
+        print(
+            f"error: nothing succeeded: all {len(plan)} videos failed (see {out_dir / fmt.FAILURES_NAME}){first}",
+            file=sys.stderr,
+        )
         return 1
 
     removed = state.remove_stale_shards(len(sink.markers))
-    manifest = manifest_record(identity, inputs.classes, ffmpeg_version(), sink.markers, len(failures),
-                               len(plan) + len(inputs.rejected))
+    manifest = manifest_record(
+        identity, inputs.classes, ffmpeg_version(), sink.markers, len(failures), len(plan) + len(inputs.rejected)
+    )
     fmt.write_manifest(out_dir, manifest)
     state.finish()
-    print(f"shards: {args.split}: {num_samples} samples in {len(sink.markers)} shards "
-          f"({_format_bytes(sum(m['bytes'] for m in sink.markers))}, {_layout(args)}), {len(failures)} skipped "
-          f"(see {fmt.FAILURES_NAME}); {_this_run(args, stats, started)} -> {out_dir / fmt.MANIFEST_NAME}"
-          + (f" (removed stale {', '.join(removed)})" if removed else ""), file=sys.stderr)
+    print(
+        f"shards: {args.split}: {num_samples} samples in {len(sink.markers)} shards "
+        f"({_format_bytes(sum(m['bytes'] for m in sink.markers))}, {_layout(args)}), {len(failures)} skipped "
+        f"(see {fmt.FAILURES_NAME}); {_this_run(args, stats, started)} -> {out_dir / fmt.MANIFEST_NAME}"
+        + (f" (removed stale {', '.join(removed)})" if removed else ""),
+        file=sys.stderr,
+    )
     return 0
 
 
@@ -633,13 +808,15 @@ def failure_lines(failures: list[dict]) -> str:
     """failures.jsonl: one JSON object per line, "source", "key", "reason" first, in that order, whether a record
     comes from this run or from a marker read back (markers are stored with sorted keys)."""
     first = ("source", "key", "reason")
-    ordered = ({**{k: f[k] for k in first if k in f}, **{k: f[k] for k in sorted(f) if k not in first}}
-               for f in failures)
+    ordered = (
+        {**{k: f[k] for k in first if k in f}, **{k: f[k] for k in sorted(f) if k not in first}} for f in failures
+    )
     return "".join(json.dumps(f) + "\n" for f in ordered)
 
 
-def manifest_record(identity: dict, classes: list[str], ffmpeg: str, markers: list[dict], num_failures: int,
-                    num_inputs: int) -> dict:
+def manifest_record(
+    identity: dict, classes: list[str], ffmpeg: str, markers: list[dict], num_failures: int, num_inputs: int
+) -> dict:
     """manifest.json of a finished build from its shards' markers, in order (one build's, or a merge's with ids
     renumbered): `shards.format` says what readers rely on."""
     params = identity["params"]
@@ -656,32 +833,55 @@ def manifest_record(identity: dict, classes: list[str], ffmpeg: str, markers: li
         "num_inputs": num_inputs,
         "num_frames": sum(m["num_frames"] for m in markers),
         "duration": round(sum(m["duration"] for m in markers), 3),
-        "shards": [{k: m[k] for k in ("tar", "index", "num_samples", "bytes", "sha256", "first_sample_id")}
-                   for m in markers],
+        "shards": [
+            {k: m[k] for k in ("tar", "index", "num_samples", "bytes", "sha256", "first_sample_id")} for m in markers
+        ],
         "keys": [k for m in markers for k in m["keys"]],
     }
 
 
-def _write_part_outputs(args: argparse.Namespace, state: BuildState, sink: ShardSink, inputs: InputSet,
-                        plan: list[VideoInput], identity: dict, stats: dict, started: float) -> int:
+def _write_part_outputs(
+    args: argparse.Namespace,
+    state: BuildState,
+    sink: ShardSink,
+    inputs: InputSet,
+    plan: list[VideoInput],
+    identity: dict,
+    stats: dict,
+    started: float,
+) -> int:
     """A finished part: its record (all `shards.merge` needs: shards, failures, the inputs' rejects, classes,
     ffmpeg) is written last into its state folder; no manifest, no failures.jsonl (the merge writes them)."""
     index, count = state.part
     removed = state.remove_stale_shards(len(sink.markers))
-    record = {**identity, "part": [index, count], "plan_range": list(state.plan_range), "ffmpeg": ffmpeg_version(),
-              "classes": inputs.classes, "rejected": inputs.rejected, "num_inputs": len(plan) + len(inputs.rejected),
-              "markers": sink.markers, "orphan_failures": stats["orphan_failures"]}
+    record = {
+        **identity,
+        "part": [index, count],
+        "plan_range": list(state.plan_range),
+        "ffmpeg": ffmpeg_version(),
+        "classes": inputs.classes,
+        "rejected": inputs.rejected,
+        "num_inputs": len(plan) + len(inputs.rejected),
+        "markers": sink.markers,
+        "orphan_failures": stats["orphan_failures"],
+    }
     state.finish_part(record)
     start, end = state.plan_range
     num_samples = sum(m["num_samples"] for m in sink.markers)
     failed = sum(len(m["failures"]) for m in sink.markers) + len(stats["orphan_failures"])
-    positions = f"plan positions {start}..{end - 1} of {len(plan)}" if end > start else \
-        f"none of the {len(plan)} planned videos: more parts than videos"
-    print(f"shards: {args.split} part {index}/{count} ({positions}): "
-          f"{num_samples} samples in {len(sink.markers)} shards ({_format_bytes(sum(m['bytes'] for m in sink.markers))}"
-          f", {_layout(args)}), {failed} skipped; {_this_run(args, stats, started)}; when all {count} parts are "
-          f"finished: python -m shards.merge {state.out_dir}"
-          + (f" (removed stale {', '.join(removed)})" if removed else ""), file=sys.stderr)
+    positions = (
+        f"plan positions {start}..{end - 1} of {len(plan)}"
+        if end > start
+        else f"none of the {len(plan)} planned videos: more parts than videos"
+    )
+    print(
+        f"shards: {args.split} part {index}/{count} ({positions}): "
+        f"{num_samples} samples in {len(sink.markers)} shards ({_format_bytes(sum(m['bytes'] for m in sink.markers))}"
+        f", {_layout(args)}), {failed} skipped; {_this_run(args, stats, started)}; when all {count} parts are "
+        f"finished: python -m shards.merge {state.out_dir}"
+        + (f" (removed stale {', '.join(removed)})" if removed else ""),
+        file=sys.stderr,
+    )
     return 0
 
 
@@ -694,8 +894,10 @@ def _this_run(args: argparse.Namespace, stats: dict, started: float) -> str:
     elapsed = time.perf_counter() - started
     done_now = stats["ok"] + stats["failed"]
     how = f"{args.workers} workers" + (" on Ray" if args.executor == "ray" else "") if args.workers else "no workers"
-    return (f"this run: {done_now} videos in {elapsed:.1f} s = {done_now / elapsed:.2f} videos/s, "
-            f"{stats['source_seconds'] / elapsed:.1f} source-s/s with {how}")
+    return (
+        f"this run: {done_now} videos in {elapsed:.1f} s = {done_now / elapsed:.2f} videos/s, "
+        f"{stats['source_seconds'] / elapsed:.1f} source-s/s with {how}"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -24,7 +24,7 @@ import itertools
 import logging
 import os
 from collections import deque
-from typing import Iterator
+from collections.abc import Iterator
 
 from shards.inputs import VideoInput
 from shards.transcode import EncodeSettings, TranscodeAborted, TranscodeResult, transcode
@@ -54,10 +54,11 @@ def ray_session(address: str | None) -> Iterator[int]:
     if not ray.is_initialized():
         try:
             ray.init(address=address, include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR)
-        except Exception as e:  # ConnectionError, a timeout, a version mismatch: all one line for the user
+        except Exception as e:  # noqa: BLE001 - ConnectionError, a timeout, a version mismatch: all one line for the user
             where = f" at {address}" if address else ""
-            raise ExecutorUnavailable(f"--executor ray: cannot connect to Ray{where}: "
-                                      f"{' '.join(str(e).split())[:300]}") from None
+            raise ExecutorUnavailable(
+                f"--executor ray: cannot connect to Ray{where}: {' '.join(str(e).split())[:300]}"
+            ) from None
         started = True
     try:
         yield max(1, int(ray.cluster_resources().get("CPU", 1)))
@@ -90,8 +91,9 @@ def _ray_result(ray, ref) -> TranscodeResult:
         raise BuildStopped(f"Ray lost a transcode task ({type(e).__name__}: {first[:200]})") from None
 
 
-def ray_ordered_transcodes(items: list[VideoInput], settings: EncodeSettings, workdir: str,
-                           window: int) -> Iterator[tuple[VideoInput, TranscodeResult]]:
+def ray_ordered_transcodes(
+    items: list[VideoInput], settings: EncodeSettings, workdir: str, window: int
+) -> Iterator[tuple[VideoInput, TranscodeResult]]:
     """Transcode `items` as Ray tasks (one CPU per ffmpeg thread), yielding results in the order of `items`, with
     at most `window` tasks submitted and not yet consumed. Needs a Ray connection (`ray_session`)."""
     from shards.build import _own_failures_stop

@@ -66,9 +66,10 @@ import glob
 import json
 import os
 import struct
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, NamedTuple, Sequence
+from typing import NamedTuple
 
 import braceexpand
 import numpy as np
@@ -164,8 +165,10 @@ def layout_of(exts) -> Layout:
         if phases:
             layout = Layout(phases, container)
             if set(layout.video_exts) - exts:
-                raise ValueError(f"video members {sorted(e for e in exts if e.endswith(container))}: expected "
-                                 f"'p0.{container}' ... 'p{phases - 1}.{container}'")
+                raise ValueError(
+                    f"video members {sorted(e for e in exts if e.endswith(container))}: expected "
+                    f"'p0.{container}' ... 'p{phases - 1}.{container}'"
+                )
             break
     else:
         raise ValueError(f"members {sorted(exts)}: no video member ('ivf', 'mp4', 'p0.ivf', ...)")
@@ -231,8 +234,10 @@ def read_manifest(directory: str | os.PathLike) -> dict:
     except ValueError as e:
         raise ValueError(f"{e}; rebuild it with `python -m shards.build`") from None
     if manifest.get("format") not in READABLE_FORMATS:
-        raise ValueError(f"{path}: format {manifest.get('format')!r}, expected one of {READABLE_FORMATS} (rebuild "
-                         f"it with `python -m shards.build`)")
+        raise ValueError(
+            f"{path}: format {manifest.get('format')!r}, expected one of {READABLE_FORMATS} (rebuild "
+            f"it with `python -m shards.build`)"
+        )
     problem = _manifest_problem(manifest)
     if problem:
         raise ValueError(f"{path}: {problem} (damaged or hand-edited; rebuild it with `python -m shards.build`)")
@@ -330,11 +335,16 @@ def read_index(path: str | os.PathLike) -> list[list[IndexEntry]]:
         if not tokens or len(tokens) % 4:
             raise ValueError(f"{path}: line {number} ({line[:80]!r}) is not groups of '<ext> <offset> <size> <name>'")
         try:
-            samples.append([IndexEntry(tokens[i], int(tokens[i + 1]), int(tokens[i + 2]), tokens[i + 3])
-                            for i in range(0, len(tokens), 4)])
+            samples.append(
+                [
+                    IndexEntry(tokens[i], int(tokens[i + 1]), int(tokens[i + 2]), tokens[i + 3])
+                    for i in range(0, len(tokens), 4)
+                ]
+            )
         except ValueError:
-            raise ValueError(f"{path}: line {number} ({line[:80]!r}) has an offset or size that is not an "
-                             f"integer") from None
+            raise ValueError(
+                f"{path}: line {number} ({line[:80]!r}) has an offset or size that is not an integer"
+            ) from None
     if int(head[1]) != len(samples):
         raise ValueError(f"{path}: header says {head[1]} samples, the file lists {len(samples)}")
     return samples

@@ -25,9 +25,9 @@ import csv
 import json
 import os
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 VIDEO_SUFFIXES = (".mp4", ".mkv", ".webm", ".avi", ".mov", ".m4v", ".mpg", ".mpeg", ".flv", ".3gp")
 KINETICS_COLUMNS = ("label", "youtube_id", "time_start", "time_end")
@@ -57,10 +57,12 @@ def _reject(source: str, reason: str, key: str | None = None) -> dict:
 
 def _rejected_or_raise(rejected: list[dict] | None) -> Callable[[str, str], None]:
     """How a reader reports a bad row: appended to `rejected`, or (no list given) an InputError at once."""
+
     def report(where: str, reason: str) -> None:
         if rejected is None:
             raise InputError(f"{where}: {reason}")
         rejected.append(_reject(where, reason))
+
     return report
 
 
@@ -136,8 +138,13 @@ def _csv_rows(csv_path: Path, report) -> tuple[list[str], list[tuple[int, dict]]
     return header, rows
 
 
-def read_kinetics_csv(csv_path: str | os.PathLike, root: str | os.PathLike, split: str | None,
-                      all_rows: bool = False, rejected: list[dict] | None = None) -> list[VideoInput]:
+def read_kinetics_csv(
+    csv_path: str | os.PathLike,
+    root: str | os.PathLike,
+    split: str | None,
+    all_rows: bool = False,
+    rejected: list[dict] | None = None,
+) -> list[VideoInput]:
     """Rows of a Kinetics annotation CSV as inputs; the split column selects rows matching `split`.
 
     A missing video is not an error here: its input points at the path it should have (`ROOT/{stem}.mp4`), and
@@ -154,15 +161,19 @@ def read_kinetics_csv(csv_path: str | os.PathLike, root: str | os.PathLike, spli
     header, rows = _csv_rows(csv_path, report)
     missing = [c for c in KINETICS_COLUMNS if c not in header]
     if missing:
-        raise InputError(f"{csv_path}: not a Kinetics annotation CSV (columns {header}, "
-                         f"missing {missing}; expected label,youtube_id,time_start,time_end,split)")
+        raise InputError(
+            f"{csv_path}: not a Kinetics annotation CSV (columns {header}, "
+            f"missing {missing}; expected label,youtube_id,time_start,time_end,split)"
+        )
     if split is not None and not all_rows and rows and "split" in header:
         wanted = _normalize_split(split)
         selected = [(n, r) for n, r in rows if _normalize_split(r["split"]) == wanted]
         if not selected:
             present = sorted({r["split"] for _, r in rows})
-            raise InputError(f"{csv_path}: no rows with split {split!r} (splits present: {present}); "
-                             f"pass --all-rows to use every row")
+            raise InputError(
+                f"{csv_path}: no rows with split {split!r} (splits present: {present}); "
+                f"pass --all-rows to use every row"
+            )
         rows = selected
     videos_by_stem = _index_videos(root)
     inputs = []
@@ -179,8 +190,9 @@ def read_kinetics_csv(csv_path: str | os.PathLike, root: str | os.PathLike, spli
             continue
         stem = kinetics_stem(youtube_id, start, end)
         label = row["label"].strip() or None
-        inputs.append(VideoInput(sanitize_key(stem), str(_find_video(videos_by_stem, root, stem, label)), label,
-                                 origin=where))
+        inputs.append(
+            VideoInput(sanitize_key(stem), str(_find_video(videos_by_stem, root, stem, label)), label, origin=where)
+        )
     return inputs
 
 
@@ -194,8 +206,9 @@ def _find_video(videos_by_stem: dict[str, list[Path]], root: Path, stem: str, la
     return candidates[0] if candidates else root / f"{stem}.mp4"
 
 
-def read_list_file(list_path: str | os.PathLike, root: str | os.PathLike | None = None,
-                   rejected: list[dict] | None = None) -> list[VideoInput]:
+def read_list_file(
+    list_path: str | os.PathLike, root: str | os.PathLike | None = None, rejected: list[dict] | None = None
+) -> list[VideoInput]:
     """A VideoMAE-style list: `relative/path LABEL` per line (path relative to `root`, default the list's folder).
 
     LABEL is kept as written (an integer index or a name); `collect_inputs` resolves it against the classes.
@@ -218,8 +231,9 @@ def read_list_file(list_path: str | os.PathLike, root: str | os.PathLike | None 
                 continue
             rel, label = parts[0].strip(), parts[1].strip()
             source = rel if os.path.isabs(rel) else str(root / rel)
-            inputs.append(VideoInput(sanitize_key(os.path.splitext(rel)[0]), source, label,
-                                     origin=f"{list_path}:{line_no}"))
+            inputs.append(
+                VideoInput(sanitize_key(os.path.splitext(rel)[0]), source, label, origin=f"{list_path}:{line_no}")
+            )
     return inputs
 
 
@@ -230,7 +244,7 @@ def read_class_folders(root: str | os.PathLike) -> list[VideoInput]:
         raise InputError(f"{root}: class-folder root is not a directory")
     inputs = []
     for class_dir in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
-        for stem, paths in sorted(_index_videos(class_dir).items()):
+        for _stem, paths in sorted(_index_videos(class_dir).items()):
             for path in paths:
                 rel = path.relative_to(root).with_suffix("")
                 inputs.append(VideoInput(sanitize_key(str(rel)), str(path), class_dir.name))
@@ -296,8 +310,10 @@ def drop_duplicates(videos: list[VideoInput]) -> tuple[list[VideoInput], list[di
             continue
         other = next((g for g in group if g.label_name != v.label_name), None)
         if other is not None:
-            reason = (f"listed with conflicting labels {v.label_name!r} ({v.origin or 'first'}) and "
-                      f"{other.label_name!r} ({other.origin or 'later'})")
+            reason = (
+                f"listed with conflicting labels {v.label_name!r} ({v.origin or 'first'}) and "
+                f"{other.label_name!r} ({other.origin or 'later'})"
+            )
             rejected.append(_reject(v.source, reason, v.key))
             conflicts.append(reason)
             continue
@@ -306,11 +322,15 @@ def drop_duplicates(videos: list[VideoInput]) -> tuple[list[VideoInput], list[di
     warnings = []
     if repeats:
         again, first = repeats[0]
-        warnings.append(f"{len(repeats)} duplicate entries dropped (the same video listed again with the same "
-                        f"label; first: {again.origin or again.source} repeats {first.origin or first.source})")
+        warnings.append(
+            f"{len(repeats)} duplicate entries dropped (the same video listed again with the same "
+            f"label; first: {again.origin or again.source} repeats {first.origin or first.source})"
+        )
     if conflicts:
-        warnings.append(f"{len(conflicts)} videos rejected for conflicting labels (first: {rejected[0]['source']} "
-                        f"{conflicts[0]}); see failures.jsonl")
+        warnings.append(
+            f"{len(conflicts)} videos rejected for conflicting labels (first: {rejected[0]['source']} "
+            f"{conflicts[0]}); see failures.jsonl"
+        )
     return kept, rejected, warnings
 
 
@@ -352,8 +372,9 @@ def resolve_labels(videos: list[VideoInput], classes: list[str] | None) -> Input
             index = int(name)
             name = classes[index] if 0 <= index < len(classes) else None
             if name is None:
-                rejected.append({"source": v.source, "reason": f"label index {v.label_name} outside the "
-                                                               f"{len(classes)} classes"})
+                rejected.append(
+                    {"source": v.source, "reason": f"label index {v.label_name} outside the {len(classes)} classes"}
+                )
                 continue
         if name is not None and name not in known:
             rejected.append({"source": v.source, "reason": f"label {v.label_name!r} is not in the class list"})
@@ -370,9 +391,16 @@ def _count_warning(what: str, rejected: list[dict]) -> list[str]:
     return [f"{len(rejected)} {what} rejected (first: {first['source']}: {first['reason']}); see failures.jsonl"]
 
 
-def collect_inputs(*, csv_path: str | None = None, list_path: str | None = None, folders: str | None = None,
-                   root: str | None = None, split: str | None = None, classes_file: str | None = None,
-                   all_rows: bool = False) -> InputSet:
+def collect_inputs(
+    *,
+    csv_path: str | None = None,
+    list_path: str | None = None,
+    folders: str | None = None,
+    root: str | None = None,
+    split: str | None = None,
+    classes_file: str | None = None,
+    all_rows: bool = False,
+) -> InputSet:
     """Read exactly one of the three layouts, reject what cannot be built, and resolve the labels of the rest
     against the class list. Every rejected input is in `rejected`; `warnings` counts each kind of problem."""
     chosen = [x for x in (csv_path, list_path, folders) if x is not None]

@@ -22,8 +22,8 @@ from shards.mp4info import VideoInfo
 
 HEADER_SIZE = 32
 FRAME_HEADER_SIZE = 12
-_HEADER = struct.Struct("<4sHH4sHHIII")    # signature, version, header size, fourcc, w, h, rate, scale, frames
-_FRAME = struct.Struct("<IQ")              # frame size, pts
+_HEADER = struct.Struct("<4sHH4sHHIII")  # signature, version, header size, fourcc, w, h, rate, scale, frames
+_FRAME = struct.Struct("<IQ")  # frame size, pts
 FOURCC_CODECS = {b"VP90": "vp9", b"VP80": "vp8", b"AV01": "av1"}
 
 
@@ -109,7 +109,7 @@ def read_ivf(data: bytes) -> IvfStream:
         start = position + FRAME_HEADER_SIZE
         if start + size > len(data):
             raise ValueError(f"frame {len(frames)} at byte {position} runs past the end ({size} bytes)")
-        frames.append(IvfFrame(position, size, pts, is_key(data[start:start + min(size, 16)])))
+        frames.append(IvfFrame(position, size, pts, is_key(data[start : start + min(size, 16)])))
         position = start + size
     return IvfStream(codec, width, height, rate, scale, count, tuple(frames), len(data))
 
@@ -121,4 +121,4 @@ def cut(data: bytes, start: int, end: int | None = None) -> bytes:
     if not stream.frames[start].keyframe:
         raise ValueError(f"frame {start} is not a key frame")
     stop = stream.size if end is None or end >= len(stream.frames) else stream.frames[end].offset
-    return data[:HEADER_SIZE] + data[stream.frames[start].offset:stop]
+    return data[:HEADER_SIZE] + data[stream.frames[start].offset : stop]

@@ -35,8 +35,18 @@ from pathlib import Path
 
 from shards import format as fmt
 from shards.build import EXIT_RETRY, describe_own_failure, failure_lines, manifest_record, part_range
-from shards.resume import (FINISHED_NAME, PART_DIR, STATE_DIR, BuildConflict, BuildLocked, BuildLocks, read_state_json,
-                           state_difference, remove_stale_part_locks, shard_problems)
+from shards.resume import (
+    FINISHED_NAME,
+    PART_DIR,
+    STATE_DIR,
+    BuildConflict,
+    BuildLocked,
+    BuildLocks,
+    read_state_json,
+    remove_stale_part_locks,
+    shard_problems,
+    state_difference,
+)
 from shards.writer import member_header, sha256_file
 
 
@@ -67,12 +77,16 @@ def read_parts(out_dir: Path) -> list[Part]:
     """The part states under OUT/.build, each with a readable params.json naming its part (MergeRefused if not)."""
     root = out_dir / STATE_DIR
     if (root / "params.json").is_file():
-        raise MergeRefused(f"{out_dir} holds an unfinished one-machine build ({root / 'params.json'}), not parts: "
-                           f"re-run that build to finish it")
+        raise MergeRefused(
+            f"{out_dir} holds an unfinished one-machine build ({root / 'params.json'}), not parts: "
+            f"re-run that build to finish it"
+        )
     dirs = sorted(p for p in root.iterdir() if PART_DIR.fullmatch(p.name) and p.is_dir()) if root.is_dir() else []
     if not dirs:
-        raise MergeRefused(f"{out_dir}: no parts to merge (no {root}/p*/): build them first with `python -m "
-                           f"shards.build ... --out {out_dir} --part I/N`")
+        raise MergeRefused(
+            f"{out_dir}: no parts to merge (no {root}/p*/): build them first with `python -m "
+            f"shards.build ... --out {out_dir} --part I/N`"
+        )
     parts = []
     for folder in dirs:
         try:
@@ -80,8 +94,12 @@ def read_parts(out_dir: Path) -> list[Part]:
         except BuildConflict:
             raise MergeRefused(f"{folder / 'params.json'}: missing or unreadable: re-run that part's build") from None
         part = params.get("part")
-        if not (isinstance(part, list) and len(part) == 2 and all(isinstance(x, int) for x in part)
-                and fmt.part_label(*part) == folder.name):
+        if not (
+            isinstance(part, list)
+            and len(part) == 2
+            and all(isinstance(x, int) for x in part)
+            and fmt.part_label(*part) == folder.name
+        ):
             raise MergeRefused(f"{folder / 'params.json'}: names no part [I, N] matching {folder.name}")
         finished = folder / FINISHED_NAME
         parts.append(Part(part[0], part[1], folder, params, read_state_json(finished) if finished.is_file() else None))
@@ -93,24 +111,35 @@ def check_parts(out_dir: Path, parts: list[Part]) -> None:
     counts = sorted({p.count for p in parts})
     if len(counts) > 1:
         which = ", ".join(f"{p.dir.name} of {p.count}" for p in parts)
-        raise MergeRefused(f"{out_dir}: parts of different partitions ({which}); rebuild the odd ones with "
-                           f"--overwrite and the same N")
+        raise MergeRefused(
+            f"{out_dir}: parts of different partitions ({which}); rebuild the odd ones with --overwrite and the same N"
+        )
     count, first = counts[0], parts[0]
     for part in parts[1:]:
         if _identity(part.params) != _identity(first.params):
-            raise MergeRefused(f"{out_dir}: {part.name} was built with other settings or inputs than {first.name} "
-                               f"({state_difference(first.params, part.params)}); rebuild it with the same command "
-                               f"and --overwrite")
+            raise MergeRefused(
+                f"{out_dir}: {part.name} was built with other settings or inputs than {first.name} "
+                f"({state_difference(first.params, part.params)}); rebuild it with the same command "
+                f"and --overwrite"
+            )
     present = {p.index for p in parts}
-    problems = [f"part {i}/{count} is missing (no {out_dir / STATE_DIR / fmt.part_label(i, count)}/)"
-                for i in range(count) if i not in present]
-    problems += [f"{p.name} is unfinished ({len(list((p.dir / 'done').glob('*.json')))} shard(s) done, no "
-                 f"{FINISHED_NAME})" for p in parts if p.record is None]
+    problems = [
+        f"part {i}/{count} is missing (no {out_dir / STATE_DIR / fmt.part_label(i, count)}/)"
+        for i in range(count)
+        if i not in present
+    ]
+    problems += [
+        f"{p.name} is unfinished ({len(list((p.dir / 'done').glob('*.json')))} shard(s) done, no {FINISHED_NAME})"
+        for p in parts
+        if p.record is None
+    ]
     if problems:
         listed = "; ".join(problems[1:4]) + ("; ..." if len(problems) > 4 else "")
         more = f" (and {len(problems) - 1} more: {listed})" if len(problems) > 1 else ""
-        raise MergeRefused(f"{out_dir}: {problems[0]}{more}: run the same `python -m shards.build` command with "
-                           f"--part I/{count} for each, then merge again")
+        raise MergeRefused(
+            f"{out_dir}: {problems[0]}{more}: run the same `python -m shards.build` command with "
+            f"--part I/{count} for each, then merge again"
+        )
     for part in parts:
         _check_record(out_dir, part, first)
 
@@ -118,19 +147,27 @@ def check_parts(out_dir: Path, parts: list[Part]) -> None:
 def _check_record(out_dir: Path, part: Part, first: Part) -> None:
     """A finished part's record agrees with its params and with part 0's, and its shards are all there."""
     record = part.record
-    damaged = MergeRefused(f"{part.dir / FINISHED_NAME}: does not match its part's params.json (damaged); rebuild "
-                           f"{part.name} with --overwrite")
+    damaged = MergeRefused(
+        f"{part.dir / FINISHED_NAME}: does not match its part's params.json (damaged); rebuild "
+        f"{part.name} with --overwrite"
+    )
     try:
         plan_size = record["num_inputs"] - len(record["rejected"])
         expected_range = part_range(plan_size, part.index, part.count)
-        if (_identity(record) != _identity(part.params) or record["plan_range"] != part.params.get("plan_range")
-                or tuple(record["plan_range"]) != expected_range or not isinstance(record["markers"], list)):
+        if (
+            _identity(record) != _identity(part.params)
+            or record["plan_range"] != part.params.get("plan_range")
+            or tuple(record["plan_range"]) != expected_range
+            or not isinstance(record["markers"], list)
+        ):
             raise damaged
     except (KeyError, TypeError):
         raise damaged from None
     if record.get("ffmpeg") != first.record.get("ffmpeg"):
-        raise MergeRefused(f"{out_dir}: {part.name} was transcoded by {record.get('ffmpeg')!r}, {first.name} by "
-                           f"{first.record.get('ffmpeg')!r} (the bytes differ): rebuild with one ffmpeg")
+        raise MergeRefused(
+            f"{out_dir}: {part.name} was transcoded by {record.get('ffmpeg')!r}, {first.name} by "
+            f"{first.record.get('ffmpeg')!r} (the bytes differ): rebuild with one ffmpeg"
+        )
     problems = shard_problems(out_dir, record["markers"], "its part recorded")
     if problems:
         raise MergeRefused(f"{out_dir}: {part.name}: {problems[0]}: restore it, or rebuild the part with --overwrite")
@@ -214,10 +251,13 @@ def _write_merged(out_dir: Path, parts: list[Part], markers: list[dict]) -> dict
     fmt.atomic_write(out_dir / fmt.FAILURES_NAME, failure_lines(failures))
     if not markers:
         first_failure = f"; first: {failures[0]['source']}: {failures[0]['reason']}" if failures else ""
-        raise MergeRefused(f"nothing succeeded: all {first['num_inputs']} inputs of the {len(parts)} parts failed "
-                           f"(see {out_dir / fmt.FAILURES_NAME}){first_failure}")
-    manifest = manifest_record(_identity(first), first["classes"], first["ffmpeg"], markers, len(failures),
-                               first["num_inputs"])
+        raise MergeRefused(
+            f"nothing succeeded: all {first['num_inputs']} inputs of the {len(parts)} parts failed "
+            f"(see {out_dir / fmt.FAILURES_NAME}){first_failure}"
+        )
+    manifest = manifest_record(
+        _identity(first), first["classes"], first["ffmpeg"], markers, len(failures), first["num_inputs"]
+    )
     manifest["parts"] = len(parts)
     fmt.write_manifest(out_dir, manifest)
     return manifest
@@ -234,8 +274,10 @@ def _already_merged(out_dir: Path) -> bool:
     if parts:
         params = read_state_json(parts[0] / "params.json") if (parts[0] / "params.json").is_file() else {}
         if _identity(params) != _identity(read_state_json(manifest_path)):
-            raise MergeRefused(f"{out_dir} holds a finished build ({fmt.MANIFEST_NAME}) and parts of another one "
-                               f"in {root}; rebuild the parts with --overwrite, or use another --out")
+            raise MergeRefused(
+                f"{out_dir} holds a finished build ({fmt.MANIFEST_NAME}) and parts of another one "
+                f"in {root}; rebuild the parts with --overwrite, or use another --out"
+            )
         shutil.rmtree(root, ignore_errors=True)
     return True
 
@@ -256,8 +298,10 @@ def merge(out_dir: str | os.PathLike, threads: int = 4) -> int:
         return 1
     try:
         if _already_merged(out_dir):
-            print(f"shards.merge: {out_dir} already holds the merged build ({fmt.MANIFEST_NAME}); nothing to do",
-                  file=sys.stderr)
+            print(
+                f"shards.merge: {out_dir} already holds the merged build ({fmt.MANIFEST_NAME}); nothing to do",
+                file=sys.stderr,
+            )
             return 0
         for name in (fmt.MANIFEST_NAME, fmt.FAILURES_NAME):  # left by a merge killed while writing them
             (out_dir / f"{name}.tmp").unlink(missing_ok=True)
@@ -278,17 +322,19 @@ def merge(out_dir: str | os.PathLike, threads: int = 4) -> int:
         return EXIT_RETRY
     finally:
         lock.release()
-    print(f"shards.merge: {out_dir}: {len(parts)} parts -> {manifest['num_samples']} samples in "
-          f"{len(manifest['shards'])} shards, {manifest['num_failures']} skipped; sample ids renumbered in {patched} "
-          f"shard(s) in {time.perf_counter() - started:.1f} s -> {out_dir / fmt.MANIFEST_NAME}", file=sys.stderr)
+    print(
+        f"shards.merge: {out_dir}: {len(parts)} parts -> {manifest['num_samples']} samples in "
+        f"{len(manifest['shards'])} shards, {manifest['num_failures']} skipped; sample ids renumbered in {patched} "
+        f"shard(s) in {time.perf_counter() - started:.1f} s -> {out_dir / fmt.MANIFEST_NAME}",
+        file=sys.stderr,
+    )
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m shards.merge", description=__doc__.split("\n\n")[0])
     p.add_argument("out", help="the --out of the part builds")
-    p.add_argument("--threads", type=int, default=4,
-                   help="shards renumbered at once (file I/O and sha256; default 4)")
+    p.add_argument("--threads", type=int, default=4, help="shards renumbered at once (file I/O and sha256; default 4)")
     args = p.parse_args(argv)
     return merge(args.out, max(1, args.threads))
 

@@ -54,8 +54,15 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from shards.format import (FAILURES_NAME, MANIFEST_NAME, atomic_write, index_path_for, part_label, part_shard_prefix,
-                           read_json_object)
+from shards.format import (
+    FAILURES_NAME,
+    MANIFEST_NAME,
+    atomic_write,
+    index_path_for,
+    part_label,
+    part_shard_prefix,
+    read_json_object,
+)
 
 STATE_DIR = ".build"
 LOCK_NAME = ".build.lock"
@@ -84,8 +91,9 @@ class OutputLock:
     could each hold a lock on a different file). Shared holders leave the file: others may still hold it.
     """
 
-    def __init__(self, out_dir: str | os.PathLike, name: str = LOCK_NAME, shared: bool = False,
-                 what: str = "another build") -> None:
+    def __init__(
+        self, out_dir: str | os.PathLike, name: str = LOCK_NAME, shared: bool = False, what: str = "another build"
+    ) -> None:
         self.out_dir = Path(out_dir)
         self.path = self.out_dir / name
         self.shared, self.what = shared, what
@@ -103,14 +111,19 @@ class OutputLock:
             except BlockingIOError:
                 holder = self._holder(fd)
                 os.close(fd)
-                raise BuildLocked(f"{self.out_dir}: {holder}; wait for it to finish or stop it (lock file "
-                                  f"{self.path})") from None
+                raise BuildLocked(
+                    f"{self.out_dir}: {holder}; wait for it to finish or stop it (lock file {self.path})"
+                ) from None
             if self._is_current(fd):
                 self._fd = fd
             else:
                 os.close(fd)
-        holder = {"pid": os.getpid(), "host": socket.gethostname(),
-                  "started": time.strftime("%Y-%m-%d %H:%M:%S %z"), "what": self.what}
+        holder = {
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "started": time.strftime("%Y-%m-%d %H:%M:%S %z"),
+            "what": self.what,
+        }
         with contextlib.suppress(OSError):  # only for the message of a refused build: a full disk must not stop us
             os.ftruncate(self._fd, 0)  # shared: clears what a killed exclusive holder left
             if not self.shared:
@@ -165,7 +178,7 @@ def _pid_text(info: dict) -> str:
 
 
 def part_lock_name(index: int, count: int) -> str:
-    return f"{LOCK_NAME[:-len('.lock')]}.{part_label(index, count)}.lock"
+    return f"{LOCK_NAME[: -len('.lock')]}.{part_label(index, count)}.lock"
 
 
 def running_parts(out_dir: str | os.PathLike) -> list[str]:
@@ -194,14 +207,17 @@ class BuildLocks:
     """The locks of one build: OUT exclusively (a one-machine build, `shards.merge`), or, for part I of N, OUT
     shared and the part's own lock exclusively (parts side by side, never two builds of one part)."""
 
-    def __init__(self, out_dir: str | os.PathLike, part: tuple[int, int] | None = None,
-                 what: str = "another build") -> None:
+    def __init__(
+        self, out_dir: str | os.PathLike, part: tuple[int, int] | None = None, what: str = "another build"
+    ) -> None:
         if part is None:
             self.locks = [OutputLock(out_dir, what=what)]
         else:
             index, count = part
-            self.locks = [OutputLock(out_dir, shared=True),
-                          OutputLock(out_dir, part_lock_name(index, count), what=f"a build of part {index}/{count}")]
+            self.locks = [
+                OutputLock(out_dir, shared=True),
+                OutputLock(out_dir, part_lock_name(index, count), what=f"a build of part {index}/{count}"),
+            ]
 
     def acquire(self) -> None:
         """Take every lock, or none (BuildLocked, OSError as OutputLock.acquire)."""
@@ -267,8 +283,13 @@ class BuildState:
     partitioned one, which builds the plan positions `plan_range` = [start, end) and numbers its samples from
     start on (provisional ids, see shards.format)."""
 
-    def __init__(self, out_dir: str | os.PathLike, split: str, part: tuple[int, int] | None = None,
-                 plan_range: tuple[int, int] | None = None) -> None:
+    def __init__(
+        self,
+        out_dir: str | os.PathLike,
+        split: str,
+        part: tuple[int, int] | None = None,
+        plan_range: tuple[int, int] | None = None,
+    ) -> None:
         self.out_dir = Path(out_dir)
         self.split = split
         self.part, self.plan_range = part, plan_range
@@ -288,8 +309,11 @@ class BuildState:
 
     def part_dirs(self) -> list[Path]:
         """The state folders of parts of a partitioned build in this directory."""
-        return sorted(p for p in self.root.iterdir() if PART_DIR.fullmatch(p.name) and p.is_dir()) \
-            if self.root.is_dir() else []
+        return (
+            sorted(p for p in self.root.iterdir() if PART_DIR.fullmatch(p.name) and p.is_dir())
+            if self.root.is_dir()
+            else []
+        )
 
     def clear(self) -> None:
         """Remove everything this build writes (for --overwrite): a one-machine build, every build of the split;
@@ -328,8 +352,10 @@ class BuildState:
                 shutil.rmtree(self.dir, ignore_errors=True)  # left if a build died right after its manifest
                 return ResumePoint(complete=True)
             what = _describe_difference(old["params"] or {}, identity["params"]) or "the inputs differ"
-            raise BuildConflict(f"{self.out_dir} already holds a finished build with other settings or inputs "
-                                f"({what}); use --overwrite or another --out")
+            raise BuildConflict(
+                f"{self.out_dir} already holds a finished build with other settings or inputs "
+                f"({what}); use --overwrite or another --out"
+            )
         self._refuse_other_builds(identity)
         params_path = self.dir / "params.json"
         mine = self._state_identity(identity)
@@ -337,9 +363,11 @@ class BuildState:
         if params_path.is_file():
             old = read_state_json(params_path)
             if old != mine:
-                raise BuildConflict(f"{self.out_dir} holds an unfinished build{self._of_part()} with other settings "
-                                    f"or inputs ({state_difference(old, mine)}); re-run the original command to "
-                                    f"finish it, or use --overwrite")
+                raise BuildConflict(
+                    f"{self.out_dir} holds an unfinished build{self._of_part()} with other settings "
+                    f"or inputs ({state_difference(old, mine)}); re-run the original command to "
+                    f"finish it, or use --overwrite"
+                )
             if self.part is not None and (self.dir / FINISHED_NAME).is_file():
                 self._check_part_finished()
                 return ResumePoint(complete=True, part_finished=True)
@@ -362,25 +390,33 @@ class BuildState:
         if self.part is None:
             parts = ", ".join(p.name for p in self.part_dirs())
             if parts:
-                raise BuildConflict(f"{self.out_dir} holds parts of a partitioned build ({parts} in {self.root}); "
-                                    f"finish them with --part I/N and run `python -m shards.merge {self.out_dir}`, "
-                                    f"or use --overwrite")
+                raise BuildConflict(
+                    f"{self.out_dir} holds parts of a partitioned build ({parts} in {self.root}); "
+                    f"finish them with --part I/N and run `python -m shards.merge {self.out_dir}`, "
+                    f"or use --overwrite"
+                )
             return
         if (self.root / "params.json").is_file():
-            raise BuildConflict(f"{self.out_dir} holds an unfinished one-machine build ({self.root / 'params.json'}); "
-                                f"re-run it without --part, or use --overwrite")
+            raise BuildConflict(
+                f"{self.out_dir} holds an unfinished one-machine build ({self.root / 'params.json'}); "
+                f"re-run it without --part, or use --overwrite"
+            )
         for other in self.part_dirs():
             theirs = _read_json_if_there(other / "params.json")
             if other == self.dir or theirs is None:
                 continue
             if theirs.get("part", [None, None])[1] != self.part[1]:
-                raise BuildConflict(f"{self.out_dir} holds part {other.name} of a build in {theirs.get('part')[1]} "
-                                    f"parts, not {self.part[1]}; use the same N for every part, or --overwrite "
-                                    f"each of them")
+                raise BuildConflict(
+                    f"{self.out_dir} holds part {other.name} of a build in {theirs.get('part')[1]} "
+                    f"parts, not {self.part[1]}; use the same N for every part, or --overwrite "
+                    f"each of them"
+                )
             if {k: theirs.get(k) for k in identity} != identity:
-                raise BuildConflict(f"{self.out_dir} holds part {other.name} of a build with other settings or "
-                                    f"inputs ({state_difference(theirs, identity)}); use the same command for "
-                                    f"every part")
+                raise BuildConflict(
+                    f"{self.out_dir} holds part {other.name} of a build with other settings or "
+                    f"inputs ({state_difference(theirs, identity)}); use the same command for "
+                    f"every part"
+                )
 
     def _remove_temp_files(self) -> None:
         """Temp files a killed build may have left beside the shards (index, failures, manifest; see
@@ -399,9 +435,11 @@ class BuildState:
             problems.append("the manifest lists no shards")
         if problems:
             more = f" (and {len(problems) - 1} more problem(s))" if len(problems) > 1 else ""
-            raise BuildConflict(f"{self.out_dir} holds this build's {MANIFEST_NAME}, but {problems[0]}{more}: "
-                                f"restore the file(s), or re-run with --overwrite to rebuild "
-                                f"(`python -m shards.verify {self.out_dir}` checks every shard)")
+            raise BuildConflict(
+                f"{self.out_dir} holds this build's {MANIFEST_NAME}, but {problems[0]}{more}: "
+                f"restore the file(s), or re-run with --overwrite to rebuild "
+                f"(`python -m shards.verify {self.out_dir}` checks every shard)"
+            )
 
     def _check_part_finished(self) -> None:
         """As `_check_finished`, for a finished part (its record lists its shards)."""
@@ -409,8 +447,10 @@ class BuildState:
         problems = shard_problems(self.out_dir, record.get("markers") or [], "its part recorded")
         if problems:
             more = f" (and {len(problems) - 1} more problem(s))" if len(problems) > 1 else ""
-            raise BuildConflict(f"{self.out_dir}: part {self.part[0]}/{self.part[1]} is finished, but {problems[0]}"
-                                f"{more}: restore the file(s), or re-run this part with --overwrite")
+            raise BuildConflict(
+                f"{self.out_dir}: part {self.part[0]}/{self.part[1]} is finished, but {problems[0]}"
+                f"{more}: restore the file(s), or re-run this part with --overwrite"
+            )
 
     def _valid_prefix(self) -> list[dict]:
         kept: list[dict] = []
@@ -420,13 +460,17 @@ class BuildState:
                 break
             tar = self.out_dir / marker["tar"]
             expected_first = kept[-1]["first_sample_id"] + kept[-1]["num_samples"] if kept else self.id_base
-            if (marker.get("shard") != len(kept) or marker.get("first_sample_id") != expected_first
-                    or not tar.is_file() or tar.stat().st_size != marker["bytes"]
-                    or not os.path.isfile(index_path_for(tar))):
+            if (
+                marker.get("shard") != len(kept)
+                or marker.get("first_sample_id") != expected_first
+                or not tar.is_file()
+                or tar.stat().st_size != marker["bytes"]
+                or not os.path.isfile(index_path_for(tar))
+            ):
                 break
             kept.append(marker)
         # Markers after the first bad one describe shards that will be rebuilt.
-        for path in sorted(self.done_dir.glob("*.json"))[len(kept):] if self.done_dir.is_dir() else []:
+        for path in sorted(self.done_dir.glob("*.json"))[len(kept) :] if self.done_dir.is_dir() else []:
             path.unlink()
         return kept
 

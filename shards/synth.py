@@ -89,13 +89,18 @@ def _background(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
     xs = np.linspace(0, 4, w)
     y0, x0 = np.minimum(ys.astype(int), 2), np.minimum(xs.astype(int), 3)
     fy, fx = (ys - y0)[:, None, None], (xs - x0)[None, :, None]
-    field = ((1 - fy) * (1 - fx) * coarse[y0][:, x0] + (1 - fy) * fx * coarse[y0][:, x0 + 1]
-             + fy * (1 - fx) * coarse[y0 + 1][:, x0] + fy * fx * coarse[y0 + 1][:, x0 + 1])
+    field = (
+        (1 - fy) * (1 - fx) * coarse[y0][:, x0]
+        + (1 - fy) * fx * coarse[y0][:, x0 + 1]
+        + fy * (1 - fx) * coarse[y0 + 1][:, x0]
+        + fy * fx * coarse[y0 + 1][:, x0 + 1]
+    )
     return field + rng.normal(0, 12, size=(h, w, 3)).astype(np.float32)
 
 
-def motion_track(motion: Motion, rng: np.random.Generator, num_frames: int, height: int,
-                 width: int) -> dict[str, np.ndarray]:
+def motion_track(
+    motion: Motion, rng: np.random.Generator, num_frames: int, height: int, width: int
+) -> dict[str, np.ndarray]:
     """Per-frame object pose: `center` float[T, 2] (x, y pixels), `angle` float[T] (radians, clockwise on screen),
     `scale` float[T] (object height in pixels)."""
     t = np.arange(num_frames, dtype=np.float64) / max(num_frames - 1, 1) - 0.5  # -0.5 .. 0.5
@@ -117,8 +122,9 @@ def motion_track(motion: Motion, rng: np.random.Generator, num_frames: int, heig
     return {"center": center, "angle": angle, "scale": scale}
 
 
-def render_video(motion: Motion, seed: int, num_frames: int = 64, height: int = 120, width: int = 160,
-                 black_background: bool = False) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+def render_video(
+    motion: Motion, seed: int, num_frames: int = 64, height: int = 120, width: int = 160, black_background: bool = False
+) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     """uint8[T, H, W, 3] RGB frames of one video and its `motion_track`; a pure function of the arguments.
 
     `black_background` draws the same video over black (tests use it to find the object from pixels)."""
@@ -151,9 +157,36 @@ def encode_h264(frames: np.ndarray, path: Path, fps: float) -> None:
     t, h, w, _ = frames.shape
 
     def encode(tmp: str) -> None:
-        cmd = [ffmpeg_exe(), "-nostdin", "-v", "error", "-y", "-f", "rawvideo", "-pix_fmt", "rgb24", "-s", f"{w}x{h}",
-               "-r", f"{fps:g}", "-i", "-", "-c:v", "libx264", "-preset", "veryfast", "-crf", "18", "-pix_fmt",
-               "yuv420p", "-threads", "1", "-f", "mp4", tmp]
+        cmd = [
+            ffmpeg_exe(),
+            "-nostdin",
+            "-v",
+            "error",
+            "-y",
+            "-f",
+            "rawvideo",
+            "-pix_fmt",
+            "rgb24",
+            "-s",
+            f"{w}x{h}",
+            "-r",
+            f"{fps:g}",
+            "-i",
+            "-",
+            "-c:v",
+            "libx264",
+            "-preset",
+            "veryfast",
+            "-crf",
+            "18",
+            "-pix_fmt",
+            "yuv420p",
+            "-threads",
+            "1",
+            "-f",
+            "mp4",
+            tmp,
+        ]
         proc = subprocess.run(cmd, input=np.ascontiguousarray(frames).tobytes(), capture_output=True)
         if proc.returncode != 0:
             raise RuntimeError(f"ffmpeg failed writing {path}: {proc.stderr.decode(errors='replace').strip()}")
@@ -172,9 +205,18 @@ def _youtube_ids(rng: np.random.Generator, n: int) -> list[str]:
     return ids
 
 
-def make_dataset(out: str | os.PathLike, num_classes: int = 4, per_class: int = 8, val_per_class: int | None = None,
-                 seed: int = 0, width: int = 160, height: int = 120, num_frames: int = 64, fps: float = 25.0,
-                 workers: int | None = None) -> dict:
+def make_dataset(
+    out: str | os.PathLike,
+    num_classes: int = 4,
+    per_class: int = 8,
+    val_per_class: int | None = None,
+    seed: int = 0,
+    width: int = 160,
+    height: int = 120,
+    num_frames: int = 64,
+    fps: float = 25.0,
+    workers: int | None = None,
+) -> dict:
     """Write the dataset (see module docstring); returns a summary {classes, train, val, seconds}."""
     if not 1 <= num_classes <= len(MOTIONS):
         raise ValueError(f"--classes must be 1..{len(MOTIONS)}, got {num_classes}")
@@ -199,8 +241,13 @@ def make_dataset(out: str | os.PathLike, num_classes: int = 4, per_class: int = 
         folder.mkdir(parents=True, exist_ok=True)
         frames, _ = render_video(motion, video_seed, num_frames, height, width)
         encode_h264(frames, folder / f"{kinetics_stem(youtube_id, start, start + 10)}.mp4", fps)
-        return {"label": motion.name, "youtube_id": youtube_id, "time_start": start, "time_end": start + 10,
-                "split": split}
+        return {
+            "label": motion.name,
+            "youtube_id": youtube_id,
+            "time_start": start,
+            "time_end": start + 10,
+            "split": split,
+        }
 
     with ThreadPoolExecutor(workers or min(4, os.cpu_count() or 1)) as pool:
         rows = list(pool.map(make, jobs))
@@ -213,8 +260,12 @@ def make_dataset(out: str | os.PathLike, num_classes: int = 4, per_class: int = 
         atomic_write(out / f"{split}.csv", text.getvalue())
     classes = sorted(m.name for m in motions)
     (out / "classes.txt").write_text("".join(c + "\n" for c in classes))
-    return {"classes": classes, "train": num_classes * per_class, "val": num_classes * val_per_class,
-            "seconds": time.perf_counter() - started}
+    return {
+        "classes": classes,
+        "train": num_classes * per_class,
+        "val": num_classes * val_per_class,
+        "seconds": time.perf_counter() - started,
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -231,13 +282,26 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     try:
         width, height = (int(x) for x in args.size.lower().split("x"))
-        summary = make_dataset(args.out, args.classes, args.per_class, args.val_per_class, args.seed, width, height,
-                               args.frames, args.fps, args.workers)
+        summary = make_dataset(
+            args.out,
+            args.classes,
+            args.per_class,
+            args.val_per_class,
+            args.seed,
+            width,
+            height,
+            args.frames,
+            args.fps,
+            args.workers,
+        )
     except (ValueError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    print(f"synth: {summary['train']} train + {summary['val']} val videos, {len(summary['classes'])} classes "
-          f"({', '.join(summary['classes'])}) in {summary['seconds']:.1f} s -> {args.out}", file=sys.stderr)
+    print(
+        f"synth: {summary['train']} train + {summary['val']} val videos, {len(summary['classes'])} classes "
+        f"({', '.join(summary['classes'])}) in {summary['seconds']:.1f} s -> {args.out}",
+        file=sys.stderr,
+    )
     return 0
 
 

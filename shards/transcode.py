@@ -179,13 +179,20 @@ def ffmpeg_exe() -> str:
 def _codec_args(settings: EncodeSettings) -> dict:
     q = settings.effective_quality
     if settings.codec == "vp9":
-        return {"c:v": "libvpx-vp9", "deadline": "realtime", "cpu-used": 8, "row-mt": 1, "crf": q, "b:v": 0,
-                "g": settings.gop, "pix_fmt": "yuv420p"}
+        return {
+            "c:v": "libvpx-vp9",
+            "deadline": "realtime",
+            "cpu-used": 8,
+            "row-mt": 1,
+            "crf": q,
+            "b:v": 0,
+            "g": settings.gop,
+            "pix_fmt": "yuv420p",
+        }
     if settings.codec == "h264":
         # Closed GOPs: x264 starts every GOP with an IDR frame, which DALI needs to seek (it ignores non-IDR
         # I-frames); no B-frame reordering surprises on NVDEC for frame-exact access.
-        return {"c:v": "libx264", "preset": "veryfast", "crf": q, "g": settings.gop, "bf": 0,
-                "pix_fmt": "yuv420p"}
+        return {"c:v": "libx264", "preset": "veryfast", "crf": q, "g": settings.gop, "bf": 0, "pix_fmt": "yuv420p"}
     # MJPEG: every frame is a keyframe, gop is moot. Full-range input so the encoder takes yuv420p as is.
     return {"c:v": "mjpeg", "q:v": q, "pix_fmt": "yuvj420p"}
 
@@ -203,16 +210,19 @@ def _frames(source: str, settings: EncodeSettings):
     # Square pixels, short side at `short_side`, even long side: display width is `iw*sar` (sar is 1 when the
     # file does not say).
     s, portrait = settings.short_side, "lte(iw*sar,ih)"
-    return (stream.filter("scale", w=f"if({portrait},{s},2*round({s}*iw*sar/ih/2))",
-                          h=f"if({portrait},2*round({s}*ih/(iw*sar)/2),{s})")
-            .filter("setsar", 1))
+    return stream.filter(
+        "scale", w=f"if({portrait},{s},2*round({s}*iw*sar/ih/2))", h=f"if({portrait},2*round({s}*ih/(iw*sar)/2),{s})"
+    ).filter("setsar", 1)
 
 
 def _encode(stream, output: str, settings: EncodeSettings, **extra):
     return stream.output(
         output,
-        an=None, sn=None, dn=None,
-        map_metadata=-1, map_chapters=-1,
+        an=None,
+        sn=None,
+        dn=None,
+        map_metadata=-1,
+        map_chapters=-1,
         threads=settings.threads,
         fflags="+bitexact",
         **{"flags:v": "+bitexact"},
@@ -248,8 +258,7 @@ def build_phase_command(source: str, settings: EncodeSettings, workdir: str) -> 
     for p in range(p_count):
         # Each phase is timed at the source's frame rate (N/FRAME_RATE/TB is N in exact arithmetic but e.g.
         # 28.999... in doubles for N = 29 at 25 fps, hence round(): equal timestamps would be "repaired").
-        phase = (split.stream(p).filter("select", f"eq(mod(n,{p_count}),{p})")
-                 .filter("setpts", "round(N/FRAME_RATE/TB)"))
+        phase = split.stream(p).filter("select", f"eq(mod(n,{p_count}),{p})").filter("setpts", "round(N/FRAME_RATE/TB)")
         paths.append(os.path.join(workdir, f"phase{p}.{settings.effective_container}"))
         outputs.append(_encode(phase, paths[-1], settings, fps_mode="passthrough"))
     return _compile(ffmpeg.merge_outputs(*outputs), settings), paths
@@ -269,19 +278,34 @@ def describe_ffmpeg_error(stderr: str, returncode: int) -> str:
     known = [
         ("matches no streams", "no video stream (audio only, or no streams at all)", False),
         ("partial file", "truncated file (it ends before its data does)", False),
-        ("moov atom not found", "not a readable video: no MP4 index (moov atom not found: truncated, corrupt "
-                                "or not a video)", False),
+        (
+            "moov atom not found",
+            "not a readable video: no MP4 index (moov atom not found: truncated, corrupt or not a video)",
+            False,
+        ),
         ("corrupt decoded frame", "corrupt video data (decoding failed)", True),
         ("corrupt input packet", "corrupt or truncated video data", True),
-        ("Invalid data found when processing input", "not a video, or corrupt (Invalid data found when "
-                                                     "processing input)", True),
+        (
+            "Invalid data found when processing input",
+            "not a video, or corrupt (Invalid data found when processing input)",
+            True,
+        ),
         ("does not contain any stream", "no streams in the file", False),
         ("Output file is empty", "no video frames decoded", False),
     ]
     for needle, reason, with_detail in known:
         if needle in text:
-            detail = next((ln for ln in lines if needle not in ln and not ln.startswith("Error opening")
-                           and "Terminating thread" not in ln and "Task finished" not in ln), "")
+            detail = next(
+                (
+                    ln
+                    for ln in lines
+                    if needle not in ln
+                    and not ln.startswith("Error opening")
+                    and "Terminating thread" not in ln
+                    and "Task finished" not in ln
+                ),
+                "",
+            )
             return _one_line(reason + (f"; ffmpeg: {detail}" if with_detail and detail else ""))
     if lines:
         return _one_line(f"ffmpeg failed (exit {returncode}): {lines[0]}")
@@ -350,8 +374,10 @@ def _truncation(log: str, info: VideoInfo) -> str | None:
         return None
     of = f" of the {declared:.2f} s it declares" if declared else ""
     said = f"ffmpeg: {marker}; " if marker else ""
-    return _one_line(f"truncated file ({said}{info.num_frames} frames, {decoded:.2f} s decoded{of}; "
-                     f"--tolerate-decode-errors keeps what decodes)")
+    return _one_line(
+        f"truncated file ({said}{info.num_frames} frames, {decoded:.2f} s decoded{of}; "
+        f"--tolerate-decode-errors keeps what decodes)"
+    )
 
 
 def _one_line(text: str, limit: int = 300) -> str:
@@ -382,9 +408,13 @@ def transcode(source: str, settings: EncodeSettings, workdir: str | None = None)
         return _transcode(source, settings, workdir, started)
     except (OSError, TranscodeAborted):
         raise  # the source itself is only ever opened by ffmpeg (and stat'ed by check_source): this is ours
-    except Exception as e:  # an unexpected problem with one file must not stop a build of thousands
-        return TranscodeResult(source, False, reason=_one_line(f"unexpected error: {type(e).__name__}: {e}"),
-                               seconds=time.perf_counter() - started)
+    except Exception as e:  # noqa: BLE001 - an unexpected problem with one file must not stop a build of thousands
+        return TranscodeResult(
+            source,
+            False,
+            reason=_one_line(f"unexpected error: {type(e).__name__}: {e}"),
+            seconds=time.perf_counter() - started,
+        )
 
 
 def _transcode(source: str, settings: EncodeSettings, workdir: str | None, started: float) -> TranscodeResult:
@@ -401,8 +431,9 @@ def _transcode(source: str, settings: EncodeSettings, workdir: str | None, start
         else:
             cmd, outputs = build_phase_command(source, settings, tmp)
         try:
-            proc = subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True, timeout=settings.timeout,
-                                  preexec_fn=die_with_parent)
+            proc = subprocess.run(
+                cmd, stdin=subprocess.DEVNULL, capture_output=True, timeout=settings.timeout, preexec_fn=die_with_parent
+            )
         except subprocess.TimeoutExpired:
             return failed(f"ffmpeg timed out after {settings.timeout:g} s (hung or too slow; see --timeout)")
         log = proc.stderr.decode("utf-8", "replace")
@@ -434,8 +465,12 @@ def _transcode(source: str, settings: EncodeSettings, workdir: str | None, start
         expected = [phase_frames(sum(counts), settings.phases, p) for p in range(settings.phases)]
         if counts != expected or len({(i.width, i.height, i.timescale) for i in infos}) != 1:
             return failed(f"phase split went wrong: phases hold {counts} frames (expected {expected})")
-        info = replace(info, num_frames=sum(counts), duration_ticks=sum(i.duration_ticks for i in infos),
-                       num_keyframes=sum(i.num_keyframes for i in infos))
+        info = replace(
+            info,
+            num_frames=sum(counts),
+            duration_ticks=sum(i.duration_ticks for i in infos),
+            num_keyframes=sum(i.num_keyframes for i in infos),
+        )
     truncated = None if settings.tolerate_decode_errors else _truncation(log, info)
     if truncated:
         return failed(truncated)
@@ -462,8 +497,26 @@ def count_decoded_frames(path: str, timeout: float = 600.0) -> int:
 
     The check for codecs DALI's CPU decoder cannot read (H.264); raises RuntimeError when decoding fails.
     """
-    cmd = [ffmpeg_exe(), "-nostdin", "-hide_banner", "-v", "error", "-xerror", "-i", f"file:{path}", "-map", "0:v:0",
-           "-fps_mode", "passthrough", "-f", "null", "-progress", "pipe:1", "-nostats", "-"]
+    cmd = [
+        ffmpeg_exe(),
+        "-nostdin",
+        "-hide_banner",
+        "-v",
+        "error",
+        "-xerror",
+        "-i",
+        f"file:{path}",
+        "-map",
+        "0:v:0",
+        "-fps_mode",
+        "passthrough",
+        "-f",
+        "null",
+        "-progress",
+        "pipe:1",
+        "-nostats",
+        "-",
+    ]
     proc = subprocess.run(cmd, capture_output=True, timeout=timeout)
     if proc.returncode != 0:
         raise RuntimeError(f"{path}: {describe_ffmpeg_error(proc.stderr.decode('utf-8', 'replace'), proc.returncode)}")

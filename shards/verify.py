@@ -54,8 +54,10 @@ def read_member(tar: tarfile.TarFile, member: tarfile.TarInfo, tar_size: int) ->
     """A member's bytes, once the tar is known to hold them: a header may declare any size (a terabyte), and
     reading that much would exhaust memory long before the read came up short."""
     if member.offset_data + member.size > tar_size:
-        raise MemberPastEnd(f"member {member.name!r} declares {member.size} bytes at offset {member.offset_data}, "
-                            f"past the end of the tar ({tar_size} bytes)")
+        raise MemberPastEnd(
+            f"member {member.name!r} declares {member.size} bytes at offset {member.offset_data}, "
+            f"past the end of the tar ({tar_size} bytes)"
+        )
     return tar.extractfile(member).read()
 
 
@@ -90,16 +92,18 @@ def check_shard_members(tar_path: Path, idx_path: Path, on_sample) -> tuple[list
         index = fmt.read_index(idx_path)
     except (OSError, ValueError) as e:  # each names the file
         return problems + [f"unreadable index: {e}"], num_samples
-    flat = [(fmt.split_member_name(name)[0], ext, off, size, name)
-            for comps in index for ext, off, size, name in comps]
+    flat = [(fmt.split_member_name(name)[0], ext, off, size, name) for comps in index for ext, off, size, name in comps]
     if len(index) != num_samples:
         problems.append(f"{idx_path.name}: index lists {len(index)} samples, tar holds {num_samples}")
     if flat != index_components:
-        first = next((i for i, (a, b) in enumerate(zip(flat, index_components)) if a != b),
-                     min(len(flat), len(index_components)))
-        problems.append(f"{idx_path.name}: index disagrees with the tar at component {first} "
-                        f"(index {flat[first] if first < len(flat) else None}, "
-                        f"tar {index_components[first] if first < len(index_components) else None})")
+        first = next(
+            (i for i, (a, b) in enumerate(zip(flat, index_components)) if a != b), min(len(flat), len(index_components))
+        )
+        problems.append(
+            f"{idx_path.name}: index disagrees with the tar at component {first} "
+            f"(index {flat[first] if first < len(flat) else None}, "
+            f"tar {index_components[first] if first < len(index_components) else None})"
+        )
     return problems, num_samples
 
 
@@ -117,21 +121,24 @@ def check_sample(sample: dict, expected_id: int, manifest: dict, where: str) -> 
         info = fmt.unpack_info(members[fmt.INFO_EXT])
         meta = json.loads(members[fmt.META_EXT])
         label = int(members[fmt.LABEL_EXT].decode())
-    except Exception as e:
+    except Exception as e:  # noqa: BLE001 - any damage to these members is one line about the sample
         return [f"{name}: unreadable .info/.json/.cls ({e})"], None
     keys, classes = manifest["keys"], manifest["classes"]
     listed = keys[expected_id] if expected_id < len(keys) else None
     if listed != key:
         problems.append(f"{name}: manifest keys[{expected_id}] is {listed!r}")
     if info["sample_id"] != expected_id or meta.get("sample_id") != expected_id:
-        problems.append(f"{name}: sample_id info={info['sample_id']} json={meta.get('sample_id')}, "
-                        f"expected {expected_id} (position in shard order)")
+        problems.append(
+            f"{name}: sample_id info={info['sample_id']} json={meta.get('sample_id')}, "
+            f"expected {expected_id} (position in shard order)"
+        )
     if not (info["label"] == label == meta.get("label")):
         problems.append(f"{name}: labels disagree: info={info['label']} cls={label} json={meta.get('label')}")
     expected_name = classes[label] if 0 <= label < len(classes) else None
     if label != -1 and meta.get("label_name") != expected_name:
-        problems.append(f"{name}: label {label} is {expected_name!r} in the class list, json says "
-                        f"{meta.get('label_name')!r}")
+        problems.append(
+            f"{name}: label {label} is {expected_name!r} in the class list, json says {meta.get('label_name')!r}"
+        )
     if meta.get("key") != key:
         problems.append(f"{name}: json key {meta.get('key')!r}")
     if info["num_frames"] != meta.get("num_frames"):
@@ -145,27 +152,34 @@ def check_sample(sample: dict, expected_id: int, manifest: dict, where: str) -> 
             videos = [stream.info() for stream in streams]
             if members[fmt.CUTS_EXT] != fmt.pack_cuts(streams):
                 problems.append(f"{name}: cuts table differs from the frames and key frames of its IVF members")
-            problems += [f"{name}: {ext} header says {s.header_frames} frames, it holds {len(s.frames)}"
-                         for ext, s in zip(layout.video_exts, streams) if s.header_frames != len(s.frames)]
+            problems += [
+                f"{name}: {ext} header says {s.header_frames} frames, it holds {len(s.frames)}"
+                for ext, s in zip(layout.video_exts, streams)
+                if s.header_frames != len(s.frames)
+            ]
         else:
             videos = [read_mp4_video_info(members[ext]) for ext in layout.video_exts]
         counts = [m.num_frames for m in videos]
         if sum(counts) != info["num_frames"]:
-            problems.append(f"{name}: {kind} holds {'+'.join(map(str, counts))} frames, info claims "
-                            f"{info['num_frames']}")
+            problems.append(
+                f"{name}: {kind} holds {'+'.join(map(str, counts))} frames, info claims {info['num_frames']}"
+            )
         elif counts != [fmt.phase_frames(info["num_frames"], phases, p) for p in range(phases)]:
             problems.append(f"{name}: phases hold {counts} frames, not every {phases}th frame each")
         sizes = {(m.width, m.height) for m in videos}
         if sizes != {(meta.get("width"), meta.get("height"))}:
-            problems.append(f"{name}: {kind} is {' / '.join(f'{w}x{h}' for w, h in sorted(sizes))}, json says "
-                            f"{meta.get('width')}x{meta.get('height')}")
+            problems.append(
+                f"{name}: {kind} is {' / '.join(f'{w}x{h}' for w, h in sorted(sizes))}, json says "
+                f"{meta.get('width')}x{meta.get('height')}"
+            )
     except ValueError as e:
         problems.append(f"{name}: unreadable {kind} ({e})")
     return problems, info["num_frames"]
 
 
-def dali_frame_counts(tars: list[str], num_samples: int, batch_size: int = 4,
-                      num_threads: int | None = None, ext: str = fmt.VIDEO_EXT) -> list[tuple[int, int, int]]:
+def dali_frame_counts(
+    tars: list[str], num_samples: int, batch_size: int = 4, num_threads: int | None = None, ext: str = fmt.VIDEO_EXT
+) -> list[tuple[int, int, int]]:
     """Decode the video member `ext` of every sample of `tars` with a DALI CPU pipeline (index files beside the
     tars), in shard order.
 
@@ -177,13 +191,20 @@ def dali_frame_counts(tars: list[str], num_samples: int, batch_size: int = 4,
     num_threads = num_threads or min(4, len(os.sched_getaffinity(0)))
     batch_size = max(1, min(batch_size, num_samples))
 
-    @pipeline_def(batch_size=batch_size, num_threads=num_threads, device_id=None, prefetch_queue_depth=1,
-                  exec_dynamic=True)
+    @pipeline_def(
+        batch_size=batch_size, num_threads=num_threads, device_id=None, prefetch_queue_depth=1, exec_dynamic=True
+    )
     def counting_pipeline():
         video, info = fn.readers.webdataset(
-            paths=tars, index_paths=[fmt.index_path_for(t) for t in tars], ext=[ext, fmt.INFO_EXT],
-            dtypes=[types.UINT8, types.INT32], missing_component_behavior="error", random_shuffle=False,
-            pad_last_batch=True, name="reader")
+            paths=tars,
+            index_paths=[fmt.index_path_for(t) for t in tars],
+            ext=[ext, fmt.INFO_EXT],
+            dtypes=[types.UINT8, types.INT32],
+            missing_component_behavior="error",
+            random_shuffle=False,
+            pad_last_batch=True,
+            name="reader",
+        )
         frames = fn.decoders.video(video, device="cpu")
         return frames.shape(), info
 
@@ -193,9 +214,10 @@ def dali_frame_counts(tars: list[str], num_samples: int, batch_size: int = 4,
     while len(counts) < num_samples:
         try:
             shapes, infos = pipe.run()
-        except Exception as e:
-            raise RuntimeError(f"DALI failed in the batch starting at sample {len(counts)}: "
-                               f"{' '.join(str(e).split())[:300]}") from None
+        except RuntimeError as e:  # DALI's errors
+            raise RuntimeError(
+                f"DALI failed in the batch starting at sample {len(counts)}: {' '.join(str(e).split())[:300]}"
+            ) from None
         for i in range(len(shapes)):
             if len(counts) < num_samples:
                 f, h, w, _ = (int(x) for x in shapes.at(i))
@@ -203,8 +225,12 @@ def dali_frame_counts(tars: list[str], num_samples: int, batch_size: int = 4,
     return counts
 
 
-def verify(directory: str | os.PathLike, decode: bool = True, check_sha: bool = True,
-           log=lambda msg: print(msg, file=sys.stderr)) -> list[str]:
+def verify(
+    directory: str | os.PathLike,
+    decode: bool = True,
+    check_sha: bool = True,
+    log=lambda msg: print(msg, file=sys.stderr),
+) -> list[str]:
     """Run every check on a shard directory; returns the list of problems (empty: the shards are sound)."""
     directory = Path(directory)
     started = time.perf_counter()
@@ -214,14 +240,18 @@ def verify(directory: str | os.PathLike, decode: bool = True, check_sha: bool = 
         return [str(e)]
     missing = _missing_build_keys(manifest)
     if missing:
-        return [f"{directory / fmt.MANIFEST_NAME}: {missing} (not written by `python -m shards.build`, or "
-                f"damaged; rebuild it)"]
+        return [
+            f"{directory / fmt.MANIFEST_NAME}: {missing} (not written by `python -m shards.build`, or "
+            f"damaged; rebuild it)"
+        ]
     problems: list[str] = []
     shards = manifest["shards"]
     keys = manifest["keys"]
     if len(keys) != manifest["num_samples"] or sum(s["num_samples"] for s in shards) != manifest["num_samples"]:
-        problems.append(f"manifest: num_samples {manifest['num_samples']}, {len(keys)} keys, shards sum to "
-                        f"{sum(s['num_samples'] for s in shards)}")
+        problems.append(
+            f"manifest: num_samples {manifest['num_samples']}, {len(keys)} keys, shards sum to "
+            f"{sum(s['num_samples'] for s in shards)}"
+        )
     if len(set(keys)) != len(keys):
         problems.append("manifest: keys are not unique")
     failures_path = directory / fmt.FAILURES_NAME
@@ -255,8 +285,9 @@ def verify(directory: str | os.PathLike, decode: bool = True, check_sha: bool = 
             problems.append(f"{shard['tar']}: sha256 differs from the manifest (file changed or damaged)")
         first = len(claimed)
         try:
-            shard_problems, num_samples = check_shard_members(tar_path, idx_path,
-                                                              lambda sample: on_sample(sample, shard["tar"]))
+            shard_problems, num_samples = check_shard_members(
+                tar_path, idx_path, lambda sample: on_sample(sample, shard["tar"])
+            )
             problems += shard_problems
         except tarfile.TarError as e:
             problems.append(f"{shard['tar']}: unreadable tar ({e})")
@@ -264,8 +295,10 @@ def verify(directory: str | os.PathLike, decode: bool = True, check_sha: bool = 
         if num_samples != shard["num_samples"]:
             problems.append(f"{shard['tar']}: {num_samples} samples, manifest says {shard['num_samples']}")
             claimed.extend([None] * max(0, shard["num_samples"] - num_samples))
-    log(f"verify: {directory}: {len(shards)} shards, {manifest['num_samples']} samples checked against the manifest"
-        f"{' (with sha256)' if check_sha else ''}")
+    log(
+        f"verify: {directory}: {len(shards)} shards, {manifest['num_samples']} samples checked against the manifest"
+        f"{' (with sha256)' if check_sha else ''}"
+    )
 
     if decode and not problems:
         problems += _check_decoding(directory, manifest, claimed, log)
@@ -300,8 +333,10 @@ def _check_decoding(directory: Path, manifest: dict, claimed: list[int | None], 
 
     def mismatch(sample_id: int, ext: str, decoder: str, frames: int) -> str:
         member = "" if phases == 1 else f" member {ext}"
-        return (f"sample {keys[sample_id]} (id {sample_id}){member}: {decoder} decoded {frames} frames, expected "
-                f"{expected(sample_id, ext)} from the .info claim {claimed[sample_id]}")
+        return (
+            f"sample {keys[sample_id]} (id {sample_id}){member}: {decoder} decoded {frames} frames, expected "
+            f"{expected(sample_id, ext)} from the .info claim {claimed[sample_id]}"
+        )
 
     problems = []
     codec = manifest["codec"]
@@ -315,10 +350,16 @@ def _check_decoding(directory: Path, manifest: dict, claimed: list[int | None], 
             except RuntimeError as e:
                 return [str(e)]
             total += sum(d[0] for d in decoded)
-            problems += [mismatch(sid, ext, "DALI", frames) for sid, (frames, _, _) in enumerate(decoded)
-                         if frames != expected(sid, ext)]
-        log(f"verify: DALI CPU decoder: {len(keys)} samples, {total} frames, every count as claimed"
-            if not problems else f"verify: DALI decode: {len(problems)} mismatches")
+            problems += [
+                mismatch(sid, ext, "DALI", frames)
+                for sid, (frames, _, _) in enumerate(decoded)
+                if frames != expected(sid, ext)
+            ]
+        log(
+            f"verify: DALI CPU decoder: {len(keys)} samples, {total} frames, every count as claimed"
+            if not problems
+            else f"verify: DALI decode: {len(problems)} mismatches"
+        )
         return problems
     # H.264 (and anything else DALI's CPU decoder cannot read): ffmpeg decodes every frame.
     log(f"verify: DALI's CPU decoder cannot read {codec}; counting decoded frames with ffmpeg instead")
@@ -347,8 +388,10 @@ def _check_decoding(directory: Path, manifest: dict, claimed: list[int | None], 
                     os.unlink(path)
                 if frames != expected(sid, ext):
                     problems.append(mismatch(sid, ext, "ffmpeg", frames))
-    log(f"verify: ffmpeg decoded all {sample_id + 1} samples ({members} video members)"
-        + ("" if problems else ", every count as claimed"))
+    log(
+        f"verify: ffmpeg decoded all {sample_id + 1} samples ({members} video members)"
+        + ("" if problems else ", every count as claimed")
+    )
     return problems
 
 
@@ -377,8 +420,13 @@ def _check_ivf_decoding(tars: list[str], layout: fmt.Layout, expected, mismatch,
 
     batch = 16
 
-    @pipeline_def(batch_size=batch, num_threads=min(4, len(os.sched_getaffinity(0))), device_id=None,
-                  prefetch_queue_depth=1, exec_dynamic=True)
+    @pipeline_def(
+        batch_size=batch,
+        num_threads=min(4, len(os.sched_getaffinity(0))),
+        device_id=None,
+        prefetch_queue_depth=1,
+        exec_dynamic=True,
+    )
     def stream_decoder():
         video = fn.external_source(name="video", dtype=types.UINT8, ndim=1)
         length = fn.external_source(name="length", dtype=types.INT32, ndim=0)
@@ -390,9 +438,10 @@ def _check_ivf_decoding(tars: list[str], layout: fmt.Layout, expected, mismatch,
     def decode(streams: list[tuple[bytes, int]]) -> list[np.ndarray]:
         out = []
         for first in range(0, len(streams), batch):
-            part = streams[first:first + batch]
-            (frames,) = pipe.run(video=[np.frombuffer(d, dtype=np.uint8) for d, _ in part],
-                                 length=[np.int32(n) for _, n in part])
+            part = streams[first : first + batch]
+            (frames,) = pipe.run(
+                video=[np.frombuffer(d, dtype=np.uint8) for d, _ in part], length=[np.int32(n) for _, n in part]
+            )
             out += [np.array(frames[i]) for i in range(len(part))]
         return out
 
@@ -408,8 +457,9 @@ def _check_ivf_decoding(tars: list[str], layout: fmt.Layout, expected, mismatch,
                 try:
                     (whole,) = decode([(data, length)])
                 except RuntimeError as e:
-                    problems.append(f"sample {key} (id {sample_id}) {ext}: DALI cannot decode it "
-                                    f"({' '.join(str(e).split())[:200]})")
+                    problems.append(
+                        f"sample {key} (id {sample_id}) {ext}: DALI cannot decode it ({' '.join(str(e).split())[:200]})"
+                    )
                     continue
                 members += 1
                 if len(whole) != expected(sample_id, ext):
@@ -417,21 +467,27 @@ def _check_ivf_decoding(tars: list[str], layout: fmt.Layout, expected, mismatch,
                 starts = [int(f) for f in mine[mine[:, 3] == fmt.CUT_KEY, 1]]
                 ends = starts[1:] + [length]
                 offset = {int(f): int(o) for f, o in mine[:, 1:3]}
-                streams = [(data[:ivf.HEADER_SIZE] + data[offset[a]:offset[b]], b - a) for a, b in zip(starts, ends)]
+                streams = [(data[: ivf.HEADER_SIZE] + data[offset[a] : offset[b]], b - a) for a, b in zip(starts, ends)]
                 try:
                     decoded = decode(streams)
                 except RuntimeError as e:
-                    problems.append(f"sample {key} (id {sample_id}) {ext}: a cut at a key frame of its cuts table "
-                                    f"does not decode ({' '.join(str(e).split())[:200]})")
+                    problems.append(
+                        f"sample {key} (id {sample_id}) {ext}: a cut at a key frame of its cuts table "
+                        f"does not decode ({' '.join(str(e).split())[:200]})"
+                    )
                     continue
                 cuts += len(streams)
                 for a, b, frames in zip(starts, ends, decoded):
                     if not np.array_equal(frames, whole[a:b]):
-                        problems.append(f"sample {key} (id {sample_id}) {ext}: decoding from key frame {a} gives "
-                                        f"other frames than decoding the whole member")
-    del pipe
-    log(f"verify: DALI CPU decoder: {members} IVF members whole and {cuts} cuts at their key frames"
-        + (", every frame as claimed" if not problems else f": {len(problems)} problem(s)"))
+                        problems.append(
+                            f"sample {key} (id {sample_id}) {ext}: decoding from key frame {a} gives "
+                            f"other frames than decoding the whole member"
+                        )
+    pipe = None  # the decoder's buffers go before the summary
+    log(
+        f"verify: DALI CPU decoder: {members} IVF members whole and {cuts} cuts at their key frames"
+        + (", every frame as claimed" if not problems else f": {len(problems)} problem(s)")
+    )
     return problems
 
 

@@ -12,9 +12,9 @@ import contextlib
 import hashlib
 import os
 import tarfile
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
 
 from shards.format import TAR_BLOCK, index_path_for, with_filename, write_dali_index
 
@@ -107,8 +107,14 @@ class ShardWriter:
         index_path = index_path_for(self.final_path)
         write_dali_index(self._members, index_path)  # whole or not at all; an OSError names its temp file
         os.replace(self.temp_path, self.final_path)
-        return ShardRecord(self.final_path.name, Path(index_path).name, len(self.keys), self._offset,
-                           self._sha.hexdigest(), list(self.keys))
+        return ShardRecord(
+            self.final_path.name,
+            Path(index_path).name,
+            len(self.keys),
+            self._offset,
+            self._sha.hexdigest(),
+            list(self.keys),
+        )
 
     def abort(self) -> None:
         """Drop the partial tar (the build stopped; a re-run writes this shard again)."""
@@ -124,4 +130,3 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
-

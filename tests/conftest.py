@@ -35,8 +35,14 @@ def module_env() -> dict:
 @pytest.fixture(scope="session")
 def run_module():
     def run(module: str, *args, timeout: float = 300, check: bool = False, **kwargs) -> subprocess.CompletedProcess:
-        proc = subprocess.run([sys.executable, "-m", module, *map(str, args)], capture_output=True, text=True,
-                              env=module_env(), timeout=timeout, **kwargs)
+        proc = subprocess.run(
+            [sys.executable, "-m", module, *map(str, args)],
+            capture_output=True,
+            text=True,
+            env=module_env(),
+            timeout=timeout,
+            **kwargs,
+        )
         if check and proc.returncode != 0:
             raise AssertionError(f"python -m {module} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
         return proc
@@ -58,20 +64,37 @@ def synth_root(tmp_path_factory) -> Path:
     from shards.synth import make_dataset
 
     root = tmp_path_factory.mktemp("synth")
-    make_dataset(root, num_classes=SYNTH_CLASSES, per_class=SYNTH_PER_CLASS, val_per_class=SYNTH_VAL_PER_CLASS,
-                 seed=0)
+    make_dataset(root, num_classes=SYNTH_CLASSES, per_class=SYNTH_PER_CLASS, val_per_class=SYNTH_VAL_PER_CLASS, seed=0)
     return root
 
 
 @pytest.fixture(scope="session")
 def shard_build_args(synth_root, tmp_path_factory) -> dict[str, list[str]]:
     out = tmp_path_factory.mktemp("shards")
-    common = ["--root", str(synth_root), "--short-side", str(SHARD_SHORT_SIDE),
-              "--samples-per-shard", str(SHARD_SAMPLES_PER_SHARD), "--workers", "2", "--quiet"]
+    common = [
+        "--root",
+        str(synth_root),
+        "--short-side",
+        str(SHARD_SHORT_SIDE),
+        "--samples-per-shard",
+        str(SHARD_SAMPLES_PER_SHARD),
+        "--workers",
+        "2",
+        "--quiet",
+    ]
     return {
         "train": ["--csv", str(synth_root / "train.csv"), "--split", "train", "--out", str(out / "train"), *common],
-        "val": ["--csv", str(synth_root / "val.csv"), "--split", "val", "--out", str(out / "val"),
-                "--classes", str(out / "train" / "manifest.json"), *common],
+        "val": [
+            "--csv",
+            str(synth_root / "val.csv"),
+            "--split",
+            "val",
+            "--out",
+            str(out / "val"),
+            "--classes",
+            str(out / "train" / "manifest.json"),
+            *common,
+        ],
     }
 
 
@@ -97,4 +120,3 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
-

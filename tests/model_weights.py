@@ -8,8 +8,16 @@ from model import VideoMAEConfig
 
 def tiny_config(**overrides) -> VideoMAEConfig:
     """A 2-block ViT-S-shaped model on 8 x 64 x 64 clips (4 x 4 x 4 tokens): fast on a CPU."""
-    base = dict(embed_dim=64, depth=2, num_heads=2, img_size=64, num_frames=8, decoder_embed_dim=32,
-                decoder_num_heads=2, decoder_depth=1)
+    base = dict(
+        embed_dim=64,
+        depth=2,
+        num_heads=2,
+        img_size=64,
+        num_frames=8,
+        decoder_embed_dim=32,
+        decoder_num_heads=2,
+        decoder_depth=1,
+    )
     return VideoMAEConfig.from_name("small", **{**base, **overrides})
 
 

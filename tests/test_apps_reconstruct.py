@@ -1,5 +1,5 @@
-"""`model.pixels` and `apps.reconstruct`: un-normalizing VideoMAE predictions back to pixels, and the original / masked /
-reconstruction picture drawn from a real pretraining batch of the DALI pipeline (CPU).
+"""`model.pixels` and `apps.reconstruct`: un-normalizing VideoMAE predictions back to pixels, and the original /
+masked / reconstruction picture drawn from a real pretraining batch of the DALI pipeline (CPU).
 
 The key check: feeding the exact training target (`model.pixel_loss.norm_pix_target_reference`, the official
 formula) in place of the predictions must give back the pipeline's uint8 frames, so the layout (token order,
@@ -11,13 +11,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from model_weights import tiny_config
 
+from apps.reconstruct import main, reconstruct
 from model import build_model
 from model.checkpoint import model_payload, save_atomic
 from model.pixel_loss import norm_pix_target_reference
-from apps.reconstruct import main, reconstruct
 from model.pixels import mask_video, reconstruct_pixels, tubelet_pixels, untubelet
-from model_weights import tiny_config
 
 TUBELET, PATCH = 2, 16
 
@@ -39,8 +39,18 @@ def pretrain_batch(shard_dirs):
     """One real pretraining batch with the uint8 frames before normalization (copied out of DALI's buffers)."""
     from pipeline import build_loader
 
-    loader = build_loader(shard_dirs["train"], "pretrain", 2, device="cpu", num_frames=8, input_size=64,
-                          patch_size=PATCH, tubelet_size=TUBELET, seed=3, debug_outputs=True)
+    loader = build_loader(
+        shard_dirs["train"],
+        "pretrain",
+        2,
+        device="cpu",
+        num_frames=8,
+        input_size=64,
+        patch_size=PATCH,
+        tubelet_size=TUBELET,
+        seed=3,
+        debug_outputs=True,
+    )
     batch = next(iter(loader))
     out = {k: batch[k].clone() for k in ("video", "mask", "frames")}
     loader.close()
@@ -84,9 +94,10 @@ def test_masked_tubelets_come_from_the_prediction(pretrain_batch):
     b, m = mask.shape[0], int(mask[0].sum())
     target = norm_pix_target_reference(video, TUBELET, PATCH)[mask].reshape(b, m, -1)
     delta = torch.randn(target.shape, generator=torch.Generator().manual_seed(0))
-    moved = reconstruct_pixels(video, mask, target + delta, TUBELET, PATCH) - \
-        reconstruct_pixels(video, mask, target, TUBELET, PATCH)
-    pixels = tubelet_pixels(frames_as_pixels(pretrain_batch["frames"]), TUBELET, PATCH)[mask]      # [B*M, P, C]
+    moved = reconstruct_pixels(video, mask, target + delta, TUBELET, PATCH) - reconstruct_pixels(
+        video, mask, target, TUBELET, PATCH
+    )
+    pixels = tubelet_pixels(frames_as_pixels(pretrain_batch["frames"]), TUBELET, PATCH)[mask]  # [B*M, P, C]
     std = pixels.var(dim=1, unbiased=True, keepdim=True).sqrt()
     expected = delta.double().reshape(pixels.shape) * (std + 1e-6)
     got = tubelet_pixels(moved.double(), TUBELET, PATCH)
@@ -101,8 +112,25 @@ def test_reconstruct_cli_writes_the_picture(pretrain_ckpt, shard_dirs, tmp_path,
     import matplotlib.image
 
     out = tmp_path / "recon.png"
-    assert main(["--checkpoint", str(pretrain_ckpt), "--shards", str(shard_dirs["train"]), "--out", str(out),
-                 "--num", "2", "--seed", "1", "--frames", "3"]) == 0
+    assert (
+        main(
+            [
+                "--checkpoint",
+                str(pretrain_ckpt),
+                "--shards",
+                str(shard_dirs["train"]),
+                "--out",
+                str(out),
+                "--num",
+                "2",
+                "--seed",
+                "1",
+                "--frames",
+                "3",
+            ]
+        )
+        == 0
+    )
     assert "2 clips" in capsys.readouterr().out
     image = matplotlib.image.imread(out)
     assert image.ndim == 3 and image.shape[0] > 300 and image.shape[1] > 200
@@ -114,8 +142,8 @@ def test_reconstruct_cli_writes_the_picture(pretrain_ckpt, shard_dirs, tmp_path,
     hidden = result["mask"].reshape(2, 4, 1, 4, 1, 4, 1).repeat(2, 2).repeat(16, 4).repeat(16, 6)
     hidden = hidden.reshape(2, 8, 64, 64)
     original = frames / 255.0
-    np.testing.assert_allclose(recon[~hidden], original[~hidden], atol=1e-5)     # visible: the original
-    assert np.abs(recon[hidden] - original[hidden]).mean() > 1e-3                 # masked: an untrained model's guess
+    np.testing.assert_allclose(recon[~hidden], original[~hidden], atol=1e-5)  # visible: the original
+    assert np.abs(recon[hidden] - original[hidden]).mean() > 1e-3  # masked: an untrained model's guess
     assert (masked[hidden] == 0.5).all() and np.allclose(masked[~hidden], original[~hidden])
     assert np.isfinite(result["loss"]) and result["loss"] > 0
 

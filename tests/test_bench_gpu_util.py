@@ -47,10 +47,11 @@ def test_summary_means_maxima_and_active_means():
     gpu = summary["gpus"]["0"]
     assert (gpu["samples"], gpu["active_samples"]) == (6, 4)
     sm, dec = gpu["engines"]["sm"], gpu["engines"]["dec"]
-    assert sm == {"mean": 30.0, "max": 60.0, "active_mean": 45.0}          # (35+45+40+60)/6, /4
-    assert dec == {"mean": 16.8, "max": 42.0, "active_mean": 28.0}          # "-" is no sample: 84/5, 84/3
-    assert "gpu 0: sm mean 30% (active 45%) max 60%, dec mean 17% (active 28%) max 42% over 6 s" in \
-        gpu_util.describe("decode", summary)
+    assert sm == {"mean": 30.0, "max": 60.0, "active_mean": 45.0}  # (35+45+40+60)/6, /4
+    assert dec == {"mean": 16.8, "max": 42.0, "active_mean": 28.0}  # "-" is no sample: 84/5, 84/3
+    assert "gpu 0: sm mean 30% (active 45%) max 60%, dec mean 17% (active 28%) max 42% over 6 s" in gpu_util.describe(
+        "decode", summary
+    )
     two = gpu_util.summarize(TWO_GPU_LOG)["gpus"]
     assert two["1"]["engines"]["dec"] == {"mean": 30.0, "max": 60.0, "active_mean": 60.0}
     assert "jpg" not in two["0"]["engines"]
@@ -78,7 +79,18 @@ def test_cli_writes_into_the_step_json_and_the_summary_file(tmp_path, capsys):
     merged = json.loads(summary.read_text())
     assert sorted(merged) == ["pipeline_decode", "train_saturation"]
     # a step without a JSON of its own (or a missing log) still lands in the summary file
-    assert gpu_util.main(["summarize", str(tmp_path / "absent.dmon.log"), "--json", str(tmp_path / "absent.json"),
-                          "--summary", str(summary)]) == 0
+    assert (
+        gpu_util.main(
+            [
+                "summarize",
+                str(tmp_path / "absent.dmon.log"),
+                "--json",
+                str(tmp_path / "absent.json"),
+                "--summary",
+                str(summary),
+            ]
+        )
+        == 0
+    )
     assert json.loads(summary.read_text())["absent"]["error"] == "no samples (empty log)"
     assert not (tmp_path / "absent.json").exists()

@@ -20,34 +20,61 @@ import sys
 import tarfile
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import pytest
-
 from conftest import module_env
+from test_shards_build import build_files, read_failures
+
 from shards import format as fmt
 from shards.transcode import EncodeSettings, TranscodeAborted, transcode
-from test_shards_build import build_files, read_failures
 
 MARK = "SHARDS_FAULT_TEST"
 GONE_WITHIN_S = 30  # a deadline for processes to be gone, not a performance claim
 
 
 def _args(root: Path, csv: Path, out: Path, workers: int = 2) -> list[str]:
-    return ["--csv", str(csv), "--root", str(root), "--split", "train", "--out", str(out), "--short-side", "64",
-            "--samples-per-shard", "2", "--seed", "3", "--workers", str(workers), "--quiet"]
+    return [
+        "--csv",
+        str(csv),
+        "--root",
+        str(root),
+        "--split",
+        "train",
+        "--out",
+        str(out),
+        "--short-side",
+        "64",
+        "--samples-per-shard",
+        "2",
+        "--seed",
+        "3",
+        "--workers",
+        str(workers),
+        "--quiet",
+    ]
 
 
 def _start(args: list[str], tag: str) -> subprocess.Popen:
     env = module_env() | {MARK: tag}
-    return subprocess.Popen([sys.executable, "-m", "shards.build", *args], env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "shards.build", *args],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def _run(args: list[str], tag: str = "run") -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "shards.build", *args], env=module_env() | {MARK: tag},
-                          capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "shards.build", *args],
+        env=module_env() | {MARK: tag},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 def marked_processes(tag: str) -> list[str]:
@@ -95,8 +122,11 @@ def wait_for(condition, what: str, proc: subprocess.Popen | None = None, timeout
 def _tree(directory: Path) -> dict[str, tuple[int, int]]:
     """(size, mtime) of every file under `directory`, but the work folder (the stopped build's ffmpeg may still be
     writing there)."""
-    return {str(p.relative_to(directory)): (p.stat().st_size, p.stat().st_mtime_ns)
-            for p in directory.rglob("*") if p.is_file() and ".build/work" not in str(p)}
+    return {
+        str(p.relative_to(directory)): (p.stat().st_size, p.stat().st_mtime_ns)
+        for p in directory.rglob("*")
+        if p.is_file() and ".build/work" not in str(p)
+    }
 
 
 @contextlib.contextmanager
@@ -134,6 +164,7 @@ def reference(dataset, tmp_path_factory) -> Path:
 
 
 # Item 1: a full disk is not a property of the video.
+
 
 def test_full_disk_stops_the_build_and_the_rerun_retries_every_video(dataset, reference, tmp_path):
     root, csv = dataset
@@ -211,12 +242,29 @@ def test_a_killed_worker_or_ffmpeg_stops_the_build_without_blaming_the_video(dat
     listing, fifo = _blocking_list(dataset[0], tmp_path)
     out = tmp_path / "out"
     tag = f"victim-{victim}"
-    proc = _start(["--list", str(listing), "--split", "train", "--out", str(out), "--short-side", "64",
-                   "--workers", "2", "--quiet"], tag)
+    proc = _start(
+        [
+            "--list",
+            str(listing),
+            "--split",
+            "train",
+            "--out",
+            str(out),
+            "--short-side",
+            "64",
+            "--workers",
+            "2",
+            "--quiet",
+        ],
+        tag,
+    )
     try:
         blocked: list[str] = []
-        wait_for(lambda: bool(blocked.extend(p for p in marked_processes(tag) if str(fifo) in p) or blocked),
-                 "the blocked ffmpeg", proc)
+        wait_for(
+            lambda: bool(blocked.extend(p for p in marked_processes(tag) if str(fifo) in p) or blocked),
+            "the blocked ffmpeg",
+            proc,
+        )
         ffmpeg_pid = int(blocked[0].split(":")[0])
         with open(f"/proc/{ffmpeg_pid}/stat") as f:
             worker_pid = int(f.read().rsplit(")", 1)[1].split()[1])  # ffmpeg's parent: its worker
@@ -239,6 +287,7 @@ def test_a_killed_worker_or_ffmpeg_stops_the_build_without_blaming_the_video(dat
 
 # Item 4: one build per output directory.
 
+
 def test_a_second_build_into_the_same_directory_is_refused(dataset, reference, tmp_path):
     root, csv = dataset
     out = tmp_path / "train"
@@ -254,8 +303,11 @@ def test_a_second_build_into_the_same_directory_is_refused(dataset, reference, t
         second = _run(args, "lock-second")
         assert second.returncode == 1
         assert second.stderr.count("\n") == 1, second.stderr
-        assert f"another build is writing here (pid {first.pid} on {holder['host']}, started {holder['started']})" \
-            in second.stderr and str(out) in second.stderr
+        assert (
+            f"another build is writing here (pid {first.pid} on {holder['host']}, started {holder['started']})"
+            in second.stderr
+            and str(out) in second.stderr
+        )
         assert _tree(out) == before  # the refused build touched nothing
         first.send_signal(signal.SIGCONT)
         assert first.wait(300) == 0, first.stderr.read()
@@ -270,16 +322,37 @@ def test_a_second_build_into_the_same_directory_is_refused(dataset, reference, t
 
 # Item 7: a killed build leaves nothing running.
 
+
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=lambda sig: sig.name)
 def test_killing_a_build_leaves_no_worker_ffmpeg_or_tracker_behind(dataset, tmp_path, sig):
     listing, fifo = _blocking_list(dataset[0], tmp_path)
     out = tmp_path / "out"
     tag = f"orphans-{sig.name}"
-    proc = _start(["--list", str(listing), "--split", "train", "--out", str(out), "--short-side", "64",
-                   "--workers", "2", "--quiet"], tag)
+    proc = _start(
+        [
+            "--list",
+            str(listing),
+            "--split",
+            "train",
+            "--out",
+            str(out),
+            "--short-side",
+            "64",
+            "--workers",
+            "2",
+            "--quiet",
+        ],
+        tag,
+    )
     try:
-        wait_for(lambda: sum("multiprocessing.spawn" in p for p in marked_processes(tag)) == 2
-                 and any(str(fifo) in p for p in marked_processes(tag)), "2 workers and the blocked ffmpeg", proc)
+        wait_for(
+            lambda: (
+                sum("multiprocessing.spawn" in p for p in marked_processes(tag)) == 2
+                and any(str(fifo) in p for p in marked_processes(tag))
+            ),
+            "2 workers and the blocked ffmpeg",
+            proc,
+        )
         assert any("resource_tracker" in p for p in marked_processes(tag))
         proc.send_signal(sig)
         code = proc.wait(60)
@@ -296,6 +369,7 @@ def test_killing_a_build_leaves_no_worker_ffmpeg_or_tracker_behind(dataset, tmp_
 
 # A build killed at random moments resumes to the very same bytes.
 
+
 def test_builds_killed_at_random_moments_resume_to_identical_shards(dataset, reference, tmp_path):
     root, csv = dataset
     out = tmp_path / "train"
@@ -309,8 +383,10 @@ def test_builds_killed_at_random_moments_resume_to_identical_shards(dataset, ref
         target = finished + rng.randint(0, 2)
         proc = _start(args, tag)
         try:
-            wait_for(lambda: proc.poll() is not None or (done.is_dir() and len(list(done.glob("*.json"))) >= target),
-                     f"{target} finished shards")
+            wait_for(
+                lambda: proc.poll() is not None or (done.is_dir() and len(list(done.glob("*.json"))) >= target),
+                f"{target} finished shards",
+            )
             time.sleep(rng.uniform(0, 0.4))
             if proc.poll() is None and not (out / fmt.MANIFEST_NAME).exists():
                 kills_mid_build += 1
@@ -330,6 +406,7 @@ def test_builds_killed_at_random_moments_resume_to_identical_shards(dataset, ref
 
 # Item 11 (verify's part): one line, never a traceback or a terabyte read.
 
+
 def test_verify_refuses_a_manifest_without_shards_in_one_line(reference, tmp_path, run_module):
     copy = tmp_path / "copy"
     shutil.copytree(reference, copy)
@@ -342,7 +419,8 @@ def test_verify_refuses_a_manifest_without_shards_in_one_line(reference, tmp_pat
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     assert [ln for ln in proc.stderr.splitlines() if ln.startswith("problem:")] == [
         f"problem: {copy / fmt.MANIFEST_NAME}: no 'shards' (list) (damaged or hand-edited; rebuild it with "
-        f"`python -m shards.build`)"]
+        f"`python -m shards.build`)"
+    ]
 
 
 def test_verify_does_not_read_a_member_that_declares_a_terabyte(reference, tmp_path, run_module):
@@ -354,9 +432,11 @@ def test_verify_does_not_read_a_member_that_declares_a_terabyte(reference, tmp_p
         first = tar.next()
     huge = tarfile.TarInfo(first.name)
     huge.size = 10**12  # base-256 in a GNU header; the file stays the same size
-    data[:fmt.TAR_BLOCK] = huge.tobuf(format=tarfile.GNU_FORMAT)[:fmt.TAR_BLOCK]
+    data[: fmt.TAR_BLOCK] = huge.tobuf(format=tarfile.GNU_FORMAT)[: fmt.TAR_BLOCK]
     tar_path.write_bytes(bytes(data))
     proc = run_module("shards.verify", copy, "--no-decode")
     assert proc.returncode == 1 and "Traceback" not in proc.stderr and "MemoryError" not in proc.stderr
-    assert f"member {first.name!r} declares 1000000000000 bytes at offset 512, past the end of the tar " \
-           f"({len(data)} bytes)" in proc.stderr
+    assert (
+        f"member {first.name!r} declares 1000000000000 bytes at offset 512, past the end of the tar "
+        f"({len(data)} bytes)" in proc.stderr
+    )

@@ -13,9 +13,9 @@ import shutil
 
 import pytest
 import torch
+from test_train_runs import RESUME, data, metrics, run, train_cmd  # noqa: F401 - data: the shard fixture
 
 from model.checkpoint import list_checkpoints, load_checkpoint
-from test_train_runs import RESUME, data, metrics, run, train_cmd  # noqa: F401 - data: the shard fixture
 
 # RESUME: 10 steps, drop path, lr warmup, one log line per step; checkpoints every 3 steps (the later override wins)
 CKPT = [*RESUME, "run.ckpt_interval=3"]
@@ -46,8 +46,9 @@ def damage(path, how: str) -> None:
         torch.save(ckpt, path)
 
 
-@pytest.mark.parametrize("how,why", [("cut", "not a readable checkpoint ("),
-                                     ("incomplete", "incomplete checkpoint, no optimizer")])
+@pytest.mark.parametrize(
+    "how,why", [("cut", "not a readable checkpoint ("), ("incomplete", "incomplete checkpoint, no optimizer")]
+)
 def test_resume_auto_falls_back_to_the_newest_intact_checkpoint(uninterrupted, stopped, data, tmp_path, how, why):
     part = tmp_path / "run"
     shutil.copytree(stopped, part)
@@ -61,8 +62,11 @@ def test_resume_auto_falls_back_to_the_newest_intact_checkpoint(uninterrupted, s
     assert f"resuming from {part / 'checkpoint-00000003.pt'} at step 3" in proc.stdout
     # set aside and kept; the run wrote step 6 again, and keep-last-3 kept the good files, not the damaged one
     assert (part / "checkpoint-00000006.pt.damaged").is_file()
-    assert [p.name for p in list_checkpoints(part)] == ["checkpoint-00000006.pt", "checkpoint-00000009.pt",
-                                                        "checkpoint-00000010.pt"]
+    assert [p.name for p in list_checkpoints(part)] == [
+        "checkpoint-00000006.pt",
+        "checkpoint-00000009.pt",
+        "checkpoint-00000010.pt",
+    ]
 
     for step in (6, 10):
         a = load_checkpoint(uninterrupted / f"checkpoint-{step:08d}.pt")
@@ -71,8 +75,7 @@ def test_resume_auto_falls_back_to_the_newest_intact_checkpoint(uninterrupted, s
         for name, value in a["model"].items():
             torch.testing.assert_close(b["model"][name], value, rtol=0, atol=0, msg=name)
         for pid, state in a["optimizer"]["state"].items():
-            torch.testing.assert_close(b["optimizer"]["state"][pid]["exp_avg_sq"], state["exp_avg_sq"], rtol=0,
-                                       atol=0)
+            torch.testing.assert_close(b["optimizer"]["state"][pid]["exp_avg_sq"], state["exp_avg_sq"], rtol=0, atol=0)
     # every logged loss (the stopped run's steps 1-6, then the resumed 4-10) is the uninterrupted run's
     full_loss = {m["step"]: m["loss"] for m in metrics(uninterrupted)}
     logged = metrics(part)

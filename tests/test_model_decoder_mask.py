@@ -24,8 +24,16 @@ REFERENCE = dict(fused_attn=False, sparse_embed=False, fused_loss=False)
 
 def tiny(**overrides) -> VideoMAEConfig:
     """4 frames of 64 px: N = 2 x 4 x 4 = 32 tokens; 12 of 16 per slot masked: M = 24."""
-    base = dict(img_size=64, num_frames=4, embed_dim=48, depth=2, num_heads=3, decoder_embed_dim=32,
-                decoder_depth=2, decoder_num_heads=2)
+    base = dict(
+        img_size=64,
+        num_frames=4,
+        embed_dim=48,
+        depth=2,
+        num_heads=3,
+        decoder_embed_dim=32,
+        decoder_depth=2,
+        decoder_num_heads=2,
+    )
     return VideoMAEConfig.from_name("small", **{**base, **overrides})
 
 
@@ -48,10 +56,11 @@ def reference_loss(model, video: torch.Tensor, mask: torch.Tensor, ids_target: t
     for blk in enc.blocks:
         x = blk(x)
     x = model.encoder_to_decoder(enc.norm(x))
-    decode = torch.zeros_like(mask).scatter_(1, ids_target, True)          # masked and decoder-visible
+    decode = torch.zeros_like(mask).scatter_(1, ids_target, True)  # masked and decoder-visible
     pos = model.pos_embed.expand(b, -1, -1)
-    x_full = torch.cat([x + pos[~mask].reshape(b, -1, x.shape[-1]),
-                        model.mask_token + pos[decode].reshape(b, -1, x.shape[-1])], dim=1)
+    x_full = torch.cat(
+        [x + pos[~mask].reshape(b, -1, x.shape[-1]), model.mask_token + pos[decode].reshape(b, -1, x.shape[-1])], dim=1
+    )
     for blk in model.decoder.blocks:
         x_full = blk(x_full)
     k = ids_target.shape[1]
@@ -65,23 +74,23 @@ def grads(model) -> dict[str, torch.Tensor]:
 
 
 def test_decoder_targets_are_a_seeded_random_subset_of_the_masked_tokens():
-    ids_masked = torch.stack([torch.arange(24) + 8 * i for i in range(4)])         # [4, 24], increasing
+    ids_masked = torch.stack([torch.arange(24) + 8 * i for i in range(4)])  # [4, 24], increasing
     torch.manual_seed(1)
     kept = decoder_target_ids(ids_masked, 0.5)
     assert kept.shape == (4, 12) and kept.dtype == torch.int64
     for row, masked in zip(kept, ids_masked):
         assert set(row.tolist()) <= set(masked.tolist()) and len(set(row.tolist())) == 12
         assert torch.equal(row, row.sort().values)
-    assert len({tuple(r.tolist()) for r in kept}) == 4                              # drawn per clip
+    assert len({tuple(r.tolist()) for r in kept}) == 4  # drawn per clip
     torch.manual_seed(1)
-    assert torch.equal(decoder_target_ids(ids_masked, 0.5), kept)                  # the seed decides
+    assert torch.equal(decoder_target_ids(ids_masked, 0.5), kept)  # the seed decides
     assert not torch.equal(decoder_target_ids(ids_masked, 0.5), kept)
     assert decoder_target_ids(ids_masked, 0.9).shape == (4, 24 - int(0.9 * 24))
     g = torch.Generator().manual_seed(3)
     counts = torch.zeros(24)
     for _ in range(200):
         counts += torch.zeros(24).scatter_(0, decoder_target_ids(ids_masked[:1], 0.25, generator=g)[0], 1.0)
-    assert counts.min() > 100 and counts.max() < 200                               # every token gets chosen
+    assert counts.min() > 100 and counts.max() < 200  # every token gets chosen
 
 
 @pytest.mark.parametrize("ratio", [0.5, 0.75])
@@ -100,10 +109,10 @@ def test_loss_and_gradients_equal_the_explicit_reference(ratio):
     loss, pred = fast(video, mask, num_masked=24)
     hook.remove()
     torch.manual_seed(5)
-    ids_target = fast.decoder_targets(ids_masked)                  # the draw forward made
+    ids_target = fast.decoder_targets(ids_masked)  # the draw forward made
     k = 24 - int(ratio * 24)
     assert pred.shape == (3, k, cfg.patch_dim) and ids_target.shape == (3, k)
-    assert seen == [32 - 24 + k]                                   # the decoder runs over N - M + K tokens
+    assert seen == [32 - 24 + k]  # the decoder runs over N - M + K tokens
     loss.backward()
 
     expected = reference_loss(reference, video, mask, ids_target)
@@ -129,7 +138,7 @@ def test_off_by_default_and_in_eval_mode_the_decoder_predicts_every_masked_token
     video, mask = inputs(cfg)
     state = torch.get_rng_state()
     loss, pred = plain(video, mask)
-    assert pred.shape[1] == 24 and torch.equal(torch.get_rng_state(), state)       # no draw when off
+    assert pred.shape[1] == 24 and torch.equal(torch.get_rng_state(), state)  # no draw when off
     masked.eval()
     with torch.no_grad():
         loss_eval, pred_eval = masked(video, mask)
@@ -159,8 +168,12 @@ def test_training_with_decoder_masking_is_reproducible_from_the_seed():
 
 
 def test_bad_decoder_mask_ratio_and_attention_backend_are_refused():
-    for bad in (dict(decoder_mask_ratio=1.0), dict(decoder_mask_ratio=-0.1), dict(decoder_mask_ratio=float("nan")),
-                dict(attn_backend="fast")):
+    for bad in (
+        dict(decoder_mask_ratio=1.0),
+        dict(decoder_mask_ratio=-0.1),
+        dict(decoder_mask_ratio=float("nan")),
+        dict(attn_backend="fast"),
+    ):
         with pytest.raises(ValueError, match=next(iter(bad))):
             tiny(**bad)
 

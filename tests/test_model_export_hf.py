@@ -17,15 +17,16 @@ import pytest
 import torch
 
 transformers = pytest.importorskip("transformers")
-from safetensors.torch import load_file  # noqa: E402
-from transformers import VideoMAEForPreTraining, VideoMAEForVideoClassification  # noqa: E402
+from model_weights import randomize_, tiny_config
+from safetensors.torch import load_file
 
-from model import VideoMAEConfig, build_model, load_pretrained  # noqa: E402
-from model.checkpoint import model_payload, save_checkpoint  # noqa: E402
-from model.export_hf import CONFIG_NAME, WEIGHTS_NAME, main  # noqa: E402
-from model_weights import randomize_, tiny_config  # noqa: E402
 # HF-made tiny directories (transformers' own save_pretrained) and the tube-mask helper of the import parity tests
-from test_model_parity_hf import hf_classifier_dir, hf_pretrain_dir, tube_mask  # noqa: E402,F401
+from test_model_parity_hf import hf_classifier_dir, hf_pretrain_dir, tube_mask  # noqa: F401
+from transformers import VideoMAEForPreTraining, VideoMAEForVideoClassification
+
+from model import VideoMAEConfig, build_model, load_pretrained
+from model.checkpoint import model_payload, save_checkpoint
+from model.export_hf import CONFIG_NAME, WEIGHTS_NAME, main
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -67,8 +68,9 @@ def hf_load(kind: str, path: Path) -> torch.nn.Module:
 
 def video(cfg: VideoMAEConfig, b: int, seed: int) -> torch.Tensor:
     """float[B, C, T, H, W], standard normal (ImageNet-normalized values)."""
-    return torch.randn(b, cfg.in_chans, cfg.num_frames, cfg.img_size, cfg.img_size,
-                       generator=torch.Generator().manual_seed(seed))
+    return torch.randn(
+        b, cfg.in_chans, cfg.num_frames, cfg.img_size, cfg.img_size, generator=torch.Generator().manual_seed(seed)
+    )
 
 
 def mask_for(cfg: VideoMAEConfig, b: int, seed: int) -> torch.Tensor:
@@ -87,8 +89,11 @@ def assert_same_state(a: torch.nn.Module, b: torch.nn.Module) -> None:
 # ---- parity with transformers --------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("overrides", [{}, dict(head_norm_eps=1e-5), dict(ODD, use_mean_pooling=False)],
-                         ids=["default", "hf-eps", "odd-cls-token"])
+@pytest.mark.parametrize(
+    "overrides",
+    [{}, dict(head_norm_eps=1e-5), dict(ODD, use_mean_pooling=False)],
+    ids=["default", "hf-eps", "odd-cls-token"],
+)
 def test_classifier_export_matches_transformers(tmp_path, overrides):
     ours = our_model("classify", 1, NAMES, **overrides)
     out = export(save_ours(ours, "classify", tmp_path / "ours.pt"), tmp_path / "hf")
@@ -119,15 +124,21 @@ def test_head_norm_eps_approximation_is_warned_and_exact_otherwise(tmp_path, cap
         torch.testing.assert_close(logits, load_pretrained(src, head_norm_eps=1e-5)(x), rtol=1e-5, atol=1e-6)
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="model.export_hf"):
-        export(save_ours(our_model("classify", 3, NAMES, head_norm_eps=1e-5), "classify", tmp_path / "b.pt"),
-               tmp_path / "hf2")
+        export(
+            save_ours(our_model("classify", 3, NAMES, head_norm_eps=1e-5), "classify", tmp_path / "b.pt"),
+            tmp_path / "hf2",
+        )
     assert not caplog.records
 
 
-@pytest.mark.parametrize("overrides", [dict(head_norm_eps=1e-5),
-                                       dict(ODD, tubelet_size=1, norm_pix_loss=False, decoder_embed_dim=48,
-                                            decoder_num_heads=3, decoder_depth=2)],
-                         ids=["norm-pix", "odd-raw-pix"])
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        dict(head_norm_eps=1e-5),
+        dict(ODD, tubelet_size=1, norm_pix_loss=False, decoder_embed_dim=48, decoder_num_heads=3, decoder_depth=2),
+    ],
+    ids=["norm-pix", "odd-raw-pix"],
+)
 def test_pretraining_export_matches_transformers(tmp_path, overrides):
     ours = our_model("pretrain", 5, **overrides)
     out = export(save_ours(ours, "pretrain", tmp_path / "ours.pt"), tmp_path / "hf")
@@ -158,8 +169,9 @@ def test_official_pth_export_matches_transformers(tmp_path, kind):
             torch.testing.assert_close(hf(pixel_values=x.transpose(1, 2)).logits, ours(x), rtol=0, atol=1e-4)
         else:
             mask = mask_for(ours.cfg, 2, seed=10)
-            torch.testing.assert_close(hf(pixel_values=x.transpose(1, 2), bool_masked_pos=mask).loss,
-                                       ours(x, mask)[0], rtol=0, atol=1e-4)
+            torch.testing.assert_close(
+                hf(pixel_values=x.transpose(1, 2), bool_masked_pos=mask).loss, ours(x, mask)[0], rtol=0, atol=1e-4
+            )
 
 
 # ---- round trips ---------------------------------------------------------------------------------------------
@@ -209,8 +221,9 @@ def test_own_run_directory_round_trip(tmp_path, kind):
     if kind == "pretrain":
         expected = expected.replace(use_mean_pooling=False)
     unused = DECODER_FIELDS if kind == "classify" else ()  # a classifier has no decoder: not read back
-    assert ({k: v for k, v in dataclasses.asdict(back.cfg).items() if k not in unused}
-            == {k: v for k, v in dataclasses.asdict(expected).items() if k not in unused})
+    assert {k: v for k, v in dataclasses.asdict(back.cfg).items() if k not in unused} == {
+        k: v for k, v in dataclasses.asdict(expected).items() if k not in unused
+    }
 
 
 # ---- refusals and the output directory -----------------------------------------------------------------------
@@ -229,8 +242,11 @@ def test_missing_checkpoint_is_one_error_line(tmp_path, run_module):
     assert not (tmp_path / "hf").exists()
 
 
-@pytest.mark.parametrize("content", [b"", b"\x00not a checkpoint\xff" * 50, b"PK\x03\x04truncated zip"],
-                         ids=["empty", "garbage", "truncated"])
+@pytest.mark.parametrize(
+    "content",
+    [b"", b"\x00not a checkpoint\xff" * 50, b"PK\x03\x04truncated zip"],
+    ids=["empty", "garbage", "truncated"],
+)
 def test_unreadable_checkpoint_is_one_error_line(tmp_path, capsys, content):
     bad = tmp_path / "bad.pt"
     bad.write_bytes(content)

@@ -18,8 +18,13 @@ import pytest
 import torch
 
 from model.layers import mask_to_ids
-from model.pixel_loss import (IMAGENET_MEAN, IMAGENET_STD, masked_pixel_mse, masked_pixel_mse_reference,
-                              masked_pixel_mse_torch)
+from model.pixel_loss import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    masked_pixel_mse,
+    masked_pixel_mse_reference,
+    masked_pixel_mse_torch,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -39,11 +44,13 @@ def random_case(b: int, t: int, s: int, tub: int, patch: int, dtype: torch.dtype
     return video, mask, pred
 
 
-def norm_pix_target_written_out(video: torch.Tensor, mask: torch.Tensor, tub: int, patch: int,
-                                norm_pix: bool = True) -> torch.Tensor:
+def norm_pix_target_written_out(
+    video: torch.Tensor, mask: torch.Tensor, tub: int, patch: int, norm_pix: bool = True
+) -> torch.Tensor:
     """Official target, token by token in float64: float[B, M, tub*patch*patch*3]."""
-    v = video.double() * torch.tensor(IMAGENET_STD, dtype=torch.float64).view(1, 3, 1, 1, 1) \
-        + torch.tensor(IMAGENET_MEAN, dtype=torch.float64).view(1, 3, 1, 1, 1)
+    v = video.double() * torch.tensor(IMAGENET_STD, dtype=torch.float64).view(1, 3, 1, 1, 1) + torch.tensor(
+        IMAGENET_MEAN, dtype=torch.float64
+    ).view(1, 3, 1, 1, 1)
     b, c, t, h, w = v.shape
     hg, wg = h // patch, w // patch
     rows = []
@@ -51,7 +58,7 @@ def norm_pix_target_written_out(video: torch.Tensor, mask: torch.Tensor, tub: in
         toks = []
         for n in mask[i].nonzero().flatten().tolist():
             tt, hh, ww = n // (hg * wg), (n // wg) % hg, n % wg
-            cube = v[i, :, tt * tub:(tt + 1) * tub, hh * patch:(hh + 1) * patch, ww * patch:(ww + 1) * patch]
+            cube = v[i, :, tt * tub : (tt + 1) * tub, hh * patch : (hh + 1) * patch, ww * patch : (ww + 1) * patch]
             pix = cube.reshape(c, -1).T  # [pixels in (dt, dh, dw) order, C]
             if norm_pix:
                 pix = (pix - pix.mean(0)) / (pix.std(0, unbiased=True) + 1e-6)
@@ -92,18 +99,24 @@ def test_fallback_reads_strided_video():
     _, ids_masked = mask_to_ids(mask)
     strided = video.permute(0, 2, 3, 4, 1).contiguous().permute(0, 4, 1, 2, 3)
     assert not strided.is_contiguous()
-    torch.testing.assert_close(masked_pixel_mse_torch(pred, strided, ids_masked, 2, 16),
-                               masked_pixel_mse_reference(pred, video, mask, 2, 16))
+    torch.testing.assert_close(
+        masked_pixel_mse_torch(pred, strided, ids_masked, 2, 16), masked_pixel_mse_reference(pred, video, mask, 2, 16)
+    )
 
 
 # ------------------------------------------------------------------------------------------------------------
 # The Triton kernel under the interpreter: this file is run as a script in a subprocess with TRITON_INTERPRET=1.
 
+
 def _interpreted_checks() -> dict[str, dict]:
     """Compare the Triton kernel (interpreted, CPU tensors) with the reference formula; returns errors per case."""
     results = {}
-    cases = [(shape, dtype, norm_pix) for shape in SHAPES for dtype in (torch.float32, torch.bfloat16)
-             for norm_pix in (True, False)]
+    cases = [
+        (shape, dtype, norm_pix)
+        for shape in SHAPES
+        for dtype in (torch.float32, torch.bfloat16)
+        for norm_pix in (True, False)
+    ]
     for k, (shape, dtype, norm_pix) in enumerate(cases):
         video, mask, pred = random_case(*shape, dtype, seed=10 + k)
         _, ids_masked = mask_to_ids(mask)
@@ -121,16 +134,21 @@ def _interpreted_checks() -> dict[str, dict]:
         with torch.no_grad():
             loss_ng = masked_pixel_mse(pred, vid_in, ids_masked, shape[3], shape[4], norm_pix, backend="triton")
         results[f"{shape}-{dtype}-norm{norm_pix}"] = dict(
-            dtype=str(dtype), loss=loss.item(), ref=ref.item(), loss_nograd=loss_ng.item(),
-            grad_err=g_err, grad_scale=g_scale, grad_dtype=str(p1.grad.dtype))
+            dtype=str(dtype),
+            loss=loss.item(),
+            ref=ref.item(),
+            loss_nograd=loss_ng.item(),
+            grad_err=g_err,
+            grad_scale=g_scale,
+            grad_dtype=str(p1.grad.dtype),
+        )
     return results
 
 
 def test_triton_kernel_under_interpreter():
     pytest.importorskip("triton")
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    proc = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=300,
-                          cwd=ROOT)
+    proc = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert proc.returncode == 0, f"interpreter run failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     results = json.loads(proc.stdout.strip().splitlines()[-1])
     assert len(results) == len(SHAPES) * 4
@@ -141,7 +159,7 @@ def test_triton_kernel_under_interpreter():
         assert r["grad_dtype"] == r["dtype"], name
         # bf16 gradients are rounded twice (stored by the kernel - the interpreter truncates -, then scaled by
         # the upstream gradient): up to 2 ulps = 2 * 2^-7 relative
-        assert r["grad_err"] <= (2 * 2 ** -7 if bf16 else 1e-5) * r["grad_scale"], (name, r)
+        assert r["grad_err"] <= (2 * 2**-7 if bf16 else 1e-5) * r["grad_scale"], (name, r)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

@@ -8,8 +8,18 @@ import torch
 from model import VideoMAEConfig, VideoMAEPretrain, build_model
 from model.layers import gather_tubelets, mask_to_ids
 
-TINY = dict(img_size=32, patch_size=8, num_frames=4, embed_dim=48, depth=2, num_heads=3, decoder_embed_dim=24,
-            decoder_depth=2, decoder_num_heads=2, num_classes=5)
+TINY = dict(
+    img_size=32,
+    patch_size=8,
+    num_frames=4,
+    embed_dim=48,
+    depth=2,
+    num_heads=3,
+    decoder_embed_dim=24,
+    decoder_depth=2,
+    decoder_num_heads=2,
+    num_classes=5,
+)
 REFERENCE = dict(fused_attn=False, fused_loss=False, sparse_embed=False)
 
 
@@ -51,8 +61,7 @@ def test_encoder_sees_only_visible_tokens():
     model = VideoMAEPretrain(cfg).eval()
     video, mask = make_inputs(cfg)
     seen = []
-    hooks = [blk.register_forward_hook(lambda mod, inp, out: seen.append(inp[0].shape))
-             for blk in model.encoder.blocks]
+    hooks = [blk.register_forward_hook(lambda mod, inp, out: seen.append(inp[0].shape)) for blk in model.encoder.blocks]
     with torch.no_grad():
         _, pred = model(video, mask)
     for h in hooks:
@@ -74,7 +83,9 @@ def test_predictions_ignore_masked_content(switches):
     for b in range(video.shape[0]):
         for n in mask[b].nonzero().flatten().tolist():
             tt, hh, ww = n // (h * w), (n // w) % h, n % w
-            altered[b, :, tt * tub:(tt + 1) * tub, hh * p:(hh + 1) * p, ww * p:(ww + 1) * p] = torch.randn(3, tub, p, p)
+            altered[b, :, tt * tub : (tt + 1) * tub, hh * p : (hh + 1) * p, ww * p : (ww + 1) * p] = torch.randn(
+                3, tub, p, p
+            )
     loss_a, pred_a = model(video, mask)
     loss_b, pred_b = model(altered, mask)
     torch.testing.assert_close(pred_a, pred_b, rtol=0, atol=0)
@@ -96,7 +107,7 @@ def test_gather_tubelets_matches_conv_patch_order():
     t, h, w = cfg.grid
     n = 1 * h * w + 2 * w + 3  # token (t=1, h=2, w=3)
     p, tb = cfg.patch_size, cfg.tubelet_size
-    torch.testing.assert_close(tub[0, n], video[0, :, tb:2 * tb, 2 * p:3 * p, 3 * p:4 * p], rtol=0, atol=0)
+    torch.testing.assert_close(tub[0, n], video[0, :, tb : 2 * tb, 2 * p : 3 * p, 3 * p : 4 * p], rtol=0, atol=0)
 
 
 def assert_variant_matches(cfg: VideoMAEConfig, **variant) -> None:

@@ -13,21 +13,36 @@ import pytest
 import torch
 
 transformers = pytest.importorskip("transformers")
-from transformers import VideoMAEConfig as HFConfig  # noqa: E402
-from transformers import VideoMAEForPreTraining, VideoMAEForVideoClassification  # noqa: E402
+from model_weights import randomize_
+from transformers import VideoMAEConfig as HFConfig
+from transformers import VideoMAEForPreTraining, VideoMAEForVideoClassification
 
-from model import VideoMAEClassifier, VideoMAEPretrain, load_pretrained  # noqa: E402
-from model_weights import randomize_  # noqa: E402
+from model import VideoMAEClassifier, VideoMAEPretrain, load_pretrained
 
-SMALL = dict(image_size=32, patch_size=8, num_frames=4, tubelet_size=2, hidden_size=64, num_hidden_layers=2,
-             num_attention_heads=4, intermediate_size=256)
-DECODER = dict(decoder_hidden_size=32, decoder_num_hidden_layers=2, decoder_num_attention_heads=2,
-               decoder_intermediate_size=128)
+SMALL = dict(
+    image_size=32,
+    patch_size=8,
+    num_frames=4,
+    tubelet_size=2,
+    hidden_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    intermediate_size=256,
+)
+DECODER = dict(
+    decoder_hidden_size=32, decoder_num_hidden_layers=2, decoder_num_attention_heads=2, decoder_intermediate_size=128
+)
 
 
 def clip(b: int = 2, seed: int = 0) -> torch.Tensor:
-    return torch.randn(b, 3, SMALL["num_frames"], SMALL["image_size"], SMALL["image_size"],
-                       generator=torch.Generator().manual_seed(seed))
+    return torch.randn(
+        b,
+        3,
+        SMALL["num_frames"],
+        SMALL["image_size"],
+        SMALL["image_size"],
+        generator=torch.Generator().manual_seed(seed),
+    )
 
 
 def tube_mask(b: int, n_per_frame: int, frames: int, masked: int, seed: int) -> torch.Tensor:
@@ -54,8 +69,9 @@ def hf_pretrain_dir(tmp_path_factory):
 def hf_classifier_dir(tmp_path_factory):
     torch.manual_seed(0)
     labels = {i: f"action {i}" for i in range(7)}
-    hf = VideoMAEForVideoClassification(HFConfig(**SMALL, num_labels=7, id2label=labels,
-                                                 label2id={v: k for k, v in labels.items()})).eval()
+    hf = VideoMAEForVideoClassification(
+        HFConfig(**SMALL, num_labels=7, id2label=labels, label2id={v: k for k, v in labels.items()})
+    ).eval()
     randomize_(hf, seed=2)
     path = tmp_path_factory.mktemp("hf_classifier")
     hf.save_pretrained(path)
@@ -85,14 +101,25 @@ def test_pretraining_gradients_match_hf(hf_pretrain_dir):
     hf.zero_grad()
     hf(pixel_values=video.transpose(1, 2), bool_masked_pos=mask).loss.backward()
     ours(video, mask)[0].backward()
-    torch.testing.assert_close(ours.encoder.blocks[0].attn.qkv.weight.grad,
-                               torch.cat([hf.videomae.encoder.layer[0].attention.attention.query.weight.grad,
-                                          hf.videomae.encoder.layer[0].attention.attention.key.weight.grad,
-                                          hf.videomae.encoder.layer[0].attention.attention.value.weight.grad]),
-                               rtol=1e-4, atol=1e-7)
+    torch.testing.assert_close(
+        ours.encoder.blocks[0].attn.qkv.weight.grad,
+        torch.cat(
+            [
+                hf.videomae.encoder.layer[0].attention.attention.query.weight.grad,
+                hf.videomae.encoder.layer[0].attention.attention.key.weight.grad,
+                hf.videomae.encoder.layer[0].attention.attention.value.weight.grad,
+            ]
+        ),
+        rtol=1e-4,
+        atol=1e-7,
+    )
     torch.testing.assert_close(ours.mask_token.grad, hf.mask_token.grad, rtol=1e-4, atol=1e-7)
-    torch.testing.assert_close(ours.encoder.patch_embed.proj.weight.grad,
-                               hf.videomae.embeddings.patch_embeddings.projection.weight.grad, rtol=1e-4, atol=1e-7)
+    torch.testing.assert_close(
+        ours.encoder.patch_embed.proj.weight.grad,
+        hf.videomae.embeddings.patch_embeddings.projection.weight.grad,
+        rtol=1e-4,
+        atol=1e-7,
+    )
 
 
 @pytest.mark.parametrize("switches", [{}, dict(fused_attn=False)])
@@ -130,17 +157,23 @@ def test_fine_tuning_start_from_hf_pretraining(hf_pretrain_dir, caplog):
     hf, path = hf_pretrain_dir
     with caplog.at_level(logging.INFO, logger="model.load"):
         clf = load_pretrained(path, kind="classify", num_classes=11)
-    assert any("newly initialised" in r.message and "head.weight" in r.message and "fc_norm.weight" in r.message
-               for r in caplog.records)
+    assert any(
+        "newly initialised" in r.message and "head.weight" in r.message and "fc_norm.weight" in r.message
+        for r in caplog.records
+    )
     assert clf.cfg.use_mean_pooling and clf.cfg.num_classes == 11 and clf.class_names is None
     # the encoder equals HF's: the mean of HF's last hidden state through our fresh fc_norm/head gives our logits
     video = clip(b=2, seed=8)
     with torch.no_grad():
         hidden = hf.videomae(pixel_values=video.transpose(1, 2)).last_hidden_state  # includes HF's final norm
         blocks_out = clf.forward_blocks(clf.embed(video))  # ours: mean pooling drops the encoder's final norm
-        final_norm = torch.nn.functional.layer_norm(blocks_out, (SMALL["hidden_size"],),
-                                                    hf.videomae.layernorm.weight, hf.videomae.layernorm.bias,
-                                                    hf.config.layer_norm_eps)
+        final_norm = torch.nn.functional.layer_norm(
+            blocks_out,
+            (SMALL["hidden_size"],),
+            hf.videomae.layernorm.weight,
+            hf.videomae.layernorm.bias,
+            hf.config.layer_norm_eps,
+        )
         torch.testing.assert_close(final_norm, hidden, rtol=1e-4, atol=1e-5)
         assert clf(video).shape == (2, 11)
 
@@ -151,8 +184,12 @@ def test_classifier_config_with_unrelated_decoder_sizes_loads(tmp_path):
     from model import CheckpointError
     from model.loading import config_from_hf
 
-    decoder = dict(decoder_hidden_size=48, decoder_num_hidden_layers=3, decoder_num_attention_heads=5,
-                   decoder_intermediate_size=100)  # MLP ratio 100/48, not the encoder's 4; 48 heads of 5 do not fit
+    decoder = dict(
+        decoder_hidden_size=48,
+        decoder_num_hidden_layers=3,
+        decoder_num_attention_heads=5,
+        decoder_intermediate_size=100,
+    )  # MLP ratio 100/48, not the encoder's 4; 48 heads of 5 do not fit
     torch.manual_seed(0)
     hf = VideoMAEForVideoClassification(HFConfig(**SMALL, **decoder, num_labels=3)).eval()
     randomize_(hf, seed=9)

@@ -14,7 +14,10 @@ from model import VideoMAEClassifier, VideoMAEConfig, VideoMAEPretrain, build_mo
 from model.layers import num_tube_masked, sinusoid_position_table
 
 PUBLISHED = {  # size: (params in millions, GMACs per 16x224 view)
-    "small": (22, 57), "base": (87, 180), "large": (305, 597), "huge": (633, 1192),
+    "small": (22, 57),
+    "base": (87, 180),
+    "large": (305, 597),
+    "huge": (633, 1192),
 }
 
 
@@ -62,8 +65,13 @@ def test_sinusoid_table_matches_the_published_formula():
 
 def test_config_round_trip_and_validation():
     cfg = VideoMAEConfig.from_name("large", num_frames=8, grad_checkpointing=True)
-    assert (cfg.embed_dim, cfg.depth, cfg.num_heads, cfg.decoder_embed_dim, cfg.decoder_num_heads) == \
-        (1024, 24, 16, 512, 8)
+    assert (cfg.embed_dim, cfg.depth, cfg.num_heads, cfg.decoder_embed_dim, cfg.decoder_num_heads) == (
+        1024,
+        24,
+        16,
+        512,
+        8,
+    )
     assert VideoMAEConfig.from_dict(cfg.to_dict()) == cfg
     assert cfg.num_patches == 4 * 14 * 14 and cfg.patch_dim == 1536
     with pytest.raises(ValueError, match="unknown fields"):
@@ -75,9 +83,19 @@ def test_config_round_trip_and_validation():
 
 
 def test_layer_ids_and_no_weight_decay():
-    cfg = VideoMAEConfig(img_size=32, patch_size=16, num_frames=2, embed_dim=32, depth=3, num_heads=2,
-                         decoder_embed_dim=16, decoder_depth=1, decoder_num_heads=2, num_classes=4,
-                         learnable_pos_emb=True)
+    cfg = VideoMAEConfig(
+        img_size=32,
+        patch_size=16,
+        num_frames=2,
+        embed_dim=32,
+        depth=3,
+        num_heads=2,
+        decoder_embed_dim=16,
+        decoder_depth=1,
+        decoder_num_heads=2,
+        num_classes=4,
+        learnable_pos_emb=True,
+    )
     clf = build_model("classify", cfg)
     ids = {name: clf.layer_id_for(name) for name, _ in clf.named_parameters()}
     assert ids["pos_embed"] == 0 and ids["patch_embed.proj.weight"] == 0
@@ -92,8 +110,18 @@ def test_layer_ids_and_no_weight_decay():
 
 
 def test_official_initialisation():
-    cfg = VideoMAEConfig(img_size=32, patch_size=16, num_frames=2, embed_dim=64, depth=1, num_heads=2,
-                         decoder_embed_dim=32, decoder_depth=1, decoder_num_heads=2, num_classes=10)
+    cfg = VideoMAEConfig(
+        img_size=32,
+        patch_size=16,
+        num_frames=2,
+        embed_dim=64,
+        depth=1,
+        num_heads=2,
+        decoder_embed_dim=32,
+        decoder_depth=1,
+        decoder_num_heads=2,
+        num_classes=10,
+    )
     torch.manual_seed(0)
     pre = VideoMAEPretrain(cfg)
     w = pre.encoder.blocks[0].attn.qkv.weight  # xavier-uniform over the fused [3D, D] matrix

@@ -12,18 +12,28 @@ import torch
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 pytest.importorskip("imageio_ffmpeg")
 
-import pipeline_shards as ps  # noqa: E402
-from pipeline import build_loader  # noqa: E402
+import pipeline_shards as ps
+
+from pipeline import build_loader
+
 
 def gpu_train_shards(phases: int = 1, container: str = "ivf"):
     """NVDEC decodes VP9 only from 128x128 up (H100: "Video is too small ... supported: 128x128")."""
-    return ps.cached(f"gpu_train_p{phases}_{container}", lambda d: ps.make_test_shards(
-        d, ps.TRAIN_FRAME_COUNTS, height=128, width=160, per_shard=4, phases=phases, container=container))
+    return ps.cached(
+        f"gpu_train_p{phases}_{container}",
+        lambda d: ps.make_test_shards(
+            d, ps.TRAIN_FRAME_COUNTS, height=128, width=160, per_shard=4, phases=phases, container=container
+        ),
+    )
 
 
 def gpu_eval_shards(container: str = "ivf"):
-    return ps.cached(f"gpu_eval_{container}", lambda d: ps.make_test_shards(
-        d, [40, 25, 63, 17, 33], height=128, width=176, per_shard=2, split="val", seed=100, container=container))
+    return ps.cached(
+        f"gpu_eval_{container}",
+        lambda d: ps.make_test_shards(
+            d, [40, 25, 63, 17, 33], height=128, width=176, per_shard=2, split="val", seed=100, container=container
+        ),
+    )
 
 
 SMALL = dict(num_frames=4, stride=4, input_size=48)
@@ -31,16 +41,23 @@ ONE_LEVEL = 1 / 255 / 0.224  # one grey level in normalized units
 
 
 # How the GPU backend decodes: NVDEC alone, two NVDEC instances, CPU threads then GPU augmentation, and both.
-DECODE_STRATEGIES = {"nvdec": {}, "nvdec-x2": dict(decoder_groups=2), "cpu-decode": dict(cpu_decoder_groups=1),
-                     "hybrid": dict(decoder_groups=2, cpu_decoder_groups=1)}
+DECODE_STRATEGIES = {
+    "nvdec": {},
+    "nvdec-x2": dict(decoder_groups=2),
+    "cpu-decode": dict(cpu_decoder_groups=1),
+    "hybrid": dict(decoder_groups=2, cpu_decoder_groups=1),
+}
 
 
 @pytest.mark.parametrize("strategy", DECODE_STRATEGIES)
 @pytest.mark.parametrize("mode", ["pretrain", "eval"])
 def test_gpu_backend_reproduces_cpu_backend(mode, strategy):
     shards = gpu_train_shards() if mode == "pretrain" else gpu_eval_shards()
-    options = dict(num_repeats=2, seed=5, debug_outputs=True, **SMALL) if mode == "pretrain" else \
-        dict(debug_outputs=True, **SMALL)
+    options = (
+        dict(num_repeats=2, seed=5, debug_outputs=True, **SMALL)
+        if mode == "pretrain"
+        else dict(debug_outputs=True, **SMALL)
+    )
     cpu = list(build_loader(shards.directory, mode, 4, device="cpu", **options))
     gpu = list(build_loader(shards.directory, mode, 4, device="gpu", **options, **DECODE_STRATEGIES[strategy]))
     assert len(cpu) == len(gpu) > 0
@@ -101,7 +118,7 @@ def test_gpu_decodes_h264_shards(tmp_path):
             video = shards.by_id[int(batch["sample_id"][row])]
             source = ps.synthetic_frames(video.num_frames, 48, 80, 7 + video.sample_id)
             y0, x0, h, w, _ = batch["box"][row].tolist()
-            expected = source[batch["frame_idx"][row].numpy(), y0:y0 + h, x0:x0 + w].astype(np.float32)
+            expected = source[batch["frame_idx"][row].numpy(), y0 : y0 + h, x0 : x0 + w].astype(np.float32)
             got = batch["frames"][row].cpu().numpy()
             assert np.abs(got - expected).mean() < 1.5  # H.264 at crf 4 is close to lossless
             seen.add(video.sample_id)
@@ -114,7 +131,7 @@ def test_gpu_handoff_is_zero_copy_and_buffers_are_released():
     before = torch.cuda.memory_allocated()
     held = []
     for batch in loader:
-        held.append(batch["video"])   # DALI's buffers, not torch's: torch's allocator count must not move
+        held.append(batch["video"])  # DALI's buffers, not torch's: torch's allocator count must not move
         (batch["video"] * 2).sum().item()
     assert torch.cuda.memory_allocated() - before < 1 << 20
     torch.cuda.synchronize()
@@ -126,8 +143,10 @@ def test_gpu_handoff_is_zero_copy_and_buffers_are_released():
 def test_gpu_resume_continues_exactly(strategy):
     directory = gpu_train_shards().directory
     options = dict(num_repeats=2, seed=9, debug_outputs=True, device="gpu", **SMALL, **DECODE_STRATEGIES[strategy])
-    expected = [{k: v.cpu() for k, v in b.items() if isinstance(v, torch.Tensor)}
-                for b in build_loader(directory, "pretrain", 3, **options)]
+    expected = [
+        {k: v.cpu() for k, v in b.items() if isinstance(v, torch.Tensor)}
+        for b in build_loader(directory, "pretrain", 3, **options)
+    ]
     first = build_loader(directory, "pretrain", 3, **options)
     iterator = iter(first)
     got = [{k: v.cpu() for k, v in next(iterator).items() if isinstance(v, torch.Tensor)} for _ in range(2)]
@@ -140,8 +159,9 @@ def test_gpu_resume_continues_exactly(strategy):
 
 
 def test_gpu_skips_corrupt_samples(tmp_path):
-    shards = ps.make_corrupt_shards(tmp_path / "bad", [40] * 6 + [16, 40], garbage_at=1, truncated_at=4,
-                                    height=128, width=160, damaged_at=6)
+    shards = ps.make_corrupt_shards(
+        tmp_path / "bad", [40] * 6 + [16, 40], garbage_at=1, truncated_at=4, height=128, width=160, damaged_at=6
+    )
     loader = build_loader(shards.directory, "pretrain", 2, device="gpu", **SMALL)
     ids = [i for b in loader for i in b["sample_id"].tolist()]
     assert len(ids) == 8 and not {1, 4} & set(ids)

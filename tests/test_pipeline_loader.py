@@ -5,10 +5,10 @@ import logging
 import os
 
 import numpy as np
+import pipeline_shards as ps
 import pytest
 import torch
 
-import pipeline_shards as ps
 import pipeline.loader as loader_module
 from pipeline import build_loader
 from shards import format as fmt
@@ -50,8 +50,8 @@ def test_training_epoch_with_padding_covers_every_sample():
     loader = build_loader(ps.train_shards().directory, "finetune", 5, drop_last=False, rand_augment=False, **SMALL)
     assert len(loader) == 3
     batches = list(loader)
-    assert [b["video"].shape[0] for b in batches] == [5, 5, 5]       # DALI pads the last batch with repeats
-    assert set(i for b in batches for i in b["sample_id"].tolist()) == set(range(12))
+    assert [b["video"].shape[0] for b in batches] == [5, 5, 5]  # DALI pads the last batch with repeats
+    assert {i for b in batches for i in b["sample_id"].tolist()} == set(range(12))
 
 
 def test_eval_yields_every_sample_exactly_once():
@@ -59,7 +59,7 @@ def test_eval_yields_every_sample_exactly_once():
     loader = build_loader(shards.directory, "eval", 2, **SMALL)
     assert len(loader) == 3
     batches = list(loader)
-    assert [b["video"].shape[0] for b in batches] == [30, 30, 15]    # 5 samples x 15 views, last batch trimmed
+    assert [b["video"].shape[0] for b in batches] == [30, 30, 15]  # 5 samples x 15 views, last batch trimmed
     ids = torch.cat([b["sample_id"] for b in batches])
     assert sorted(ids.tolist()) == sorted(list(range(5)) * 15)
     clip, crop = torch.cat([b["clip"] for b in batches]), torch.cat([b["crop"] for b in batches])
@@ -79,7 +79,7 @@ def test_resume_continues_exactly(stop_after, never_empty, groups, monkeypatch):
     directory = ps.train_shards().directory
     options = dict(num_repeats=2, debug_outputs=True, seed=7, decoder_groups=groups, **SMALL)
     uninterrupted = build_loader(directory, "pretrain", 3, **options)
-    expected = records(list(uninterrupted) + list(uninterrupted))       # two epochs
+    expected = records(list(uninterrupted) + list(uninterrupted))  # two epochs
 
     first = build_loader(directory, "pretrain", 3, **options)
     got = []
@@ -87,7 +87,7 @@ def test_resume_continues_exactly(stop_after, never_empty, groups, monkeypatch):
         got += records([batch])
         if len(got) == stop_after:
             break
-    state = json.loads(json.dumps(first.state_dict()))                 # what a trainer would save
+    state = json.loads(json.dumps(first.state_dict()))  # what a trainer would save
     del first
     resumed = build_loader(directory, "pretrain", 3, state=state, **options)
     assert resumed.epoch == stop_after // 4 and resumed.position == stop_after % 4
@@ -113,14 +113,13 @@ def test_resume_with_other_settings_restarts_the_epoch(caplog):
 def test_corrupt_samples_are_skipped_counted_and_reported(tmp_path, caplog):
     # sample 6 has 16 frames: its clip (start 0) decodes through the damaged bytes, which DALI reports without
     # naming the sample, so the loader must find it by decoding the batch's videos one by one
-    shards = ps.make_corrupt_shards(tmp_path / "bad", [40] * 6 + [16, 40], garbage_at=1, truncated_at=4,
-                                    damaged_at=6)
+    shards = ps.make_corrupt_shards(tmp_path / "bad", [40] * 6 + [16, 40], garbage_at=1, truncated_at=4, damaged_at=6)
     bad = {v.sample_id for v in shards.videos if not v.valid}
     with caplog.at_level(logging.WARNING, logger="pipeline"):
         loader = build_loader(shards.directory, "pretrain", 2, **SMALL)
         for _ in range(2):
             ids = [i for b in loader for i in b["sample_id"].tolist()]
-            assert len(ids) == 8 and not bad & set(ids)                # substitutes are healthy neighbours
+            assert len(ids) == 8 and not bad & set(ids)  # substitutes are healthy neighbours
     assert loader.stats.corrupt_samples == 3
     lines = [r.getMessage() for r in caplog.records if "corrupt sample" in r.getMessage()]
     assert len(lines) == 3 and all("\n" not in line for line in lines)
@@ -139,7 +138,7 @@ def test_corrupt_phase_members_are_skipped(tmp_path, caplog, container):
     # sample 5's every member is (their cuts tables stay those of the intact members);
     videos = ps.make_test_shards(tmp_path / "good", [40] * 8, phases=4, container=container).videos
     rng = np.random.default_rng(0)
-    garbage = lambda data: rng.integers(0, 256, size=len(data), dtype=np.uint8).tobytes()  # noqa: E731
+    garbage = lambda data: rng.integers(0, 256, size=len(data), dtype=np.uint8).tobytes()
     videos[1].phase_mp4s[0] = videos[1].mp4 = garbage(videos[1].mp4)
     videos[5].phase_mp4s = [garbage(m) for m in videos[5].phase_mp4s]
     videos[5].mp4 = videos[5].phase_mp4s[0]
@@ -151,7 +150,7 @@ def test_corrupt_phase_members_are_skipped(tmp_path, caplog, container):
     else:  # the data of one frame (its size field intact: the stream still parses)
         frame = ivf.read_ivf(videos[3].mp4).frames[5]
         damaged, at, length = videos[3].mp4, frame.offset + ivf.FRAME_HEADER_SIZE, frame.size
-    damaged = damaged[:at] + garbage(damaged[at:at + length]) + damaged[at + length:]
+    damaged = damaged[:at] + garbage(damaged[at : at + length]) + damaged[at + length :]
     videos[3].phase_mp4s[0] = videos[3].mp4 = damaged
     shards = ps.write_shards(tmp_path / "bad", videos, per_shard=4)
     with caplog.at_level(logging.WARNING, logger="pipeline"):
@@ -230,8 +229,7 @@ def test_hybrid_decoding_needs_cpu_decodable_shards(tmp_path):
         PipelineConfig(decoder_groups=2, cpu_decoder_groups=3).resolved()
     shards = ps.make_test_shards(tmp_path / "h264", [24, 30], height=48, width=64, per_shard=2, codec="h264")
     with pytest.raises(ValueError, match="h264 cannot be decoded by DALI's CPU video decoder") as error:
-        build_loader(shards.directory, "pretrain", 2, device="gpu", decoder_groups=2, cpu_decoder_groups=1,
-                     **SMALL)
+        build_loader(shards.directory, "pretrain", 2, device="gpu", decoder_groups=2, cpu_decoder_groups=1, **SMALL)
     assert "\n" not in str(error.value)
 
 

@@ -33,14 +33,14 @@ def test_cutmix_cuts_the_same_spatial_box_in_every_frame(seed):
     original = video.clone()
     mixer = VideoMixup(5, mixup_alpha=0.0, cutmix_alpha=1.0, seed=seed)
     mixed, target = mixer(video, label)
-    changed = (mixed != original).any(dim=0).any(dim=0)              # [T, H, W]
-    assert torch.equal(changed, changed[:1].expand_as(changed))       # the same box in every frame
+    changed = (mixed != original).any(dim=0).any(dim=0)  # [T, H, W]
+    assert torch.equal(changed, changed[:1].expand_as(changed))  # the same box in every frame
     region = changed[0]
     area = int(region.sum())
     if area:
         ys, xs = region.nonzero(as_tuple=True)
         y0, y1, x0, x1 = ys.min(), ys.max() + 1, xs.min(), xs.max() + 1
-        assert area == (y1 - y0) * (x1 - x0)                          # a rectangle on (H, W)
+        assert area == (y1 - y0) * (x1 - x0)  # a rectangle on (H, W)
         assert torch.equal(mixed[..., y0:y1, x0:x1], original.flip(0)[..., y0:y1, x0:x1])
     lam = 1.0 - area / (16 * 24)
     assert torch.allclose(target, mixup_target(label, 5, lam=lam, smoothing=0.1), atol=1e-6)

@@ -1,9 +1,9 @@
 """`python -m pipeline.preview`: the grid and the dump, whose indices and boxes come from the graph."""
 
 import numpy as np
+import pipeline_shards as ps
 import pytest
 
-import pipeline_shards as ps
 from pipeline import preview
 
 
@@ -11,8 +11,24 @@ from pipeline import preview
 def test_preview_writes_grid_and_dump(tmp_path, mode):
     shards = ps.train_shards() if mode == "pretrain" else ps.eval_shards()
     png, npz = tmp_path / "preview.png", tmp_path / "clips.npz"
-    args = ["--shards", shards.directory, "--mode", mode, "--out", str(png), "--dump", str(npz),
-            "--batch-size", "2", "--num-frames", "4", "--input-size", "48", "--eval-clips", "2"]
+    args = [
+        "--shards",
+        shards.directory,
+        "--mode",
+        mode,
+        "--out",
+        str(png),
+        "--dump",
+        str(npz),
+        "--batch-size",
+        "2",
+        "--num-frames",
+        "4",
+        "--input-size",
+        "48",
+        "--eval-clips",
+        "2",
+    ]
     assert preview.main(args) == 0
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
 
@@ -26,7 +42,7 @@ def test_preview_writes_grid_and_dump(tmp_path, mode):
         assert dump["keys"][v] == video.key and dump["sources"][v].endswith(f"{video.key}.ivf")
         decoded = ps.decode_cached(video)
         y0, x0, h, w, flipped = dump["boxes"][v]
-        crop = decoded[dump["frame_idx"][v], y0:y0 + h, x0:x0 + w].astype(np.float32)
+        crop = decoded[dump["frame_idx"][v], y0 : y0 + h, x0 : x0 + w].astype(np.float32)
         if mode == "eval":  # no resampling: the dump is the decoded crop
             assert np.abs(dump["frames"][v] - crop).max() <= 1
         else:  # the frame levels identify the frames: compare mean brightness per frame

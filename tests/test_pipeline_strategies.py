@@ -11,10 +11,10 @@ import json
 import logging
 
 import numpy as np
+import pipeline_shards as ps
 import pytest
 import torch
 
-import pipeline_shards as ps
 import pipeline.loader as loader_module
 from pipeline import build_loader
 from pipeline.config import PipelineConfig
@@ -42,12 +42,15 @@ def two_epochs(loader) -> list:
 
 
 # -- several pipelines --------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("mode,batch,strategy", [
-    ("pretrain", 4, dict(pipelines=2)),
-    ("pretrain", 5, dict(pipelines=3)),                      # rows 0,3 / 1,4 / 2: uneven shares
-    ("pretrain", 4, dict(pipelines=2, decoder_groups=2)),
-    ("eval", 3, dict(pipelines=2)),                          # last batch trimmed: 5 samples, batch 3
-])
+@pytest.mark.parametrize(
+    "mode,batch,strategy",
+    [
+        ("pretrain", 4, dict(pipelines=2)),
+        ("pretrain", 5, dict(pipelines=3)),  # rows 0,3 / 1,4 / 2: uneven shares
+        ("pretrain", 4, dict(pipelines=2, decoder_groups=2)),
+        ("eval", 3, dict(pipelines=2)),  # last batch trimmed: 5 samples, batch 3
+    ],
+)
 def test_pipelines_yield_the_single_pipeline_batches(mode, batch, strategy):
     shards = ps.train_shards() if mode == "pretrain" else ps.eval_shards()
     options = dict(debug_outputs=True, seed=3, **SMALL, **({"num_repeats": 2} if mode == "pretrain" else {}))
@@ -63,11 +66,15 @@ def test_pipelines_in_finetuning_keep_samples_frames_and_crops():
     directory = ps.train_shards().directory
     options = dict(debug_outputs=True, seed=4, num_repeats=2, **SMALL)
     plain = dict(rand_augment=False, erase_prob=0.0)
-    assert_same_batches(records(build_loader(directory, "finetune", 4, **options, **plain)),
-                        records(build_loader(directory, "finetune", 4, pipelines=2, **options, **plain)))
-    assert_same_batches(records(build_loader(directory, "finetune", 4, **options)),
-                        records(build_loader(directory, "finetune", 4, pipelines=2, **options)),
-                        keys=("sample_id", "label", "frame_idx", "box", "source"))
+    assert_same_batches(
+        records(build_loader(directory, "finetune", 4, **options, **plain)),
+        records(build_loader(directory, "finetune", 4, pipelines=2, **options, **plain)),
+    )
+    assert_same_batches(
+        records(build_loader(directory, "finetune", 4, **options)),
+        records(build_loader(directory, "finetune", 4, pipelines=2, **options)),
+        keys=("sample_id", "label", "frame_idx", "box", "source"),
+    )
 
 
 def test_many_threads_per_pipeline():
@@ -75,8 +82,9 @@ def test_many_threads_per_pipeline():
     directory = ps.train_shards().directory
     options = dict(num_repeats=2, debug_outputs=True, **SMALL)
     expected = records(build_loader(directory, "pretrain", 4, **options))
-    assert_same_batches(expected, records(build_loader(directory, "pretrain", 4, num_threads=48, pipelines=2,
-                                                       **options)))
+    assert_same_batches(
+        expected, records(build_loader(directory, "pretrain", 4, num_threads=48, pipelines=2, **options))
+    )
 
 
 @pytest.mark.parametrize("stop_after,never_empty", [(2, False), (5, False), (2, True)])
@@ -111,8 +119,7 @@ def test_resume_with_several_pipelines_continues_exactly(stop_after, never_empty
 def test_corrupt_samples_are_recovered_with_several_pipelines(tmp_path, caplog):
     """The failing pipeline's error triggers the usual recovery (find, block, rebuild every pipeline at the same
     position); the batches are those of one pipeline recovering from the same samples."""
-    shards = ps.make_corrupt_shards(tmp_path / "bad", [40] * 6 + [16, 40], garbage_at=1, truncated_at=4,
-                                    damaged_at=6)
+    shards = ps.make_corrupt_shards(tmp_path / "bad", [40] * 6 + [16, 40], garbage_at=1, truncated_at=4, damaged_at=6)
     bad = {v.sample_id for v in shards.videos if not v.valid}
     options = dict(seed=2, debug_outputs=True, **SMALL)
     with caplog.at_level(logging.WARNING, logger="pipeline"):
@@ -132,8 +139,10 @@ def test_decode_plans_of_several_pipelines_partition_every_batch():
     """Pipeline i of P decodes rows i::P, cycling through its decoder groups; a skipped iteration decodes nothing,
     or (never_empty) exactly `groups` of the pipeline's own rows, one per group."""
     batch, pipelines, groups = 7, 3, 2
-    plans = [loader_module._DecodePlan(batch, groups, start=1, never_empty=True, share=(i, pipelines))
-             for i in range(pipelines)]
+    plans = [
+        loader_module._DecodePlan(batch, groups, start=1, never_empty=True, share=(i, pipelines))
+        for i in range(pipelines)
+    ]
     skipped, decoded = [p() for p in plans], [p() for p in plans]
     owner = np.full(batch, -1)
     for i, row in enumerate(decoded):
@@ -155,8 +164,11 @@ def test_strategy_options_are_checked_in_one_line():
     with pytest.raises(ValueError, match="pipelines=3 x decoder_groups=2 exceeds batch_size=5") as error:
         build_loader(directory, "pretrain", 5, pipelines=3, decoder_groups=2, **SMALL)
     assert "\n" not in str(error.value)
-    for bad, match in ((dict(pipelines=0), "pipelines=0"), (dict(decode="fastest"), "decode='fastest'"),
-                       (dict(auto_batches=0), "auto_batches=0")):
+    for bad, match in (
+        (dict(pipelines=0), "pipelines=0"),
+        (dict(decode="fastest"), "decode='fastest'"),
+        (dict(auto_batches=0), "auto_batches=0"),
+    ):
         with pytest.raises(ValueError, match=match):
             PipelineConfig(**bad).resolved()
 
@@ -228,14 +240,21 @@ gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU
 def gpu_train_shards():
     """NVDEC decodes VP9 only from 128x128 up. The clips are encoded here (ffmpeg from imageio-ffmpeg)."""
     pytest.importorskip("imageio_ffmpeg")
-    return ps.cached("gpu_train_p1_ivf", lambda d: ps.make_test_shards(
-        d, ps.TRAIN_FRAME_COUNTS, height=128, width=160, per_shard=4))
+    return ps.cached(
+        "gpu_train_p1_ivf", lambda d: ps.make_test_shards(d, ps.TRAIN_FRAME_COUNTS, height=128, width=160, per_shard=4)
+    )
 
 
 @gpu
-@pytest.mark.parametrize("strategy", [dict(pipelines=2), dict(pipelines=2, decoder_groups=2),
-                                      dict(pipelines=2, decoder_groups=2, cpu_decoder_groups=1),
-                                      dict(decode="auto", auto_batches=1)])
+@pytest.mark.parametrize(
+    "strategy",
+    [
+        dict(pipelines=2),
+        dict(pipelines=2, decoder_groups=2),
+        dict(pipelines=2, decoder_groups=2, cpu_decoder_groups=1),
+        dict(decode="auto", auto_batches=1),
+    ],
+)
 def test_gpu_strategies_yield_the_single_pipeline_batches(strategy):
     directory = gpu_train_shards().directory
     options = dict(num_repeats=2, seed=5, debug_outputs=True, device="gpu", num_threads=32, **SMALL)

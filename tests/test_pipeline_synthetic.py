@@ -15,8 +15,17 @@ def collect(loader, n=None):
 
 
 def test_layout_and_tube_masks():
-    loader = SyntheticLoader("pretrain", 3, num_samples=12, num_frames=4, input_size=32, patch_size=16,
-                             tubelet_size=2, num_repeats=2, mask_ratio=0.75)
+    loader = SyntheticLoader(
+        "pretrain",
+        3,
+        num_samples=12,
+        num_frames=4,
+        input_size=32,
+        patch_size=16,
+        tubelet_size=2,
+        num_repeats=2,
+        mask_ratio=0.75,
+    )
     batch = next(iter(loader))
     assert batch["video"].shape == (6, 3, 4, 32, 32) and batch["video"].dtype == torch.float32
     assert batch["mask"].shape == (6, 8) and batch["mask"].dtype == torch.bool
@@ -28,12 +37,11 @@ def test_layout_and_tube_masks():
 
 def test_resume_mid_epoch_gives_the_same_batches():
     kw = dict(num_samples=20, num_frames=2, input_size=16, patch_size=8, tubelet_size=2, seed=3)
-    full = collect(SyntheticLoader("pretrain", 4, **kw)) + collect(SyntheticLoader("pretrain", 4, **kw,
-                                                                                    state={"kind": "synthetic",
-                                                                                           "epoch": 1,
-                                                                                           "position": 0,
-                                                                                           "seed": 3,
-                                                                                           "world_size": 1}))
+    full = collect(SyntheticLoader("pretrain", 4, **kw)) + collect(
+        SyntheticLoader(
+            "pretrain", 4, **kw, state={"kind": "synthetic", "epoch": 1, "position": 0, "seed": 3, "world_size": 1}
+        )
+    )
     first = SyntheticLoader("pretrain", 4, **kw)
     head = collect(first, 3)
     resumed = SyntheticLoader("pretrain", 4, **kw, state=first.state_dict())

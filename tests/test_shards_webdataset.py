@@ -54,8 +54,10 @@ def indexed_samples(directory: Path, manifest: dict) -> dict[str, tuple[str, lis
 def csv_label_names(path: str) -> dict[str, str]:
     """Video file stem -> label name, from the official-style Kinetics CSV the build read."""
     with open(path, newline="") as f:
-        return {f"{r['youtube_id']}_{int(r['time_start']):06d}_{int(r['time_end']):06d}": r["label"]
-                for r in csv.DictReader(f)}
+        return {
+            f"{r['youtube_id']}_{int(r['time_start']):06d}_{int(r['time_end']):06d}": r["label"]
+            for r in csv.DictReader(f)
+        }
 
 
 @pytest.fixture(scope="module")

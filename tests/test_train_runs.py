@@ -28,9 +28,17 @@ from model.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoin
 
 ROOT = Path(__file__).resolve().parents[1]
 # A tiny ViT: 4 frames (16 apart: the whole 64-frame video) of 32 px in 2x16x16 tubelets = 8 tokens per clip.
-TINY = ["data.num_frames=4", "data.stride=16", "data.input_size=32", "data.num_threads=1", "model.name=small",
-        "model.overrides={depth: 2, embed_dim: 64, num_heads: 2, decoder_embed_dim: 32, decoder_depth: 1, "
-        "decoder_num_heads: 2}", "data.mask_ratio=0.75", "run.tensorboard=false"]
+TINY = [
+    "data.num_frames=4",
+    "data.stride=16",
+    "data.input_size=32",
+    "data.num_threads=1",
+    "model.name=small",
+    "model.overrides={depth: 2, embed_dim: 64, num_heads: 2, decoder_embed_dim: 32, decoder_depth: 1, "
+    "decoder_num_heads: 2}",
+    "data.mask_ratio=0.75",
+    "run.tensorboard=false",
+]
 
 
 def train_cmd(mode, out, *overrides, resume=None):
@@ -39,8 +47,9 @@ def train_cmd(mode, out, *overrides, resume=None):
 
 
 def run(cmd, timeout=300, env=None):
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT,
-                          env={**os.environ, **(env or {})})
+    proc = subprocess.run(
+        cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT, env={**os.environ, **(env or {})}
+    )
     assert proc.returncode == 0, f"{' '.join(cmd)}\n{proc.stdout}\n{proc.stderr}"
     return proc
 
@@ -52,16 +61,33 @@ def metrics(out):
 @pytest.fixture(scope="module")
 def data(shard_dirs):
     # Fine-tuning options for 3 motion classes: a horizontal flip would turn "move left" into "move right".
-    return [f"data.train={shard_dirs['train']}", f"data.val={shard_dirs['val']}", "data.flip=false",
-            "data.options={rand_augment: false, erase_prob: 0.0, rrc_scale: [0.4, 1.0]}"]
+    return [
+        f"data.train={shard_dirs['train']}",
+        f"data.val={shard_dirs['val']}",
+        "data.flip=false",
+        "data.options={rand_augment: false, erase_prob: 0.0, rrc_scale: [0.4, 1.0]}",
+    ]
 
 
 @pytest.fixture(scope="module")
 def pretrained(data, tmp_path_factory):
     out = tmp_path_factory.mktemp("pretrain")
-    proc = run(train_cmd("pretrain", out, *data, "data.batch_size=4", "optim.lr_batch_base=0", "optim.lr=2e-3",
-                         "optim.max_steps=40", "optim.warmup_steps=4", "optim.min_lr=1e-4", "run.log_interval=10",
-                         "run.ckpt_interval=20", "run.ckpt_keep=1"))
+    proc = run(
+        train_cmd(
+            "pretrain",
+            out,
+            *data,
+            "data.batch_size=4",
+            "optim.lr_batch_base=0",
+            "optim.lr=2e-3",
+            "optim.max_steps=40",
+            "optim.warmup_steps=4",
+            "optim.min_lr=1e-4",
+            "run.log_interval=10",
+            "run.ckpt_interval=20",
+            "run.ckpt_keep=1",
+        )
+    )
     return out, proc
 
 
@@ -80,27 +106,47 @@ def test_pretraining_loss_goes_down(pretrained):
 
 def test_finetune_then_5x3_eval_above_chance(pretrained, data, tmp_path):
     ft, ev = tmp_path / "finetune", tmp_path / "eval"
-    run(train_cmd("finetune", ft, *data, f"model.pretrained={pretrained[0]}", "data.batch_size=4",
-                  "optim.lr_batch_base=0", "optim.lr=2e-3", "optim.max_steps=60", "optim.warmup_steps=5",
-                  "optim.layer_decay=0.75", "run.log_interval=20", "run.ckpt_interval=0"))
+    run(
+        train_cmd(
+            "finetune",
+            ft,
+            *data,
+            f"model.pretrained={pretrained[0]}",
+            "data.batch_size=4",
+            "optim.lr_batch_base=0",
+            "optim.lr=2e-3",
+            "optim.max_steps=60",
+            "optim.warmup_steps=5",
+            "optim.layer_decay=0.75",
+            "run.log_interval=20",
+            "run.ckpt_interval=0",
+        )
+    )
     # 12 training videos cannot teach motion that carries over to 6 new ones; what this checks is that fine-tuning
     # fits its data and that checkpoint, loading, 5x3 views and label bookkeeping carry that fit through to the
     # evaluation: it is evaluated on the fine-tuning videos (a broken link anywhere gives chance, 1/3).
     train_split = data[0].split("=", 1)[1]
-    proc = run(train_cmd("eval", ev, *data, f"data.val={train_split}", f"model.pretrained={ft}",
-                         "eval.save_view_scores=true", "eval.batch_size=2"))
+    proc = run(
+        train_cmd(
+            "eval",
+            ev,
+            *data,
+            f"data.val={train_split}",
+            f"model.pretrained={ft}",
+            "eval.save_view_scores=true",
+            "eval.batch_size=2",
+        )
+    )
     result = json.loads((ev / "eval.json").read_text())
     with open(ev / "predictions.csv") as f:
         rows = list(csv.DictReader(f))
     views = torch.load(ev / "views-rank0.pt")
-    num_classes = views["logits"].shape[1]
     assert result["videos"] == len(rows) > 0 and result["videos_missing"] == 0
     assert result["top1"] >= 0.75, (result, proc.stdout)
 
     # Re-derive every video's averaged softmax from the raw view logits, by hand.
     per_video: dict[int, dict[int, np.ndarray]] = {}
-    for logit, sid, view in zip(views["logits"].double().numpy(), views["sample_id"].tolist(),
-                                views["view"].tolist()):
+    for logit, sid, view in zip(views["logits"].double().numpy(), views["sample_id"].tolist(), views["view"].tolist()):
         p = np.exp(logit - logit.max())
         per_video.setdefault(sid, {}).setdefault(view, p / p.sum())
     correct = 0
@@ -115,12 +161,27 @@ def test_finetune_then_5x3_eval_above_chance(pretrained, data, tmp_path):
     assert result["top1"] == pytest.approx(correct / len(rows))
 
 
-RESUME = ["data.batch_size=4", "optim.lr_batch_base=0", "optim.lr=1e-3", "optim.max_steps=10",
-          "optim.warmup_steps=2", "model.drop_path_rate=0.2", "run.log_interval=1", "run.ckpt_interval=0"]
+RESUME = [
+    "data.batch_size=4",
+    "optim.lr_batch_base=0",
+    "optim.lr=1e-3",
+    "optim.max_steps=10",
+    "optim.warmup_steps=2",
+    "model.drop_path_rate=0.2",
+    "run.log_interval=1",
+    "run.ckpt_interval=0",
+]
 # Fine-tuning adds the other random and stateful parts: mixup/cutmix draws, EMA weights, gradient accumulation
 # (2 batches per step: 20 batches = several epochs of the 12 videos), gradient clipping.
-RESUME_FINETUNE = ["aug.mixup=0.8", "aug.cutmix=1.0", "aug.smoothing=0.1", "run.ema=true", "run.ema_decay=0.9",
-                   "optim.grad_accum=2", "optim.clip_grad=1.0"]
+RESUME_FINETUNE = [
+    "aug.mixup=0.8",
+    "aug.cutmix=1.0",
+    "aug.smoothing=0.1",
+    "run.ema=true",
+    "run.ema_decay=0.9",
+    "optim.grad_accum=2",
+    "optim.clip_grad=1.0",
+]
 
 
 @pytest.mark.parametrize("mode,extra", [("pretrain", []), ("finetune", RESUME_FINETUNE)])
@@ -146,9 +207,21 @@ def test_interrupted_and_resumed_matches_uninterrupted(data, tmp_path, mode, ext
 
 def test_sigterm_saves_a_checkpoint_and_exits_cleanly(data, tmp_path):
     out = tmp_path / "run"
-    proc = subprocess.Popen(train_cmd("pretrain", out, *data, "data.batch_size=2", "optim.max_steps=100000",
-                                      "run.log_interval=1", "run.ckpt_interval=0"),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    proc = subprocess.Popen(
+        train_cmd(
+            "pretrain",
+            out,
+            *data,
+            "data.batch_size=2",
+            "optim.max_steps=100000",
+            "run.log_interval=1",
+            "run.ckpt_interval=0",
+        ),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+    )
     deadline = time.time() + 120
     while not ((out / "metrics.jsonl").exists() and len(metrics(out)) >= 3):  # 3 steps done: it is training
         assert proc.poll() is None, proc.communicate()
@@ -173,10 +246,27 @@ def free_port():
 def test_torchrun_two_ranks_stay_identical_on_disjoint_data(data, tmp_path):
     out = tmp_path / "ddp"
     # this file as the script: train.py's main with each rank recording what it trained on (`recording_main`)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
-           "--master-port", str(free_port()), __file__,
-           *train_cmd("finetune", out, *data, "data.batch_size=2", "optim.max_steps=6", "model.drop_path_rate=0.1",
-                      "run.log_interval=3")[2:]]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node",
+        "2",
+        "--master-addr",
+        "127.0.0.1",
+        "--master-port",
+        str(free_port()),
+        __file__,
+        *train_cmd(
+            "finetune",
+            out,
+            *data,
+            "data.batch_size=2",
+            "optim.max_steps=6",
+            "model.drop_path_rate=0.1",
+            "run.log_interval=3",
+        )[2:],
+    ]
     run(cmd, env={"OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)})
     r0, r1 = (torch.load(out / f"rank{r}-record.pt") for r in (0, 1))
     for name, value in r0["params"].items():
@@ -193,8 +283,14 @@ def test_torchrun_two_ranks_stay_identical_on_disjoint_data(data, tmp_path):
         assert sorted(ids0 + ids1) == list(range(num_videos)), (epoch, ids0, ids1)
 
 
-SYNTHETIC = ["data.source=synthetic", "data.synthetic_samples=16", "data.batch_size=4", "optim.max_steps=8",
-             "run.log_interval=4", "run.ckpt_interval=0"]
+SYNTHETIC = [
+    "data.source=synthetic",
+    "data.synthetic_samples=16",
+    "data.batch_size=4",
+    "optim.max_steps=8",
+    "run.log_interval=4",
+    "run.ckpt_interval=0",
+]
 
 
 @pytest.fixture
@@ -202,8 +298,9 @@ def nan_batch_2(monkeypatch):
     """The synthetic loader hands out NaN videos in its batch 2 (fault injection; train.py runs in this process)."""
     import pipeline.synthetic
 
-    monkeypatch.setattr(pipeline.synthetic, "SyntheticLoader",
-                        functools.partial(pipeline.synthetic.SyntheticLoader, nan_batches=(2,)))
+    monkeypatch.setattr(
+        pipeline.synthetic, "SyntheticLoader", functools.partial(pipeline.synthetic.SyntheticLoader, nan_batches=(2,))
+    )
 
 
 def test_non_finite_loss_stops_naming_the_step(tmp_path, nan_batch_2, capsys):
@@ -237,12 +334,34 @@ def worker_pid(agent_pid: int, rank: int, timeout: float = 60.0) -> int:
 
 def test_sigterm_to_one_rank_stops_every_rank_at_the_same_step(data, tmp_path):
     out = tmp_path / "ddp"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
-           "--master-port", str(free_port()), *train_cmd("pretrain", out, *data, "data.batch_size=2",
-                                                         "optim.max_steps=100000", "run.log_interval=2",
-                                                         "run.ckpt_interval=0")[1:]]
-    agent = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
-                             env={**os.environ, "OMP_NUM_THREADS": "1"})
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node",
+        "2",
+        "--master-addr",
+        "127.0.0.1",
+        "--master-port",
+        str(free_port()),
+        *train_cmd(
+            "pretrain",
+            out,
+            *data,
+            "data.batch_size=2",
+            "optim.max_steps=100000",
+            "run.log_interval=2",
+            "run.ckpt_interval=0",
+        )[1:],
+    ]
+    agent = subprocess.Popen(
+        cmd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     deadline = time.time() + 120
     while not ((out / "metrics.jsonl").exists() and len(metrics(out)) >= 2):
         assert agent.poll() is None, agent.communicate()
@@ -274,9 +393,13 @@ def recording_main(argv: list[str]) -> int:
 
     def recording_run(self):
         status = run_to_end(self)
-        torch.save({"sample_ids": torch.cat(rows) if rows else torch.empty((0, 2), dtype=torch.long),
-                    "params": {k: v.detach().cpu() for k, v in self.model.state_dict().items()}},
-                   self.out_dir / f"rank{self.dist.rank}-record.pt")
+        torch.save(
+            {
+                "sample_ids": torch.cat(rows) if rows else torch.empty((0, 2), dtype=torch.long),
+                "params": {k: v.detach().cpu() for k, v in self.model.state_dict().items()},
+            },
+            self.out_dir / f"rank{self.dist.rank}-record.pt",
+        )
         return status
 
     Trainer.next_batch, Trainer.run = recording_next_batch, recording_run

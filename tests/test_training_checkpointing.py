@@ -12,8 +12,7 @@ from training.checkpointing import capture_rng_state, newest_intact_checkpoint, 
 
 
 def payload(step, **extra):
-    return {"format": FORMAT, "kind": "pretrain", "model": {"w": torch.full((3,), float(step))}, "step": step,
-            **extra}
+    return {"format": FORMAT, "kind": "pretrain", "model": {"w": torch.full((3,), float(step))}, "step": step, **extra}
 
 
 class ExplodesWhenPickled:
@@ -70,6 +69,7 @@ def test_unwrap_compiled_module():
 
 # ---- damaged files, and files that would run code -------------------------------------------------------------
 
+
 class CreatesFile:
     """Unpickling this calls open(marker, "w"): a stand-in for any code a crafted checkpoint can run when loaded
     with full unpickling (the pickle refers to io.open, not to this class, so it works in any process)."""
@@ -94,8 +94,9 @@ def test_crafted_pickle_is_live_but_never_run_by_the_checkpoint_readers(tmp_path
     path = crafted_checkpoint(tmp_path / "evil.pth", marker, {"model": {"head.weight": torch.zeros(3, 2)}})
     with pytest.raises(ValueError, match=r"evil\.pth: not a readable checkpoint"):
         load_checkpoint(path)
-    with pytest.raises(ValueError, match=r"evil\.pth: refused: .*io\.open.*--trust-pickle.*model\.trust_pickle=true") \
-            as e:
+    with pytest.raises(
+        ValueError, match=r"evil\.pth: refused: .*io\.open.*--trust-pickle.*model\.trust_pickle=true"
+    ) as e:
         stored_num_classes(path)
     assert "\n" not in str(e.value)
     assert stored_num_classes(path, trust_pickle=True) is None  # the loader decides; peeking unpickles nothing
@@ -131,8 +132,11 @@ def test_newest_intact_checkpoint_skips_damaged_newer_files(tmp_path):
     torch.save({"format": FORMAT, "step": 2}, tmp_path / "checkpoint-00000002.pt")  # loads, but lacks keys
     path, ckpt, skipped = newest_intact_checkpoint(tmp_path, required=("model", "step", "optimizer"))
     assert path.name == "checkpoint-00000001.pt" and ckpt["step"] == 1
-    assert [p.name for p, _ in skipped] == ["checkpoint-00000004.pt", "checkpoint-00000003.pt",
-                                            "checkpoint-00000002.pt"]
+    assert [p.name for p, _ in skipped] == [
+        "checkpoint-00000004.pt",
+        "checkpoint-00000003.pt",
+        "checkpoint-00000002.pt",
+    ]
     assert "checkpoint-00000004.pt: not a readable checkpoint" in skipped[0][1]
     assert "checkpoint-00000003.pt: not a readable checkpoint (EOFError" in skipped[1][1]
     assert "checkpoint-00000002.pt: incomplete checkpoint, no model, optimizer" in skipped[2][1]

@@ -40,8 +40,9 @@ def hand_average():
             x = logits[row].double().numpy()
             p = np.exp(x - x.max())
             per_video.setdefault(key[0], []).append(p / p.sum())
-    return np.stack([np.mean(per_video[i], axis=0) for i in range(NUM_SAMPLES)]), \
-        np.array([len(per_video[i]) for i in range(NUM_SAMPLES)])
+    return np.stack([np.mean(per_video[i], axis=0) for i in range(NUM_SAMPLES)]), np.array(
+        [len(per_video[i]) for i in range(NUM_SAMPLES)]
+    )
 
 
 def worker(rank, port, out):

@@ -44,8 +44,14 @@ def test_no_decay_for_biases_norms_and_listed_names():
 def test_layer_decay_scales_follow_the_official_assigner():
     depth, decay = 3, 0.75
     by_name = groups_by_name(param_groups(TinyViT(depth), 0.05, layer_decay=decay))
-    expected = {"patch_embed.proj.weight": 0, "pos_embed": 0, "blocks.0.1.weight": 1, "blocks.2.0.bias": 3,
-                "fc_norm.weight": 4, "head.weight": 4}
+    expected = {
+        "patch_embed.proj.weight": 0,
+        "pos_embed": 0,
+        "blocks.0.1.weight": 1,
+        "blocks.2.0.bias": 3,
+        "fc_norm.weight": 4,
+        "head.weight": 4,
+    }
     for name, layer in expected.items():
         assert by_name[name]["lr_scale"] == pytest.approx(decay ** (depth + 1 - layer)), name
     assert vit_layer_id("encoder.blocks.11.attn.qkv.weight", 12) == 12
@@ -56,7 +62,7 @@ def test_model_layer_id_for_is_preferred():
     model = TinyViT()
     model.layer_id_for = lambda name: 0  # everything in layer 0
     groups = param_groups(model, 0.05, layer_decay=0.5)
-    assert {g["lr_scale"] for g in groups} == {0.5 ** 4}
+    assert {g["lr_scale"] for g in groups} == {0.5**4}
 
 
 def test_weight_decay_reaches_only_decayed_params():
@@ -69,8 +75,9 @@ def test_weight_decay_reaches_only_decayed_params():
         p.grad = torch.zeros_like(p)
     opt.step()
     for n, p in model.named_parameters():
-        decayed = n in ("patch_embed.proj.weight", "head.weight") or (n.startswith("blocks.") and
-                                                                       n.endswith("1.weight"))
+        decayed = n in ("patch_embed.proj.weight", "head.weight") or (
+            n.startswith("blocks.") and n.endswith("1.weight")
+        )
         expected = before[n] * (1 - 0.1 * 0.5) if decayed else before[n]
         torch.testing.assert_close(p.detach(), expected, msg=n)
     assert opt.defaults["betas"] == (0.9, 0.95)

@@ -16,23 +16,49 @@ def build_loader(cfg: Config, mode: str, dist: Dist, model_cfg, state: dict | No
     evaluating = mode == "eval"
     batch_size = cfg.eval.batch_size if evaluating else d.batch_size
     device = pipeline_device(resolve_device(d.device))
-    common = dict(num_frames=d.num_frames, input_size=d.input_size, num_repeats=1 if evaluating else d.num_repeats,
-                  mask_ratio=d.mask_ratio, patch_size=model_cfg.patch_size, tubelet_size=model_cfg.tubelet_size,
-                  seed=cfg.run.seed, rank=dist.rank, world_size=dist.world_size, state=state)
+    common = dict(
+        num_frames=d.num_frames,
+        input_size=d.input_size,
+        num_repeats=1 if evaluating else d.num_repeats,
+        mask_ratio=d.mask_ratio,
+        patch_size=model_cfg.patch_size,
+        tubelet_size=model_cfg.tubelet_size,
+        seed=cfg.run.seed,
+        rank=dist.rank,
+        world_size=dist.world_size,
+        state=state,
+    )
     if d.source == "synthetic":
         from pipeline.synthetic import SyntheticLoader
 
-        return SyntheticLoader(mode, batch_size, num_samples=d.synthetic_samples, num_classes=d.synthetic_classes,
-                               num_clips=d.test_clips, num_crops=d.test_crops, in_memory=d.synthetic_in_memory,
-                               device=dist.device if device == "gpu" else "cpu", **common)
+        return SyntheticLoader(
+            mode,
+            batch_size,
+            num_samples=d.synthetic_samples,
+            num_classes=d.synthetic_classes,
+            num_clips=d.test_clips,
+            num_crops=d.test_crops,
+            in_memory=d.synthetic_in_memory,
+            device=dist.device if device == "gpu" else "cpu",
+            **common,
+        )
     from pipeline import build_loader as build_pipeline_loader
 
     extra = dict(d.options)
     if evaluating:
         extra.update(eval_clips=d.test_clips, eval_crops=d.test_crops)
     try:
-        return build_pipeline_loader(d.val if evaluating else d.train, mode, batch_size, device=device,
-                                     stride=d.stride, flip=d.flip, num_threads=d.num_threads, **common, **extra)
+        return build_pipeline_loader(
+            d.val if evaluating else d.train,
+            mode,
+            batch_size,
+            device=device,
+            stride=d.stride,
+            flip=d.flip,
+            num_threads=d.num_threads,
+            **common,
+            **extra,
+        )
     except ValueError as e:  # shards that do not suit the settings (codec, stride phases, ranks): one line
         raise ConfigError(f"{'data.val' if evaluating else 'data.train'}: {str(e).splitlines()[0]}") from e
 
@@ -57,8 +83,9 @@ def make_model(cfg: Config, mode: str, num_classes: int | None, resume_config: d
     path = resolve_checkpoint_path(cfg.model.pretrained)
     overrides.pop("num_classes", None)
     try:
-        model: nn.Module = load_pretrained(path, kind="classify", num_classes=num_classes,
-                                           trust_pickle=cfg.model.trust_pickle, **overrides)
+        model: nn.Module = load_pretrained(
+            path, kind="classify", num_classes=num_classes, trust_pickle=cfg.model.trust_pickle, **overrides
+        )
         if mode == "eval" and cfg.eval.use_ema:
             model.load_state_dict(load_checkpoint(path, required=("model_ema",))["model_ema"])
     except (CheckpointError, ValueError) as e:  # CheckpointError is a ValueError; so are foreign model configs
@@ -77,5 +104,12 @@ def build_mixup(cfg: Config, num_classes: int, rank: int):
         return None
     from pipeline.mixup import VideoMixup
 
-    return VideoMixup(num_classes, mixup_alpha=a.mixup, cutmix_alpha=a.cutmix, prob=a.mixup_prob,
-                      switch_prob=a.switch_prob, label_smoothing=a.smoothing, seed=cfg.run.seed + rank)
+    return VideoMixup(
+        num_classes,
+        mixup_alpha=a.mixup,
+        cutmix_alpha=a.cutmix,
+        prob=a.mixup_prob,
+        switch_prob=a.switch_prob,
+        label_smoothing=a.smoothing,
+        seed=cfg.run.seed + rank,
+    )

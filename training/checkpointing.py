@@ -45,8 +45,12 @@ def capture_rng_state() -> dict[str, Any]:
     return {
         "torch": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-        "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
-                  "has_gauss": int(np_state[3]), "cached_gaussian": float(np_state[4])},
+        "numpy": {
+            "keys": torch.from_numpy(np_state[1].astype(np.int64)),
+            "pos": int(np_state[2]),
+            "has_gauss": int(np_state[3]),
+            "cached_gaussian": float(np_state[4]),
+        },
         "python": _to_lists(random.getstate()),
     }
 
@@ -56,8 +60,9 @@ def restore_rng_state(state: dict[str, Any]) -> None:
     if state.get("cuda") and torch.cuda.is_available():
         torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
     n = state["numpy"]
-    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
-                         n["cached_gaussian"]))
+    np.random.set_state(
+        ("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"])
+    )
     version, internal, gauss = state["python"]
     random.setstate((version, tuple(internal), gauss))
 
@@ -66,9 +71,9 @@ def _to_lists(value: Any) -> Any:
     return [_to_lists(v) for v in value] if isinstance(value, tuple) else value
 
 
-def newest_intact_checkpoint(run_dir: str | os.PathLike, required: tuple[str, ...] = RESUME_KEYS,
-                             map_location: str | torch.device = "cpu"
-                             ) -> tuple[Path | None, dict | None, list[tuple[Path, str]]]:
+def newest_intact_checkpoint(
+    run_dir: str | os.PathLike, required: tuple[str, ...] = RESUME_KEYS, map_location: str | torch.device = "cpu"
+) -> tuple[Path | None, dict | None, list[tuple[Path, str]]]:
     """The newest checkpoint of `run_dir` that loads fully (`load_checkpoint` with `required`).
 
     Returns (path, checkpoint, skipped): path and checkpoint are None when none loads; `skipped` holds (file, one-line
@@ -100,8 +105,10 @@ def load_resume(resume: str | None, out_dir: Path, mode: str, dist: Dist) -> dic
     if resume == "auto":
         path, ckpt, skipped = newest_intact_checkpoint(out_dir, RESUME_KEYS)
         if ckpt is None and skipped:  # a fresh start would overwrite the run's history: a person should look
-            raise ConfigError(f"--resume auto: none of the {len(skipped)} checkpoints in {out_dir} loads (newest: "
-                              f"{skipped[0][1]}); move them away to start afresh")
+            raise ConfigError(
+                f"--resume auto: none of the {len(skipped)} checkpoints in {out_dir} loads (newest: "
+                f"{skipped[0][1]}); move them away to start afresh"
+            )
         for bad, why in skipped:
             if dist.is_main:  # set aside (renamed, kept): keep-last-N must not keep it in place of good ones to come
                 say(f"--resume auto: skipped {why}; renamed to {set_aside(bad).name}", dist)
@@ -116,7 +123,9 @@ def load_resume(resume: str | None, out_dir: Path, mode: str, dist: Dist) -> dic
     if ckpt is not None:
         kind = "pretrain" if mode == "pretrain" else "classify"
         if ckpt["kind"] != kind or len(ckpt["rng"]) != dist.world_size:
-            raise ConfigError(f"{path}: a {ckpt['kind']} checkpoint of {len(ckpt['rng'])} ranks cannot resume "
-                              f"{mode} on {dist.world_size}")
+            raise ConfigError(
+                f"{path}: a {ckpt['kind']} checkpoint of {len(ckpt['rng'])} ranks cannot resume "
+                f"{mode} on {dist.world_size}"
+            )
         say(f"resuming from {path} at step {ckpt['step']}", dist)
     return ckpt

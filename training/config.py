@@ -168,8 +168,10 @@ def _build(cls: type, raw: Any, source: str, prefix: str) -> Any:
     names = [f.name for f in dataclasses.fields(cls)]
     for key in raw:
         if key not in names:
-            raise ConfigError(f"{source}: unknown config key '{prefix}{key}' (known in "
-                              f"{prefix.rstrip('.') or 'the top level'}: {', '.join(names)})")
+            raise ConfigError(
+                f"{source}: unknown config key '{prefix}{key}' (known in "
+                f"{prefix.rstrip('.') or 'the top level'}: {', '.join(names)})"
+            )
     values = {}
     for name, value in raw.items():
         if dataclasses.is_dataclass(hints[name]):
@@ -230,41 +232,67 @@ def check_config(cfg: Config, mode: str) -> dict:
 def _check_values(cfg: Config, mode: str) -> None:
     """Choices, counts and finite numbers in range."""
     d, m, o, r = cfg.data, cfg.model, cfg.optim, cfg.run
-    choices = {"data.source": (d.source, ("shards", "synthetic")), "data.device": (d.device, ("auto", "gpu", "cpu")),
-               "run.precision": (r.precision, PRECISIONS)}
+    choices = {
+        "data.source": (d.source, ("shards", "synthetic")),
+        "data.device": (d.device, ("auto", "gpu", "cpu")),
+        "run.precision": (r.precision, PRECISIONS),
+    }
     for name, (value, allowed) in choices.items():
         if value not in allowed:
             raise ConfigError(f"{name} must be one of {', '.join(allowed)}; got {value!r}")
-    for name, value in (("data.batch_size", d.batch_size), ("eval.batch_size", cfg.eval.batch_size),
-                        ("optim.grad_accum", o.grad_accum), ("run.log_interval", r.log_interval),
-                        ("data.num_repeats", d.num_repeats), ("data.num_frames", d.num_frames),
-                        ("data.stride", d.stride), ("data.input_size", d.input_size),
-                        ("data.num_threads", d.num_threads), ("data.test_clips", d.test_clips),
-                        ("data.test_crops", d.test_crops), ("optim.max_steps", o.max_steps),
-                        ("run.stop_after_steps", r.stop_after_steps)):
+    for name, value in (
+        ("data.batch_size", d.batch_size),
+        ("eval.batch_size", cfg.eval.batch_size),
+        ("optim.grad_accum", o.grad_accum),
+        ("run.log_interval", r.log_interval),
+        ("data.num_repeats", d.num_repeats),
+        ("data.num_frames", d.num_frames),
+        ("data.stride", d.stride),
+        ("data.input_size", d.input_size),
+        ("data.num_threads", d.num_threads),
+        ("data.test_clips", d.test_clips),
+        ("data.test_crops", d.test_crops),
+        ("optim.max_steps", o.max_steps),
+        ("run.stop_after_steps", r.stop_after_steps),
+    ):
         if value is not None and value < 1:
             raise ConfigError(f"{name} must be at least 1, got {value}")
-    for name, value in (("optim.warmup_steps", o.warmup_steps), ("optim.lr_batch_base", o.lr_batch_base),
-                        ("run.ckpt_interval", r.ckpt_interval), ("run.ckpt_keep", r.ckpt_keep)):
+    for name, value in (
+        ("optim.warmup_steps", o.warmup_steps),
+        ("optim.lr_batch_base", o.lr_batch_base),
+        ("run.ckpt_interval", r.ckpt_interval),
+        ("run.ckpt_keep", r.ckpt_keep),
+    ):
         if value is not None and value < 0:
             raise ConfigError(f"{name} must be at least 0, got {value}")
     # NaN passes every comparison, so each number is also checked to be finite
-    for name, value, low in (("optim.lr", o.lr, "> 0"), ("optim.min_lr", o.min_lr, ">= 0"),
-                             ("optim.warmup_lr", o.warmup_lr, ">= 0"), ("optim.eps", o.eps, "> 0"),
-                             ("optim.weight_decay", o.weight_decay, ">= 0"), ("optim.epochs", o.epochs, "> 0"),
-                             ("optim.warmup_epochs", o.warmup_epochs, ">= 0"),
-                             ("optim.clip_grad", o.clip_grad, "> 0"),
-                             ("model.drop_path_rate", m.drop_path_rate, ">= 0"),
-                             ("aug.smoothing", cfg.aug.smoothing, ">= 0")):
+    for name, value, low in (
+        ("optim.lr", o.lr, "> 0"),
+        ("optim.min_lr", o.min_lr, ">= 0"),
+        ("optim.warmup_lr", o.warmup_lr, ">= 0"),
+        ("optim.eps", o.eps, "> 0"),
+        ("optim.weight_decay", o.weight_decay, ">= 0"),
+        ("optim.epochs", o.epochs, "> 0"),
+        ("optim.warmup_epochs", o.warmup_epochs, ">= 0"),
+        ("optim.clip_grad", o.clip_grad, "> 0"),
+        ("model.drop_path_rate", m.drop_path_rate, ">= 0"),
+        ("aug.smoothing", cfg.aug.smoothing, ">= 0"),
+    ):
         if value is not None and not (math.isfinite(value) and (value > 0 if low == "> 0" else value >= 0)):
             raise ConfigError(f"{name} must be a finite number {low}, got {value}")
     if mode == "finetune" and (cfg.aug.mixup > 0 or cfg.aug.cutmix > 0) and d.batch_size * d.num_repeats % 2:
-        raise ConfigError(f"mixup/cutmix pair the rows of a batch: data.batch_size x data.num_repeats must be even, "
-                          f"got {d.batch_size} x {d.num_repeats}")
-    if len(o.betas) != 2 or not all(isinstance(b, (int, float)) and 0.0 <= b < 1.0 for b in o.betas) or \
-            not 0.0 < o.layer_decay <= 1.0:
-        raise ConfigError(f"optim.betas must be two numbers in [0, 1) and optim.layer_decay in (0, 1]; got "
-                          f"{o.betas}, {o.layer_decay}")
+        raise ConfigError(
+            f"mixup/cutmix pair the rows of a batch: data.batch_size x data.num_repeats must be even, "
+            f"got {d.batch_size} x {d.num_repeats}"
+        )
+    if (
+        len(o.betas) != 2
+        or not all(isinstance(b, (int, float)) and 0.0 <= b < 1.0 for b in o.betas)
+        or not 0.0 < o.layer_decay <= 1.0
+    ):
+        raise ConfigError(
+            f"optim.betas must be two numbers in [0, 1) and optim.layer_decay in (0, 1]; got {o.betas}, {o.layer_decay}"
+        )
 
 
 def check_step_options(cfg: Config) -> None:
@@ -272,18 +300,23 @@ def check_step_options(cfg: Config) -> None:
     whole step (no per-step host decision, no collective, no loss scaler)."""
     r, o = cfg.run, cfg.optim
     if r.compile_mode is not None and r.compile_mode not in COMPILE_MODES:
-        raise ConfigError(f"run.compile_mode must be one of {', '.join(COMPILE_MODES)} (or null); got "
-                          f"{r.compile_mode!r}")
+        raise ConfigError(
+            f"run.compile_mode must be one of {', '.join(COMPILE_MODES)} (or null); got {r.compile_mode!r}"
+        )
     if not r.cuda_graph_step:
         return
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    conflicts = [(world > 1, f"{world} processes (DDP's gradient all-reduce is not captured)"),
-                 (o.grad_accum > 1, f"optim.grad_accum={o.grad_accum}"),
-                 (r.precision == "fp16", "run.precision=fp16 (the loss scaler decides on the host)"),
-                 (r.skip_nonfinite, "run.skip_nonfinite (a host decision per step)"),
-                 (r.compile_mode in ("reduce-overhead", "max-autotune"),
-                  f"run.compile_mode={r.compile_mode} (it captures CUDA graphs of its own; use default or "
-                  "max-autotune-no-cudagraphs)")]
+    conflicts = [
+        (world > 1, f"{world} processes (DDP's gradient all-reduce is not captured)"),
+        (o.grad_accum > 1, f"optim.grad_accum={o.grad_accum}"),
+        (r.precision == "fp16", "run.precision=fp16 (the loss scaler decides on the host)"),
+        (r.skip_nonfinite, "run.skip_nonfinite (a host decision per step)"),
+        (
+            r.compile_mode in ("reduce-overhead", "max-autotune"),
+            f"run.compile_mode={r.compile_mode} (it captures CUDA graphs of its own; use default or "
+            "max-autotune-no-cudagraphs)",
+        ),
+    ]
     found = [why for bad, why in conflicts if bad]
     if found:
         raise ConfigError(f"run.cuda_graph_step cannot capture a step with {'; '.join(found)}")
@@ -318,8 +351,9 @@ def _data_facts(cfg: Config, mode: str) -> dict:
         known = {f.name for f in dataclasses.fields(PipelineConfig)}
         for key in d.options:
             if key not in known:
-                raise ConfigError(f"unknown pipeline option 'data.options.{key}' (PipelineConfig fields: "
-                                  f"{', '.join(sorted(known))})")
+                raise ConfigError(
+                    f"unknown pipeline option 'data.options.{key}' (PipelineConfig fields: {', '.join(sorted(known))})"
+                )
         manifest = facts["manifest"] or {}
         facts["class_names"] = manifest.get("classes") or None
         facts["num_samples"] = manifest.get("num_samples")
@@ -328,8 +362,10 @@ def _data_facts(cfg: Config, mode: str) -> dict:
         raise ConfigError(f"{split_key}: no class list in the manifest; set model.num_classes")
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if mode != "eval" and facts["num_samples"] is not None and facts["num_samples"] < d.batch_size * world:
-        raise ConfigError(f"{split}: {facts['num_samples']} samples, fewer than one global batch "
-                          f"(data.batch_size {d.batch_size} x {world} ranks)")
+        raise ConfigError(
+            f"{split}: {facts['num_samples']} samples, fewer than one global batch "
+            f"(data.batch_size {d.batch_size} x {world} ranks)"
+        )
     return facts
 
 
@@ -350,16 +386,20 @@ def _check_model(cfg: Config, mode: str) -> None:
             raise ConfigError(f"data.mask_ratio must be in (0, 1), got {d.mask_ratio}")
         masked = int(d.mask_ratio * spatial)
         if not 0 < masked < spatial:
-            raise ConfigError(f"data.mask_ratio {d.mask_ratio} masks {masked} of the {spatial} tokens per frame slot "
-                              f"(data.input_size {d.input_size}, patch {model_cfg.patch_size}); pretraining needs "
-                              "at least one masked and one visible token")
+            raise ConfigError(
+                f"data.mask_ratio {d.mask_ratio} masks {masked} of the {spatial} tokens per frame slot "
+                f"(data.input_size {d.input_size}, patch {model_cfg.patch_size}); pretraining needs "
+                "at least one masked and one visible token"
+            )
     import torch
 
     if d.device == "gpu" and not torch.cuda.is_available():
         raise ConfigError("data.device is gpu but torch sees no CUDA device (use auto or cpu)")
     if model_cfg.attn_backend in ("cudnn", "efficient") and not torch.cuda.is_available():
-        raise ConfigError(f"model.overrides.attn_backend {model_cfg.attn_backend} needs a CUDA device (on the CPU: "
-                          "auto, flash or math)")
+        raise ConfigError(
+            f"model.overrides.attn_backend {model_cfg.attn_backend} needs a CUDA device (on the CPU: "
+            "auto, flash or math)"
+        )
     if r.cuda_graph_step and mode != "eval" and not torch.cuda.is_available():
         raise ConfigError("run.cuda_graph_step needs a CUDA device; torch sees none (leave it off on the CPU)")
 

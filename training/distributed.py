@@ -34,8 +34,13 @@ def setup() -> Dist:
         torch.set_float32_matmul_precision("high")  # TF32 for the few fp32 matmuls left outside bf16 autocast
         torch.backends.cudnn.benchmark = True  # fixed clip shapes: pick the fastest Conv3d (tubelet embedding)
     if world > 1 and not torch_dist.is_initialized():
-        torch_dist.init_process_group("nccl" if device.type == "cuda" else "gloo", init_method="env://", rank=rank,
-                                      world_size=world, device_id=device if device.type == "cuda" else None)
+        torch_dist.init_process_group(
+            "nccl" if device.type == "cuda" else "gloo",
+            init_method="env://",
+            rank=rank,
+            world_size=world,
+            device_id=device if device.type == "cuda" else None,
+        )
     return Dist(rank, world, device)
 
 
@@ -47,8 +52,10 @@ def teardown() -> None:
 def all_reduce(tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
     """In place across ranks (sum, max or min); returns `tensor`."""
     if torch_dist.is_initialized():
-        torch_dist.all_reduce(tensor, op={"sum": torch_dist.ReduceOp.SUM, "max": torch_dist.ReduceOp.MAX,
-                                          "min": torch_dist.ReduceOp.MIN}[op])
+        torch_dist.all_reduce(
+            tensor,
+            op={"sum": torch_dist.ReduceOp.SUM, "max": torch_dist.ReduceOp.MAX, "min": torch_dist.ReduceOp.MIN}[op],
+        )
     return tensor
 
 

@@ -61,8 +61,9 @@ def evaluate(cfg: Config, facts: dict, dist: Dist) -> int:
     if cfg.eval.save_view_scores:
         torch.save({k: v.cpu() for k, v in views.items()}, out_dir / f"views-rank{dist.rank}.pt")
     num_views = cfg.data.test_clips * cfg.data.test_crops
-    mean, counts = aggregate_views(logits.softmax(-1), views["sample_id"], views["view"], num_samples, num_views,
-                                   dist.rank)
+    mean, counts = aggregate_views(
+        logits.softmax(-1), views["sample_id"], views["view"], num_samples, num_views, dist.rank
+    )
     labels = torch.full((num_samples,), -1, dtype=torch.int64, device=dist.device)
     labels.scatter_reduce_(0, views["sample_id"], views["label"], reduce="amax")
     all_reduce(labels, "max")
@@ -91,11 +92,15 @@ def _report(cfg: Config, facts: dict, mean, counts, labels, skipped: int, second
     seen, top5 = counts > 0, mean.topk(min(5, mean.shape[1]), dim=1)
     scored = seen & (labels >= 0)
     n = int(scored.sum())
-    result = {"top1": float(((top5.indices[:, 0] == labels) & scored).sum()) / max(n, 1),
-              "top5": float(((top5.indices == labels[:, None]).any(1) & scored).sum()) / max(n, 1),
-              "videos": n, "videos_missing": int((~seen).sum()),
-              "videos_with_fewer_views": int((seen & (counts < num_views)).sum()), "skipped_samples": skipped,
-              "seconds": seconds}
+    result = {
+        "top1": float(((top5.indices[:, 0] == labels) & scored).sum()) / max(n, 1),
+        "top5": float(((top5.indices == labels[:, None]).any(1) & scored).sum()) / max(n, 1),
+        "videos": n,
+        "videos_missing": int((~seen).sum()),
+        "videos_with_fewer_views": int((seen & (counts < num_views)).sum()),
+        "skipped_samples": skipped,
+        "seconds": seconds,
+    }
     keys = (facts["manifest"] or {}).get("keys") or [f"sample{i}" for i in range(len(counts))]
     names = facts["class_names"] or [str(i) for i in range(mean.shape[1])]
     pred_path = out_dir / cfg.eval.predictions
@@ -105,11 +110,22 @@ def _report(cfg: Config, facts: dict, mean, counts, labels, skipped: int, second
         writer.writerow(["key", "sample_id", "label", "label_name", "views", "top5", "top5_names", "top5_scores"])
         for i in torch.nonzero(seen).flatten().tolist():
             idx, label = top5.indices[i].tolist(), int(labels[i])
-            writer.writerow([keys[i], i, label, names[label] if 0 <= label < len(names) else "", int(counts[i]),
-                             " ".join(map(str, idx)), "|".join(names[j] for j in idx),
-                             " ".join(f"{v:.6f}" for v in top5.values[i].tolist())])
+            writer.writerow(
+                [
+                    keys[i],
+                    i,
+                    label,
+                    names[label] if 0 <= label < len(names) else "",
+                    int(counts[i]),
+                    " ".join(map(str, idx)),
+                    "|".join(names[j] for j in idx),
+                    " ".join(f"{v:.6f}" for v in top5.values[i].tolist()),
+                ]
+            )
     os.replace(tmp, pred_path)
     (out_dir / "eval.json").write_text(json.dumps(result, indent=2) + "\n")
-    say(f"eval: top-1 {100 * result['top1']:.2f}%  top-5 {100 * result['top5']:.2f}%  over {n} videos x {num_views} "
+    say(
+        f"eval: top-1 {100 * result['top1']:.2f}%  top-5 {100 * result['top5']:.2f}%  over {n} videos x {num_views} "
         f"views ({result['videos_missing']} missing, {result['videos_with_fewer_views']} with fewer views, {skipped} "
-        f"corrupt samples skipped); predictions: {pred_path}")
+        f"corrupt samples skipped); predictions: {pred_path}"
+    )

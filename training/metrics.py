@@ -11,8 +11,18 @@ from pathlib import Path
 import torch
 
 # Dense bf16 tensor-core peaks from the vendors' data sheets, FLOP/s per device, for MFU (run.peak_tflops overrides).
-PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "H800": 989e12, "GH200": 989e12, "B200": 2250e12,
-                   "A100": 312e12, "A800": 312e12, "L40S": 362e12, "A10G": 70e12, "L4": 121e12}
+PEAK_BF16_FLOPS = {
+    "H100": 989e12,
+    "H200": 989e12,
+    "H800": 989e12,
+    "GH200": 989e12,
+    "B200": 2250e12,
+    "A100": 312e12,
+    "A800": 312e12,
+    "L40S": 362e12,
+    "A10G": 70e12,
+    "L4": 121e12,
+}
 
 
 def peak_flops(peak_tflops: float | None, device: torch.device) -> float | None:
@@ -34,6 +44,7 @@ def skipped_samples(loader) -> int:
 class Window:
     """Host-side counters of one logging window: optimizer steps whose loss counts, seconds blocked on the loader,
     clips handed out, and when the window started."""
+
     loss_steps: int = 0
     wait: float = 0.0
     clips: int = 0

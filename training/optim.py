@@ -13,7 +13,7 @@ get_num_layers() + 2 as the official assigner does (tests/test_training_optim.py
 from __future__ import annotations
 
 import re
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -47,14 +47,15 @@ def param_groups(model: nn.Module, weight_decay: float, layer_decay: float | Non
     scales: list[float] | None = None
     if layer_decay is not None and layer_decay < 1.0:
         if not hasattr(model, "get_num_layers"):
-            raise ValueError(f"layer_decay={layer_decay} needs a model with get_num_layers() "
-                             f"({type(model).__name__} has none)")
+            raise ValueError(
+                f"layer_decay={layer_decay} needs a model with get_num_layers() ({type(model).__name__} has none)"
+            )
         num_layers = int(model.get_num_layers())
         scales = [layer_decay ** (num_layers + 1 - i) for i in range(num_layers + 2)]
         if hasattr(model, "layer_id_for"):
             layer_of = model.layer_id_for
         else:
-            layer_of = lambda n: vit_layer_id(n, num_layers)  # noqa: E731
+            layer_of = lambda n: vit_layer_id(n, num_layers)
 
     groups: dict[str, dict] = {}
     for name, param in model.named_parameters():
@@ -67,8 +68,9 @@ def param_groups(model: nn.Module, weight_decay: float, layer_decay: float | Non
             layer = int(layer_of(name))
             scale = scales[layer]
             key = f"layer_{layer}_{key}"
-        group = groups.setdefault(key, {"params": [], "names": [], "weight_decay": 0.0 if no_decay else weight_decay,
-                                        "lr_scale": scale})
+        group = groups.setdefault(
+            key, {"params": [], "names": [], "weight_decay": 0.0 if no_decay else weight_decay, "lr_scale": scale}
+        )
         group["params"].append(param)
         group["names"].append(name)
     return list(groups.values())
@@ -80,8 +82,14 @@ def _matches(name: str, skip: set[str]) -> bool:
     return any(name.endswith("." + s) for s in skip)
 
 
-def build_adamw(model: nn.Module, lr: float, weight_decay: float, betas: tuple[float, float] = (0.9, 0.999),
-                eps: float = 1e-8, layer_decay: float | None = None) -> torch.optim.AdamW:
+def build_adamw(
+    model: nn.Module,
+    lr: float,
+    weight_decay: float,
+    betas: tuple[float, float] = (0.9, 0.999),
+    eps: float = 1e-8,
+    layer_decay: float | None = None,
+) -> torch.optim.AdamW:
     """AdamW over `param_groups(model, ...)`: the fused CUDA kernel when the parameters live on a GPU (one kernel
     launch for all parameters instead of a loop or foreach chunks), the default implementation on the CPU."""
     groups = param_groups(model, weight_decay, layer_decay)

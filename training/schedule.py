@@ -58,5 +58,10 @@ class CosineSchedule:
         return lr
 
     def state_dict(self) -> dict:
-        return {"base": self.base, "final": self.final, "total_steps": self.total_steps,
-                "warmup_steps": self.warmup_steps, "start": self.start}
+        return {
+            "base": self.base,
+            "final": self.final,
+            "total_steps": self.total_steps,
+            "warmup_steps": self.warmup_steps,
+            "start": self.start,
+        }

@@ -18,8 +18,13 @@ class GraphedStep:
     tensors that the next call overwrites. training.config.check_step_options refuses what one graph cannot hold."""
 
     def __init__(self, loss_fn, optimizer, params: list, clip_grad: float | None, warmup: int = 3) -> None:
-        self.loss_fn, self.optimizer, self.params, self.clip_grad, self.warmup = (loss_fn, optimizer, params,
-                                                                                  clip_grad, warmup)
+        self.loss_fn, self.optimizer, self.params, self.clip_grad, self.warmup = (
+            loss_fn,
+            optimizer,
+            params,
+            clip_grad,
+            warmup,
+        )
         device = params[0].device
         self.stream, self.graph, self.calls = torch.cuda.Stream(device), None, 0
         self.static_inputs: dict = {}

@@ -14,8 +14,9 @@ import contextlib
 import dataclasses
 import signal
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -78,8 +79,9 @@ class Trainer:
     graphed: GraphedStep | None  # run.cuda_graph_step
     log: MetricsLog
 
-    def __init__(self, cfg: Config, mode: str, facts: dict, dist: Dist, ckpt: dict | None = None,
-                 stop: StopRequest | None = None) -> None:
+    def __init__(
+        self, cfg: Config, mode: str, facts: dict, dist: Dist, ckpt: dict | None = None, stop: StopRequest | None = None
+    ) -> None:
         self.cfg, self.mode, self.facts, self.dist = cfg, mode, facts, dist
         self.kind = "pretrain" if mode == "pretrain" else "classify"
         self.stop = stop or StopRequest()
@@ -112,19 +114,28 @@ class Trainer:
         self.steps_per_epoch = max(1, len(self.loader) // o.grad_accum)
         self.total_steps = o.max_steps or max(1, round(o.epochs * self.steps_per_epoch))
         warmup = o.warmup_steps if o.warmup_steps is not None else round(o.warmup_epochs * self.steps_per_epoch)
-        self.schedule = CosineSchedule(o.lr * scale, o.min_lr * scale, self.total_steps,
-                                       min(warmup, self.total_steps), o.warmup_lr * scale)
-        self.optimizer = build_adamw(self.model, lr=self.schedule.base, weight_decay=o.weight_decay,
-                                     betas=tuple(o.betas), eps=o.eps,
-                                     layer_decay=o.layer_decay if o.layer_decay < 1 else None)
+        self.schedule = CosineSchedule(
+            o.lr * scale, o.min_lr * scale, self.total_steps, min(warmup, self.total_steps), o.warmup_lr * scale
+        )
+        self.optimizer = build_adamw(
+            self.model,
+            lr=self.schedule.base,
+            weight_decay=o.weight_decay,
+            betas=tuple(o.betas),
+            eps=o.eps,
+            layer_decay=o.layer_decay if o.layer_decay < 1 else None,
+        )
         fp16 = autocast_dtype(dist.device, self.cfg.run.precision) == torch.float16
         self.scaler = torch.amp.GradScaler(dist.device.type) if fp16 else None
 
     def _build_runtime(self) -> None:
         """DDP and torch.compile around the model, metrics, the run's summary line, the CUDA-graph step."""
         cfg, dist = self.cfg, self.dist
-        self.ddp_model: nn.Module = self.model if dist.world_size == 1 else \
-            DDP(self.model, device_ids=[dist.device.index] if dist.device.type == "cuda" else None)
+        self.ddp_model: nn.Module = (
+            self.model
+            if dist.world_size == 1
+            else DDP(self.model, device_ids=[dist.device.index] if dist.device.type == "cuda" else None)
+        )
         if cfg.run.compile_mode:  # the whole model (DDP's buckets become graph breaks); checkpoints hold the bare one
             mode = None if cfg.run.compile_mode == "default" else cfg.run.compile_mode
             self.ddp_model = torch.compile(self.ddp_model, mode=mode)
@@ -140,17 +151,21 @@ class Trainer:
         self.first_bad_step = torch.full((), -1, dtype=torch.int64, device=dist.device)
         self.lr, self.grad_norm, self.skipped_steps = 0.0, None, 0
         self.window = Window()
-        say(f"{self.mode}: {type(self.model).__name__} '{cfg.model.name}' "
+        say(
+            f"{self.mode}: {type(self.model).__name__} '{cfg.model.name}' "
             f"{sum(p.numel() for p in self.params) / 1e6:.1f}M params on {dist.world_size} x {dist.device.type}; "
             f"{self.videos_per_step} videos x {cfg.data.num_repeats} clips per step, {self.steps_per_epoch} "
             f"steps/epoch, {self.total_steps} steps (from {self.step} to {self.stop_at}), peak lr "
-            f"{self.schedule.base:.3g}", dist)
+            f"{self.schedule.base:.3g}",
+            dist,
+        )
         if dist.is_main:
             (self.out_dir / "config.yaml").write_text(yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False))
         self.graphed = None
         if cfg.run.cuda_graph_step:
-            self.graphed = GraphedStep(lambda inputs: self._loss(inputs, mix=False), self.optimizer, self.params,
-                                       cfg.optim.clip_grad)
+            self.graphed = GraphedStep(
+                lambda inputs: self._loss(inputs, mix=False), self.optimizer, self.params, cfg.optim.clip_grad
+            )
             say("run.cuda_graph_step: the first 3 steps run eagerly, then each step replays one CUDA graph", dist)
 
     # ---------------------------------------------------------------------------------------------------- state
@@ -162,12 +177,18 @@ class Trainer:
             rng["mixup"] = self.mixup.rng.bit_generator.state
         rngs, loaders = gather(rng), gather(self.loader.state_dict())
         class_names = self.facts["class_names"] if self.kind == "classify" else None
-        return {**model_payload(self.kind, self.model_cfg, self.model, class_names),
-                "step": self.step, "epoch": getattr(self.loader, "epoch", None),
-                "optimizer": self.optimizer.state_dict(), "scheduler": self.schedule.state_dict(),
-                "scaler": self.scaler.state_dict() if self.scaler else None,
-                "model_ema": self.ema.module.state_dict() if self.ema else None, "rng": rngs, "loader": loaders,
-                "train_config": dataclasses.asdict(self.cfg)}
+        return {
+            **model_payload(self.kind, self.model_cfg, self.model, class_names),
+            "step": self.step,
+            "epoch": getattr(self.loader, "epoch", None),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.schedule.state_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler else None,
+            "model_ema": self.ema.module.state_dict() if self.ema else None,
+            "rng": rngs,
+            "loader": loaders,
+            "train_config": dataclasses.asdict(self.cfg),
+        }
 
     def load_state_dict(self, ckpt: dict) -> None:
         """Continue from `ckpt` (a state_dict() payload): weights, optimizer, scaler, EMA, step, and this rank's RNG
@@ -280,8 +301,9 @@ class Trainer:
                 self.optimizer.step()
             if self.ema is not None:
                 self.ema.update(self.model, step=self.step)
-            self.first_bad_step = torch.where((self.first_bad_step < 0) & ~torch.isfinite(step_loss), self.step,
-                                              self.first_bad_step)
+            self.first_bad_step = torch.where(
+                (self.first_bad_step < 0) & ~torch.isfinite(step_loss), self.step, self.first_bad_step
+            )
             self.loss_sum += torch.nan_to_num(step_loss, nan=0.0, posinf=0.0, neginf=0.0)
             self.window.loss_steps += 1
         if self.scaler is not None:
@@ -295,22 +317,33 @@ class Trainer:
         """The one host sync of a logging interval: the earliest non-finite step on any rank (NonFiniteLoss) and any
         rank's stop request, then the window's metrics, logged on rank 0. Returns whether to stop."""
         dist, window = self.dist, self.window
-        flags = torch.stack([torch.where(self.first_bad_step >= 0, -self.first_bad_step, NO_BAD),
-                             torch.tensor(int(self.stop.signal is not None), device=dist.device)])
+        flags = torch.stack(
+            [
+                torch.where(self.first_bad_step >= 0, -self.first_bad_step, NO_BAD),
+                torch.tensor(int(self.stop.signal is not None), device=dist.device),
+            ]
+        )
         all_reduce(flags, "max")
         if flags[0].item() != NO_BAD:
-            raise NonFiniteLoss(f"the loss is not finite at step {-flags[0].item()}; stopped without saving (set "
-                                f"run.skip_nonfinite=true to skip such steps instead)")
+            raise NonFiniteLoss(
+                f"the loss is not finite at step {-flags[0].item()}; stopped without saving (set "
+                f"run.skip_nonfinite=true to skip such steps instead)"
+            )
         zero = torch.zeros((), device=dist.device)
-        sums = all_reduce(torch.stack([self.loss_sum, zero + window.clips, zero + window.wait,
-                                       zero + skipped_samples(self.loader)]))
+        sums = all_reduce(
+            torch.stack([self.loss_sum, zero + window.clips, zero + window.wait, zero + skipped_samples(self.loader)])
+        )
         elapsed = time.perf_counter() - window.t0
         clips_per_s = sums[1].item() / elapsed
-        record = {"epoch": getattr(self.loader, "epoch", None),
-                  "loss": sums[0].item() / (dist.world_size * max(window.loss_steps, 1)), "lr": self.lr,
-                  "grad_norm": None if self.grad_norm is None else self.grad_norm.item(),
-                  "clips_per_s": clips_per_s, "data_wait": sums[2].item() / (dist.world_size * elapsed),
-                  "skipped_samples": int(sums[3].item())}
+        record = {
+            "epoch": getattr(self.loader, "epoch", None),
+            "loss": sums[0].item() / (dist.world_size * max(window.loss_steps, 1)),
+            "lr": self.lr,
+            "grad_norm": None if self.grad_norm is None else self.grad_norm.item(),
+            "clips_per_s": clips_per_s,
+            "data_wait": sums[2].item() / (dist.world_size * elapsed),
+            "skipped_samples": int(sums[3].item()),
+        }
         if self.peak:
             record["mfu"] = self.flops_per_clip * clips_per_s / (dist.world_size * self.peak)
         if dist.device.type == "cuda":
@@ -341,11 +374,14 @@ class Trainer:
         try:
             while self.step < self.stop_at:
                 self.train_step()
-                if self.step % cfg.run.log_interval == 0 or self.step == self.stop_at or \
-                        (dist.world_size == 1 and self.stop.signal):
-                    if self.log_window():
-                        stopped_by = self.stop.signal or "another rank's signal"
-                        break
+                log_due = (
+                    self.step % cfg.run.log_interval == 0
+                    or self.step == self.stop_at
+                    or (dist.world_size == 1 and self.stop.signal)
+                )
+                if log_due and self.log_window():  # log_window returns whether the ranks agreed to stop
+                    stopped_by = self.stop.signal or "another rank's signal"
+                    break
                 if cfg.run.ckpt_interval and self.step % cfg.run.ckpt_interval == 0 and self.step < self.stop_at:
                     self._checkpoint()
         except NonFiniteLoss as e:
@@ -355,6 +391,9 @@ class Trainer:
         path = self.save() if cfg.run.ckpt_final or stopped_by else None
         self.log.close()
         outcome = f"stopped by {stopped_by}" if stopped_by else "finished"
-        say(f"{self.mode} {outcome} at step {self.step} of {self.total_steps}; checkpoint {path}"
-            + ("; resume with --resume auto" if self.step < self.total_steps else ""), dist)
+        say(
+            f"{self.mode} {outcome} at step {self.step} of {self.total_steps}; checkpoint {path}"
+            + ("; resume with --resume auto" if self.step < self.total_steps else ""),
+            dist,
+        )
         return 0
