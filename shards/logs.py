@@ -1,0 +1,41 @@
+"""The one logging set-up of every command line: `train.py`, `python -m shards.*`, `python -m apps.*`,
+`python -m model.export_hf`, `python -m pipeline.preview`.
+
+    from shards.logs import configure_logging
+    configure_logging()            # in main(), before anything logs
+
+One format for all of them: the message alone (lines are for people and already name their subject, e.g.
+"pipeline: ..."), INFO and DEBUG on stdout, WARNING and above on stderr; rank 0 (or a process outside torchrun) logs
+from INFO up, the other ranks warnings and errors only, each prefixed with its rank. Progress bars stay tqdm's (on
+stderr). Libraries only call `logging.getLogger(name)`; they never configure logging themselves.
+
+It lives in `shards`, the package with no dependency on the others, so that every layer may import it for free.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+FORMAT = "%(message)s"
+
+
+class _BelowWarning(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno < logging.WARNING
+
+
+def configure_logging(rank: int | None = None, verbose: bool = False) -> None:
+    """Route the root logger as the module docstring says. `rank`: this process's rank (default: $RANK, else 0);
+    `verbose`: DEBUG on rank 0. Calling it again replaces the earlier set-up."""
+    rank = int(os.environ.get("RANK", 0)) if rank is None else rank
+    fmt = FORMAT if rank == 0 else f"[rank {rank}] {FORMAT}"
+    out = logging.StreamHandler(sys.stdout)
+    out.addFilter(_BelowWarning())
+    err = logging.StreamHandler(sys.stderr)
+    err.setLevel(logging.WARNING)
+    for handler in (out, err):
+        handler.setFormatter(logging.Formatter(fmt))
+    level = (logging.DEBUG if verbose else logging.INFO) if rank == 0 else logging.WARNING
+    logging.basicConfig(level=level, handlers=[out, err], force=True)
