@@ -26,14 +26,32 @@ class _BelowWarning(logging.Filter):
         return record.levelno < logging.WARNING
 
 
+class _StandardStream(logging.StreamHandler):
+    """A handler writing to sys.stdout or sys.stderr as they are when a record is emitted, not as they were when
+    logging was configured: a command line called in-process (tests, `contextlib.redirect_stdout`) that swaps them
+    gets its lines, and no handler is left holding a closed stream."""
+
+    def __init__(self, name: str) -> None:
+        self._stream_name = name  # not `_name`: logging.Handler has one
+        super().__init__()
+
+    @property
+    def stream(self):
+        return getattr(sys, self._stream_name)
+
+    @stream.setter
+    def stream(self, value) -> None:  # StreamHandler.__init__ sets it; the stream is always the current one
+        pass
+
+
 def configure_logging(rank: int | None = None, verbose: bool = False) -> None:
     """Route the root logger as the module docstring says. `rank`: this process's rank (default: $RANK, else 0);
     `verbose`: DEBUG on rank 0. Calling it again replaces the earlier set-up."""
     rank = int(os.environ.get("RANK", 0)) if rank is None else rank
     fmt = FORMAT if rank == 0 else f"[rank {rank}] {FORMAT}"
-    out = logging.StreamHandler(sys.stdout)
+    out = _StandardStream("stdout")
     out.addFilter(_BelowWarning())
-    err = logging.StreamHandler(sys.stderr)
+    err = _StandardStream("stderr")
     err.setLevel(logging.WARNING)
     for handler in (out, err):
         handler.setFormatter(logging.Formatter(fmt))
