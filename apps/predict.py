@@ -10,7 +10,7 @@ needs full unpickling (which can run code) is refused unless `--trust-pickle` sa
 How a video is read, so that prediction sees exactly what evaluation sees:
   1. the shard builder's own code transcodes each video (`shards.transcode.transcode`: the same ffmpeg command,
      short side 320 as the training shards, constant frame rate) and writes the results as one WebDataset shard
-     with its DALI index and manifest (`shards.build.sample_members`, `shards.writer.ShardWriter`; label -1) in a
+     with its DALI index and manifest (`shards.sink.sample_members`, `shards.writer.ShardWriter`; label -1) in a
      temporary directory. VP9 on the CPU (DALI's CPU decoder reads only VP8/VP9/MJPEG, so any codec ffmpeg reads
      works, H.264 included); H.264 on the GPU, which NVDEC reads and x264 encodes faster;
   2. `pipeline.build_loader(mode="eval")` decodes them with the model's num_frames / img_size: 5 clips x 3 crops
@@ -18,8 +18,8 @@ How a video is read, so that prediction sees exactly what evaluation sees:
   3. the views go through the model in chunks (bf16 autocast on the GPU); the softmax is averaged per video
      (rows are matched to videos by `sample_id`, through the manifest's keys).
 
-A bad input (missing, not a video, nothing decodable) gets one line on stderr naming it; the other videos are
-still predicted, and the exit status is 1.
+A bad input (missing, not a video, nothing decodable) gets one warning line on stderr naming it; the other videos
+are still predicted, and the exit status is 1. The results alone go to stdout (text or `--json`), all else to stderr.
 """
 
 from __future__ import annotations
@@ -31,7 +31,6 @@ import os
 import shutil
 import sys
 import tempfile
-from collections import deque
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -41,6 +40,8 @@ import torch
 from torch import nn
 
 from model.runtime import autocast, pipeline_device, resolve_device
+from shards.logs import configure_logging
+from shards.ordered import ordered_window
 
 DEFAULT_SHORT_SIDE = 320  # as the training shards (`shards.build --short-side`)
 DEFAULT_STRIDE = 4  # VideoMAE's Kinetics sampling rate (SSv2 models use 2)
@@ -49,6 +50,8 @@ DEFAULT_STRIDE = 4  # VideoMAE's Kinetics sampling rate (SSv2 models use 2)
 MAX_STRIDE = 64
 MAX_SHORT_SIDE = 4096
 SHARD_SPLIT = "predict"
+
+log = logging.getLogger(__name__)
 
 
 def load_classifier(checkpoint_or_model: str | os.PathLike | nn.Module, trust_pickle: bool = False) -> nn.Module:
@@ -74,18 +77,13 @@ def _transcodes(videos: Sequence[str], settings, workers: int, workdir: str) -> 
     from shards.transcode import transcode
 
     with ThreadPoolExecutor(max(1, workers)) as pool:
-        pending: deque = deque()
-        feed = iter(enumerate(videos))
-        for i, path in feed:
-            pending.append((i, pool.submit(transcode, str(path), settings, workdir)))
-            if len(pending) >= 2 * workers:
-                break
-        while pending:
-            i, future = pending.popleft()
-            result = future.result()
-            nxt = next(feed, None)
-            if nxt is not None:
-                pending.append((nxt[0], pool.submit(transcode, str(nxt[1]), settings, workdir)))
+        ordered = ordered_window(
+            enumerate(videos),
+            lambda indexed: pool.submit(transcode, str(indexed[1]), settings, workdir),
+            lambda indexed, future: future.result(),
+            2 * max(1, workers),
+        )
+        for (i, _), result in ordered:
             yield i, result
 
 
@@ -107,8 +105,8 @@ def write_prediction_shards(
     from tqdm import tqdm
 
     from shards import format as fmt
-    from shards.build import sample_members
     from shards.inputs import VideoInput, sanitize_key
+    from shards.sink import sample_members
     from shards.transcode import EncodeSettings
     from shards.writer import ShardWriter
 
@@ -401,8 +399,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     from shards.transcode import TranscodeAborted
 
+    configure_logging()
+    # stdout carries the results alone (`--json` is parsed): the libraries' INFO lines stay off, as before
+    logging.getLogger().setLevel(logging.WARNING)
     args = parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(message)s")
     try:
         results = predict(
             args.checkpoint,
@@ -420,18 +420,18 @@ def main(argv: list[str] | None = None) -> int:
             trust_pickle=args.trust_pickle,
         )
     except (OSError, ValueError, TranscodeAborted) as e:  # CheckpointError is a ValueError; a full disk an OSError
-        print(f"error: {str(e).splitlines()[0]}", file=sys.stderr)
+        log.error(f"error: {str(e).splitlines()[0]}")
         return 2
     for r in results:
         if not r["ok"]:
-            print(f"error: {r['video']}: {r['error']}", file=sys.stderr)
+            log.warning(f"error: {r['video']}: {r['error']}")
     if args.json:
         print(json.dumps([{k: v for k, v in r.items() if k != "probs"} for r in results], indent=1))
     else:
         print("\n".join(format_result(r) for r in results if r["ok"]))
     failed = sum(not r["ok"] for r in results)
-    if failed:
-        print(f"predict: {len(results) - failed} of {len(results)} videos predicted, {failed} failed", file=sys.stderr)
+    if failed:  # a warning, not an INFO summary: stdout holds the results alone (`--json` is parsed)
+        log.warning(f"predict: {len(results) - failed} of {len(results)} videos predicted, {failed} failed")
     return 1 if failed else 0
 
 

@@ -23,7 +23,9 @@ member holds the provisional one or already the final one, and anything else is 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import logging
 import os
 import shutil
 import sys
@@ -34,7 +36,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from shards import format as fmt
-from shards.build import EXIT_RETRY, describe_own_failure, failure_lines, manifest_record, part_range
+from shards.logs import configure_logging
+from shards.plan import part_range
+from shards.records import PartRecord, ShardMarker, failure_lines, manifest_record
 from shards.resume import (
     FINISHED_NAME,
     PART_DIR,
@@ -47,7 +51,10 @@ from shards.resume import (
     shard_problems,
     state_difference,
 )
+from shards.stops import EXIT_RETRY, describe_own_failure
 from shards.writer import member_header, sha256_file
+
+log = logging.getLogger(__name__)
 
 
 class MergeRefused(Exception):
@@ -56,13 +63,14 @@ class MergeRefused(Exception):
 
 @dataclass
 class Part:
-    """One part's state folder: its params.json (identity, part, plan range) and, once finished, its record."""
+    """One part's state folder: its params.json (identity, part, plan range) and, once finished, its finished.json
+    as read (checked and made a PartRecord by `check_parts`)."""
 
     index: int
     count: int
     dir: Path
     params: dict
-    record: dict | None
+    finished: dict | None
 
     @property
     def name(self) -> str:
@@ -106,8 +114,9 @@ def read_parts(out_dir: Path) -> list[Part]:
     return sorted(parts, key=lambda p: p.index)
 
 
-def check_parts(out_dir: Path, parts: list[Part]) -> None:
-    """MergeRefused (one line) unless parts 0..N-1 of one partition and one build are all there and finished."""
+def check_parts(out_dir: Path, parts: list[Part]) -> list[PartRecord]:
+    """The records of parts 0..N-1, in order; MergeRefused (one line) unless they are all there and finished, of
+    one partition and one build."""
     counts = sorted({p.count for p in parts})
     if len(counts) > 1:
         which = ", ".join(f"{p.dir.name} of {p.count}" for p in parts)
@@ -131,7 +140,7 @@ def check_parts(out_dir: Path, parts: list[Part]) -> None:
     problems += [
         f"{p.name} is unfinished ({len(list((p.dir / 'done').glob('*.json')))} shard(s) done, no {FINISHED_NAME})"
         for p in parts
-        if p.record is None
+        if p.finished is None
     ]
     if problems:
         listed = "; ".join(problems[1:4]) + ("; ..." if len(problems) > 4 else "")
@@ -140,37 +149,41 @@ def check_parts(out_dir: Path, parts: list[Part]) -> None:
             f"{out_dir}: {problems[0]}{more}: run the same `python -m shards.build` command with "
             f"--part I/{count} for each, then merge again"
         )
+    records: list[PartRecord] = []
     for part in parts:
-        _check_record(out_dir, part, first)
+        records.append(_check_record(out_dir, part, first, records[0] if records else None))
+    return records
 
 
-def _check_record(out_dir: Path, part: Part, first: Part) -> None:
-    """A finished part's record agrees with its params and with part 0's, and its shards are all there."""
-    record = part.record
+def _check_record(out_dir: Path, part: Part, first: Part, first_record: PartRecord | None) -> PartRecord:
+    """A finished part's record, checked: it agrees with its params and with part 0's (`first_record`, None when
+    this is part 0), and its shards are all there."""
     damaged = MergeRefused(
         f"{part.dir / FINISHED_NAME}: does not match its part's params.json (damaged); rebuild "
         f"{part.name} with --overwrite"
     )
     try:
-        plan_size = record["num_inputs"] - len(record["rejected"])
+        record = PartRecord.from_json(part.finished)
+        plan_size = record.num_inputs - len(record.rejected)
         expected_range = part_range(plan_size, part.index, part.count)
         if (
-            _identity(record) != _identity(part.params)
-            or record["plan_range"] != part.params.get("plan_range")
-            or tuple(record["plan_range"]) != expected_range
-            or not isinstance(record["markers"], list)
+            record.identity != _identity(part.params)
+            or record.plan_range != part.params.get("plan_range")
+            or tuple(record.plan_range) != expected_range
         ):
             raise damaged
-    except (KeyError, TypeError):
+    except (ValueError, TypeError):
         raise damaged from None
-    if record.get("ffmpeg") != first.record.get("ffmpeg"):
+    first_record = first_record or record
+    if record.ffmpeg != first_record.ffmpeg:
         raise MergeRefused(
-            f"{out_dir}: {part.name} was transcoded by {record.get('ffmpeg')!r}, {first.name} by "
-            f"{first.record.get('ffmpeg')!r} (the bytes differ): rebuild with one ffmpeg"
+            f"{out_dir}: {part.name} was transcoded by {record.ffmpeg!r}, {first.name} by "
+            f"{first_record.ffmpeg!r} (the bytes differ): rebuild with one ffmpeg"
         )
-    problems = shard_problems(out_dir, record["markers"], "its part recorded")
+    problems = shard_problems(out_dir, [m.manifest_entry() for m in record.markers], "its part recorded")
     if problems:
         raise MergeRefused(f"{out_dir}: {part.name}: {problems[0]}: restore it, or rebuild the part with --overwrite")
+    return record
 
 
 def patch_shard_ids(tar_path: Path, old_first: int, new_first: int) -> str:
@@ -223,42 +236,40 @@ def _renumber_member(fd: int, tar_path: Path, name: str, offset: int, old_id: in
     return len(new)
 
 
-def renumber(out_dir: Path, parts: list[Part], threads: int) -> tuple[list[dict], int]:
+def renumber(out_dir: Path, records: list[PartRecord], threads: int) -> tuple[list[ShardMarker], int]:
     """The markers of every shard, in order, with final ids and sha256, after patching the shards whose ids change
     (`threads` at a time); returns (markers, number of shards patched)."""
     markers, jobs, offset = [], [], 0
-    for part in parts:
-        delta = offset - part.record["plan_range"][0]  # provisional ids start at the part's first plan position
-        for marker in part.record["markers"]:
-            markers.append({**marker, "first_sample_id": marker["first_sample_id"] + delta})
+    for record in records:
+        delta = offset - record.plan_range[0]  # provisional ids start at the part's first plan position
+        for marker in record.markers:
+            markers.append(dataclasses.replace(marker, first_sample_id=marker.first_sample_id + delta))
             if delta:
-                jobs.append((len(markers) - 1, marker["first_sample_id"], markers[-1]["first_sample_id"]))
-            offset += marker["num_samples"]
+                jobs.append((len(markers) - 1, marker.first_sample_id, markers[-1].first_sample_id))
+            offset += marker.num_samples
     with ThreadPoolExecutor(max(1, threads)) as pool:  # sha256 and file I/O release the GIL
-        futures = [(i, pool.submit(patch_shard_ids, out_dir / markers[i]["tar"], old, new)) for i, old, new in jobs]
+        futures = [(i, pool.submit(patch_shard_ids, out_dir / markers[i].tar, old, new)) for i, old, new in jobs]
         for i, future in futures:
-            markers[i]["sha256"] = future.result()
+            markers[i].sha256 = future.result()
     return markers, len(jobs)
 
 
-def _write_merged(out_dir: Path, parts: list[Part], markers: list[dict]) -> dict:
+def _write_merged(out_dir: Path, records: list[PartRecord], markers: list[ShardMarker]) -> dict:
     """failures.jsonl, then manifest.json (last: its presence means a finished build). Returns the manifest;
     MergeRefused when no part holds a sample (failures.jsonl says why, as a one-machine build's would)."""
-    first = parts[0].record
-    failures = list(first["rejected"])
-    for part in parts:
-        failures += [f for m in part.record["markers"] for f in m["failures"]] + part.record["orphan_failures"]
+    first = records[0]
+    failures = list(first.rejected)
+    for record in records:
+        failures += [f for m in record.markers for f in m.failures] + record.orphan_failures
     fmt.atomic_write(out_dir / fmt.FAILURES_NAME, failure_lines(failures))
     if not markers:
         first_failure = f"; first: {failures[0]['source']}: {failures[0]['reason']}" if failures else ""
         raise MergeRefused(
-            f"nothing succeeded: all {first['num_inputs']} inputs of the {len(parts)} parts failed "
+            f"nothing succeeded: all {first.num_inputs} inputs of the {len(records)} parts failed "
             f"(see {out_dir / fmt.FAILURES_NAME}){first_failure}"
         )
-    manifest = manifest_record(
-        _identity(first), first["classes"], first["ffmpeg"], markers, len(failures), first["num_inputs"]
-    )
-    manifest["parts"] = len(parts)
+    manifest = manifest_record(first.identity, first.classes, first.ffmpeg, markers, len(failures), first.num_inputs)
+    manifest["parts"] = len(records)
     fmt.write_manifest(out_dir, manifest)
     return manifest
 
@@ -288,50 +299,47 @@ def merge(out_dir: str | os.PathLike, threads: int = 4) -> int:
     started = time.perf_counter()
     out_dir = Path(out_dir)
     if not out_dir.is_dir():
-        print(f"error: {out_dir}: not a directory (the --out of the part builds)", file=sys.stderr)
+        log.error(f"error: {out_dir}: not a directory (the --out of the part builds)")
         return 1
     lock = BuildLocks(out_dir, what="shards.merge")
     try:
         lock.acquire()
     except (BuildLocked, OSError) as e:
-        print(f"error: {e if isinstance(e, BuildLocked) else describe_own_failure(e)}", file=sys.stderr)
+        log.error(f"error: {e if isinstance(e, BuildLocked) else describe_own_failure(e)}")
         return 1
     try:
         if _already_merged(out_dir):
-            print(
-                f"shards.merge: {out_dir} already holds the merged build ({fmt.MANIFEST_NAME}); nothing to do",
-                file=sys.stderr,
-            )
+            log.info(f"shards.merge: {out_dir} already holds the merged build ({fmt.MANIFEST_NAME}); nothing to do")
             return 0
         for name in (fmt.MANIFEST_NAME, fmt.FAILURES_NAME):  # left by a merge killed while writing them
             (out_dir / f"{name}.tmp").unlink(missing_ok=True)
         parts = read_parts(out_dir)
-        check_parts(out_dir, parts)
-        markers, patched = renumber(out_dir, parts, threads)
-        manifest = _write_merged(out_dir, parts, markers)
+        records = check_parts(out_dir, parts)
+        markers, patched = renumber(out_dir, records, threads)
+        manifest = _write_merged(out_dir, records, markers)
         shutil.rmtree(out_dir / STATE_DIR, ignore_errors=True)
         remove_stale_part_locks(out_dir)
     except (MergeRefused, BuildConflict) as e:
-        print(f"error: {e}", file=sys.stderr)
+        log.error(f"error: {e}")
         return 1
     except ValueError as e:
-        print(f"error: {e} (damaged; rebuild that part with --overwrite)", file=sys.stderr)
+        log.error(f"error: {e} (damaged; rebuild that part with --overwrite)")
         return 1
     except OSError as e:
-        print(f"error: {describe_own_failure(e)}; fix this and re-run the merge", file=sys.stderr)
+        log.error(f"error: {describe_own_failure(e)}; fix this and re-run the merge")
         return EXIT_RETRY
     finally:
         lock.release()
-    print(
+    log.info(
         f"shards.merge: {out_dir}: {len(parts)} parts -> {manifest['num_samples']} samples in "
         f"{len(manifest['shards'])} shards, {manifest['num_failures']} skipped; sample ids renumbered in {patched} "
-        f"shard(s) in {time.perf_counter() - started:.1f} s -> {out_dir / fmt.MANIFEST_NAME}",
-        file=sys.stderr,
+        f"shard(s) in {time.perf_counter() - started:.1f} s -> {out_dir / fmt.MANIFEST_NAME}"
     )
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
+    configure_logging()
     p = argparse.ArgumentParser(prog="python -m shards.merge", description=__doc__.split("\n\n")[0])
     p.add_argument("out", help="the --out of the part builds")
     p.add_argument("--threads", type=int, default=4, help="shards renumbered at once (file I/O and sha256; default 4)")

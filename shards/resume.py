@@ -63,6 +63,7 @@ from shards.format import (
     part_shard_prefix,
     read_json_object,
 )
+from shards.records import PartRecord, ShardMarker
 
 STATE_DIR = ".build"
 LOCK_NAME = ".build.lock"
@@ -274,7 +275,7 @@ def _describe_difference(old: dict, new: dict) -> str:
 @dataclass
 class ResumePoint:
     complete: bool = False  # a finished build with these exact settings is already there
-    markers: list[dict] = field(default_factory=list)  # kept shards, in order
+    markers: list[ShardMarker] = field(default_factory=list)  # kept shards, in order
     part_finished: bool = False  # complete: this part is finished (its merge may still be due)
 
 
@@ -359,12 +360,12 @@ class BuildState:
         self._refuse_other_builds(identity)
         params_path = self.dir / "params.json"
         mine = self._state_identity(identity)
-        markers: list[dict] = []
+        markers: list[ShardMarker] = []
         if params_path.is_file():
             old = read_state_json(params_path)
             if old != mine:
                 raise BuildConflict(
-                    f"{self.out_dir} holds an unfinished build{self._of_part()} with other settings "
+                    f"{self.out_dir} holds an unfinished build{self._part_suffix()} with other settings "
                     f"or inputs ({state_difference(old, mine)}); re-run the original command to "
                     f"finish it, or use --overwrite"
                 )
@@ -452,19 +453,19 @@ class BuildState:
                 f"{more}: restore the file(s), or re-run this part with --overwrite"
             )
 
-    def _valid_prefix(self) -> list[dict]:
-        kept: list[dict] = []
+    def _valid_prefix(self) -> list[ShardMarker]:
+        kept: list[ShardMarker] = []
         for path in sorted(self.done_dir.glob("*.json")) if self.done_dir.is_dir() else []:
-            marker = _read_json_if_there(path)
+            marker = _read_marker_if_there(path)
             if marker is None:
                 break
-            tar = self.out_dir / marker["tar"]
-            expected_first = kept[-1]["first_sample_id"] + kept[-1]["num_samples"] if kept else self.id_base
+            tar = self.out_dir / str(marker.tar)
+            expected_first = kept[-1].first_sample_id + kept[-1].num_samples if kept else self.id_base
             if (
-                marker.get("shard") != len(kept)
-                or marker.get("first_sample_id") != expected_first
+                marker.shard != len(kept)
+                or marker.first_sample_id != expected_first
                 or not tar.is_file()
-                or tar.stat().st_size != marker["bytes"]
+                or tar.stat().st_size != marker.bytes
                 or not os.path.isfile(index_path_for(tar))
             ):
                 break
@@ -474,8 +475,8 @@ class BuildState:
             path.unlink()
         return kept
 
-    def record_shard(self, marker: dict) -> None:
-        _write_json(self.done_dir / f"{marker['shard']:06d}.json", marker)
+    def record_shard(self, marker: ShardMarker) -> None:
+        _write_json(self.done_dir / f"{marker.shard:06d}.json", marker.to_json())
 
     def remove_stale_shards(self, num_shards: int) -> list[str]:
         """Delete this split's shard files numbered >= num_shards (left by an earlier, larger build)."""
@@ -490,11 +491,11 @@ class BuildState:
         """A one-machine build wrote its manifest: its state goes."""
         shutil.rmtree(self.dir, ignore_errors=True)
 
-    def finish_part(self, record: dict) -> None:
+    def finish_part(self, record: PartRecord) -> None:
         """A part is done: `finished.json` (what `shards.merge` needs) is written last; the state stays for the
         merge. The work folder goes."""
         shutil.rmtree(self.work_dir, ignore_errors=True)
-        _write_json(self.dir / FINISHED_NAME, record)
+        _write_json(self.dir / FINISHED_NAME, record.to_json())
 
 
 def shard_problems(out_dir: Path, shards: list[dict], listed_by: str = "the manifest lists") -> list[str]:
@@ -525,5 +526,13 @@ def _read_json_if_there(path: Path) -> dict | None:
     """A JSON object from `path`, or None when it is gone or unreadable (another part may be rewriting it)."""
     try:
         return read_json_object(path)
+    except ValueError:
+        return None
+
+
+def _read_marker_if_there(path: Path) -> ShardMarker | None:
+    """The shard marker in `path`, or None when it is gone, unreadable or not a marker (a damaged one)."""
+    try:
+        return ShardMarker.from_json(read_json_object(path), str(path))
     except ValueError:
         return None

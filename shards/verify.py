@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 import tarfile
@@ -34,9 +35,12 @@ import numpy as np
 
 from shards import format as fmt
 from shards import ivf
+from shards.logs import configure_logging
 from shards.mp4info import read_mp4_video_info
 from shards.transcode import count_decoded_frames
 from shards.writer import sha256_file
+
+log = logging.getLogger(__name__)
 
 OTHER_EXTS = (fmt.LABEL_EXT, fmt.META_EXT, fmt.INFO_EXT)
 
@@ -225,13 +229,9 @@ def dali_frame_counts(
     return counts
 
 
-def verify(
-    directory: str | os.PathLike,
-    decode: bool = True,
-    check_sha: bool = True,
-    log=lambda msg: print(msg, file=sys.stderr),
-) -> list[str]:
-    """Run every check on a shard directory; returns the list of problems (empty: the shards are sound)."""
+def verify(directory: str | os.PathLike, decode: bool = True, check_sha: bool = True) -> list[str]:
+    """Run every check on a shard directory; returns the list of problems (empty: the shards are sound). What was
+    checked is logged at INFO."""
     directory = Path(directory)
     started = time.perf_counter()
     try:
@@ -295,16 +295,18 @@ def verify(
         if num_samples != shard["num_samples"]:
             problems.append(f"{shard['tar']}: {num_samples} samples, manifest says {shard['num_samples']}")
             claimed.extend([None] * max(0, shard["num_samples"] - num_samples))
-    log(
+    log.info(
         f"verify: {directory}: {len(shards)} shards, {manifest['num_samples']} samples checked against the manifest"
         f"{' (with sha256)' if check_sha else ''}"
     )
 
     if decode and not problems:
-        problems += _check_decoding(directory, manifest, claimed, log)
+        problems += _check_decoding(directory, manifest, claimed)
     elif decode:
-        log("verify: skipping the decode check until the problems above are fixed")
-    log(f"verify: {'OK' if not problems else f'{len(problems)} problem(s)'} in {time.perf_counter() - started:.1f} s")
+        log.warning("verify: skipping the decode check until the problems above are fixed")
+    log.info(
+        f"verify: {'OK' if not problems else f'{len(problems)} problem(s)'} in {time.perf_counter() - started:.1f} s"
+    )
     return problems
 
 
@@ -319,7 +321,7 @@ def _missing_build_keys(manifest: dict) -> str | None:
     return None
 
 
-def _check_decoding(directory: Path, manifest: dict, claimed: list[int | None], log) -> list[str]:
+def _check_decoding(directory: Path, manifest: dict, claimed: list[int | None]) -> list[str]:
     """Decode every video member; each must give the frames its sample's .info claims (its phase's share of them)."""
     tars = [str(directory / s["tar"]) for s in manifest["shards"]]
     keys = manifest["keys"]
@@ -341,7 +343,7 @@ def _check_decoding(directory: Path, manifest: dict, claimed: list[int | None], 
     problems = []
     codec = manifest["codec"]
     if layout.cuttable:
-        return _check_ivf_decoding(tars, layout, expected, mismatch, log)
+        return _check_ivf_decoding(tars, layout, expected, mismatch)
     if codec in fmt.DALI_CPU_CODECS:
         total = 0
         for ext in exts:
@@ -355,14 +357,14 @@ def _check_decoding(directory: Path, manifest: dict, claimed: list[int | None], 
                 for sid, (frames, _, _) in enumerate(decoded)
                 if frames != expected(sid, ext)
             ]
-        log(
+        log.info(
             f"verify: DALI CPU decoder: {len(keys)} samples, {total} frames, every count as claimed"
             if not problems
             else f"verify: DALI decode: {len(problems)} mismatches"
         )
         return problems
     # H.264 (and anything else DALI's CPU decoder cannot read): ffmpeg decodes every frame.
-    log(f"verify: DALI's CPU decoder cannot read {codec}; counting decoded frames with ffmpeg instead")
+    log.info(f"verify: DALI's CPU decoder cannot read {codec}; counting decoded frames with ffmpeg instead")
     sample_id, last_key, members = -1, None, 0
     with tempfile.TemporaryDirectory() as tmp, ThreadPoolExecutor(min(4, os.cpu_count() or 1)) as pool:
         for tar_path in tars:
@@ -388,7 +390,7 @@ def _check_decoding(directory: Path, manifest: dict, claimed: list[int | None], 
                     os.unlink(path)
                 if frames != expected(sid, ext):
                     problems.append(mismatch(sid, ext, "ffmpeg", frames))
-    log(
+    log.info(
         f"verify: ffmpeg decoded all {sample_id + 1} samples ({members} video members)"
         + ("" if problems else ", every count as claimed")
     )
@@ -412,7 +414,7 @@ def _tar_samples(tar_path: str):
         yield current
 
 
-def _check_ivf_decoding(tars: list[str], layout: fmt.Layout, expected, mismatch, log) -> list[str]:
+def _check_ivf_decoding(tars: list[str], layout: fmt.Layout, expected, mismatch) -> list[str]:
     """Decode every IVF member whole (its frame count) and once from each key frame of its cuts table, cut as the
     training graph cuts it (header + the bytes from the key frame's offset to the next key frame's): every cut
     must decode to the whole member's frames from that key frame on, bit for bit."""
@@ -484,7 +486,7 @@ def _check_ivf_decoding(tars: list[str], layout: fmt.Layout, expected, mismatch,
                             f"other frames than decoding the whole member"
                         )
     pipe = None  # the decoder's buffers go before the summary
-    log(
+    log.info(
         f"verify: DALI CPU decoder: {members} IVF members whole and {cuts} cuts at their key frames"
         + (", every frame as claimed" if not problems else f": {len(problems)} problem(s)")
     )
@@ -492,6 +494,7 @@ def _check_ivf_decoding(tars: list[str], layout: fmt.Layout, expected, mismatch,
 
 
 def main(argv: list[str] | None = None) -> int:
+    configure_logging()
     p = argparse.ArgumentParser(prog="python -m shards.verify", description=__doc__.split("\n\n")[0])
     p.add_argument("directory", help="a shard directory (holding manifest.json)")
     p.add_argument("--no-decode", action="store_true", help="skip decoding (structure and checksums only)")
@@ -499,7 +502,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     problems = verify(args.directory, decode=not args.no_decode, check_sha=not args.no_sha)
     for problem in problems:
-        print(f"problem: {problem}", file=sys.stderr)
+        log.error(f"problem: {problem}")
     return 1 if problems else 0
 
 

@@ -172,7 +172,7 @@ def test_resume_after_a_killed_build_gives_identical_shards(reference_build, syn
         timeout=300,
     )
     assert resumed.returncode == 0, resumed.stderr
-    assert "resuming: keeping" in resumed.stderr
+    assert "resuming: keeping" in resumed.stdout
     assert build_files(out) == build_files(reference_build)  # no .build, no .partial, same bytes
     assert verify(out, decode=False) == []
 
@@ -183,7 +183,7 @@ def test_rerun_of_a_finished_build_does_nothing_and_other_settings_are_refused(
     train = shard_dirs["train"]
     before = {p.name: p.stat().st_mtime_ns for p in train.iterdir()}
     proc = run_module("shards.build", *shard_build_args["train"])
-    assert proc.returncode == 0 and "already holds this build" in proc.stderr
+    assert proc.returncode == 0 and "already holds this build" in proc.stdout
     args = list(shard_build_args["train"])
     args[args.index("--short-side") + 1] = "128"
     proc = run_module("shards.build", *args)
@@ -280,7 +280,7 @@ def test_rerun_notices_a_deleted_or_truncated_shard(reference_build, synth_root,
     out = tmp_path / "train"
     shutil.copytree(reference_build, out)
     args = _train_args(synth_root, out, workers=1)
-    assert "already holds this build" in run_module("shards.build", *args).stderr
+    assert "already holds this build" in run_module("shards.build", *args).stdout
     (out / "train-000002.tar").unlink()
     line = _one_error_line(run_module("shards.build", *args))
     assert "train-000002.tar is missing" in line and "--overwrite" in line and "shards.verify" in line

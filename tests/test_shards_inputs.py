@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 
-from shards.build import plan_order
 from shards.inputs import (
     InputError,
     VideoInput,
@@ -19,6 +18,7 @@ from shards.inputs import (
     resolve_labels,
     sanitize_key,
 )
+from shards.plan import plan_order
 
 
 def touch(path: Path) -> Path:

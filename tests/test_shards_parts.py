@@ -24,10 +24,10 @@ from test_shards_build import build_files
 
 from shards import format as fmt
 from shards.build import main as build_main
-from shards.build import part_range, plan_order, resolve_part, slurm_part
 from shards.inputs import collect_inputs
 from shards.merge import main as merge_main
 from shards.merge import patch_shard_ids
+from shards.plan import part_range, plan_order, resolve_part, slurm_part
 from shards.resume import BuildLocked, BuildLocks
 from shards.verify import check_shard_members, verify
 from shards.writer import ShardWriter, sha256_file
@@ -96,7 +96,7 @@ def merged(unmerged, tmp_path_factory) -> tuple[Path, str]:
         [sys.executable, "-m", "shards.merge", str(out)], env=module_env(), capture_output=True, text=True, timeout=300
     )
     assert proc.returncode == 0, proc.stderr
-    return out, proc.stderr
+    return out, proc.stdout
 
 
 def test_parts_leave_no_manifest_and_disjoint_shard_names(unmerged):
@@ -200,7 +200,7 @@ def test_a_killed_part_resumes_to_the_same_shards_and_merge(base_args, unmerged,
         timeout=300,
     )
     assert resumed.returncode == 0, resumed.stderr
-    assert "resuming: keeping 1 finished shard(s)" in resumed.stderr and "part 2/3" in resumed.stderr
+    assert "resuming: keeping 1 finished shard(s)" in resumed.stdout and "part 2/3" in resumed.stdout
     assert _part_files(out, 2) == _part_files(unmerged, 2)
     assert merge_main([str(out)]) == 0
     assert build_files(out) == build_files(merged[0])  # every tar, index, failures.jsonl and the manifest
