@@ -197,7 +197,7 @@ def _codec_args(settings: EncodeSettings) -> dict:
     return {"c:v": "mjpeg", "q:v": q, "pix_fmt": "yuvj420p"}
 
 
-def _frames(source: str, settings: EncodeSettings):
+def _scaled_video(source: str, settings: EncodeSettings):
     """The decoded, upright, square-pixel, scaled video stream of `source` (an ffmpeg-python node)."""
     # "file:" keeps a name that starts with "-" or contains ":" from being read as an option or a protocol.
     stream = ffmpeg.input(f"file:{source}", threads=settings.threads)["v:0"]
@@ -215,7 +215,8 @@ def _frames(source: str, settings: EncodeSettings):
     ).filter("setsar", 1)
 
 
-def _encode(stream, output: str, settings: EncodeSettings, **extra):
+def _encoder_output(stream, output: str, settings: EncodeSettings, **extra):
+    """`stream` encoded into the file `output` as `settings` say, bit-exact, video only (an ffmpeg-python node)."""
     return stream.output(
         output,
         an=None,
@@ -232,7 +233,8 @@ def _encode(stream, output: str, settings: EncodeSettings, **extra):
     )
 
 
-def _compile(out, settings: EncodeSettings) -> list[str]:
+def _ffmpeg_argv(out, settings: EncodeSettings) -> list[str]:
+    """The ffmpeg command line that runs the ffmpeg-python graph `out`."""
     # -xerror: a damaged source (bad packets, truncated data) fails instead of giving concealed garbage frames
     # and a frame count that depends on how much of it the decoder could guess.
     strict = [] if settings.tolerate_decode_errors else ["-xerror"]
@@ -246,22 +248,22 @@ def build_command(source: str, output: str, settings: EncodeSettings) -> list[st
     """The ffmpeg argv for one transcode with `phases` = 1 (ffmpeg-python builds it; no shell involved)."""
     if settings.phases != 1:
         raise ValueError("build_command writes one output; use build_phase_command")
-    return _compile(_encode(_frames(source, settings), output, settings, fps_mode="cfr"), settings)
+    return _ffmpeg_argv(_encoder_output(_scaled_video(source, settings), output, settings, fps_mode="cfr"), settings)
 
 
 def build_phase_command(source: str, settings: EncodeSettings, workdir: str) -> tuple[list[str], list[str]]:
     """The ffmpeg argv of a transcode into `phases` P > 1 outputs, and their paths (`workdir/phase{p}.<container>`):
     output p holds frames p, p+P, p+2P, ... of the constant-rate video."""
     p_count = settings.phases
-    split = _frames(source, settings).filter_multi_output("split", p_count)
+    split = _scaled_video(source, settings).filter_multi_output("split", p_count)
     paths, outputs = [], []
     for p in range(p_count):
         # Each phase is timed at the source's frame rate (N/FRAME_RATE/TB is N in exact arithmetic but e.g.
         # 28.999... in doubles for N = 29 at 25 fps, hence round(): equal timestamps would be "repaired").
         phase = split.stream(p).filter("select", f"eq(mod(n,{p_count}),{p})").filter("setpts", "round(N/FRAME_RATE/TB)")
         paths.append(os.path.join(workdir, f"phase{p}.{settings.effective_container}"))
-        outputs.append(_encode(phase, paths[-1], settings, fps_mode="passthrough"))
-    return _compile(ffmpeg.merge_outputs(*outputs), settings), paths
+        outputs.append(_encoder_output(phase, paths[-1], settings, fps_mode="passthrough"))
+    return _ffmpeg_argv(ffmpeg.merge_outputs(*outputs), settings), paths
 
 
 _PREFIX = re.compile(r"^(\[[^\]]*\]\s*)+")
