@@ -92,8 +92,8 @@ MANIFEST_NAME = "manifest.json"
 FAILURES_NAME = "failures.jsonl"
 TAR_BLOCK = 512
 INDEX_VERSION = "v1.2"  # DALI's webdataset index format (`read_index`, `write_dali_index`)
-# Codecs DALI's CPU video decoder reads (measured with nvidia-dali 2.4: VP8, VP9 and MJPEG; H.264, HEVC, AV1 and
-# MPEG-4 need its GPU decoder, NVDEC).
+# Codecs DALI's CPU video decoder reads; the others need its GPU decoder, NVDEC (bench/RESULTS.md, "Field notes
+# (shards)").
 DALI_CPU_CODECS = ("vp8", "vp9", "mjpeg")
 
 
