@@ -8,11 +8,15 @@ shards built from it by the real shard builder.
   4 samples per shard (train: 3 shards, val: 2), val built with `--classes` from train's manifest.
 - `shard_build_args`: the exact `shards.build` arguments behind `shard_dirs`, per split.
 - `run_module`: run `python -m MODULE ARGS...` in a subprocess with this checkout importable.
+
+Every test starts with logging as pytest sets it up: a command line's `main` called in-process configures the root
+logger (`shards.logs.configure_logging`), and that set-up is undone after the test (`_logging_set_up_undone`).
 """
 
 from __future__ import annotations
 
 import importlib.util
+import logging
 import os
 import subprocess
 import sys
@@ -23,6 +27,23 @@ import pytest
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SYNTH_CLASSES, SYNTH_PER_CLASS, SYNTH_VAL_PER_CLASS = 3, 4, 2
 SHARD_SHORT_SIDE, SHARD_SAMPLES_PER_SHARD = 96, 4
+
+
+_ROOT_HANDLERS_AT_START = set(logging.getLogger().handlers)
+_ROOT_LEVEL_AT_START = logging.getLogger().level
+
+
+@pytest.fixture(autouse=True)
+def _logging_set_up_undone():
+    """After each test, remove the root handlers that an in-process `main` added (in the test or in a fixture of any
+    scope) and restore the root level, so that no later test sees another's console set-up. pytest's own capture
+    handlers come and go with each phase: they stay."""
+    yield
+    root = logging.getLogger()
+    for handler in root.handlers[:]:
+        if handler not in _ROOT_HANDLERS_AT_START and not type(handler).__module__.startswith("_pytest"):
+            root.removeHandler(handler)
+    root.setLevel(_ROOT_LEVEL_AT_START)
 
 
 def module_env() -> dict:

@@ -43,15 +43,10 @@ def test_lines_go_to_the_streams_of_the_moment_not_those_of_the_set_up():
     # a command line called in-process (as tests call `main`) after sys.stdout / sys.stderr were swapped
     from shards.logs import configure_logging
 
-    before = logging.getLogger().handlers[:], logging.getLogger().level
-    try:
-        configure_logging(rank=0)
-        out, err = io.StringIO(), io.StringIO()
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            logging.getLogger("shards.test").info("an info line")
-            logging.getLogger("shards.test").warning("a warning line")
-        assert out.getvalue().splitlines() == ["an info line"]
-        assert err.getvalue().splitlines() == ["a warning line"]
-    finally:
-        logging.getLogger().handlers[:], _ = before
-        logging.getLogger().setLevel(before[1])
+    configure_logging(rank=0)  # undone after the test (conftest)
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        logging.getLogger("shards.test").info("an info line")
+        logging.getLogger("shards.test").warning("a warning line")
+    assert out.getvalue().splitlines() == ["an info line"]
+    assert err.getvalue().splitlines() == ["a warning line"]
