@@ -5,10 +5,12 @@
     for batch in loader:                       # one epoch
         video, mask = batch["video"], batch["mask"]
 
-See `pipeline.loader` (epochs, resume, corrupt samples, the zero-copy handoff), `pipeline.graph` (the DALI graph),
-`pipeline.config` (options and per-mode defaults), `pipeline.mixup` (mixup/cutmix for video on the device) and
-`python -m pipeline.preview` (look at what the model is fed). Names are imported on first use, so that
-`pipeline.mixup` or `pipeline.config` alone does not load DALI.
+See `pipeline.loader` (epochs, last batch, resume), `pipeline.plan` (the decode plan, several pipelines per rank),
+`pipeline.recovery` (corrupt samples), `pipeline.strategy` (what NVDEC reads, decode="auto"), `pipeline.handoff`
+(DALI outputs to torch without copies), `pipeline.protocol` (the `Loader` protocol the trainer relies on),
+`pipeline.graph` (the DALI graph), `pipeline.config` (options and per-mode defaults), `pipeline.mixup` (mixup/cutmix
+for video on the device) and `python -m pipeline.preview` (look at what the model is fed). Names are imported on
+first use, so that `pipeline.mixup`, `pipeline.config` or `pipeline.protocol` alone does not load DALI.
 """
 
 import importlib
@@ -16,7 +18,8 @@ import importlib
 _EXPORTS = {
     "PipelineConfig": "pipeline.config",
     "VideoLoader": "pipeline.loader",
-    "LoaderStats": "pipeline.loader",
+    "Loader": "pipeline.protocol",
+    "LoaderStats": "pipeline.protocol",
     "build_loader": "pipeline.loader",
     "VideoMixup": "pipeline.mixup",
 }

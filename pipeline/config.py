@@ -15,7 +15,7 @@ Fields left at `None` take the mode's default when `resolved()` is called:
 
 Decoding strategy (none of it changes a batch): `decoder_groups` / `cpu_decoder_groups` split each batch over
 decoder instances inside one graph, `pipelines` over whole DALI pipelines, and `decode="auto"` lets the loader time
-candidates at start and keep the fastest (see `pipeline.loader`).
+candidates at start and keep the fastest (see `pipeline.strategy`).
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-MODES = ("pretrain", "finetune", "eval")
+MODES = ("pretrain", "finetune", "eval")  # the one definition: other modules import it
 DECODE_CHOICES = ("fixed", "auto")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)

@@ -29,14 +29,12 @@ overlap) are made after decoding (`fn.sequence_rearrange`). IVF members are firs
 header, then its bytes from the last key frame at or before the run's first frame to the end of its last frame, found in
 the sample's cuts table (`shards.format`). A clip then costs its own frames plus its distance to that key frame.
 
-Plan: an external source feeds one int32 per sample per iteration (a whole-batch numpy array from the loader, the
-graph's only Python input; no per-sample callback). A sample planned -1 is skipped: the expensive branch (decode,
-resize, RandAugment, normalize, erase) is not run for it and small placeholders are emitted instead. Every random
-draw except those inside RandAugment and the erasing noise is made outside the branch, so a skipped iteration
-advances the random state exactly like a decoded one: the loader uses this to fast-forward to a saved position in
-milliseconds per batch, and to make the batches prefetched past the end of an epoch free. A sample planned g >= 0
-is decoded by decoder instance g of `decoder_groups` (groups below `cpu_decoder_groups` on CPU threads): the loader
-spreads positions over the groups so that no instance ever sees an empty batch.
+Plan: an external source feeds one int32 per sample per iteration (`pipeline.plan.DecodePlan`: a whole-batch numpy
+array, the graph's only Python input; no per-sample callback). A sample planned -1 is skipped: the expensive branch
+(decode, resize, RandAugment, normalize, erase) is not run for it and small placeholders are emitted instead. Every
+random draw except those inside RandAugment and the erasing noise is made outside the branch, so a skipped iteration
+advances the random state exactly like a decoded one (the loader fast-forwards with it). A sample planned g >= 0 is
+decoded by decoder instance g of `decoder_groups` (groups below `cpu_decoder_groups` on CPU threads).
 """
 
 from __future__ import annotations

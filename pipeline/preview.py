@@ -27,8 +27,10 @@ import sys
 
 import numpy as np
 
+from pipeline.config import MODES
 from pipeline.loader import build_loader
 from shards import format as fmt
+from shards.logs import configure_logging
 
 
 def collect(args: argparse.Namespace) -> dict[str, np.ndarray]:
@@ -104,7 +106,7 @@ def draw(
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pipeline.preview", description=__doc__.split("\n\n")[0])
     parser.add_argument("--shards", required=True, help="shard directory, brace pattern, glob or tar")
-    parser.add_argument("--mode", choices=["pretrain", "finetune", "eval"], default="pretrain")
+    parser.add_argument("--mode", choices=MODES, default="pretrain")
     parser.add_argument("--out", help="PNG grid to write")
     parser.add_argument("--dump", help="NPZ of the batch before normalization")
     parser.add_argument("--batch-size", type=int, default=2)
@@ -119,6 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", choices=["cpu", "gpu"], default="cpu")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
+    configure_logging()
     if not args.out and not args.dump:
         parser.error("nothing to do: give --out and/or --dump")
     try:

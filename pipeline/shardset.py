@@ -200,9 +200,9 @@ class ShardSet:
                 )
 
     def check_gpu_decodable(self) -> None:
-        """Raise a one-line error for VP8/VP9 shards built below NVDEC's smallest frame: on an H100, DALI's mixed
-        decoder refused VP9 under 128x128 ("Video is too small ... supported: 128x128", seen 2026-11-25), failing
-        every sample. Only the manifest's build settings are consulted; shards without a manifest pass."""
+        """Raise a one-line error for VP8/VP9 shards built below NVDEC's smallest frame, which DALI's mixed decoder
+        refuses for every sample (bench/RESULTS.md, H100 field notes). Only the manifest's build settings are
+        consulted; shards without a manifest pass."""
         for directory in sorted({os.path.dirname(os.path.abspath(tar)) for tar in self.tars}):
             manifest = _manifest_if_there(directory)
             if manifest is None:

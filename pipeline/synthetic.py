@@ -6,7 +6,7 @@ Two uses:
   and handed out again and again, so a training step never waits for data).
 
 `nan_batches` injects faults for tests: the batches handed out at those positions (counted from 0) hold NaN
-videos. `stats.corrupt_samples` stays 0 (nothing is decoded).
+videos. `stats.corrupt_samples` stays 0 (nothing is decoded). A `pipeline.protocol.Loader`, like the DALI loader.
 
 Content: each class has a fixed random template video; a sample is its class template plus fresh Gaussian noise, so
 a classifier can learn it and pretraining has structure to reconstruct. Everything is a pure function of
@@ -25,17 +25,11 @@ V = num_clips * num_crops (eval) views per sample, views of one sample in consec
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
 
 import torch
 
-MODES = ("pretrain", "finetune", "eval")
-
-
-@dataclass
-class SyntheticStats:
-    batches: int = 0
-    corrupt_samples: int = 0  # always 0: nothing is decoded
+from pipeline.config import MODES
+from pipeline.protocol import LoaderStats
 
 
 class SyntheticLoader:
@@ -86,7 +80,7 @@ class SyntheticLoader:
         self.in_memory = in_memory
         self.nan_batches = set(nan_batches)  # fault injection: these batches (counted from 0) hold NaN videos
         self.epoch, self.position = 0, 0
-        self.stats = SyntheticStats()
+        self.stats = LoaderStats()  # corrupt_samples stays 0: nothing is decoded
         if state is not None:
             self.load_state_dict(state)
         # The class templates are fixed for a seed; they do not depend on rank, epoch or resume.
@@ -115,6 +109,7 @@ class SyntheticLoader:
             if self.stats.batches in self.nan_batches:
                 batch = {**batch, "video": torch.full_like(batch["video"], float("nan"))}
             self.stats.batches += 1
+            self.stats.samples += len(batch_ids)
             yield batch
         if len(self) == 0:
             self.epoch += 1
@@ -127,6 +122,10 @@ class SyntheticLoader:
             "seed": self.seed,
             "world_size": self.world_size,
         }
+
+    def close(self) -> None:
+        """Drop the cached batch; there is nothing else to free."""
+        self._cached = None
 
     def load_state_dict(self, state: dict) -> None:
         if state.get("kind") != "synthetic":

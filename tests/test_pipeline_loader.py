@@ -9,7 +9,7 @@ import pipeline_shards as ps
 import pytest
 import torch
 
-import pipeline.loader as loader_module
+import pipeline.plan as plan_module
 from pipeline import build_loader
 from shards import format as fmt
 from shards import ivf
@@ -75,7 +75,7 @@ def test_resume_continues_exactly(stop_after, never_empty, groups, monkeypatch):
     """stop_after: mid-epoch, and exactly at the end of epoch 0 (4 batches). never_empty: fast-forward as on the
     GPU backend, decoding the first sample (per decoder group) of each skipped batch."""
     if never_empty:
-        monkeypatch.setattr(loader_module, "NEVER_EMPTY_DEVICES", frozenset({"cpu", "gpu"}))
+        monkeypatch.setattr(plan_module, "NEVER_EMPTY_DEVICES", frozenset({"cpu", "gpu"}))
     directory = ps.train_shards().directory
     options = dict(num_repeats=2, debug_outputs=True, seed=7, decoder_groups=groups, **SMALL)
     uninterrupted = build_loader(directory, "pretrain", 3, **options)
@@ -203,14 +203,14 @@ def test_decoder_groups_split_the_batch_without_changing_it():
 def test_decode_plan_never_leaves_a_decoder_group_empty():
     """Every decoder instance gets a sample in every iteration, skipped ones included, when it must never see an
     empty batch (NVDEC); without that need a skipped iteration decodes nothing."""
-    plan = loader_module._DecodePlan(batch_size=5, groups=3, start=2, stop=4, never_empty=True)
+    plan = plan_module.DecodePlan(batch_size=5, groups=3, start=2, stop=4, never_empty=True)
     rows = [plan() for _ in range(5)]
     for i, row in enumerate(rows):
         assert row.dtype == np.int32 and row.shape == (5,)
         assert set(row[row >= 0].tolist()) == {0, 1, 2}, i
         assert (row < 0).any() == (i < 2 or i >= 4), i
     assert rows[2].tolist() == [0, 1, 2, 0, 1]
-    lazy = loader_module._DecodePlan(batch_size=5, groups=3, start=1)
+    lazy = plan_module.DecodePlan(batch_size=5, groups=3, start=1)
     assert (lazy() < 0).all() and (lazy() >= 0).all()
     with pytest.raises(ValueError, match="decoder_groups=3 exceeds batch_size=2"):
         build_loader(ps.train_shards().directory, "pretrain", 2, decoder_groups=3, **SMALL)

@@ -15,7 +15,8 @@ import pipeline_shards as ps
 import pytest
 import torch
 
-import pipeline.loader as loader_module
+import pipeline.plan as plan_module
+import pipeline.strategy as strategy_module
 from pipeline import build_loader
 from pipeline.config import PipelineConfig
 
@@ -93,7 +94,7 @@ def test_resume_with_several_pipelines_continues_exactly(stop_after, never_empty
     decodes its first rows of every skipped batch. The saved state does not depend on the strategy: a run saved
     with 2 pipelines resumes with 1 and the other way round."""
     if never_empty:
-        monkeypatch.setattr(loader_module, "NEVER_EMPTY_DEVICES", frozenset({"cpu", "gpu"}))
+        monkeypatch.setattr(plan_module, "NEVER_EMPTY_DEVICES", frozenset({"cpu", "gpu"}))
     directory = ps.train_shards().directory
     options = dict(num_repeats=2, debug_outputs=True, seed=7, **SMALL)
     expected = two_epochs(build_loader(directory, "pretrain", 3, **options))  # 4 batches per epoch
@@ -140,8 +141,7 @@ def test_decode_plans_of_several_pipelines_partition_every_batch():
     or (never_empty) exactly `groups` of the pipeline's own rows, one per group."""
     batch, pipelines, groups = 7, 3, 2
     plans = [
-        loader_module._DecodePlan(batch, groups, start=1, never_empty=True, share=(i, pipelines))
-        for i in range(pipelines)
+        plan_module.DecodePlan(batch, groups, start=1, never_empty=True, share=(i, pipelines)) for i in range(pipelines)
     ]
     skipped, decoded = [p() for p in plans], [p() for p in plans]
     owner = np.full(batch, -1)
@@ -155,7 +155,7 @@ def test_decode_plans_of_several_pipelines_partition_every_batch():
     for i, row in enumerate(skipped):
         kept = np.flatnonzero(row >= 0)
         assert kept.tolist() == list(range(i, batch, pipelines))[:groups] and sorted(row[kept]) == [0, 1]
-    lazy = loader_module._DecodePlan(batch, groups, start=1, share=(1, pipelines))
+    lazy = plan_module.DecodePlan(batch, groups, start=1, share=(1, pipelines))
     assert (lazy() < 0).all() and (lazy() >= 0).sum() == 2
 
 
@@ -178,7 +178,7 @@ def test_auto_decode_times_candidates_logs_them_and_keeps_the_batches(caplog):
     directory = ps.train_shards().directory
     options = dict(num_repeats=2, debug_outputs=True, seed=11, **SMALL)
     fixed = two_epochs(build_loader(directory, "pretrain", 4, **options))
-    with caplog.at_level(logging.WARNING, logger="pipeline"):
+    with caplog.at_level(logging.INFO, logger="pipeline"):
         auto = build_loader(directory, "pretrain", 4, decode="auto", auto_batches=2, **options)
     table = auto.decode_table
     strategies = [(r["pipelines"], r["decoder_groups"], r["cpu_decoder_groups"]) for r in table]
@@ -207,10 +207,10 @@ def test_auto_decode_keeps_the_fastest_and_survives_failing_candidates(monkeypat
             raise rate
         return rate
 
-    monkeypatch.setattr(loader_module.VideoLoader, "_time_strategy", fake)
+    monkeypatch.setattr(strategy_module, "time_strategy", fake)
     directory = ps.train_shards().directory
     options = dict(num_repeats=2, debug_outputs=True, seed=5, **SMALL)
-    with caplog.at_level(logging.WARNING, logger="pipeline"):
+    with caplog.at_level(logging.INFO, logger="pipeline"):
         auto = build_loader(directory, "pretrain", 4, decode="auto", **options)
     assert (auto.cfg.pipelines, auto.cfg.decoder_groups) == (1, 2)
     assert "failed (no decoder here)" in caplog.text and "-> pipelines=1 decoder_groups=2" in caplog.text
@@ -221,7 +221,7 @@ def test_auto_decode_keeps_the_fastest_and_survives_failing_candidates(monkeypat
 
     rates.update({key: RuntimeError("broken") for key in rates})
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="pipeline"):
+    with caplog.at_level(logging.INFO, logger="pipeline"):
         fallback = build_loader(directory, "pretrain", 4, decode="auto", pipelines=2, **options)
     assert (fallback.cfg.pipelines, fallback.cfg.decoder_groups) == (2, 1)
     assert "none ran, keeping the configured one" in caplog.text
@@ -230,7 +230,8 @@ def test_auto_decode_keeps_the_fastest_and_survives_failing_candidates(monkeypat
 def test_auto_candidates_respect_batch_size_and_start_with_the_configured_strategy():
     directory = ps.train_shards().directory
     loader = build_loader(directory, "pretrain", 3, pipelines=3, **SMALL)
-    assert loader._strategies() == [(3, 1, 0), (1, 1, 0), (1, 2, 0), (2, 1, 0)]  # 2 x 2 > batch 3
+    candidates = strategy_module.candidates(loader._builder, loader.cfg)
+    assert candidates == [(3, 1, 0), (1, 1, 0), (1, 2, 0), (2, 1, 0)]  # 2 x 2 > batch 3
 
 
 # -- GPU backend (skipped without CUDA) -----------------------------------------------------------------------------

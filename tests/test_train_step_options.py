@@ -170,7 +170,7 @@ def test_pipeline_strategy_options_pass_through_data_options(tmp_path, capsys, c
         "run.tensorboard=false",
         TINY_MODEL.replace("patch_size: 8", "patch_size: 16"),
     ]
-    with caplog.at_level(logging.WARNING, logger="pipeline"):
+    with caplog.at_level(logging.INFO, logger="pipeline"):
         assert (
             train.main(
                 [*base, f"run.out_dir={tmp_path / 'a'}", "data.options={pipelines: 2, decode: auto, auto_batches: 1}"]

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import torch
 
+from pipeline.protocol import Loader
+
 # Dense bf16 tensor-core peaks from the vendors' data sheets, FLOP/s per device, for MFU (run.peak_tflops overrides).
 PEAK_BF16_FLOPS = {
     "H100": 989e12,
@@ -35,9 +37,9 @@ def peak_flops(peak_tflops: float | None, device: torch.device) -> float | None:
     return next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
 
 
-def skipped_samples(loader) -> int:
+def skipped_samples(loader: Loader) -> int:
     """Corrupt samples the loader has skipped so far on this rank."""
-    return int(getattr(getattr(loader, "stats", None), "corrupt_samples", 0) or 0)
+    return loader.stats.corrupt_samples
 
 
 @dataclass

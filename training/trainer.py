@@ -16,7 +16,7 @@ import signal
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -27,6 +27,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from model.checkpoint import model_payload, save_checkpoint
 from model.flops import training_flops_per_clip
 from model.runtime import autocast, autocast_dtype
+from pipeline.protocol import Loader
 from training.build import build_loader, build_mixup, make_model
 from training.checkpointing import capture_rng_state, restore_rng_state
 from training.config import Config
@@ -70,7 +71,7 @@ class Trainer:
 
     model: nn.Module  # the bare model: checkpoints hold its weights
     ddp_model: nn.Module  # what the step calls: `model`, in DDP and/or torch.compile
-    loader: Any  # pipeline.VideoLoader, or pipeline.synthetic.SyntheticLoader
+    loader: Loader  # pipeline.VideoLoader, or pipeline.synthetic.SyntheticLoader
     schedule: CosineSchedule
     optimizer: torch.optim.AdamW
     scaler: torch.amp.GradScaler | None  # fp16 only
@@ -180,7 +181,7 @@ class Trainer:
         return {
             **model_payload(self.kind, self.model_cfg, self.model, class_names),
             "step": self.step,
-            "epoch": getattr(self.loader, "epoch", None),
+            "epoch": self.loader.epoch,
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.schedule.state_dict(),
             "scaler": self.scaler.state_dict() if self.scaler else None,
@@ -336,7 +337,7 @@ class Trainer:
         elapsed = time.perf_counter() - window.t0
         clips_per_s = sums[1].item() / elapsed
         record = {
-            "epoch": getattr(self.loader, "epoch", None),
+            "epoch": self.loader.epoch,
             "loss": sums[0].item() / (dist.world_size * max(window.loss_steps, 1)),
             "lr": self.lr,
             "grad_norm": None if self.grad_norm is None else self.grad_norm.item(),
