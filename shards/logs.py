@@ -26,16 +26,24 @@ class _BelowWarning(logging.Filter):
         return record.levelno < logging.WARNING
 
 
+class ConsoleHandler(logging.StreamHandler):
+    """The handlers `configure_logging` installs on the root logger (one on stdout, one on stderr)."""
+
+
 def configure_logging(rank: int | None = None, verbose: bool = False) -> None:
     """Route the root logger as the module docstring says. `rank`: this process's rank (default: $RANK, else 0);
-    `verbose`: DEBUG on rank 0. Calling it again replaces the earlier set-up."""
+    `verbose`: DEBUG on rank 0. Calling it again replaces the earlier set-up. Handlers that someone else put on the
+    root logger stay (a command line's `main()` run inside a test keeps pytest's log capture working)."""
     rank = int(os.environ.get("RANK", 0)) if rank is None else rank
     fmt = FORMAT if rank == 0 else f"[rank {rank}] {FORMAT}"
-    out = logging.StreamHandler(sys.stdout)
+    out = ConsoleHandler(sys.stdout)
     out.addFilter(_BelowWarning())
-    err = logging.StreamHandler(sys.stderr)
+    err = ConsoleHandler(sys.stderr)
     err.setLevel(logging.WARNING)
+    root = logging.getLogger()
+    for handler in [h for h in root.handlers if isinstance(h, ConsoleHandler)]:
+        root.removeHandler(handler)
     for handler in (out, err):
         handler.setFormatter(logging.Formatter(fmt))
-    level = (logging.DEBUG if verbose else logging.INFO) if rank == 0 else logging.WARNING
-    logging.basicConfig(level=level, handlers=[out, err], force=True)
+        root.addHandler(handler)
+    root.setLevel((logging.DEBUG if verbose else logging.INFO) if rank == 0 else logging.WARNING)

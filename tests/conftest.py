@@ -8,11 +8,15 @@ shards built from it by the real shard builder.
   4 samples per shard (train: 3 shards, val: 2), val built with `--classes` from train's manifest.
 - `shard_build_args`: the exact `shards.build` arguments behind `shard_dirs`, per split.
 - `run_module`: run `python -m MODULE ARGS...` in a subprocess with this checkout importable.
+
+Every test also gets the root logger back as it found it: a command line's `main()` run in this process configures
+logging (`shards.logs.configure_logging`) onto the streams of that test, which later tests must not write to.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import logging
 import os
 import subprocess
 import sys
@@ -30,6 +34,20 @@ def module_env() -> dict:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH")) if p)
     return env
+
+
+@pytest.fixture(autouse=True)
+def _root_logging_restored():
+    """Take off the root logger the handlers a `main()` installed (on this test's stdout and stderr) and restore the
+    root level, so that later tests do not log into streams that are gone."""
+    from shards.logs import ConsoleHandler
+
+    root = logging.getLogger()
+    level = root.level
+    yield
+    for handler in [h for h in root.handlers if isinstance(h, ConsoleHandler)]:
+        root.removeHandler(handler)
+    root.setLevel(level)
 
 
 @pytest.fixture(scope="session")
