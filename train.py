@@ -9,7 +9,9 @@ overrides. Unknown keys, wrong types, missing shards and class counts that disag
 with one line (exit status 2), before anything is built. Under torchrun each process reads its own part of the data
 (rank and world size from env://), the model is wrapped in DistributedDataParallel (NCCL on GPUs, gloo on CPUs), and
 rank 0 writes checkpoints, metrics (console, `metrics.jsonl`, TensorBoard) and evaluation results into
-`run.out_dir`. The work is done by `training` (see its package docstring): this file parses, checks, builds, runs.
+`run.out_dir`. Console lines go through `logging` (`shards.logs.configure_logging`): rank 0's INFO lines on stdout,
+warnings and errors on stderr, other ranks' warnings with their rank in front. The work is done by `training` (see
+its package docstring): this file parses, checks, builds, runs.
 """
 
 from __future__ import annotations
@@ -18,8 +20,10 @@ import argparse
 import sys
 from pathlib import Path
 
+from pipeline.config import MODES
+from shards.logs import configure_logging
 from training.checkpointing import load_resume
-from training.config import MODES, ConfigError, check_config, check_resume_arg, load_config
+from training.config import ConfigError, check_config, check_resume_arg, load_config
 from training.distributed import setup, teardown
 from training.evaluate import evaluate
 from training.trainer import StopRequest, Trainer
@@ -37,17 +41,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     """Exit status: 0 done (or stopped by a signal, with a checkpoint), 2 configuration error, 3 non-finite loss."""
     args = parse_args(argv)
+    configure_logging()  # rank 0 (from $RANK) logs from INFO up on stdout, the other ranks warnings only
     try:
         cfg = load_config(args.config, args.overrides)
         check_resume_arg(args.mode, args.resume)
-        facts = check_config(cfg, args.mode)
+        data_facts = check_config(cfg, args.mode)
         if args.mode == "eval":
-            return evaluate(cfg, facts, setup())
+            return evaluate(cfg, data_facts, setup())
         stop = StopRequest()  # before the set-up: a SIGTERM while it runs is a stop request too
         dist = setup()
         ckpt = load_resume(args.resume, Path(cfg.run.out_dir), args.mode, dist)
-        return Trainer(cfg, args.mode, facts, dist, ckpt, stop).run()
-    except ConfigError as e:
+        return Trainer(cfg, args.mode, data_facts, dist, ckpt, stop).run()
+    except ConfigError as e:  # every rank fails alike; the CLI's one line on stderr, whatever the logging set-up
         print(f"config error: {e}", file=sys.stderr, flush=True)
         return 2
     finally:

@@ -13,7 +13,6 @@ How predictions become pixels (per-tubelet un-normalization, as the official vis
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import sys
 from pathlib import Path
@@ -26,16 +25,17 @@ from torch import nn
 from model.pixels import mask_video, reconstruct_pixels
 from model.runtime import pipeline_device, resolve_device
 from shards import format as fmt
+from shards.logs import configure_logging
 
 MASK_GREY = 0.5
 
 
 # ---------------------------------------------------------------------------------------------------- running
 def load_pretraining_model(checkpoint_or_model: str | os.PathLike | nn.Module, trust_pickle: bool = False) -> nn.Module:
-    from model.loading import load_model_of_kind
+    from model.loading import load_model_of_class
     from model.videomae import VideoMAEPretrain
 
-    return load_model_of_kind(
+    return load_model_of_class(
         checkpoint_or_model,
         VideoMAEPretrain,
         "pretraining model",
@@ -175,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.num < 1 or args.frames < 1:
         p.error("--num and --frames must be >= 1")
-    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    configure_logging()
     try:
         result = reconstruct(
             args.checkpoint,

@@ -105,17 +105,17 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_intermixed_args(argv)
 
     cfg = load_config(args.config, args.overrides)
-    facts = check_config(cfg, args.mode)  # the real side's shards must exist
+    data_facts = check_config(cfg, args.mode)  # the real side's shards must exist
     # Same sizes as the real side: samples (so epochs and the lr schedule match) and classes (head width).
     in_memory = [
         *args.overrides,
         "data.source=synthetic",
         "data.synthetic_in_memory=true",
-        f"data.synthetic_samples={facts['num_samples'] or 1024}",
-        f"data.synthetic_classes={facts['num_classes'] or 2}",
+        f"data.synthetic_samples={data_facts.num_samples or 1024}",
+        f"data.synthetic_classes={data_facts.num_classes or 2}",
     ]
     if args.mode == "finetune":
-        in_memory.append(f"model.num_classes={facts['num_classes']}")
+        in_memory.append(f"model.num_classes={data_facts.num_classes}")
     sides = {"real": list(args.overrides), "in_memory": in_memory}
     print(
         f"bench_train: {args.config} {args.mode}, {args.steps} steps x {args.repeats} repeats, "

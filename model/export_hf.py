@@ -12,12 +12,12 @@ The output directory holds `config.json` and `model.safetensors`:
     class names (HF's placeholder names `LABEL_i` when it has none: HF needs id2label to know the class count);
   * a pretraining model becomes `VideoMAEForPreTraining` (encoder, encoder_to_decoder, mask token, decoder).
 
-The weights are the inverse of `model.loading.convert_hf_state_dict`: the fused `qkv` weight is split into
-query / key / value, the q / v biases are written as `attention.attention.q_bias` / `.v_bias` (the spelling
-`save_pretrained` of transformers 5 itself writes and the hub checkpoints use; transformers 5 renames it to
-`query.bias` / `value.bias` on load, transformers 4 reads it as it is). The fixed sin-cos position tables are not
-stored (transformers rebuilds them, as we do). Every export is checked before it is written: the HF state dict
-converted back with `convert_hf_state_dict` must give the model's own state dict bit for bit, and `config_from_hf`
+The weights are renamed by the key table of `model.hf_keys` that the import reads too (`ours_to_hf`): the fused
+`qkv` weight is split into query / key / value, the q / v biases are written as `attention.attention.q_bias` /
+`.v_bias` (the spelling `save_pretrained` of transformers 5 itself writes and the hub checkpoints use; transformers 5
+renames it to `query.bias` / `value.bias` on load, transformers 4 reads it as it is). The fixed sin-cos position
+tables are not stored (transformers rebuilds them, as we do). Every export is checked before it is written: the HF
+state dict converted back with `hf_to_ours` must give the model's own state dict bit for bit, and `config_from_hf`
 on the written config must give the model's architecture; a model the format cannot express (learnable position
 embeddings, no classifier head) is refused in one line.
 
@@ -40,7 +40,6 @@ import argparse
 import json
 import logging
 import os
-import re
 import shutil
 import sys
 import tempfile
@@ -50,9 +49,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from shards.logs import configure_logging
+
 from .checkpoint import resolve_checkpoint_path
 from .config import VideoMAEConfig
-from .loading import config_from_hf, convert_hf_state_dict, load_pretrained, rename_prefixes
+from .hf_keys import hf_to_ours, ours_to_hf
+from .loading import config_from_hf, load_pretrained
 from .videomae import VideoMAEClassifier, VideoMAEPretrain
 
 log = logging.getLogger("model.export_hf")
@@ -62,16 +64,6 @@ WEIGHTS_NAME = "model.safetensors"
 ARCHITECTURES = {"classify": "VideoMAEForVideoClassification", "pretrain": "VideoMAEForPreTraining"}
 # transformers builds fc_norm and the decoder's final norm as nn.LayerNorm(dim): torch's default eps, not configurable
 HF_HEAD_NORM_EPS = 1e-5
-
-# our block keys (after "blocks.{i}.") -> HF layer keys (after "layer.{i}."): loading._hf_layer_key inverted
-_BLOCK_TO_HF = {
-    "attn.proj.": "attention.output.dense.",
-    "norm1.": "layernorm_before.",
-    "norm2.": "layernorm_after.",
-    "mlp.fc1.": "intermediate.dense.",
-    "mlp.fc2.": "output.dense.",
-}
-_BIAS_TO_HF = {"attn.q_bias": "attention.attention.q_bias", "attn.v_bias": "attention.attention.v_bias"}
 
 
 class ExportError(ValueError):
@@ -207,71 +199,19 @@ def _check_config(cfg: VideoMAEConfig, kind: str, written: dict[str, Any], sourc
 # weights
 
 
-def _blocks_to_hf(
-    state: dict[str, torch.Tensor], src_prefix: str, dst_prefix: str, out: dict[str, torch.Tensor], used: set[str]
-) -> None:
-    """Our blocks `src_prefix{i}.` -> HF layers `dst_prefix{i}.`; qkv.weight float[3D, D] split into query, key,
-    value float[D, D] each (q, k, v order, as `_convert_hf_blocks` concatenates them)."""
-    pattern = re.compile(re.escape(src_prefix) + r"(\d+)\.(.+)$")
-    for key, value in state.items():
-        m = pattern.match(key)
-        if not m:
-            continue
-        used.add(key)
-        base, rest = f"{dst_prefix}{m.group(1)}.", m.group(2)
-        if rest == "attn.qkv.weight":
-            # clones: safetensors refuses tensors that share storage, and chunks of one weight do
-            for name, part in zip(("query", "key", "value"), value.chunk(3, dim=0)):
-                out[f"{base}attention.attention.{name}.weight"] = part.clone()
-            continue
-        if rest in _BIAS_TO_HF:
-            out[base + _BIAS_TO_HF[rest]] = value
-            continue
-        for src, dst in _BLOCK_TO_HF.items():
-            if rest.startswith(src):
-                out[base + dst + rest[len(src) :]] = value
-                break
-        else:
-            raise ExportError(f"{key}: no transformers VideoMAE counterpart")
-
-
 def to_hf_state_dict(state: dict[str, torch.Tensor], kind: str) -> dict[str, torch.Tensor]:
-    """Our state dict (of a model of `kind`) -> transformers' VideoMAE key layout; the inverse of
-    `model.loading.convert_hf_state_dict`. A key without an HF counterpart raises ExportError naming it."""
-    enc = "encoder." if kind == "pretrain" else ""
-    out: dict[str, torch.Tensor] = {}
-    used: set[str] = set()
-    _blocks_to_hf(state, f"{enc}blocks.", "videomae.encoder.layer.", out, used)
-    if kind == "pretrain":
-        _blocks_to_hf(state, "decoder.blocks.", "decoder.decoder_layers.", out, used)
-    simple = {
-        f"{enc}patch_embed.proj.": "videomae.embeddings.patch_embeddings.projection.",
-        f"{enc}norm.": "videomae.layernorm.",
-    }
-    if kind == "classify":
-        simple.update({"fc_norm.": "fc_norm.", "head.": "classifier."})
-    else:
-        simple.update(
-            {
-                "encoder_to_decoder.": "encoder_to_decoder.",
-                "decoder.norm.": "decoder.norm.",
-                "decoder.head.": "decoder.head.",
-                "mask_token": "mask_token",
-            }
-        )
-    for key, value in state.items():
-        if key in used:
-            continue
-        renamed = rename_prefixes(key, simple)
-        if renamed is None:
-            raise ExportError(f"{key}: no transformers VideoMAE counterpart")
-        out[renamed] = value
-    return out
+    """Our state dict (of a model of `kind`) under transformers' keys (`model.hf_keys.ours_to_hf`); a key without a
+    transformers counterpart raises ExportError naming it."""
+    try:
+        return ours_to_hf(state, kind)
+    except ValueError as e:
+        raise ExportError(str(e)) from None
 
 
 def _check_inverse(state: dict[str, torch.Tensor], hf_state: dict[str, torch.Tensor], kind: str, source: str) -> None:
-    """`convert_hf_state_dict(hf_state)` must give `state` back exactly (same keys, bit-equal tensors)."""
-    back = convert_hf_state_dict(hf_state, kind)
+    """`hf_to_ours(hf_state)` (the import's direction) must give `state` back exactly (same keys, bit-equal
+    tensors)."""
+    back = hf_to_ours(hf_state, kind)
     if set(back) != set(state):
         extra, missing = sorted(set(back) - set(state)), sorted(set(state) - set(back))
         raise ExportError(f"{source}: export does not invert the HF import: extra {extra[:4]}, missing {missing[:4]}")
@@ -292,7 +232,7 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
-def check_out_dir(out: Path, overwrite: bool) -> None:
+def refuse_occupied_export_dir(out: Path, overwrite: bool) -> None:
     """ValueError (one line) when `out` may not be written: a file, or a non-empty directory without overwrite."""
     if out.exists() and not out.is_dir():
         raise ValueError(f"{out}: exists and is not a directory")
@@ -305,13 +245,13 @@ def export_model(model: nn.Module, out: str | os.PathLike, overwrite: bool = Fal
     transformers VideoMAE directory `out` (config.json + model.safetensors), atomically. Returns `out`.
 
     Raises ExportError (a ValueError) for a model the format cannot express, ValueError for an `out` that may not
-    be written (see `check_out_dir`). Approximations (see `approximations`) are logged as warnings.
+    be written (see `refuse_occupied_export_dir`). Approximations (see `approximations`) are logged as warnings.
     """
     from safetensors.torch import save_file
 
     out = Path(out)
     source = source or type(model).__name__
-    check_out_dir(out, overwrite)
+    refuse_occupied_export_dir(out, overwrite)
     kind = model_kind(model)
     cfg: VideoMAEConfig = model.cfg
     class_names = getattr(model, "class_names", None) if kind == "classify" else None
@@ -363,7 +303,7 @@ def export_checkpoint(
     """Load `checkpoint` (anything `load_pretrained` reads; a run directory means its latest checkpoint) and
     `export_model` it to `out`. `overrides`: VideoMAEConfig fields for `load_pretrained` (geometry and head counts
     of official .pth files). Returns (out, the loaded model)."""
-    check_out_dir(Path(out), overwrite)  # before the (possibly long) load
+    refuse_occupied_export_dir(Path(out), overwrite)  # before the (possibly long) load
     path = resolve_checkpoint_path(checkpoint)
     model = load_pretrained(path, **overrides)
     return export_model(model, out, overwrite=overwrite, source=str(path)), model
@@ -395,10 +335,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    configure_logging()
     out = Path(args.out)
     try:
-        check_out_dir(out, args.overwrite)
+        refuse_occupied_export_dir(out, args.overwrite)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

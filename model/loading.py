@@ -5,7 +5,7 @@ Understood formats (detected from the path's contents):
     "model_config" (VideoMAEConfig.to_dict()), "model" (state dict), "class_names" (list or None);
   * Hugging Face VideoMAE directories: config.json + model.safetensors or pytorch_model.bin, of
     VideoMAEForPreTraining or VideoMAEForVideoClassification (label names from config.json's id2label);
-    older (q_bias / v_bias) and newer (query.bias / value.bias) key spellings;
+    older (q_bias / v_bias) and newer (query.bias / value.bias) key spellings (the key table: `model.hf_keys`);
   * official VideoMAE .pth files: the state dict under "model" or "module" (optionally "module."-prefixed),
     pretraining ones with encoder./decoder. prefixes, fine-tuned ones with fc_norm / head. Their state dicts
     carry no input geometry, so num_frames / img_size default to 16 / 224 (pass overrides otherwise), and head
@@ -39,6 +39,7 @@ from torch import nn
 from .checkpoint import FORMAT as CHECKPOINT_FORMAT
 from .checkpoint import load_error_reason, torch_load_refusal
 from .config import VideoMAEConfig
+from .hf_keys import hf_to_ours
 from .layers import sinusoid_position_table
 from .videomae import VideoMAEClassifier, VideoMAEPretrain
 
@@ -105,84 +106,7 @@ def load_state_strict(
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Hugging Face
-
-
-def _hf_layer_key(rest: str) -> str | None:
-    """Map the part of an HF layer key after 'layer.{i}.' to our block key (qkv handled separately)."""
-    table = {
-        "attention.output.dense.": "attn.proj.",
-        "layernorm_before.": "norm1.",
-        "layernorm_after.": "norm2.",
-        "intermediate.dense.": "mlp.fc1.",
-        "output.dense.": "mlp.fc2.",
-    }
-    for src, dst in table.items():
-        if rest.startswith(src):
-            return dst + rest[len(src) :]
-    if rest in ("attention.attention.q_bias", "attention.attention.query.bias"):
-        return "attn.q_bias"
-    if rest in ("attention.attention.v_bias", "attention.attention.value.bias"):
-        return "attn.v_bias"
-    return None
-
-
-def _convert_hf_blocks(
-    state: dict[str, torch.Tensor], src_prefix: str, dst_prefix: str, out: dict[str, torch.Tensor], used: set[str]
-) -> None:
-    """Blocks under `src_prefix{i}.` -> `dst_prefix{i}.` with q/k/v weights fused into qkv (q, k, v order)."""
-    pattern = re.compile(re.escape(src_prefix) + r"(\d+)\.(.+)$")
-    layers: dict[int, dict[str, torch.Tensor]] = {}
-    for key, value in state.items():
-        m = pattern.match(key)
-        if m:
-            layers.setdefault(int(m.group(1)), {})[m.group(2)] = value
-            used.add(key)
-    for i, parts in layers.items():
-        qkv = [parts.pop(f"attention.attention.{n}.weight", None) for n in ("query", "key", "value")]
-        if any(w is not None for w in qkv):
-            if any(w is None for w in qkv):
-                raise CheckpointError(f"layer {src_prefix}{i}: query/key/value weights incomplete")
-            out[f"{dst_prefix}{i}.attn.qkv.weight"] = torch.cat(qkv, dim=0)
-        if "attention.attention.key.bias" in parts:
-            raise CheckpointError(
-                f"layer {src_prefix}{i} has a key bias; VideoMAE attention has none (q and v biases only)"
-            )
-        for rest, value in parts.items():
-            mapped = _hf_layer_key(rest)
-            out[f"{dst_prefix}{i}.{mapped}" if mapped else f"{src_prefix}{i}.{rest}"] = value
-
-
-def rename_prefixes(key: str, prefixes: dict[str, str]) -> str | None:
-    """`key` with its first matching prefix (of `prefixes`, old -> new, in order) replaced; None when none matches."""
-    for src, dst in prefixes.items():
-        if key.startswith(src):
-            return dst + key[len(src) :]
-    return None
-
-
-def convert_hf_state_dict(state: dict[str, torch.Tensor], kind: str) -> dict[str, torch.Tensor]:
-    """HF VideoMAE key layout -> ours. Keys it does not know are passed through unchanged (and then fail the
-    strict load with their HF name)."""
-    enc = "encoder." if kind == "pretrain" else ""
-    out: dict[str, torch.Tensor] = {}
-    used: set[str] = set()
-    _convert_hf_blocks(state, "videomae.encoder.layer.", f"{enc}blocks.", out, used)
-    _convert_hf_blocks(state, "decoder.decoder_layers.", "decoder.blocks.", out, used)
-    simple = {
-        "videomae.embeddings.patch_embeddings.projection.": f"{enc}patch_embed.proj.",
-        "videomae.layernorm.": f"{enc}norm.",
-        "fc_norm.": "fc_norm.",
-        "classifier.": "head.",
-        "encoder_to_decoder.": "encoder_to_decoder.",
-        "decoder.norm.": "decoder.norm.",
-        "decoder.head.": "decoder.head.",
-        "mask_token": "mask_token",
-    }
-    for key, value in state.items():
-        if key not in used:
-            out[rename_prefixes(key, simple) or key] = value
-    return out
+# Hugging Face (weights: model.hf_keys)
 
 
 def config_from_hf(hf: dict[str, Any], source: str, kind: str) -> VideoMAEConfig:
@@ -293,7 +217,11 @@ def _read_hf_dir(path: Path) -> tuple[str, VideoMAEConfig, dict[str, torch.Tenso
     if kind == "classify" and hf.get("id2label"):
         id2label = {int(k): v for k, v in hf["id2label"].items()}
         class_names = [id2label[i] for i in range(len(id2label))]
-    return kind, cfg, convert_hf_state_dict(state, kind), class_names
+    try:
+        ours = hf_to_ours(state, kind)
+    except ValueError as e:  # a layer with incomplete query / key / value weights, or a key bias
+        raise CheckpointError(f"{path}: {e}") from None
+    return kind, cfg, ours, class_names
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -507,12 +435,16 @@ def load_pretrained(
     return model.eval()
 
 
-def load_model_of_kind(
-    checkpoint_or_model: str | os.PathLike | nn.Module, kind: type, what: str, why: str, trust_pickle: bool = False
+def load_model_of_class(
+    checkpoint_or_model: str | os.PathLike | nn.Module,
+    model_class: type[nn.Module],
+    what: str,
+    why: str,
+    trust_pickle: bool = False,
 ) -> nn.Module:
-    """`checkpoint_or_model` as a model of class `kind`: a model passes through, a path goes through
-    `load_pretrained` (a run directory means its latest checkpoint; `trust_pickle` as there). Another class is a
-    one-line error naming the source: "SOURCE: a X is not a WHAT (WHY)"."""
+    """`checkpoint_or_model` as an instance of `model_class` (VideoMAEPretrain or VideoMAEClassifier): a model passes
+    through, a path goes through `load_pretrained` (a run directory means its latest checkpoint; `trust_pickle` as
+    there). Another class is a one-line error naming the source: "SOURCE: a X is not a WHAT (WHY)"."""
     from model.checkpoint import resolve_checkpoint_path
 
     if isinstance(checkpoint_or_model, nn.Module):
@@ -520,6 +452,10 @@ def load_model_of_kind(
     else:
         source = str(checkpoint_or_model)
         model = load_pretrained(resolve_checkpoint_path(checkpoint_or_model), trust_pickle=trust_pickle)
-    if not isinstance(model, kind):
+    if not isinstance(model, model_class):
         raise ValueError(f"{source}: a {type(model).__name__} is not a {what} ({why})")
     return model
+
+
+# the former name, while apps/predict.py still imports it ("kind" elsewhere is the string "pretrain" | "classify")
+load_model_of_kind = load_model_of_class

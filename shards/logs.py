@@ -26,10 +26,11 @@ class _BelowWarning(logging.Filter):
         return record.levelno < logging.WARNING
 
 
-class _StandardStream(logging.StreamHandler):
-    """A handler writing to sys.stdout or sys.stderr as they are when a record is emitted, not as they were when
-    logging was configured: a command line called in-process (tests, `contextlib.redirect_stdout`) that swaps them
-    gets its lines, and no handler is left holding a closed stream."""
+class ConsoleHandler(logging.StreamHandler):
+    """The handlers `configure_logging` installs on the root logger, one on stdout and one on stderr. Each writes to
+    sys.stdout or sys.stderr as they are when a record is emitted, not as they were when logging was configured: a
+    command line called in-process (tests, `contextlib.redirect_stdout`) that swaps them gets its lines, and no
+    handler is left holding a closed stream."""
 
     def __init__(self, name: str) -> None:
         self._stream_name = name  # not `_name`: logging.Handler has one
@@ -46,14 +47,18 @@ class _StandardStream(logging.StreamHandler):
 
 def configure_logging(rank: int | None = None, verbose: bool = False) -> None:
     """Route the root logger as the module docstring says. `rank`: this process's rank (default: $RANK, else 0);
-    `verbose`: DEBUG on rank 0. Calling it again replaces the earlier set-up."""
+    `verbose`: DEBUG on rank 0. Calling it again replaces the earlier set-up. Handlers that someone else put on the
+    root logger stay (a command line's `main()` run inside a test keeps pytest's log capture working)."""
     rank = int(os.environ.get("RANK", 0)) if rank is None else rank
     fmt = FORMAT if rank == 0 else f"[rank {rank}] {FORMAT}"
-    out = _StandardStream("stdout")
+    out = ConsoleHandler("stdout")
     out.addFilter(_BelowWarning())
-    err = _StandardStream("stderr")
+    err = ConsoleHandler("stderr")
     err.setLevel(logging.WARNING)
+    root = logging.getLogger()
+    for handler in [h for h in root.handlers if isinstance(h, ConsoleHandler)]:
+        root.removeHandler(handler)
     for handler in (out, err):
         handler.setFormatter(logging.Formatter(fmt))
-    level = (logging.DEBUG if verbose else logging.INFO) if rank == 0 else logging.WARNING
-    logging.basicConfig(level=level, handlers=[out, err], force=True)
+        root.addHandler(handler)
+    root.setLevel((logging.DEBUG if verbose else logging.INFO) if rank == 0 else logging.WARNING)

@@ -10,7 +10,7 @@ shards built from it by the real shard builder.
 - `run_module`: run `python -m MODULE ARGS...` in a subprocess with this checkout importable.
 
 Every test starts with logging as pytest sets it up: a command line's `main` called in-process configures the root
-logger (`shards.logs.configure_logging`), and that set-up is undone after the test (`_logging_set_up_undone`).
+logger (`shards.logs.configure_logging`), and that set-up is undone after the test (`_root_logging_restored`).
 """
 
 from __future__ import annotations
@@ -51,6 +51,20 @@ def module_env() -> dict:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH")) if p)
     return env
+
+
+@pytest.fixture(autouse=True)
+def _root_logging_restored():
+    """Take off the root logger the handlers a `main()` installed (on this test's stdout and stderr) and restore the
+    root level, so that later tests do not log into streams that are gone."""
+    from shards.logs import ConsoleHandler
+
+    root = logging.getLogger()
+    level = root.level
+    yield
+    for handler in [h for h in root.handlers if isinstance(h, ConsoleHandler)]:
+        root.removeHandler(handler)
+    root.setLevel(level)
 
 
 @pytest.fixture(scope="session")

@@ -272,6 +272,7 @@ def test_existing_output_needs_overwrite(tmp_path, capsys):
     out.mkdir(parents=True)
     export(src, out)  # an existing empty directory is fine
     before = (out / WEIGHTS_NAME).read_bytes()
+    capsys.readouterr()  # the export's console lines (its fc_norm eps warning on stderr) are not the refusal's
 
     (out / "README.md").write_text("keep me")
     assert main(["--checkpoint", str(src), "--out", str(out)]) == 2

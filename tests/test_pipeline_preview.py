@@ -1,23 +1,10 @@
 """`python -m pipeline.preview`: the grid and the dump, whose indices and boxes come from the graph."""
 
-import logging
-
 import numpy as np
 import pipeline_shards as ps
 import pytest
 
 from pipeline import preview
-
-
-@pytest.fixture(autouse=True)
-def _restore_logging():
-    """main() sets up the root logger as every CLI does (shards.logs), on this test's captured streams: put the
-    test process's set-up back, so that later tests do not log into closed streams."""
-    root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level
-    yield
-    root.handlers[:] = handlers
-    root.setLevel(level)
 
 
 @pytest.mark.parametrize("mode", ["pretrain", "eval"])

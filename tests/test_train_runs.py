@@ -305,9 +305,9 @@ def nan_batch_2(monkeypatch):
 
 def test_non_finite_loss_stops_naming_the_step(tmp_path, nan_batch_2, capsys):
     returncode = train.main(train_cmd("pretrain", tmp_path / "run", *SYNTHETIC)[2:])
-    stdout = capsys.readouterr().out
-    assert returncode == 3, stdout
-    assert "the loss is not finite at step 2" in stdout
+    stderr = capsys.readouterr().err  # logged as an error: stderr
+    assert returncode == 3, stderr
+    assert "the loss is not finite at step 2" in stderr
     assert latest_checkpoint(tmp_path / "run") is None  # the spoiled weights are not saved
 
 

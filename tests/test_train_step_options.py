@@ -178,6 +178,7 @@ def test_pipeline_strategy_options_pass_through_data_options(tmp_path, capsys, c
             == 0
         )
     assert "decode=auto timed 1 batches of 4 clips" in caplog.text
+    capsys.readouterr()  # the run's console lines (the loader's start-up warnings on stderr) are not the refusal's
     one_line_error(
         capsys,
         [*base, f"run.out_dir={tmp_path / 'b'}", "data.options={decode: fastest}"],

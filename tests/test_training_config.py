@@ -45,7 +45,7 @@ def test_published_configs_pass_every_check(shard_dirs):
         cfg = config.load_config(str(path), local)
         # eval needs weights; its data and model settings are checked the way fine-tuning checks them
         facts = config.check_config(cfg, "finetune" if mode == "eval" else mode)
-        assert facts["num_samples"] == 12, path
+        assert facts.num_samples == 12, path
 
 
 def test_overrides_are_typed():

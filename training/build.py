@@ -1,11 +1,11 @@
-"""The parts a run is built from, shared by training and evaluation: this rank's loader, the model, mixup."""
+"""The parts a run is built from, shared by training and evaluation: this rank's loader, the model, its EMA, mixup."""
 
 from __future__ import annotations
 
 from torch import nn
 
 from model.runtime import pipeline_device, resolve_device
-from training.config import Config, ConfigError, model_overrides
+from training.config import Config, ConfigError, model_kind_for, model_overrides
 from training.distributed import Dist
 
 
@@ -72,25 +72,34 @@ def make_model(cfg: Config, mode: str, num_classes: int | None, resume_config: d
     from model import CheckpointError, VideoMAEConfig, build_model, load_pretrained
     from model.checkpoint import load_checkpoint, resolve_checkpoint_path
 
-    kind = "pretrain" if mode == "pretrain" else "classify"
+    model_kind = model_kind_for(mode)
     overrides = model_overrides(cfg, None if mode == "pretrain" else num_classes)
     if resume_config is not None:
         model_cfg = VideoMAEConfig.from_dict(resume_config).replace(**cfg.model.overrides)
-        return build_model(kind, model_cfg), model_cfg
+        return build_model(model_kind, model_cfg), model_cfg
     if mode == "pretrain" or not cfg.model.pretrained:
         model_cfg = VideoMAEConfig.from_name(cfg.model.name, **overrides)
-        return build_model(kind, model_cfg), model_cfg
+        return build_model(model_kind, model_cfg), model_cfg
     path = resolve_checkpoint_path(cfg.model.pretrained)
     overrides.pop("num_classes", None)
     try:
         model: nn.Module = load_pretrained(
-            path, kind="classify", num_classes=num_classes, trust_pickle=cfg.model.trust_pickle, **overrides
+            path, kind=model_kind, num_classes=num_classes, trust_pickle=cfg.model.trust_pickle, **overrides
         )
         if mode == "eval" and cfg.eval.use_ema:
             model.load_state_dict(load_checkpoint(path, required=("model_ema",))["model_ema"])
     except (CheckpointError, ValueError) as e:  # CheckpointError is a ValueError; so are foreign model configs
         raise ConfigError(str(e).splitlines()[0]) from e
     return model, model.cfg
+
+
+def build_ema(cfg: Config, model: nn.Module):
+    """timm's ModelEmaV3 of `model` (decay run.ema_decay) when run.ema asks for one, else None."""
+    if not cfg.run.ema:
+        return None
+    from timm.utils import ModelEmaV3
+
+    return ModelEmaV3(model, decay=cfg.run.ema_decay)
 
 
 def build_mixup(cfg: Config, num_classes: int, rank: int):

@@ -22,6 +22,7 @@ file in place of a good one.
 
 from __future__ import annotations
 
+import logging
 import os
 import random
 from pathlib import Path
@@ -31,8 +32,10 @@ import numpy as np
 import torch
 
 from model.checkpoint import list_checkpoints, load_checkpoint
-from training.config import ConfigError
-from training.distributed import Dist, say
+from training.config import ConfigError, model_kind_for
+from training.distributed import Dist
+
+log = logging.getLogger("training")
 
 # what `train.py --resume` reads; a checkpoint without any of these cannot continue a run
 RESUME_KEYS = ("kind", "model_config", "model", "step", "optimizer", "scheduler", "rng", "loader")
@@ -111,9 +114,9 @@ def load_resume(resume: str | None, out_dir: Path, mode: str, dist: Dist) -> dic
             )
         for bad, why in skipped:
             if dist.is_main:  # set aside (renamed, kept): keep-last-N must not keep it in place of good ones to come
-                say(f"--resume auto: skipped {why}; renamed to {set_aside(bad).name}", dist)
+                log.warning("--resume auto: skipped %s; renamed to %s", why, set_aside(bad).name)
         if path is None:
-            say(f"--resume auto: no checkpoint in {out_dir} yet, starting from scratch", dist)
+            log.info("--resume auto: no checkpoint in %s yet, starting from scratch", out_dir)
     elif resume:
         path = Path(resume)
         try:
@@ -121,11 +124,10 @@ def load_resume(resume: str | None, out_dir: Path, mode: str, dist: Dist) -> dic
         except (OSError, ValueError) as e:
             raise ConfigError(str(e).splitlines()[0]) from e
     if ckpt is not None:
-        kind = "pretrain" if mode == "pretrain" else "classify"
-        if ckpt["kind"] != kind or len(ckpt["rng"]) != dist.world_size:
+        if ckpt["kind"] != model_kind_for(mode) or len(ckpt["rng"]) != dist.world_size:
             raise ConfigError(
                 f"{path}: a {ckpt['kind']} checkpoint of {len(ckpt['rng'])} ranks cannot resume "
                 f"{mode} on {dist.world_size}"
             )
-        say(f"resuming from {path} at step {ckpt['step']}", dist)
+        log.info("resuming from %s at step %s", path, ckpt["step"])
     return ckpt

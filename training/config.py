@@ -18,8 +18,8 @@ from typing import Any
 import yaml
 
 from model.runtime import PRECISIONS
+from pipeline.config import MODES  # the one definition of the modes (pipeline.config loads no DALI)
 
-MODES = ("pretrain", "finetune", "eval")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
@@ -123,6 +123,30 @@ class ConfigError(ValueError):
     """A configuration problem, reported as one line before any compute."""
 
 
+@dataclass(frozen=True)
+class DataFacts:
+    """What `check_config` learned about the run's data split (data.train, or data.val for eval), for the run to use.
+
+    manifest     the shard directory's manifest.json (None: synthetic data, or shards given by pattern)
+    class_names  the manifest's class list (synthetic: class0, class1, ...), or None
+    num_classes  model.num_classes, else the number of class names; None when neither says (pretraining)
+    num_samples  videos in the split as the manifest counts them, or None when unknown
+    """
+
+    manifest: dict | None
+    class_names: list[str] | None
+    num_classes: int | None
+    num_samples: int | None
+
+
+def model_kind_for(mode: str) -> str:
+    """The kind of model (`model.build_model`) a mode (one of MODES) trains or evaluates: pretrain -> "pretrain"
+    (VideoMAEPretrain), finetune and eval -> "classify" (VideoMAEClassifier)."""
+    if mode not in MODES:
+        raise ValueError(f"mode {mode!r}: expected one of {MODES}")
+    return "pretrain" if mode == "pretrain" else "classify"
+
+
 # ------------------------------------------------------------------------------------------------------- loading
 def load_config(path: str | None, overrides: list[str]) -> Config:
     """The YAML file, then `section.key=value` overrides (values read as YAML), checked against `Config`."""
@@ -215,18 +239,19 @@ def check_resume_arg(mode: str, resume: str | None) -> None:
         raise ConfigError(f"{resume}: checkpoint to resume from not found")
 
 
-def check_config(cfg: Config, mode: str) -> dict:
-    """Every check that needs no compute. Returns what it learned: manifest, class count and names, sample count."""
+def check_config(cfg: Config, mode: str) -> DataFacts:
+    """Every check that needs no compute. Returns what it learned about the data (manifest, class names and count,
+    sample count)."""
     _check_values(cfg, mode)
     check_step_options(cfg)
-    facts = _data_facts(cfg, mode)
+    data_facts = _data_facts(cfg, mode)
     _check_model(cfg, mode)
     if mode == "eval" and not cfg.model.pretrained:
         raise ConfigError("eval needs model.pretrained (a checkpoint, run directory or Hugging Face directory)")
     if cfg.model.pretrained and mode != "pretrain":
-        _check_pretrained(cfg, mode, facts["num_classes"])
+        _check_pretrained(cfg, mode, data_facts.num_classes)
     check_out_dir(cfg.run.out_dir)
-    return facts
+    return data_facts
 
 
 def _check_values(cfg: Config, mode: str) -> None:
@@ -322,16 +347,16 @@ def check_step_options(cfg: Config) -> None:
         raise ConfigError(f"run.cuda_graph_step cannot capture a step with {'; '.join(found)}")
 
 
-def _data_facts(cfg: Config, mode: str) -> dict:
+def _data_facts(cfg: Config, mode: str) -> DataFacts:
     """The split's shards (readable, suiting the stride) and pipeline options; its manifest, class names and count,
     sample count, checked against the model and one global batch."""
     d = cfg.data
-    facts: dict = {"manifest": None, "class_names": None, "num_samples": None}
+    manifest: dict | None = None
     split_key = "data.val" if mode == "eval" else "data.train"
     split = d.val if mode == "eval" else d.train
     if d.source == "synthetic":
-        facts["class_names"] = [f"class{i}" for i in range(d.synthetic_classes)]
-        facts["num_samples"] = d.synthetic_samples
+        class_names: list[str] | None = [f"class{i}" for i in range(d.synthetic_classes)]
+        num_samples: int | None = d.synthetic_samples
     else:
         if not split:
             raise ConfigError(f"{mode} needs {split_key} (a shard directory)")
@@ -340,7 +365,7 @@ def _data_facts(cfg: Config, mode: str) -> dict:
         try:
             shard_format.resolve_shards(split)
             if os.path.isdir(split):
-                facts["manifest"] = shard_format.read_manifest(split)
+                manifest = shard_format.read_manifest(split)
             from pipeline.shardset import ShardSet
 
             ShardSet(split).check_stride(d.stride)
@@ -354,19 +379,18 @@ def _data_facts(cfg: Config, mode: str) -> dict:
                 raise ConfigError(
                     f"unknown pipeline option 'data.options.{key}' (PipelineConfig fields: {', '.join(sorted(known))})"
                 )
-        manifest = facts["manifest"] or {}
-        facts["class_names"] = manifest.get("classes") or None
-        facts["num_samples"] = manifest.get("num_samples")
-    facts["num_classes"] = cfg.model.num_classes or (len(facts["class_names"]) if facts["class_names"] else None)
-    if mode != "pretrain" and not facts["num_classes"]:
+        class_names = (manifest or {}).get("classes") or None
+        num_samples = (manifest or {}).get("num_samples")
+    num_classes = cfg.model.num_classes or (len(class_names) if class_names else None)
+    if mode != "pretrain" and not num_classes:
         raise ConfigError(f"{split_key}: no class list in the manifest; set model.num_classes")
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    if mode != "eval" and facts["num_samples"] is not None and facts["num_samples"] < d.batch_size * world:
+    if mode != "eval" and num_samples is not None and num_samples < d.batch_size * world:
         raise ConfigError(
-            f"{split}: {facts['num_samples']} samples, fewer than one global batch "
+            f"{split}: {num_samples} samples, fewer than one global batch "
             f"(data.batch_size {d.batch_size} x {world} ranks)"
         )
-    return facts
+    return DataFacts(manifest=manifest, class_names=class_names, num_classes=num_classes, num_samples=num_samples)
 
 
 def _check_model(cfg: Config, mode: str) -> None:

@@ -1,5 +1,6 @@
-"""One process per GPU (or CPU worker) under torchrun: env:// rendezvous, this process's device, collectives that are
-no-ops in a single process, and console lines from rank 0."""
+"""One process per GPU (or CPU worker) under torchrun: env:// rendezvous, this process's device, and collectives that
+are no-ops in a single process. (Console lines are logging's: `shards.logs.configure_logging` in train.py shows rank
+0's INFO lines and every rank's warnings.)"""
 
 from __future__ import annotations
 
@@ -66,9 +67,3 @@ def gather(obj: Any) -> list:
     out = [None] * torch_dist.get_world_size()
     torch_dist.all_gather_object(out, obj)
     return out
-
-
-def say(message: str, dist: Dist | None = None) -> None:
-    """Print on rank 0 (or wherever `dist` is None)."""
-    if dist is None or dist.is_main:
-        print(message, flush=True)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import os
 import sys
 import time
@@ -18,9 +19,11 @@ from tqdm import tqdm
 
 from model.runtime import autocast
 from training.build import build_loader, make_model
-from training.config import Config
-from training.distributed import Dist, all_reduce, say
+from training.config import Config, DataFacts
+from training.distributed import Dist, all_reduce
 from training.metrics import skipped_samples
+
+log = logging.getLogger("training")
 
 
 def aggregate_views(probs, sample_id, view, num_samples: int, num_views: int, rank: int):
@@ -47,17 +50,17 @@ def aggregate_views(probs, sample_id, view, num_samples: int, num_views: int, ra
     return sums / counts.clamp(min=1).unsqueeze(1), counts
 
 
-def evaluate(cfg: Config, facts: dict, dist: Dist) -> int:
+def evaluate(cfg: Config, data_facts: DataFacts, dist: Dist) -> int:
     """One pass over data.val on every rank; the results on rank 0. Exit status 0."""
     out_dir = Path(cfg.run.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    model, model_cfg = make_model(cfg, "eval", facts["num_classes"])
+    model, model_cfg = make_model(cfg, "eval", data_facts.num_classes)
     model.to(dist.device).eval()
     loader = build_loader(cfg, "eval", dist, model_cfg)
     t0 = time.perf_counter()
     views = _view_logits(cfg, model, loader, dist)
-    logits = views["logits"].reshape(-1, facts["num_classes"]).float()
-    num_samples = facts["num_samples"] or int(all_reduce(views["sample_id"].max() + 1, "max").item())
+    logits = views["logits"].reshape(-1, data_facts.num_classes).float()
+    num_samples = data_facts.num_samples or int(all_reduce(views["sample_id"].max() + 1, "max").item())
     if cfg.eval.save_view_scores:
         torch.save({k: v.cpu() for k, v in views.items()}, out_dir / f"views-rank{dist.rank}.pt")
     num_views = cfg.data.test_clips * cfg.data.test_crops
@@ -69,7 +72,7 @@ def evaluate(cfg: Config, facts: dict, dist: Dist) -> int:
     all_reduce(labels, "max")
     skipped = int(all_reduce(torch.tensor(skipped_samples(loader), device=dist.device)).item())
     if dist.is_main:
-        _report(cfg, facts, mean, counts, labels, skipped, time.perf_counter() - t0)
+        _report(cfg, data_facts, mean, counts, labels, skipped, time.perf_counter() - t0)
     return 0
 
 
@@ -86,7 +89,7 @@ def _view_logits(cfg: Config, model, loader, dist: Dist) -> dict[str, torch.Tens
     return {k: torch.cat(v) if v else torch.empty(0, dtype=torch.int64, device=dist.device) for k, v in parts.items()}
 
 
-def _report(cfg: Config, facts: dict, mean, counts, labels, skipped: int, seconds: float) -> None:
+def _report(cfg: Config, data_facts: DataFacts, mean, counts, labels, skipped: int, seconds: float) -> None:
     """Top-1 / top-5 over the videos with a label; eval.json, predictions.csv and the console line."""
     out_dir, num_views = Path(cfg.run.out_dir), cfg.data.test_clips * cfg.data.test_crops
     seen, top5 = counts > 0, mean.topk(min(5, mean.shape[1]), dim=1)
@@ -101,8 +104,8 @@ def _report(cfg: Config, facts: dict, mean, counts, labels, skipped: int, second
         "skipped_samples": skipped,
         "seconds": seconds,
     }
-    keys = (facts["manifest"] or {}).get("keys") or [f"sample{i}" for i in range(len(counts))]
-    names = facts["class_names"] or [str(i) for i in range(mean.shape[1])]
+    keys = (data_facts.manifest or {}).get("keys") or [f"sample{i}" for i in range(len(counts))]
+    names = data_facts.class_names or [str(i) for i in range(mean.shape[1])]
     pred_path = out_dir / cfg.eval.predictions
     tmp = pred_path.with_name(pred_path.name + ".tmp")
     with open(tmp, "w", newline="") as f:
@@ -124,7 +127,7 @@ def _report(cfg: Config, facts: dict, mean, counts, labels, skipped: int, second
             )
     os.replace(tmp, pred_path)
     (out_dir / "eval.json").write_text(json.dumps(result, indent=2) + "\n")
-    say(
+    log.info(
         f"eval: top-1 {100 * result['top1']:.2f}%  top-5 {100 * result['top5']:.2f}%  over {n} videos x {num_views} "
         f"views ({result['videos_missing']} missing, {result['videos_with_fewer_views']} with fewer views, {skipped} "
         f"corrupt samples skipped); predictions: {pred_path}"

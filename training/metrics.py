@@ -4,6 +4,7 @@ logging window, and the device peaks that MFU divides by."""
 from __future__ import annotations
 
 import json
+import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -11,6 +12,7 @@ from pathlib import Path
 import torch
 
 from pipeline.protocol import Loader
+log = logging.getLogger("training")
 
 # Dense bf16 tensor-core peaks from the vendors' data sheets, FLOP/s per device, for MFU (run.peak_tflops overrides).
 PEAK_BF16_FLOPS = {
@@ -54,7 +56,8 @@ class Window:
 
 
 class MetricsLog:
-    """Rank 0's metrics: a console line, a JSON line in `metrics.jsonl` and TensorBoard scalars per record."""
+    """Rank 0's metrics: a console line (logged at INFO), a JSON line in `metrics.jsonl` and TensorBoard scalars per
+    record."""
 
     def __init__(self, out_dir: Path, enabled: bool, tensorboard: bool) -> None:
         self.file = open(out_dir / "metrics.jsonl", "a") if enabled else None
@@ -73,7 +76,7 @@ class MetricsLog:
         for k, v in record.items():
             if self.tb is not None and k != "step" and isinstance(v, (int, float)):
                 self.tb.add_scalar(f"train/{k}", v, step)
-        print(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items()), flush=True)
+        log.info(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items()))
 
     def close(self) -> None:
         for handle in (self.file, self.tb):

@@ -1,4 +1,5 @@
-"""AdamW with VideoMAE's parameter groups: no weight decay on biases, norms and embeddings; layer-wise lr decay.
+"""AdamW with VideoMAE's parameter groups (no weight decay on biases, norms and embeddings; layer-wise lr decay), and
+the whole optimization of a run sized by VideoMAE's lr rule (`build_optimization`).
 
 Grouping follows the official code (MCG-NJU/VideoMAE `optim_factory.get_parameter_groups`): a parameter gets no
 weight decay when it is 1-D (biases, LayerNorm weights), its name ends in ".bias", or the model lists it in
@@ -14,9 +15,17 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
+
+from model.runtime import autocast_dtype
+from training.schedule import CosineSchedule
+
+if TYPE_CHECKING:
+    from training.config import Config
 
 _BLOCK_INDEX = re.compile(r"(?:^|\.)blocks\.(\d+)\.")
 
@@ -97,3 +106,43 @@ def build_adamw(
     for g in groups:
         g.pop("names")
     return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, fused=fused)
+
+
+@dataclass
+class Optimization:
+    """The optimization of one run: its size in optimizer steps, the lr schedule, AdamW, and a loss scaler (fp16)."""
+
+    videos_per_step: int  # data.batch_size x optim.grad_accum x ranks
+    steps_per_epoch: int
+    total_steps: int
+    lr_schedule: CosineSchedule
+    optimizer: torch.optim.AdamW
+    scaler: torch.amp.GradScaler | None  # fp16 only
+
+
+def build_optimization(
+    cfg: Config, model: nn.Module, batches_per_epoch: int, world_size: int, device: torch.device
+) -> Optimization:
+    """VideoMAE's rule: lr = base lr x videos per optimizer step / optim.lr_batch_base (repeats are not counted),
+    cosine per step over optim.max_steps or optim.epochs of `batches_per_epoch` (this rank's loader); AdamW over
+    VideoMAE's parameter groups of `model`; a loss scaler for fp16."""
+    o = cfg.optim
+    videos_per_step = cfg.data.batch_size * o.grad_accum * world_size
+    scale = videos_per_step / o.lr_batch_base if o.lr_batch_base else 1.0
+    steps_per_epoch = max(1, batches_per_epoch // o.grad_accum)
+    total_steps = o.max_steps or max(1, round(o.epochs * steps_per_epoch))
+    warmup = o.warmup_steps if o.warmup_steps is not None else round(o.warmup_epochs * steps_per_epoch)
+    lr_schedule = CosineSchedule(
+        o.lr * scale, o.min_lr * scale, total_steps, min(warmup, total_steps), o.warmup_lr * scale
+    )
+    optimizer = build_adamw(
+        model,
+        lr=lr_schedule.base,
+        weight_decay=o.weight_decay,
+        betas=tuple(o.betas),
+        eps=o.eps,
+        layer_decay=o.layer_decay if o.layer_decay < 1 else None,
+    )
+    fp16 = autocast_dtype(device, cfg.run.precision) == torch.float16
+    scaler = torch.amp.GradScaler(device.type) if fp16 else None
+    return Optimization(videos_per_step, steps_per_epoch, total_steps, lr_schedule, optimizer, scaler)

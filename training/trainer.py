@@ -1,17 +1,19 @@
 """Pretraining and fine-tuning: the `Trainer` builds a run's components once, steps, logs and checkpoints.
 
-    trainer = Trainer(cfg, mode, facts, dist, ckpt)   # ckpt: training.checkpointing.load_resume(...) or None
+    data_facts = check_config(cfg, mode)             # training.config: what the checks learned about the data
+    trainer = Trainer(cfg, mode, data_facts, dist, ckpt)   # ckpt: training.checkpointing.load_resume(...) or None
     exit_code = trainer.run()
 
 The training step never waits for the GPU: loss sums, grad norms and the non-finite check stay on the device and are
-read once per logging interval (`log_window`), which is also when the ranks agree to stop after a SIGTERM. Every
-checkpoint is `state_dict()` and every resume `load_state_dict()`.
+read once per logging interval (`log_and_check_stop`), which is also when the ranks agree to stop after a SIGTERM.
+Every checkpoint is `state_dict()` and every resume `load_state_dict()`.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import logging
 import signal
 import time
 from collections.abc import Iterator
@@ -19,21 +21,20 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
-import torch.nn.functional as F
 import yaml
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from model.checkpoint import model_payload, save_checkpoint
 from model.flops import training_flops_per_clip
-from model.runtime import autocast, autocast_dtype
 from pipeline.protocol import Loader
-from training.build import build_loader, build_mixup, make_model
+from training.build import build_ema, build_loader, build_mixup, make_model
 from training.checkpointing import capture_rng_state, restore_rng_state
-from training.config import Config
-from training.distributed import Dist, all_reduce, gather, say
+from training.config import Config, DataFacts, model_kind_for
+from training.distributed import Dist, all_reduce, gather
+from training.loss import StepLoss
 from training.metrics import MetricsLog, Window, peak_flops, skipped_samples
-from training.optim import build_adamw
+from training.optim import build_optimization
 from training.schedule import CosineSchedule
 from training.step import GraphedStep
 
@@ -42,7 +43,9 @@ if TYPE_CHECKING:
 
     from pipeline.mixup import VideoMixup
 
-NO_BAD = torch.iinfo(torch.int64).min  # "no non-finite step" in the max-reduced flags of log_window
+log = logging.getLogger("training")
+
+NO_BAD = torch.iinfo(torch.int64).min  # "no non-finite step" in the max-reduced flags of log_and_check_stop
 
 
 class StopRequest:
@@ -72,63 +75,46 @@ class Trainer:
     model: nn.Module  # the bare model: checkpoints hold its weights
     ddp_model: nn.Module  # what the step calls: `model`, in DDP and/or torch.compile
     loader: Loader  # pipeline.VideoLoader, or pipeline.synthetic.SyntheticLoader
-    schedule: CosineSchedule
+    lr_schedule: CosineSchedule
     optimizer: torch.optim.AdamW
     scaler: torch.amp.GradScaler | None  # fp16 only
     ema: ModelEmaV3 | None
     mixup: VideoMixup | None  # fine-tuning with mixup / cutmix
     graphed: GraphedStep | None  # run.cuda_graph_step
-    log: MetricsLog
+    metrics: MetricsLog  # rank 0 writes; elsewhere it does nothing
 
     def __init__(
-        self, cfg: Config, mode: str, facts: dict, dist: Dist, ckpt: dict | None = None, stop: StopRequest | None = None
+        self,
+        cfg: Config,
+        mode: str,
+        data_facts: DataFacts,
+        dist: Dist,
+        ckpt: dict | None = None,
+        stop: StopRequest | None = None,
     ) -> None:
-        self.cfg, self.mode, self.facts, self.dist = cfg, mode, facts, dist
-        self.kind = "pretrain" if mode == "pretrain" else "classify"
+        self.cfg, self.mode, self.data_facts, self.dist = cfg, mode, data_facts, dist
+        self.model_kind = model_kind_for(mode)
         self.stop = stop or StopRequest()
         self.out_dir = Path(cfg.run.out_dir)
         self.step = 0
         torch.manual_seed(cfg.run.seed + dist.rank)
         self.out_dir.mkdir(parents=True, exist_ok=True)
 
-        self.model, self.model_cfg = make_model(cfg, mode, facts["num_classes"], ckpt["model_config"] if ckpt else None)
+        resume_config = ckpt["model_config"] if ckpt else None
+        self.model, self.model_cfg = make_model(cfg, mode, data_facts.num_classes, resume_config)
         self.model.to(dist.device).train()
         self.loader = build_loader(cfg, mode, dist, self.model_cfg, state=ckpt["loader"][dist.rank] if ckpt else None)
-        self._build_optimization()
-        self.ema = None
-        if cfg.run.ema:
-            from timm.utils import ModelEmaV3
-
-            self.ema = ModelEmaV3(self.model, decay=cfg.run.ema_decay)
-        self.mixup = build_mixup(cfg, facts["num_classes"], dist.rank) if mode == "finetune" else None
+        opt = build_optimization(cfg, self.model, len(self.loader), dist.world_size, dist.device)
+        self.lr_schedule, self.optimizer, self.scaler = opt.lr_schedule, opt.optimizer, opt.scaler
+        self.total_steps, self.steps_per_epoch = opt.total_steps, opt.steps_per_epoch
+        self.videos_per_step = opt.videos_per_step
+        self.ema = build_ema(cfg, self.model)
+        self.mixup = build_mixup(cfg, data_facts.num_classes, dist.rank) if mode == "finetune" else None
         if ckpt is not None:
             self.load_state_dict(ckpt)
         self._build_runtime()
 
     # ------------------------------------------------------------------------------------------------- building
-    def _build_optimization(self) -> None:
-        """VideoMAE's rule: lr = base lr x videos per optimizer step / 256 (repeats are not counted), cosine per
-        step; AdamW over VideoMAE's parameter groups; a loss scaler for fp16."""
-        o, dist = self.cfg.optim, self.dist
-        self.videos_per_step = self.cfg.data.batch_size * o.grad_accum * dist.world_size
-        scale = self.videos_per_step / o.lr_batch_base if o.lr_batch_base else 1.0
-        self.steps_per_epoch = max(1, len(self.loader) // o.grad_accum)
-        self.total_steps = o.max_steps or max(1, round(o.epochs * self.steps_per_epoch))
-        warmup = o.warmup_steps if o.warmup_steps is not None else round(o.warmup_epochs * self.steps_per_epoch)
-        self.schedule = CosineSchedule(
-            o.lr * scale, o.min_lr * scale, self.total_steps, min(warmup, self.total_steps), o.warmup_lr * scale
-        )
-        self.optimizer = build_adamw(
-            self.model,
-            lr=self.schedule.base,
-            weight_decay=o.weight_decay,
-            betas=tuple(o.betas),
-            eps=o.eps,
-            layer_decay=o.layer_decay if o.layer_decay < 1 else None,
-        )
-        fp16 = autocast_dtype(dist.device, self.cfg.run.precision) == torch.float16
-        self.scaler = torch.amp.GradScaler(dist.device.type) if fp16 else None
-
     def _build_runtime(self) -> None:
         """DDP and torch.compile around the model, metrics, the run's summary line, the CUDA-graph step."""
         cfg, dist = self.cfg, self.dist
@@ -141,33 +127,32 @@ class Trainer:
             mode = None if cfg.run.compile_mode == "default" else cfg.run.compile_mode
             self.ddp_model = torch.compile(self.ddp_model, mode=mode)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
-        self.log = MetricsLog(self.out_dir, dist.is_main, cfg.run.tensorboard)
-        self.flops_per_clip = training_flops_per_clip(self.model_cfg, self.kind, mask_ratio=cfg.data.mask_ratio)
+        self.metrics = MetricsLog(self.out_dir, dist.is_main, cfg.run.tensorboard)
+        self.flops_per_clip = training_flops_per_clip(self.model_cfg, self.model_kind, mask_ratio=cfg.data.mask_ratio)
         self.peak = peak_flops(cfg.run.peak_tflops, dist.device)
         self.stop_at = min(self.total_steps, cfg.run.stop_after_steps or self.total_steps)
-        self._num_masked: int | None = None  # masked tokens per clip, read once: passing it spares a host sync
+        self.loss_fn = StepLoss(self.mode, self.ddp_model, cfg, dist.device, self.mixup)
         self._batches = self._epochs()
-        # on the device until log_window reads them: the loss summed over the window, the first non-finite step
+        # on the device until log_and_check_stop reads them: the loss summed over the window, the first non-finite step
         self.loss_sum = torch.zeros((), device=dist.device)
         self.first_bad_step = torch.full((), -1, dtype=torch.int64, device=dist.device)
         self.lr, self.grad_norm, self.skipped_steps = 0.0, None, 0
         self.window = Window()
-        say(
+        log.info(
             f"{self.mode}: {type(self.model).__name__} '{cfg.model.name}' "
             f"{sum(p.numel() for p in self.params) / 1e6:.1f}M params on {dist.world_size} x {dist.device.type}; "
             f"{self.videos_per_step} videos x {cfg.data.num_repeats} clips per step, {self.steps_per_epoch} "
             f"steps/epoch, {self.total_steps} steps (from {self.step} to {self.stop_at}), peak lr "
-            f"{self.schedule.base:.3g}",
-            dist,
+            f"{self.lr_schedule.base:.3g}"
         )
         if dist.is_main:
             (self.out_dir / "config.yaml").write_text(yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False))
         self.graphed = None
         if cfg.run.cuda_graph_step:
             self.graphed = GraphedStep(
-                lambda inputs: self._loss(inputs, mix=False), self.optimizer, self.params, cfg.optim.clip_grad
+                lambda inputs: self.loss_fn(inputs, mix=False), self.optimizer, self.params, cfg.optim.clip_grad
             )
-            say("run.cuda_graph_step: the first 3 steps run eagerly, then each step replays one CUDA graph", dist)
+            log.info("run.cuda_graph_step: the first 3 steps run eagerly, then each step replays one CUDA graph")
 
     # ---------------------------------------------------------------------------------------------------- state
     def state_dict(self) -> dict:
@@ -177,13 +162,13 @@ class Trainer:
         if self.mixup is not None:
             rng["mixup"] = self.mixup.rng.bit_generator.state
         rngs, loaders = gather(rng), gather(self.loader.state_dict())
-        class_names = self.facts["class_names"] if self.kind == "classify" else None
+        class_names = self.data_facts.class_names if self.model_kind == "classify" else None
         return {
-            **model_payload(self.kind, self.model_cfg, self.model, class_names),
+            **model_payload(self.model_kind, self.model_cfg, self.model, class_names),
             "step": self.step,
             "epoch": self.loader.epoch,
             "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.schedule.state_dict(),
+            "scheduler": self.lr_schedule.state_dict(),
             "scaler": self.scaler.state_dict() if self.scaler else None,
             "model_ema": self.ema.module.state_dict() if self.ema else None,
             "rng": rngs,
@@ -200,8 +185,8 @@ class Trainer:
             self.scaler.load_state_dict(ckpt["scaler"])
         if self.ema is not None:  # a checkpoint without EMA weights starts the EMA at the model's
             self.ema.module.load_state_dict(ckpt.get("model_ema") or ckpt["model"])
-        if ckpt["scheduler"] != self.schedule.state_dict():
-            say(f"note: lr schedule {ckpt['scheduler']} in the checkpoint, now {self.schedule.state_dict()}", self.dist)
+        if ckpt["scheduler"] != self.lr_schedule.state_dict():
+            log.info("note: lr schedule %s in the checkpoint, now %s", ckpt["scheduler"], self.lr_schedule.state_dict())
         self.step = int(ckpt["step"])
         restore_rng_state(ckpt["rng"][self.dist.rank])
         if self.mixup is not None:
@@ -233,33 +218,6 @@ class Trainer:
         self.window.clips += batch["video"].shape[0]
         return batch
 
-    def _loss(self, batch: dict, mix: bool = True) -> torch.Tensor:
-        """The step's loss: the pretraining loss, or cross-entropy against the labels (mixup / cutmix drawn here
-        unless `mix` is False: the graphed step gets mixed inputs)."""
-        # a captured step must not reuse autocast's weight casts across replays: no cache under a CUDA graph
-        with autocast(self.dist.device, self.cfg.run.precision, cache_enabled=not self.cfg.run.cuda_graph_step):
-            if self.mode == "pretrain":
-                if self._num_masked is None:
-                    self._num_masked = int(batch["mask"][0].sum())
-                return self.ddp_model(batch["video"], batch["mask"], self._num_masked)[0]
-            video, target = batch["video"], batch["label"]
-            if mix and self.mixup is not None:
-                video, target = self.mixup(video, target)
-            logits = self.ddp_model(video).float()
-        if target.dtype.is_floating_point:  # soft targets from mixup / cutmix, label smoothing folded in
-            return torch.sum(-target * F.log_softmax(logits, dim=-1), dim=-1).mean()
-        return F.cross_entropy(logits, target, label_smoothing=self.cfg.aug.smoothing)
-
-    def _graph_inputs(self, batch: dict) -> dict:
-        """The step's inputs as the graph takes them: mixup/cutmix drawn on the host first (a graph would replay
-        the first draw forever)."""
-        if self.mode == "pretrain":
-            return {"video": batch["video"], "mask": batch["mask"]}
-        video, target = batch["video"], batch["label"]
-        if self.mixup is not None:
-            video, target = self.mixup(video, target)
-        return {"video": video, "label": target}
-
     def _backward(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Forward and backward over optim.grad_accum batches (DDP all-reduces on the last); unscaling, clipping.
         Returns (mean loss, grad norm: None unless clipping, skipping or logging needs it)."""
@@ -269,7 +227,7 @@ class Trainer:
             batch = self.next_batch()
             sync_grads = micro == o.grad_accum - 1 or self.dist.world_size == 1
             with contextlib.nullcontext() if sync_grads else self.ddp_model.no_sync():
-                loss = self._loss(batch)
+                loss = self.loss_fn(batch)
                 (scaler.scale(loss / o.grad_accum) if scaler else loss / o.grad_accum).backward()
             step_loss += loss.detach() / o.grad_accum
         if scaler is not None:
@@ -282,19 +240,22 @@ class Trainer:
 
     def train_step(self) -> None:
         """One optimizer step: forward, backward, clipping, AdamW (or one CUDA-graph replay of all that), EMA. The
-        loss is summed on the device; a non-finite one is remembered there for log_window (or, with
+        loss is summed on the device; a non-finite one is remembered there for log_and_check_stop (or, with
         run.skip_nonfinite, the step is skipped: a host sync per step)."""
         if self.graphed is not None:  # forward, backward, clipping and AdamW in one replay (check_step_options)
-            self.lr = self.schedule(self.step)
+            self.lr = self.lr_schedule(self.step)
             self.graphed.set_lr(self.lr)
-            step_loss, self.grad_norm = self.graphed(self._graph_inputs(self.next_batch()))
+            step_loss, self.grad_norm = self.graphed(self.loss_fn.graph_inputs(self.next_batch()))
         else:
-            self.lr = self.schedule.apply(self.optimizer, self.step)
+            self.lr = self.lr_schedule.apply(self.optimizer, self.step)
             step_loss, self.grad_norm = self._backward()
         # Gradients are already all-reduced, so every rank sees the same norm and decides alike.
         if self.cfg.run.skip_nonfinite and not torch.isfinite(self.grad_norm).item():
             self.skipped_steps += 1
-            say(f"step {self.step}: non-finite loss or gradient, step skipped ({self.skipped_steps} so far)", self.dist)
+            if self.dist.is_main:  # every rank decides alike: one line, not one per rank
+                log.warning(
+                    "step %d: non-finite loss or gradient, step skipped (%d so far)", self.step, self.skipped_steps
+                )
         else:
             if self.scaler is not None:
                 self.scaler.step(self.optimizer)
@@ -314,9 +275,9 @@ class Trainer:
         self.step += 1
 
     # ------------------------------------------------------------------------------------------------------ run
-    def log_window(self) -> bool:
+    def log_and_check_stop(self) -> bool:
         """The one host sync of a logging interval: the earliest non-finite step on any rank (NonFiniteLoss) and any
-        rank's stop request, then the window's metrics, logged on rank 0. Returns whether to stop."""
+        rank's stop request, then the window's metrics, logged on rank 0. Returns True when the ranks agree to stop."""
         dist, window = self.dist, self.window
         flags = torch.stack(
             [
@@ -351,7 +312,7 @@ class Trainer:
             record["mem_gib"] = torch.cuda.max_memory_allocated(dist.device) / 2**30
         if self.skipped_steps:
             record["skipped_steps"] = self.skipped_steps
-        self.log.log(self.step, record)
+        self.metrics.log(self.step, record)
         self.loss_sum = torch.zeros((), device=dist.device)
         self.window = Window()
         return bool(flags[1].item())
@@ -380,21 +341,21 @@ class Trainer:
                     or self.step == self.stop_at
                     or (dist.world_size == 1 and self.stop.signal)
                 )
-                if log_due and self.log_window():  # log_window returns whether the ranks agreed to stop
+                if log_due and self.log_and_check_stop():
                     stopped_by = self.stop.signal or "another rank's signal"
                     break
                 if cfg.run.ckpt_interval and self.step % cfg.run.ckpt_interval == 0 and self.step < self.stop_at:
                     self._checkpoint()
         except NonFiniteLoss as e:
-            say(f"error: {e}", dist)
-            self.log.close()
+            if dist.is_main:  # every rank raised the same (all-reduced) step: one line, not one per rank
+                log.error("error: %s", e)
+            self.metrics.close()
             return 3
         path = self.save() if cfg.run.ckpt_final or stopped_by else None
-        self.log.close()
+        self.metrics.close()
         outcome = f"stopped by {stopped_by}" if stopped_by else "finished"
-        say(
+        log.info(
             f"{self.mode} {outcome} at step {self.step} of {self.total_steps}; checkpoint {path}"
-            + ("; resume with --resume auto" if self.step < self.total_steps else ""),
-            dist,
+            + ("; resume with --resume auto" if self.step < self.total_steps else "")
         )
         return 0
