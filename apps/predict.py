@@ -57,10 +57,10 @@ log = logging.getLogger(__name__)
 def load_classifier(checkpoint_or_model: str | os.PathLike | nn.Module, trust_pickle: bool = False) -> nn.Module:
     """A `VideoMAEClassifier` from a model or anything `load_pretrained` reads (`trust_pickle` as there); a clear
     error otherwise."""
-    from model.loading import load_model_of_kind
+    from model.loading import load_model_of_class
     from model.videomae import VideoMAEClassifier
 
-    return load_model_of_kind(
+    return load_model_of_class(
         checkpoint_or_model,
         VideoMAEClassifier,
         "classifier",

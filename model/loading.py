@@ -455,7 +455,3 @@ def load_model_of_class(
     if not isinstance(model, model_class):
         raise ValueError(f"{source}: a {type(model).__name__} is not a {what} ({why})")
     return model
-
-
-# the former name, while apps/predict.py still imports it ("kind" elsewhere is the string "pretrain" | "classify")
-load_model_of_kind = load_model_of_class

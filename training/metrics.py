@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from pipeline.protocol import Loader
+
 log = logging.getLogger("training")
 
 # Dense bf16 tensor-core peaks from the vendors' data sheets, FLOP/s per device, for MFU (run.peak_tflops overrides).
