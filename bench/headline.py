@@ -87,8 +87,9 @@ def decode_clip(video: bytes, device: str):
 
 
 def nvdec_check(shards: dict[str, str], device: str) -> dict:
-    """NVDEC reachable (library loads) and working (one whole video of each layout decoded by DALI on NVDEC equals
-    the CPU decoder's frames up to YUV->RGB rounding); on DEVICE=cpu the CPU decodes run alone (rehearsal)."""
+    """NVDEC reachable (the library loads) and working (one whole video of each layout decoded by DALI on NVDEC into
+    as many frames of the same size as the CPU decoder's, their mean difference recorded); on DEVICE=cpu the CPU
+    decodes run alone (rehearsal)."""
     import numpy as np
 
     facts: dict[str, Any] = {"device": device, "libnvcuvid": libnvcuvid(), "clips": {}}
@@ -105,10 +106,13 @@ def nvdec_check(shards: dict[str, str], device: str) -> dict:
                 gpu = decode_clip(video, "mixed")
                 clip["nvdec_s"] = round(time.perf_counter() - start, 3)
                 clip["nvdec_frames"] = list(gpu.shape)
-                same = gpu.shape == cpu.shape
-                if same:
+                # NVDEC is usable when it decodes every frame; how close its colours are is step 2's question
+                # (the H100 saw differences of under one grey level on average), recorded here as a hint.
+                if gpu.shape == cpu.shape:
                     clip["mean_abs_diff"] = round(float(np.abs(gpu.astype(np.int16) - cpu).mean()), 3)
-                clip["nvdec"] = "ok" if same and clip["mean_abs_diff"] < 2.0 else "differs from the CPU decoder"
+                    clip["nvdec"] = "ok"
+                else:
+                    clip["nvdec"] = f"decoded {list(gpu.shape)}, the CPU decoder {list(cpu.shape)}"
             except Exception as e:  # noqa: BLE001 - any failure means: no NVDEC for this run, said in one line
                 clip["nvdec"] = f"failed ({type(e).__name__}: {str(e).splitlines()[0][:200]})"
         else:
@@ -157,6 +161,8 @@ def decode_rows(out: Path) -> list[dict]:
             continue
         data = _read(path) or {}
         util = _engines(data.get("gpu_utilization"))
+        log = path.with_suffix(".log")
+        fallback = sorted(set(FALLBACK_RE.findall(log.read_text(errors="replace")))) if log.is_file() else []
         for run in data.get("decode_sweep", []):
             row = {
                 "step": step,
@@ -174,6 +180,8 @@ def decode_rows(out: Path) -> list[dict]:
             }
             if run.get("decode_table"):
                 row["decode_table"] = run["decode_table"]
+            if fallback:  # the loader did not decode the cut members on NVDEC as asked (pipeline.loader)
+                row["fallback"] = fallback
             rows.append(row)
     return rows
 
@@ -252,7 +260,8 @@ def headline(out: Path) -> dict:
 
 def _brief(row: dict) -> dict:
     keys = ("layout", "spec", "threads", "pipelines", "decoder_groups", "cpu_decoder_groups", "decode")
-    return {k: row.get(k) for k in (*keys, "decoded_clips_per_s", "sm_util", "dec_util") if row.get(k) is not None}
+    shown = (*keys, "decoded_clips_per_s", "sm_util", "dec_util", "fallback")
+    return {k: row.get(k) for k in shown if row.get(k) is not None}
 
 
 def _pct(value: float | None) -> str:
@@ -313,6 +322,9 @@ def headline_text(h: dict) -> str:
                 f"| {r.get('spec')} | {r.get('layout')} | {_describe(r)} | {r.get('decoded_clips_per_s')} | "
                 f"{_util(r.get('sm_util'))} | {_util(r.get('dec_util'))} |"
             )
+        for r in decode["runs"]:
+            for line in r.get("fallback", []):
+                lines.append(f"\n{r.get('spec')}: loader fallback: {line}")
     lines.append(f"\nSteps with results: {', '.join(h['steps_done'])}")
     return "\n".join(lines) + "\n"
 
