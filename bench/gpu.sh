@@ -53,7 +53,8 @@
 # ("gpu_utilization") and to OUTDIR/gpu_util.json.
 #
 # Offline machine: what the machine lacks is carried in as parts, from the project root (see README, "GPU suite"):
-#   .stage/pN      DALI and its small dependencies (../shared/offline-gpu/stage-dali.sh), unpacked here
+#   .stage/pN      DALI, its small dependencies, imageio-ffmpeg and the headline data set (bench/stage_gpu.sh; or
+#                  the wheels of ../shared/offline-gpu/stage-dali.sh), unpacked here
 #   .whl/          optional extra wheels (decord for the baseline), installed beside DALI
 #   .ffm/          optional ffmpeg (ffmpeg.xz + the imageio_ffmpeg package) for tests that encode their own clips
 set -u
@@ -65,8 +66,9 @@ export PYTHONPATH=$root${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 
 # -- bring in what an offline machine lacks ------------------------------------------------------------------------
 # bench/stage_gpu.sh's parts: STAGE/pN/site.txz.NN (one xz stream of a site-packages tree, in order) and, in the
-# last part, data.tar (the headline data set) and stage.txt (sha256 of every piece). Unpacked once into STAGE/site
-# (marker .unpacked) and DATA; a missing or damaged part is named before anything is unpacked.
+# last part, data.tar (the headline data set) and stage.txt (sha256 of every piece). Unpacked once into
+# STAGE/unpacked (marker .unpacked; STAGE/site is stage_gpu.sh's source tree) and DATA; a missing or damaged part is
+# named before anything is unpacked.
 stage=${STAGE:-.stage}
 unpack_stage() {
   local manifest pieces
@@ -79,15 +81,15 @@ unpack_stage() {
     echo "stage: a part is missing or damaged (above); carry the parts again, in order, to a warm machine"
     return 1
   fi
-  if [ ! -f "$stage/site/.unpacked" ]; then
+  if [ ! -f "$stage/unpacked/.unpacked" ]; then
     local t0=$SECONDS unxz=(xz -dc -T0)
     command -v xz >/dev/null || unxz=(python3 -c "import lzma, shutil, sys; shutil.copyfileobj(lzma.open(sys.stdin.buffer), sys.stdout.buffer)")
     pieces=$(ls "$stage"/p*/site.txz.* | awk -F/ '{print $NF " " $0}' | sort | cut -d' ' -f2-)
-    rm -rf "$stage/site" && mkdir -p "$stage/site"
+    rm -rf "$stage/unpacked" && mkdir -p "$stage/unpacked"
     # shellcheck disable=SC2086 # one piece per line, no blanks in these names
-    cat $pieces | "${unxz[@]}" | tar -x -C "$stage/site" || { echo "stage: unpacking failed"; return 1; }
-    touch "$stage/site/.unpacked"
-    echo "stage: unpacked $(du -sh "$stage/site" | cut -f1) in $((SECONDS - t0)) s"
+    cat $pieces | "${unxz[@]}" | tar -x -C "$stage/unpacked" || { echo "stage: unpacking failed"; return 1; }
+    touch "$stage/unpacked/.unpacked"
+    echo "stage: unpacked $(du -sh "$stage/unpacked" | cut -f1) in $((SECONDS - t0)) s"
   fi
   if [ -f "$(dirname "$manifest")/data.tar" ] && [ ! -f "$data/.unpacked" ]; then
     mkdir -p "$data" && tar -x -C "$data" -f "$(dirname "$manifest")/data.tar" && touch "$data/.unpacked" &&
@@ -96,7 +98,7 @@ unpack_stage() {
 }
 if ls "$stage"/p*/site.txz.* >/dev/null 2>&1 && { [ "$part" = unpack ] || ! python3 -c "import nvidia.dali" 2>/dev/null; }; then
   unpack_stage || exit 2
-  export PYTHONPATH=$root/$stage/site:$PYTHONPATH
+  export PYTHONPATH=$(cd "$stage/unpacked" && pwd):$PYTHONPATH
 elif ! python3 -c "import nvidia.dali" 2>/dev/null && ls .stage/p*/part.* >/dev/null 2>&1; then  # stage-dali.sh's wheels
   if [ ! -d .stage/site/nvidia/dali ]; then
     mkdir -p .stage/whl && cat .stage/p*/part.* | tar -x -C .stage/whl &&

@@ -98,7 +98,7 @@ def test_stage_parts_unpack_to_the_site_and_data_set(staged):
     unpacked = root / "unpacked"
     proc = bash("bench/gpu.sh", "unpack", env=shell_env(STAGE=str(stage), DATA=str(unpacked)), timeout=120)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    probe = stage / "site" / "headline_probe"
+    probe = stage / "unpacked" / "headline_probe"
     assert (probe / "__init__.py").read_text() == "VALUE = 'unpacked'\n"
     assert (probe / "blob.bin").read_bytes() == random.Random(0).randbytes(6000)
     for layout in ("timeline", "cut4"):
@@ -111,13 +111,13 @@ def test_a_damaged_part_is_named_before_anything_is_unpacked(staged, tmp_path):
     _, _, stage, _ = staged
     copy = tmp_path / "stage"
     subprocess.run(["cp", "-r", str(stage), str(copy)], check=True)
-    subprocess.run(["rm", "-rf", str(copy / "site")], check=True)
+    subprocess.run(["rm", "-rf", str(copy / "unpacked")], check=True)
     piece = next(copy.glob("p1/site.txz.*"))
     piece.write_bytes(piece.read_bytes()[:-1] + b"\0")
     proc = bash("bench/gpu.sh", "unpack", env=shell_env(STAGE=str(copy), DATA=str(tmp_path / "d")), timeout=120)
     assert proc.returncode == 2
     assert f"p1/{piece.name}: FAILED" in proc.stdout
-    assert not (copy / "site").exists()
+    assert not (copy / "unpacked").exists()
 
 
 @pytest.mark.timeout(1800)  # ~90 s alone on 2 cores; much longer when other work shares them
