@@ -7,7 +7,7 @@
 #
 # == The headline in one device window (15 minutes of device time, start-up and transfers included) ==============
 # Here, on the CPU machine, in the checkout whose working tree the device calls carry (the session's own):
-#   bash bench/gpu_data.sh headline        the data set (.gpu/data/headline, ~13 MB, about 3 min on 2 cores)
+#   bash bench/gpu_data.sh headline        the data set (.gpu/data/headline, 11.6 MB, ~1.5 min on 2 cores)
 #   bash bench/stage_gpu.sh                DALI + small wheels + imageio-ffmpeg -> .stage/site (pip, ~20 s), one
 #                                          xz -9 stream (~20-30 min on 2 busy cores, once) split into .stage/p0..p2,
 #                                          the data set in p2; prints each call's size (part + tree <= 64 MiB)

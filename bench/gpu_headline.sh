@@ -31,7 +31,7 @@
 #   STEPS         training steps per side (default 60), LOG_INTERVAL steps per window (10), TRAIN_WARMUP windows
 #                 discarded (2: start-up and compilation)
 #   DATA          the data set (default .gpu/data/headline: bench/gpu_data.sh headline), timeline/ and cut4/
-#   REPEAT        each shard list read REPEAT times per epoch (default 64: epochs of ~24 batches, as on a real set)
+#   REPEAT        each shard list read REPEAT times per epoch (default 128: epochs of 28 batches of 32, not a few)
 #   THREADS       cores to use (default nproc), INPUT crop size (default 224), BUDGET seconds (default 360),
 #                 LIMIT_SCALE times each step's own limit (default 1; the rehearsal's steps are slower on a CPU)
 #   NEW           the strategies of step 3 (default below), PEAK_TFLOPS for MFU where the GPU is not listed (the
@@ -42,7 +42,7 @@ device=${DEVICE:-$(nvidia-smi -L >/dev/null 2>&1 && echo gpu || echo cpu)}
 model=${MODEL:-base}
 batch=${BATCH:-32}; batches=${BATCHES:-10}; warmup=${WARMUP:-2}
 steps=${STEPS:-60}; log_interval=${LOG_INTERVAL:-10}; train_warmup=${TRAIN_WARMUP:-2}
-repeat=${REPEAT:-64}; cores=${THREADS:-$(nproc)}; input=${INPUT:-224}
+repeat=${REPEAT:-128}; cores=${THREADS:-$(nproc)}; input=${INPUT:-224}
 quarter=$((cores / 4 > 0 ? cores / 4 : 1)); half=$((cores / 2 > 0 ? cores / 2 : 1))
 headline_rc=0
 

@@ -43,10 +43,12 @@ grep -qxF '/.stage/' .gitignore 2>/dev/null || grep -qxF '/.stage/' .git/info/ex
 plat=(--only-binary=:all: --python-version 3.12 --implementation cp --platform manylinux_2_28_x86_64
   --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64)
 # DALI's video path needs neither nvimgcodec nor nvcomp (../shared/offline-gpu/README.md), so its dependencies are
-# listed by hand, at the versions this project's venv runs; the machine has numpy, six, packaging, PyYAML, typing
-# extensions, torch, timm, safetensors, tqdm, tensorboard (bench/gpu_env.py records what it found).
-wheels=(nvidia-dali-cuda130==2.4.0 astunparse==1.6.3 gast==0.7.0 optree==0.20.0 makefun==1.16.0 nvtx==0.2.17
-  libcst==1.9.0 webdataset==1.0.2 braceexpand==0.1.7 imageio-ffmpeg==0.8.1 ${EXTRA_WHEELS:-})
+# listed by hand, at the versions this project's venv runs. libcst and nvtx are left out too (~5 MB of the stream):
+# only DALI's experimental dynamic mode and its PyTorch proxy import them, never this project (checked: neither is
+# in sys.modules after a loader's first batch and training's imports). The machine has numpy, six, packaging,
+# PyYAML, typing extensions, torch, timm, safetensors, tqdm, tensorboard (bench/gpu_env.py records what it found).
+wheels=(nvidia-dali-cuda130==2.4.0 astunparse==1.6.3 gast==0.7.0 optree==0.20.0 makefun==1.16.0 webdataset==1.0.2
+  braceexpand==0.1.7 imageio-ffmpeg==0.8.1 ${EXTRA_WHEELS:-})
 
 tree_bytes() {  # what a device call sends besides its carried paths
   (cd "$tree" && { git ls-files -z --cached; git ls-files -z --others --exclude-standard; } |
@@ -54,7 +56,7 @@ tree_bytes() {  # what a device call sends besides its carried paths
 }
 
 download() {
-  mkdir -p "$stage/dl"
+  rm -rf "$stage/dl" && mkdir -p "$stage/dl"
   python3 -m pip download -q --no-deps "${plat[@]}" -d "$stage/dl" "${wheels[@]}"
   rm -rf "$site"
   python3 -m pip install -q --no-deps --no-compile "${plat[@]}" --target "$site" "$stage"/dl/*.whl
