@@ -94,7 +94,9 @@ pack() {
   else  # the fewest calls: n equal pieces of the stream, the data set added to the last
     n=$(((site_b + data_b + room - 1) / room))
     while :; do
-      chunk=$(((site_b + n - 1) / n))
+      chunk=$(((site_b + n - 1) / n))  # equal pieces, or larger first ones so that the last holds the data set
+      [ "$n" -gt 1 ] && [ $(((site_b + data_b - room + n - 2) / (n - 1))) -gt "$chunk" ] &&
+        chunk=$(((site_b + data_b - room + n - 2) / (n - 1)))
       [ $((site_b - (n - 1) * chunk + data_b)) -le "$room" ] && [ "$chunk" -le "$room" ] && break
       n=$((n + 1))
     done
@@ -125,7 +127,7 @@ check() {
 
 verify() {
   local py=${VERIFY_PYTHON:-}
-  [ -n "$py" ] || py=$(command -v python3.12 || ls "$HOME"/.pyenv/versions/3.12*/bin/python3 2>/dev/null | head -1 || true)
+  [ -n "$py" ] || py=$(ls "$HOME"/.pyenv/versions/3.12*/bin/python3 2>/dev/null | head -1 || command -v python3.12 || true)
   [ -n "$py" ] || { echo "stage_gpu verify: no Python 3.12 here (set VERIFY_PYTHON)"; exit 2; }
   local tmp; tmp=$(mktemp -d); trap 'rm -rf "$tmp"' RETURN
   (cd "$stage" && sha256sum -c --quiet "$(ls -d p[0-9]* | sort -V | tail -n 1)/stage.txt")
@@ -134,7 +136,9 @@ verify() {
   cat "$stage"/p*/site.txz.* | xz -dc -T0 | tar -x -C "$tmp/site"
   tar -x -C "$tmp/data" -f "$(ls "$stage"/p*/data.tar)"
   echo "unpacked in $((SECONDS - t0)) s: site $(du -sh "$tmp/site" | cut -f1), data $(du -sh "$tmp/data" | cut -f1)"
-  [ -d "$stage/verify/numpy" ] || "$py" -m pip install -q --no-deps --only-binary=:all: --target "$stage/verify" numpy==2.4.6
+  # what the GPU machine has and the staged site leaves out, for this check only (never carried)
+  [ -d "$stage/verify/numpy" ] || "$py" -m pip install -q --no-deps --only-binary=:all: --target "$stage/verify" \
+    numpy==2.4.6 typing_extensions==4.15.0 six==1.17.0 packaging==25.0
   PYTHONPATH="$tmp/site:$stage/verify" "$py" - "$tmp/data/cut4" <<'EOF'
 import glob, sys, tarfile
 import numpy as np
