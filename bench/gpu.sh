@@ -9,7 +9,7 @@
 # Here, on the CPU machine, in the checkout whose working tree the device calls carry (the session's own):
 #   bash bench/gpu_data.sh headline        the data set (.gpu/data/headline, 11.6 MB, ~1.5 min on 2 cores)
 #   bash bench/stage_gpu.sh                DALI + small wheels + imageio-ffmpeg -> .stage/site (pip, ~20 s), one
-#                                          xz -9 stream (~20-30 min on 2 busy cores, once) split into .stage/p0..p2,
+#                                          xz -9 stream (25 min, 17 CPU-min, on 2 busy cores; once) into .stage/p0..p2,
 #                                          the data set in p2; prints each call's size (part + tree <= 64 MiB)
 #   bash bench/stage_gpu.sh check          again right before the calls (the tree may have grown since)
 # Then three device calls, back to back (a machine stays warm only 30 s after a call; a cold one has lost p0/p1):
