@@ -1,10 +1,29 @@
 #!/usr/bin/env bash
-# The GPU suite: checks and measures everything that needs an NVIDIA GPU, in one command, within 10 minutes on an
-# H100 machine (16 cores, no network, no DALI installed), writing logs and JSON under OUTDIR.
+# The GPU suite: checks and measures everything that needs an NVIDIA GPU, writing logs and JSON under OUTDIR.
 #
-#   bash bench/gpu.sh [PART] [OUTDIR] [DATA]
+#   bash bench/gpu.sh headline [OUTDIR]        the three numbers in one device window (bench/gpu_headline.sh)
+#   bash bench/gpu.sh [PART] [OUTDIR] [DATA]   the whole suite or one part of it (about four windows)
+#   bash bench/gpu.sh unpack                   only unpack the staged parts (.stage/p*), as every part does first
 #
-#   PART    all (default) | checks | decode | model | train | pipeline | h264
+# == The headline in one device window (15 minutes of device time, start-up and transfers included) ==============
+# Here, on the CPU machine, in the checkout whose working tree the device calls carry (the session's own):
+#   bash bench/gpu_data.sh headline        the data set (.gpu/data/headline, 11.6 MB, ~1.5 min on 2 cores)
+#   bash bench/stage_gpu.sh                DALI + small wheels + imageio-ffmpeg -> .stage/site (pip, ~20 s), one
+#                                          xz -9 stream (25 min, 17 CPU-min, on 2 busy cores; once) into .stage/p0..p2,
+#                                          the data set in p2; prints each call's size (part + tree <= 64 MiB)
+#   bash bench/stage_gpu.sh check          again right before the calls (the tree may have grown since)
+# Then three device calls, back to back (a machine stays warm only 30 s after a call; a cold one has lost p0/p1):
+#   1. run  carry [".stage/p0"]  command "du -sh .stage; nvidia-smi -L"                       (start ~1-2 min + ~64 MiB)
+#   2. run  carry [".stage/p1"]  command "du -sh .stage"                                                  (~64 MiB)
+#   3. run  carry [".stage/p2"]  timeout_s 480
+#           command "PACK_TO=$OUT bash bench/gpu.sh headline .gpu/headline"  (~10 s unpacking, <= 6 min of steps)
+#      $OUT then holds headline.md (the three numbers), headline.json and headline.tgz (every step's JSON and log,
+#      refreshed after each step, so a call cut short still brings back the steps that ended); give_back at once.
+# Expected: ~9-10 of the 15 minutes (start-up and the transfer rate are not yet measured on this machine). If
+# `unpack` reports a missing part (the machine went cold between calls), start again from call 1.
+#
+# == The suite (PART) =================================================================================================
+# PART    all (default) | checks | decode | model | train | pipeline | h264 (within 10 minutes on an H100, each)
 #             checks:   machine facts (bench.gpu_env), GPU tests (pipeline GPU backend vs CPU backend for each
 #                       decoding strategy, H.264 on NVDEC, zero-copy handoff, resume, corrupt samples; Triton loss
 #                       kernel on CUDA); then several pipelines and decode=auto against one pipeline, and the
@@ -34,17 +53,53 @@
 # ("gpu_utilization") and to OUTDIR/gpu_util.json.
 #
 # Offline machine: what the machine lacks is carried in as parts, from the project root (see README, "GPU suite"):
-#   .stage/pN      DALI and its small dependencies (../shared/offline-gpu/stage-dali.sh), unpacked here
+#   .stage/pN      DALI, its small dependencies, imageio-ffmpeg and the headline data set (bench/stage_gpu.sh; or
+#                  the wheels of ../shared/offline-gpu/stage-dali.sh), unpacked here
 #   .whl/          optional extra wheels (decord for the baseline), installed beside DALI
 #   .ffm/          optional ffmpeg (ffmpeg.xz + the imageio_ffmpeg package) for tests that encode their own clips
 set -u
 part=${1:-all}; out=${2:-bench/out/gpu}; data=${3:-.gpu/data}
+case $part in headline | unpack) data=${DATA:-${3:-.gpu/data/headline}} ;; esac  # the headline's data set
 root=$(cd "$(dirname "$0")/.." && pwd); cd "$root"
 mkdir -p "$out"
 export PYTHONPATH=$root${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 
 # -- bring in what an offline machine lacks ------------------------------------------------------------------------
-if ! python3 -c "import nvidia.dali" 2>/dev/null && ls .stage/p*/part.* >/dev/null 2>&1; then
+# bench/stage_gpu.sh's parts: STAGE/pN/site.txz.NN (one xz stream of a site-packages tree, in order) and, in the
+# last part, data.tar (the headline data set) and stage.txt (sha256 of every piece). Unpacked once into
+# STAGE/unpacked (marker .unpacked; STAGE/site is stage_gpu.sh's source tree) and DATA; a missing or damaged part is
+# named before anything is unpacked.
+stage=${STAGE:-.stage}
+unpack_stage() {
+  local manifest pieces
+  manifest=$(ls "$stage"/p*/stage.txt 2>/dev/null | tail -n 1)
+  if [ -z "$manifest" ]; then
+    echo "stage: no $stage/pN/stage.txt: the last part ($(ls -d "$stage"/p* 2>/dev/null | tr '\n' ' ')present) is missing"
+    return 1
+  fi
+  if ! (cd "$stage" && sha256sum -c --quiet "${manifest#"$stage"/}" 2>&1 | sed 's/^/stage: /'; exit "${PIPESTATUS[0]}"); then
+    echo "stage: a part is missing or damaged (above); carry the parts again, in order, to a warm machine"
+    return 1
+  fi
+  if [ ! -f "$stage/unpacked/.unpacked" ]; then
+    local t0=$SECONDS unxz=(xz -dc -T0)
+    command -v xz >/dev/null || unxz=(python3 -c "import lzma, shutil, sys; shutil.copyfileobj(lzma.open(sys.stdin.buffer), sys.stdout.buffer)")
+    pieces=$(ls "$stage"/p*/site.txz.* | awk -F/ '{print $NF " " $0}' | sort | cut -d' ' -f2-)
+    rm -rf "$stage/unpacked" && mkdir -p "$stage/unpacked"
+    # shellcheck disable=SC2086 # one piece per line, no blanks in these names
+    cat $pieces | "${unxz[@]}" | tar -x -C "$stage/unpacked" || { echo "stage: unpacking failed"; return 1; }
+    touch "$stage/unpacked/.unpacked"
+    echo "stage: unpacked $(du -sh "$stage/unpacked" | cut -f1) in $((SECONDS - t0)) s"
+  fi
+  if [ -f "$(dirname "$manifest")/data.tar" ] && [ ! -f "$data/.unpacked" ]; then
+    mkdir -p "$data" && tar -x -C "$data" -f "$(dirname "$manifest")/data.tar" && touch "$data/.unpacked" &&
+      echo "stage: data set in $data ($(du -sh "$data" | cut -f1))"
+  fi
+}
+if ls "$stage"/p*/site.txz.* >/dev/null 2>&1 && { [ "$part" = unpack ] || ! python3 -c "import nvidia.dali" 2>/dev/null; }; then
+  unpack_stage || exit 2
+  export PYTHONPATH=$(cd "$stage/unpacked" && pwd):$PYTHONPATH
+elif ! python3 -c "import nvidia.dali" 2>/dev/null && ls .stage/p*/part.* >/dev/null 2>&1; then  # stage-dali.sh's wheels
   if [ ! -d .stage/site/nvidia/dali ]; then
     mkdir -p .stage/whl && cat .stage/p*/part.* | tar -x -C .stage/whl &&
       python3 -m pip install -q --no-index --no-deps --target .stage/site .stage/whl/*.whl .whl/*.whl 2>&1 | tail -2
@@ -56,15 +111,20 @@ if ! python3 -c "import imageio_ffmpeg" 2>/dev/null && [ -f .ffm/ffmpeg.xz ]; th
   chmod +x /tmp/ffmpeg
   export IMAGEIO_FFMPEG_EXE=/tmp/ffmpeg PYTHONPATH=$root/.ffm/site:$PYTHONPATH
 fi
+[ "$part" = unpack ] && exit 0
 
 # -- run one step with a time limit; its log goes to OUTDIR, its tail to the console ------------------------------
-# The whole suite stays within BUDGET seconds (default 590: a 10-minute call): each step's limit is cut to what is
-# left, and a step with under 15 s left is skipped and said so.
+# The whole suite stays within BUDGET seconds (default 590: a 10-minute call; the headline's 360): each step's
+# limit is cut to what is left, and a step with under 15 s left is skipped and said so. `last_rc` is the step's
+# exit status (124: its time limit); `after_step`, when defined, runs after every step.
 budget=${BUDGET:-590}
+[ "$part" = headline ] && budget=${BUDGET:-360}
+last_rc=0
 step() {
   local name=$1 limit=$2; shift 2
   local t0=$SECONDS left=$((budget - SECONDS)) dmon=""
-  if [ "$left" -lt 15 ]; then echo "=== $name: skipped, ${left}s left of the ${budget}s budget"; return; fi
+  if [ "$left" -lt 15 ]; then echo "=== $name: skipped, ${left}s left of the ${budget}s budget"; last_rc=124; return; fi
+  limit=$((limit * ${LIMIT_SCALE:-1}))  # the CPU rehearsal's steps are slower than the GPU sizes assume
   [ "$limit" -gt "$left" ] && limit=$left
   echo "=== $name (limit ${limit}s): $*"
   if command -v nvidia-smi >/dev/null 2>&1; then  # engine use while the step runs, one sample a second
@@ -80,7 +140,15 @@ step() {
   fi
   echo "--- $name: rc=$rc in $((SECONDS - t0))s"
   tail -n "${TAIL:-12}" "$out/$name.log"
+  last_rc=$rc
+  if declare -F after_step >/dev/null; then after_step "$name"; fi
 }
+
+if [ "$part" = headline ]; then
+  # shellcheck source=bench/gpu_headline.sh
+  source bench/gpu_headline.sh
+  exit "$headline_rc"
+fi
 
 cores=$(nproc)
 if [ "$part" = all ] || [ "$part" = checks ]; then
