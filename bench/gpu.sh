@@ -33,9 +33,9 @@
 #                       4-phase IVF cut at key frames); then the GPU backend's decoding strategies side by side
 #                       on the cut layout (bench.bench_pipeline --decode-sweep, K = 2): NVDEC with 1x/2x
 #                       threads, NVDEC x2/x4 instances, CPU threads + GPU augmentation, hybrids with 1/2 to 3/4
-#                       of each batch decoded on the CPU, 2 and 4 DALI pipelines (each with its own threads and
-#                       decoders), and decode=auto (the loader times candidates and keeps the fastest); then some
-#                       of them on the 4-phase MP4 layout
+#                       of each batch decoded on the CPU, 2 and 4 DALI pipelines (each with its own decoders and
+#                       its share of the threads), and decode=auto (the loader times candidates and keeps the
+#                       fastest); then some of them on the 4-phase MP4 layout
 #             model:    bench.bench_model, ViT-B pretraining step at batch 64: eager and compiled fused bf16, the
 #                       whole step as one CUDA graph, flash vs cuDNN attention, VideoMAE V2 decoder masking (its
 #                       own table), max-autotune last (the longest warm-up)
@@ -166,7 +166,7 @@ layouts="timeline=$data/vp9,phases4=$data/vp9p4,cut4=$data/vp9c4"
 if [ "$part" = all ] || [ "$part" = decode ]; then
   step decode_layouts 60 python3 -m bench.bench_decode --device gpu --shards "$layouts" \
     --threads "$cores" --batch-size 32 --batches 8 --rounds 2 --out "$out/decode_layouts.json"
-  # G:C[:threads per pipeline[:pipelines]], or auto; pipelines and auto after the single-pipeline strategies
+  # G:C[:threads of all pipelines[:pipelines]], or auto; pipelines and auto after the single-pipeline strategies
   step pipeline_decode 260 python3 -m bench.bench_pipeline --device gpu --shards "cut4=$data/vp9c4" \
     --layouts cut4 --shard-repeat $repeat --batch-size 32 --cores "$cores" --batches 10 --warmup 2 --repeats "" \
     --sweep "" --baselines "" --out "$out/pipeline_decode.json" --decode-sweep \

@@ -30,7 +30,7 @@ REHEARSAL = {  # the GPU run's parameters, scaled down (bench/gpu_headline.sh)
     "LOG_INTERVAL": "2",
     "TRAIN_WARMUP": "1",
     "INPUT": "32",
-    "THREADS": "2",
+    "THREADS": "4",  # a rank's threads, split between a strategy's pipelines: 4 pipelines need 4
     "REPEAT": "4",
     "PEAK_TFLOPS": "1",
     "BUDGET": "3000",  # the GPU limits assume a GPU; on a busy 2-core machine steps take longer
@@ -160,9 +160,12 @@ def test_headline_rehearsal_runs_every_step(staged, tmp_path):
         assert run["decoded_clips_per_s"] > 0 and run["repeats"] == 2, name
         runs[name] = run
     assert runs["decode_old"]["layout"] == "timeline" and runs["decode_old"]["spec"] == "1:0"
-    assert [runs[f"decode_new{i}"]["spec"] for i in (1, 2, 3)] == ["1:0:1:4", "2:1:1:2", "auto"]
+    assert [runs[f"decode_new{i}"]["spec"] for i in (1, 2, 3)] == ["1:0:4:4", "2:1:4:2", "auto"]
     assert all(runs[f"decode_new{i}"]["layout"] == "cut4" for i in (1, 2, 3))
     assert runs["decode_new1"]["pipelines"] == 4 and runs["decode_new2"]["cpu_decoder_groups"] == 1
+    # the 4 threads of every run split between its pipelines, as DALI built them
+    assert runs["decode_new1"]["pipeline_threads"] == [1] * 4 and runs["decode_new2"]["pipeline_threads"] == [2, 2]
+    assert runs["decode_old"]["pipeline_threads"] == [4]
     assert runs["decode_new3"]["decode_table"]  # decode=auto timed its candidates
 
     decode = json.loads((out / "decode_summary.json").read_text())
