@@ -7,14 +7,17 @@
 #
 # == The headline in one device window (15 minutes of device time, start-up and transfers included) ==============
 # Here, on the CPU machine, in the checkout whose working tree the device calls carry (the session's own):
-#   bash bench/gpu_data.sh headline        the data set (.gpu/data/headline, 11.6 MB, ~1.5 min on 2 cores)
-#   bash bench/stage_gpu.sh                DALI + small wheels + imageio-ffmpeg -> .stage/site (pip, ~20 s), one
-#                                          xz -9 stream (25 min, 17 CPU-min, on 2 busy cores; once) into .stage/p0..p2,
-#                                          the data set in p2; prints each call's size (part + tree <= 64 MiB)
-#   bash bench/stage_gpu.sh check          again right before the calls (the tree may have grown since)
+#   bash bench/gpu_data.sh headline        the data set (.gpu/data/headline, 11.6 MB) and the GPU check's test clips
+#                                          pre-built in it (testshards/, 0.5 MB: no ffmpeg there); ~1 min on 2 cores
+#   bash bench/stage_gpu.sh                DALI + small wheels (no ffmpeg) -> .stage/site (pip, ~20 s), one xz -9
+#                                          stream (126.5 MiB; 11-25 min on 2 busy cores, once) into .stage/p0..p2,
+#                                          the data set in p2; prints each call's size: 46.0 MiB per part, 47.5 MiB
+#                                          with today's tree (pack keeps a call <= 58 MiB with the tree)
+#   bash bench/stage_gpu.sh check          again right before the calls: exit 1 naming any call over 62 MiB with the
+#                                          tree (the 64 MiB limit less a 2 MiB margin; the tree may have grown)
 # Then three device calls, back to back (a machine stays warm only 30 s after a call; a cold one has lost p0/p1):
-#   1. run  carry [".stage/p0"]  command "du -sh .stage; nvidia-smi -L"                       (start ~1-2 min + ~64 MiB)
-#   2. run  carry [".stage/p1"]  command "du -sh .stage"                                                  (~64 MiB)
+#   1. run  carry [".stage/p0"]  command "du -sh .stage; nvidia-smi -L"                       (start ~1-2 min + ~48 MiB)
+#   2. run  carry [".stage/p1"]  command "du -sh .stage"                                                  (~48 MiB)
 #   3. run  carry [".stage/p2"]  timeout_s 480
 #           command "PACK_TO=$OUT bash bench/gpu.sh headline .gpu/headline"  (~10 s unpacking, <= 6 min of steps)
 #      $OUT then holds headline.md (the three numbers), headline.json and headline.tgz (every step's JSON and log,
@@ -53,7 +56,7 @@
 # ("gpu_utilization") and to OUTDIR/gpu_util.json.
 #
 # Offline machine: what the machine lacks is carried in as parts, from the project root (see README, "GPU suite"):
-#   .stage/pN      DALI, its small dependencies, imageio-ffmpeg and the headline data set (bench/stage_gpu.sh; or
+#   .stage/pN      DALI, its small dependencies and the headline data set (bench/stage_gpu.sh; or
 #                  the wheels of ../shared/offline-gpu/stage-dali.sh), unpacked here
 #   .whl/          optional extra wheels (decord for the baseline), installed beside DALI
 #   .ffm/          optional ffmpeg (ffmpeg.xz + the imageio_ffmpeg package) for tests that encode their own clips

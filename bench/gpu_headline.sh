@@ -6,7 +6,8 @@
 #                      Without NVDEC the run says so in one line and step 3 decodes on CPU threads with GPU
 #                      augmentation instead of stopping.
 #   2. check           tests/test_pipeline_gpu.py narrowed to the cut IVF layout on NVDEC (-k below): the same
-#                      batches and frames as the CPU backend; the loader's fallback, if it triggers, named in the log
+#                      batches and frames as the CPU backend; the loader's fallback, if it triggers, named in the log.
+#                      Its clips come pre-built with the data set (DATA/testshards: the machine has no ffmpeg)
 #   3. decode_old      the old configuration: timeline MP4, 1 pipeline, NVDEC, all cores (as on the H100, 2026-11-25)
 #      decode_new1..3  cut IVF (the default layout) with three strategies chosen from the CPU-side figures
 #                      (bench/RESULTS.md): 4 pipelines of cores/4 threads on NVDEC (one pipeline kept about one of
@@ -78,7 +79,15 @@ else
   old=1:0; new=${NEW:-1:0:$cores:4,2:1:$cores:2,auto}
 fi
 
-# 2. one GPU check: cut IVF on NVDEC = the CPU backend (skipped by pytest without CUDA; rc 5 if -k selects nothing)
+# 2. one GPU check: cut IVF on NVDEC = the CPU backend (skipped by pytest without CUDA; rc 5 if -k selects nothing),
+# on the test clips pre-built in the data set (no ffmpeg on the GPU machine; tests/pipeline_shards.py)
+export PIPELINE_TEST_SHARDS=$data/testshards
+if [ -f "$PIPELINE_TEST_SHARDS/gpu_train_p4_ivf/manifest.json" ]; then
+  echo "headline: the GPU check reads its test clips pre-built in $PIPELINE_TEST_SHARDS"
+else
+  echo "headline: no pre-built test clips in $PIPELINE_TEST_SHARDS (bash bench/gpu_data.sh headline makes them):" \
+    "the GPU check encodes its own, which needs ffmpeg"
+fi
 step check 90 python3 -m pytest -q -p no:cacheprovider tests/test_pipeline_gpu.py \
   -k "reads_stride_phase_shards and nvdec-ivf" --junit-xml="$out/check.xml" -o log_cli=true --log-cli-level=WARNING
 python3 -m bench.headline check --junit "$out/check.xml" --log "$out/check.log" --rc "$last_rc" --out "$out/check.json"

@@ -249,11 +249,8 @@ gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU
 
 
 def gpu_train_shards():
-    """NVDEC decodes VP9 only from 128x128 up. The clips are encoded here (ffmpeg from imageio-ffmpeg)."""
-    pytest.importorskip("imageio_ffmpeg")
-    return ps.cached(
-        "gpu_train_p1_ivf", lambda d: ps.make_test_shards(d, ps.TRAIN_FRAME_COUNTS, height=128, width=160, per_shard=4)
-    )
+    """NVDEC decodes VP9 only from 128x128 up (the clips encoded here, or pre-built: tests/pipeline_shards.py)."""
+    return ps.gpu_train_shards()
 
 
 @gpu
