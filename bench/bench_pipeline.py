@@ -9,7 +9,8 @@ Both loaders read the same tar shards on the same machine and cores, produce the
 frames at stride 4 from a uniform random start, VideoMAE's multi-scale crop to 224, ImageNet normalization, a
 90% tube mask; K views per decoded clip) and deliver them on the training device:
 
-  dali      pipeline.build_loader(mode="pretrain", device=cpu|gpu, num_threads=N)
+  dali      pipeline.build_loader(mode="pretrain", device=cpu|gpu, num_threads=N): N CPU threads in all, split
+            between the loader's pipelines (pipeline.plan)
   baseline  a torch DataLoader with N workers over the same tars (the `webdataset` package), each sample decoded
             with decord's VideoReader (VideoMAE's loader) at the official indices, cropped, resized (torch bilinear,
             antialiased), normalized and masked per view in Python/torch; pinned and copied to the GPU with
@@ -90,9 +91,10 @@ def dali_batches(
 
 
 def parse_decode_spec(spec: str, cores: int) -> tuple[int, dict]:
-    """--decode-sweep entry -> (threads per pipeline, loader options): "G:C[:threads[:pipelines]]" (decoder groups,
-    of them on CPU threads, threads per pipeline (default --cores), DALI pipelines) or "auto[:threads]" (the
-    loader times its candidate strategies at start and keeps the fastest: decode="auto")."""
+    """--decode-sweep entry -> (the rank's CPU threads, loader options): "G:C[:threads[:pipelines]]" (decoder
+    groups, of them on CPU threads, the threads of all pipelines together (default --cores; each pipeline gets
+    threads // pipelines), DALI pipelines) or "auto[:threads]" (the loader times its candidate strategies at start,
+    each with its share of those threads, and keeps the fastest: decode="auto")."""
     fields = spec.split(":")
     if fields[0] == "auto":
         return (int(fields[1]) if len(fields) > 1 else cores), {"decode": "auto"}
@@ -160,13 +162,17 @@ def run(
     if kind == "dali":  # the strategy that ran (decode=auto: the one the loader chose, and what it timed)
         cfg = built["loader"].cfg
         result.update(
-            decoder_groups=cfg.decoder_groups, cpu_decoder_groups=cfg.cpu_decoder_groups, pipelines=cfg.pipelines
+            decoder_groups=cfg.decoder_groups,
+            cpu_decoder_groups=cfg.cpu_decoder_groups,
+            pipelines=cfg.pipelines,
+            pipeline_threads=built["loader"].pipeline_threads,  # as DALI built them: n split between the pipelines
         )
         if built["loader"].decode_table:
             result["decode_table"] = built["loader"].decode_table
         strategy = (
             f"{' auto ->' if cfg.decode == 'auto' else ''} groups={cfg.decoder_groups} "
-            f"cpu_groups={cfg.cpu_decoder_groups} pipelines={cfg.pipelines}"
+            f"cpu_groups={cfg.cpu_decoder_groups} pipelines={cfg.pipelines} "
+            f"(threads {'+'.join(map(str, result['pipeline_threads']))})"
         )
     del batches, built
     strategy += f" {layout}"
@@ -213,7 +219,8 @@ def main(argv: list[str] | None = None) -> int:
         "--cores",
         type=int,
         default=len(os.sched_getaffinity(0)),
-        help="dali decode threads and baseline workers in the main comparison (default: all cores)",
+        help="dali decode threads (all pipelines together) and baseline workers in the main comparison "
+        "(default: all cores)",
     )
     p.add_argument("--sweep", default="1,2,4", help="threads/workers for the K=1 sweep ('' to skip)")
     p.add_argument("--num-frames", type=int, default=16)
@@ -230,10 +237,10 @@ def main(argv: list[str] | None = None) -> int:
         "--decode-sweep",
         default="",
         help="dali only: decoding strategies G:C[:N[:P]] (decoder groups : of them on the CPU : "
-        "threads per pipeline, default --cores : DALI pipelines, default 1) or auto[:N] (the "
-        "loader's decode=auto) to compare at K=--decode-sweep-k, e.g. '1:0,1:0:32,2:0,1:1,4:3,"
-        "1:0:16:2,auto'. DALI's mixed decoder decodes as many videos at once as the pipeline has "
-        "threads, each decoder group and each pipeline with its own pool",
+        "CPU threads of all pipelines together, default --cores, each pipeline getting N // P : DALI pipelines, "
+        "default 1) or auto[:N] (the loader's decode=auto) to compare at K=--decode-sweep-k, e.g. "
+        "'1:0,1:0:32,2:0,1:1,4:3,1:0:16:2,auto'. DALI's mixed decoder decodes as many videos at once as the "
+        "pipeline has threads; a pipeline's decoder groups share its pool",
     )
     p.add_argument("--decode-sweep-k", type=int, default=2)
     p.add_argument("--synth-size", default="426x240", help="synthetic videos: WIDTHxHEIGHT before transcoding")

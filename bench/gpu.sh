@@ -7,14 +7,17 @@
 #
 # == The headline in one device window (15 minutes of device time, start-up and transfers included) ==============
 # Here, on the CPU machine, in the checkout whose working tree the device calls carry (the session's own):
-#   bash bench/gpu_data.sh headline        the data set (.gpu/data/headline, 11.6 MB, ~1.5 min on 2 cores)
-#   bash bench/stage_gpu.sh                DALI + small wheels + imageio-ffmpeg -> .stage/site (pip, ~20 s), one
-#                                          xz -9 stream (25 min, 17 CPU-min, on 2 busy cores; once) into .stage/p0..p2,
-#                                          the data set in p2; prints each call's size (part + tree <= 64 MiB)
-#   bash bench/stage_gpu.sh check          again right before the calls (the tree may have grown since)
+#   bash bench/gpu_data.sh headline        the data set (.gpu/data/headline, 11.6 MB) and the GPU check's test clips
+#                                          pre-built in it (testshards/, 0.5 MB: no ffmpeg there); ~1 min on 2 cores
+#   bash bench/stage_gpu.sh                DALI + small wheels (no ffmpeg) -> .stage/site (pip, ~20 s), one xz -9
+#                                          stream (126.5 MiB; 11-25 min on 2 busy cores, once) into .stage/p0..p2,
+#                                          the data set in p2; prints each call's size: 46.0 MiB per part, 47.5 MiB
+#                                          with today's tree (pack keeps a call <= 58 MiB with the tree)
+#   bash bench/stage_gpu.sh check          again right before the calls: exit 1 naming any call over 62 MiB with the
+#                                          tree (the 64 MiB limit less a 2 MiB margin; the tree may have grown)
 # Then three device calls, back to back (a machine stays warm only 30 s after a call; a cold one has lost p0/p1):
-#   1. run  carry [".stage/p0"]  command "du -sh .stage; nvidia-smi -L"                       (start ~1-2 min + ~64 MiB)
-#   2. run  carry [".stage/p1"]  command "du -sh .stage"                                                  (~64 MiB)
+#   1. run  carry [".stage/p0"]  command "du -sh .stage; nvidia-smi -L"                       (start ~1-2 min + ~48 MiB)
+#   2. run  carry [".stage/p1"]  command "du -sh .stage"                                                  (~48 MiB)
 #   3. run  carry [".stage/p2"]  timeout_s 480
 #           command "PACK_TO=$OUT bash bench/gpu.sh headline .gpu/headline"  (~10 s unpacking, <= 6 min of steps)
 #      $OUT then holds headline.md (the three numbers), headline.json and headline.tgz (every step's JSON and log,
@@ -33,9 +36,9 @@
 #                       4-phase IVF cut at key frames); then the GPU backend's decoding strategies side by side
 #                       on the cut layout (bench.bench_pipeline --decode-sweep, K = 2): NVDEC with 1x/2x
 #                       threads, NVDEC x2/x4 instances, CPU threads + GPU augmentation, hybrids with 1/2 to 3/4
-#                       of each batch decoded on the CPU, 2 and 4 DALI pipelines (each with its own threads and
-#                       decoders), and decode=auto (the loader times candidates and keeps the fastest); then some
-#                       of them on the 4-phase MP4 layout
+#                       of each batch decoded on the CPU, 2 and 4 DALI pipelines (each with its own decoders and
+#                       its share of the threads), and decode=auto (the loader times candidates and keeps the
+#                       fastest); then some of them on the 4-phase MP4 layout
 #             model:    bench.bench_model, ViT-B pretraining step at batch 64: eager and compiled fused bf16, the
 #                       whole step as one CUDA graph, flash vs cuDNN attention, VideoMAE V2 decoder masking (its
 #                       own table), max-autotune last (the longest warm-up)
@@ -53,7 +56,7 @@
 # ("gpu_utilization") and to OUTDIR/gpu_util.json.
 #
 # Offline machine: what the machine lacks is carried in as parts, from the project root (see README, "GPU suite"):
-#   .stage/pN      DALI, its small dependencies, imageio-ffmpeg and the headline data set (bench/stage_gpu.sh; or
+#   .stage/pN      DALI, its small dependencies and the headline data set (bench/stage_gpu.sh; or
 #                  the wheels of ../shared/offline-gpu/stage-dali.sh), unpacked here
 #   .whl/          optional extra wheels (decord for the baseline), installed beside DALI
 #   .ffm/          optional ffmpeg (ffmpeg.xz + the imageio_ffmpeg package) for tests that encode their own clips
@@ -166,7 +169,7 @@ layouts="timeline=$data/vp9,phases4=$data/vp9p4,cut4=$data/vp9c4"
 if [ "$part" = all ] || [ "$part" = decode ]; then
   step decode_layouts 60 python3 -m bench.bench_decode --device gpu --shards "$layouts" \
     --threads "$cores" --batch-size 32 --batches 8 --rounds 2 --out "$out/decode_layouts.json"
-  # G:C[:threads per pipeline[:pipelines]], or auto; pipelines and auto after the single-pipeline strategies
+  # G:C[:threads of all pipelines[:pipelines]], or auto; pipelines and auto after the single-pipeline strategies
   step pipeline_decode 260 python3 -m bench.bench_pipeline --device gpu --shards "cut4=$data/vp9c4" \
     --layouts cut4 --shard-repeat $repeat --batch-size 32 --cores "$cores" --batches 10 --warmup 2 --repeats "" \
     --sweep "" --baselines "" --out "$out/pipeline_decode.json" --decode-sweep \

@@ -27,7 +27,8 @@
 # many times per epoch (--shard-repeat); looped clips repeat their motion backwards; Big Buck Bunny is animation (flat
 # areas: cheaper inter frames than camera footage) and carphone is upscaled from 144 px (soft: cheap to code), while
 # the grain variant costs more than typical YouTube sources. The CPU rehearsal builds a few tiny ones
-# (HL_VIDEOS=3 HL_SIDE=64 HL_SECONDS=2).
+# (HL_VIDEOS=3 HL_SIDE=64 HL_SECONDS=2). Beside them, testshards/gpu_train_p4_ivf (0.5 MB): the synthetic clips of the
+# GPU check (tests/test_pipeline_gpu.py, read through $PIPELINE_TEST_SHARDS), which the GPU machine cannot encode.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd); cd "$root"
 py=${PYTHON:-.venv/bin/python}
@@ -85,5 +86,7 @@ while IFS='|' read -r name clip filters; do
 done <<<"$videos"
 build "$out/timeline" --folders "$src" --split train --short-side "$side" --container mp4 --gop 16
 build "$out/cut4" --folders "$src" --split train --short-side "$side" --phases 4
+# the test clips of the headline's GPU check (step 2), pre-built: the GPU machine has no ffmpeg to encode them
+PYTHONPATH=$root $py tests/pipeline_shards.py "$out/testshards" gpu_train_shards:4:ivf
 $py -m bench.headline describe-data "$out" --sources "$(echo "$videos" | head -n "$count" | tr '\n' ';')"
 du -sh "$out"/*

@@ -6,7 +6,8 @@
 #                      Without NVDEC the run says so in one line and step 3 decodes on CPU threads with GPU
 #                      augmentation instead of stopping.
 #   2. check           tests/test_pipeline_gpu.py narrowed to the cut IVF layout on NVDEC (-k below): the same
-#                      batches and frames as the CPU backend; the loader's fallback, if it triggers, named in the log
+#                      batches and frames as the CPU backend; the loader's fallback, if it triggers, named in the log.
+#                      Its clips come pre-built with the data set (DATA/testshards: the machine has no ffmpeg)
 #   3. decode_old      the old configuration: timeline MP4, 1 pipeline, NVDEC, all cores (as on the H100, 2026-11-25)
 #      decode_new1..3  cut IVF (the default layout) with three strategies chosen from the CPU-side figures
 #                      (bench/RESULTS.md): 4 pipelines of cores/4 threads on NVDEC (one pipeline kept about one of
@@ -23,7 +24,7 @@
 # Decoder masking (another objective) is not run here.
 #
 # Parameters (environment), GPU sizes by default; the CPU rehearsal (tests/test_bench_gpu_headline.py) sets
-#   DEVICE=cpu MODEL=tiny BATCH=4 BATCHES=2 WARMUP=1 STEPS=4 LOG_INTERVAL=2 TRAIN_WARMUP=1 INPUT=32 THREADS=2 ...
+#   DEVICE=cpu MODEL=tiny BATCH=4 BATCHES=2 WARMUP=1 STEPS=4 LOG_INTERVAL=2 TRAIN_WARMUP=1 INPUT=32 THREADS=4 ...
 #   DEVICE        gpu (default where nvidia-smi answers) | cpu: the CPU backend, NVDEC never tried
 #   MODEL         base (the recipe) | tiny (a 1-block 64-wide ViT, blocks not compiled: a CPU can run it)
 #   BATCH         videos per batch (default 32, the recipe's per-GPU batch; x K = 2 clips)
@@ -32,7 +33,8 @@
 #                 discarded (2: start-up and compilation)
 #   DATA          the data set (default .gpu/data/headline: bench/gpu_data.sh headline), timeline/ and cut4/
 #   REPEAT        each shard list read REPEAT times per epoch (default 128: epochs of 28 batches of 32, not a few)
-#   THREADS       cores to use (default nproc), INPUT crop size (default 224), BUDGET seconds (default 360),
+#   THREADS       CPU threads of every run (default nproc), split between a strategy's pipelines (G:C:THREADS:P:
+#                 P pipelines of THREADS // P), INPUT crop size (default 224), BUDGET seconds (default 360),
 #                 LIMIT_SCALE times each step's own limit (default 1; the rehearsal's steps are slower on a CPU)
 #   NEW           the strategies of step 3 (default below), PEAK_TFLOPS for MFU where the GPU is not listed (the
 #                 rehearsal sets 1 so that the field exists)
@@ -43,7 +45,6 @@ model=${MODEL:-base}
 batch=${BATCH:-32}; batches=${BATCHES:-10}; warmup=${WARMUP:-2}
 steps=${STEPS:-60}; log_interval=${LOG_INTERVAL:-10}; train_warmup=${TRAIN_WARMUP:-2}
 repeat=${REPEAT:-128}; cores=${THREADS:-$(nproc)}; input=${INPUT:-224}
-quarter=$((cores / 4 > 0 ? cores / 4 : 1)); half=$((cores / 2 > 0 ? cores / 2 : 1))
 headline_rc=0
 
 after_step() {  # the summary, and what a device call brings back, after every step
@@ -73,12 +74,20 @@ nvdec=$(python3 -c "import json, sys; print(json.load(open(sys.argv[1])).get('nv
   2>/dev/null || echo False)
 if [ "$device" = gpu ] && [ "$nvdec" != True ]; then
   echo "headline: NVDEC is not reachable here (nvdec.json): decoding on CPU threads, augmenting on the GPU"
-  old=1:1; new=${NEW:-1:1:$quarter:4,2:2:$half:2,auto}
+  old=1:1; new=${NEW:-1:1:$cores:4,2:2:$cores:2,auto}
 else
-  old=1:0; new=${NEW:-1:0:$quarter:4,2:1:$half:2,auto}
+  old=1:0; new=${NEW:-1:0:$cores:4,2:1:$cores:2,auto}
 fi
 
-# 2. one GPU check: cut IVF on NVDEC = the CPU backend (skipped by pytest without CUDA; rc 5 if -k selects nothing)
+# 2. one GPU check: cut IVF on NVDEC = the CPU backend (skipped by pytest without CUDA; rc 5 if -k selects nothing),
+# on the test clips pre-built in the data set (no ffmpeg on the GPU machine; tests/pipeline_shards.py)
+export PIPELINE_TEST_SHARDS=$data/testshards
+if [ -f "$PIPELINE_TEST_SHARDS/gpu_train_p4_ivf/manifest.json" ]; then
+  echo "headline: the GPU check reads its test clips pre-built in $PIPELINE_TEST_SHARDS"
+else
+  echo "headline: no pre-built test clips in $PIPELINE_TEST_SHARDS (bash bench/gpu_data.sh headline makes them):" \
+    "the GPU check encodes its own, which needs ffmpeg"
+fi
 step check 90 python3 -m pytest -q -p no:cacheprovider tests/test_pipeline_gpu.py \
   -k "reads_stride_phase_shards and nvdec-ivf" --junit-xml="$out/check.xml" -o log_cli=true --log-cli-level=WARNING
 python3 -m bench.headline check --junit "$out/check.xml" --log "$out/check.log" --rc "$last_rc" --out "$out/check.json"

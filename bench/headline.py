@@ -168,7 +168,8 @@ def decode_rows(out: Path) -> list[dict]:
                 "step": step,
                 "layout": run.get("layout"),
                 "spec": run.get("spec"),
-                "threads": run.get("threads"),
+                "threads": run.get("threads"),  # of all the pipelines together (data.num_threads)
+                "pipeline_threads": run.get("pipeline_threads"),
                 "pipelines": run.get("pipelines"),
                 "decoder_groups": run.get("decoder_groups"),
                 "cpu_decoder_groups": run.get("cpu_decoder_groups"),
@@ -259,8 +260,8 @@ def headline(out: Path) -> dict:
 
 
 def _brief(row: dict) -> dict:
-    keys = ("layout", "spec", "threads", "pipelines", "decoder_groups", "cpu_decoder_groups", "decode")
-    shown = (*keys, "decoded_clips_per_s", "sm_util", "dec_util", "fallback")
+    keys = ("layout", "spec", "threads", "pipeline_threads", "pipelines", "decoder_groups", "cpu_decoder_groups")
+    shown = (*keys, "decode", "decoded_clips_per_s", "sm_util", "dec_util", "fallback")
     return {k: row.get(k) for k in shown if row.get(k) is not None}
 
 
@@ -330,8 +331,10 @@ def headline_text(h: dict) -> str:
 
 
 def _describe(row: dict) -> str:
+    per = row.get("pipeline_threads")  # as the loader built them; older runs recorded only the total
+    threads = f"x {'/'.join(map(str, sorted(set(per))))} threads" if per else f"sharing {row.get('threads')} threads"
     strategy = (
-        f"{row.get('pipelines')} pipeline(s) x {row.get('threads')} threads, {row.get('decoder_groups')} decoder "
+        f"{row.get('pipelines')} pipeline(s) {threads}, {row.get('decoder_groups')} decoder "
         f"group(s) of which {row.get('cpu_decoder_groups')} on CPU threads"
     )
     return f"{row.get('layout')}, " + ("decode=auto chose " if row.get("decode") == "auto" else "") + strategy

@@ -104,6 +104,7 @@ class VideoLoader:
             prefetch_depth=prefetch_depth,
             cut=self.cut,
         )
+        self.cfg = self._builder.fit(self.cfg)  # no more pipelines than the rank's thread budget (pipeline.plan)
         probe = DecodeProbe(self.shards, self.cfg.stride, device, self.device_id, self.cut)
         self._corrupt = CorruptSamples(self.shards, self.stats, probe)
         self.epoch, position = 0, 0
@@ -116,6 +117,12 @@ class VideoLoader:
         if self.cfg.decode == "auto":
             self.cfg, self.decode_table = choose_strategy(self._builder, self.cfg, self.epoch)
         self._run = self._open(self.epoch, position)
+        log.info(self._builder.describe_threads(self._run))
+
+    @property
+    def pipeline_threads(self) -> list[int]:
+        """CPU threads of each DALI pipeline of the current epoch, as DALI built them (pipe.num_threads)."""
+        return [pipe.num_threads for pipe in self._run.pipes]
 
     # -- sizes ---------------------------------------------------------------------------------------------------
     @property

@@ -6,8 +6,8 @@ decode branch (reading and every random draw still happen), g >= 0 decodes it on
 it three ways: to fast-forward to a saved position (every row skipped: milliseconds per batch), to make the batches
 prefetched past the end of an epoch free, and to share each batch between several pipelines.
 
-Several pipelines (`pipelines=P`). P DALI pipelines per rank, each with its own `num_threads` threads and decoder
-instances, read the same epoch: the same tar order, seed and reader, so every random draw (made outside the graph's
+Several pipelines (`pipelines=P`). P DALI pipelines per rank, each with its own threads and decoder instances, read
+the same epoch: the same tar order, seed and reader, so every random draw (made outside the graph's
 decode branch) is the same in all of them. Pipeline i decodes the rows i, i + P, ... of every batch and skips the
 others through the same `plan` input that fast-forwards (-1: no decode); the loader takes each decoded output row
 (video, frames, mask, box) from the pipeline that decoded it and everything else from pipeline 0. A batch is
@@ -16,11 +16,19 @@ as on resume, RandAugment's and the erasing noise's inner draws, which DALI make
 fast-forward and corrupt-sample recovery work on all P at once. Reading and the draws are repeated P times (cheap
 next to decoding); merging costs one copy of the decoded outputs per batch (P = 1 stays copy-free). Each pipeline
 decodes at least `decoder_groups` rows per batch, so on NVDEC no decoder instance ever sees an empty batch.
+
+Threads (`EpochBuilder.thread_budget`). A rank's pipelines share one budget of CPU threads: `num_threads` (train.py's
+`data.num_threads`) is the total for all of them, by default the cores this process may use shared by the local ranks
+(`cores_per_local_rank`). Each of P pipelines gets budget // P threads, and a rank runs at most `budget` pipelines (a
+pipeline needs a thread of its own). CPU decoder groups add no threads: DALI runs every CPU operator of a pipeline,
+each group's decoder included, on that pipeline's one pool (measured on the CPU backend: a pipeline of T threads adds
+2T + 1 OS threads to the process, with 1 decoder group or several; tests/test_pipeline_threads.py).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 from typing import Any
 
@@ -32,12 +40,32 @@ from pipeline.config import PipelineConfig
 from pipeline.handoff import as_torch
 from pipeline.shardset import ShardSet
 
+log = logging.getLogger(__name__)
 # Backends whose decoders must never see an empty batch: after NVDEC's, the next operator fails (bench/RESULTS.md,
 # H100 field notes). A skipped iteration there still decodes one sample per decoder instance (DecodePlan).
 NEVER_EMPTY_DEVICES = frozenset({"gpu"})
 # Outputs made inside the graph's decode branch: a pipeline emits placeholders for the rows it does not decode, so
 # with several pipelines these are gathered row by row; every other output is the same in all of them.
 DECODED_OUTPUTS = frozenset({"video", "box", "frames", "mask"})
+
+
+def usable_cores() -> int:
+    """CPU cores this process may run on: its affinity mask (what taskset, cgroups' cpusets or a launcher's binding
+    leave it), else the machine's count."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # no affinity masks on this platform
+        return os.cpu_count() or 1
+
+
+def local_ranks() -> int:
+    """Processes sharing this machine's cores: $LOCAL_WORLD_SIZE (torchrun sets it), else 1."""
+    return max(1, int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
+
+
+def cores_per_local_rank() -> int:
+    """This rank's share of the cores: usable_cores() // local_ranks(), at least 1."""
+    return max(1, usable_cores() // local_ranks())
 
 
 class DecodePlan:
@@ -118,18 +146,53 @@ class EpochBuilder:
     rank: int
     world_size: int
     seed: int
-    num_threads: int | None  # as asked for; see threads_per_pipeline
+    num_threads: int | None  # the rank's thread budget as asked for (None: its share of the cores); thread_budget
     prefetch_depth: int
     cut: bool = True
 
+    def thread_budget(self) -> int:
+        """CPU threads of all this rank's pipelines together: `num_threads` (a per-rank total, honoured as given:
+        NVDEC decodes one video per thread, so more threads than cores can pay there), else this process's share of
+        the cores (`cores_per_local_rank`). The one place that decides it."""
+        return self.num_threads or cores_per_local_rank()
+
+    def pipelines_within_budget(self, pipelines: int) -> int:
+        """How many of `pipelines` this rank runs: at most one per thread of its budget."""
+        return max(1, min(pipelines, self.thread_budget()))
+
     def threads_per_pipeline(self, pipelines: int) -> int:
-        """CPU threads of each of this rank's `pipelines` DALI pipelines: `num_threads`, else this machine's cores
-        shared by its local ranks ($LOCAL_WORLD_SIZE); every pipeline gets them all. The one place that decides
-        it, so that a per-rank thread budget split between pipelines changes only this."""
+        """CPU threads of each of this rank's `pipelines` DALI pipelines: an equal share of the budget, >= 1."""
+        return max(1, self.thread_budget() // pipelines)
+
+    def fit(self, cfg: PipelineConfig) -> PipelineConfig:
+        """`cfg` with no more pipelines than the thread budget allows (said in one WARNING line when lowered;
+        batches do not depend on the number of pipelines)."""
+        pipelines = self.pipelines_within_budget(cfg.pipelines)
+        if pipelines == cfg.pipelines:
+            return cfg
+        log.warning(
+            "pipeline: pipelines=%d exceeds this rank's budget of %d CPU threads (%s); running %d",
+            cfg.pipelines,
+            self.thread_budget(),
+            self.budget_source(),
+            pipelines,
+        )
+        return dataclasses.replace(cfg, pipelines=pipelines)
+
+    def budget_source(self) -> str:
+        """Where the thread budget comes from, for log lines."""
+        share = f"{usable_cores()} core(s) / {local_ranks()} local rank(s)"
         if self.num_threads:
-            return self.num_threads
-        local = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
-        return max(1, (os.cpu_count() or 2) // max(local, 1))
+            return f"num_threads={self.num_threads} as asked; the cores' share is {cores_per_local_rank()}: {share}"
+        return share
+
+    def describe_threads(self, run: EpochRun) -> str:
+        """One line: the threads of `run`'s pipelines as DALI built them, against the budget."""
+        threads = [pipe.num_threads for pipe in run.pipes]
+        return (
+            f"pipeline: rank {self.rank}: {len(threads)} pipeline(s) x {'/'.join(map(str, sorted(set(threads))))} "
+            f"CPU threads = {sum(threads)} of a budget of {self.thread_budget()} ({self.budget_source()})"
+        )
 
     def epoch_seed(self, epoch: int) -> int:
         return int(np.random.SeedSequence([self.seed, epoch, self.rank]).generate_state(1)[0] & 0x3FFFFFFF)

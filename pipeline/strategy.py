@@ -7,10 +7,12 @@ member's start), else nothing (CPU threads decode, the GPU augments). Each fallb
 WARNING line.
 
 Choosing the strategy (`decode="auto"`, `choose_strategy`). The loader times candidate strategies (pipelines 1/2 x
-decoder groups 1/2 at the configured thread count, the configured one first; on the GPU backend also hybrids with
-CPU decoder groups where the shards are CPU-decodable) on pipelines built for the timing only, over `auto_batches`
-batches after one untimed batch, keeps the fastest for the rest of the run and logs the table (INFO). The batches
-handed out come from fresh pipelines, so they are exactly those of any fixed strategy.
+decoder groups 1/2, the configured one first; on the GPU backend also hybrids with CPU decoder groups where the shards
+are CPU-decodable) on pipelines built for the timing only, each with the threads it would run with (the rank's thread
+budget split between its pipelines, `pipeline.plan.EpochBuilder`; more pipelines than the budget has threads are not
+tried), over `auto_batches` batches after one untimed batch, keeps the fastest for the rest of the run and logs the
+table (INFO), with the threads each candidate's pipelines were built with. The batches handed out come from fresh
+pipelines, so they are exactly those of any fixed strategy.
 """
 
 from __future__ import annotations
@@ -108,7 +110,8 @@ def probe_nvdec(shards: ShardSet, stride: int, device_id: int | None) -> tuple[s
 def candidates(builder: EpochBuilder, cfg: PipelineConfig) -> list[tuple[int, int, int]]:
     """(pipelines, decoder_groups, cpu_decoder_groups) to time, the configured one first: 1 or 2 pipelines x 1
     or 2 decoder groups; on the GPU backend also hybrids (CPU groups beside NVDEC) where the shards are CPU-
-    decodable, and only CPU groups where NVDEC cannot read them (see choose_nvdec_input)."""
+    decodable, and only CPU groups where NVDEC cannot read them (see choose_nvdec_input). Never more pipelines
+    than the thread budget has threads, nor more decoder instances than the batch has rows."""
     grid = [(p, g) for p in (1, 2) for g in (1, 2)]
     if builder.device == "cpu":
         found = [(p, g, 0) for p, g in grid]
@@ -123,13 +126,17 @@ def candidates(builder: EpochBuilder, cfg: PipelineConfig) -> list[tuple[int, in
             pass
     configured = (cfg.pipelines, cfg.decoder_groups, cfg.cpu_decoder_groups)
     unique = dict.fromkeys([configured] + found)
-    return [s for s in unique if s[0] * s[1] <= builder.batch_size]
+    budget = builder.thread_budget()
+    return [s for s in unique if s[0] * s[1] <= builder.batch_size and s[0] <= budget]
 
 
-def time_strategy(builder: EpochBuilder, cfg: PipelineConfig, epoch: int) -> float:
+def time_strategy(builder: EpochBuilder, cfg: PipelineConfig, epoch: int, row: dict | None = None) -> float:
     """Decoded clips/s of `cfg`'s strategy over cfg.auto_batches batches of `epoch`, after one untimed batch
-    (start-up and the first decodes), on pipelines built for this only and dropped after."""
+    (start-up and the first decodes), on pipelines built for this only and dropped after. `row["threads"]`: the
+    CPU threads of each of those pipelines, as DALI built them, set before the timing (so a failed run has it)."""
     run = builder.build(cfg, epoch, 0)
+    if row is not None:
+        row["threads"] = [pipe.num_threads for pipe in run.pipes]
     try:
         run.begin(0, stop=None)
         run.outputs()
@@ -146,13 +153,14 @@ def time_strategy(builder: EpochBuilder, cfg: PipelineConfig, epoch: int) -> flo
 
 def choose_strategy(builder: EpochBuilder, cfg: PipelineConfig, epoch: int) -> tuple[PipelineConfig, list[dict]]:
     """(cfg with the fastest strategy, the table of what was timed: strategy and clips/s or error) for
-    decode="auto": every candidate timed on `epoch`; the table logged at INFO. When none runs, `cfg` is kept."""
+    decode="auto": every candidate timed on `epoch` (each row also holds "threads", the CPU threads of each of its
+    pipelines, when they were built); the table logged at INFO. When none runs, `cfg` is kept."""
     table = []
     for pipelines, groups, cpu_groups in candidates(builder, cfg):
         trial = dataclasses.replace(cfg, pipelines=pipelines, decoder_groups=groups, cpu_decoder_groups=cpu_groups)
         row: dict[str, Any] = {"pipelines": pipelines, "decoder_groups": groups, "cpu_decoder_groups": cpu_groups}
         try:
-            row["clips_per_s"] = round(time_strategy(builder, trial, epoch), 2)
+            row["clips_per_s"] = round(time_strategy(builder, trial, epoch, row), 2)
         except RuntimeError as error:  # a strategy this machine cannot run, or a corrupt first batch
             row["error"] = error_reason(error)
         table.append(row)
@@ -160,17 +168,17 @@ def choose_strategy(builder: EpochBuilder, cfg: PipelineConfig, epoch: int) -> t
     best = max(timed, key=lambda r: r["clips_per_s"]) if timed else None
     lines = [
         f"  {'->' if r is best else '  '} pipelines={r['pipelines']} decoder_groups={r['decoder_groups']} "
-        f"cpu_decoder_groups={r['cpu_decoder_groups']}: "
+        f"cpu_decoder_groups={r['cpu_decoder_groups']} threads={'+'.join(map(str, r.get('threads', ['?'])))}: "
         + (f"{r['clips_per_s']:.1f} clips/s" if "clips_per_s" in r else f"failed ({r['error']})")
         for r in table
     ]
     log.info(
-        "pipeline: decode=auto timed %d batches of %d clips per strategy (%s backend, %d threads per "
-        "pipeline); %s:\n%s",
+        "pipeline: decode=auto timed %d batches of %d clips per strategy (%s backend, a budget of %d CPU threads "
+        "split between each strategy's pipelines: threads=per pipeline); %s:\n%s",
         cfg.auto_batches,
         builder.batch_size,
         builder.device,
-        builder.threads_per_pipeline(cfg.pipelines),
+        builder.thread_budget(),
         "keeping the fastest (->)" if best else "none ran, keeping the configured one",
         "\n".join(lines),
     )

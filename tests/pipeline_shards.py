@@ -12,6 +12,11 @@ The frames are gray (neutral chroma, so colour conversion and chroma subsampling
 `level(t)` differs by `LEVEL_STEP` grey levels between consecutive frames and `pattern` is a fixed block texture
 (the same in every frame, different per video), so any frame of any crop is matched to its index without ambiguity
 by its nearest neighbour among the PyAV-decoded frames (cropped and resized the same way), and crops stay visible.
+
+Pre-built sets, for a machine without ffmpeg (the GPU machine): `python tests/pipeline_shards.py OUT SET...` (run
+from the repository root, e.g. `SET` = `gpu_train_shards:4:ivf`: a shard-set function of this module and its
+positional arguments) writes each set to OUT/<its cache name>; with $PIPELINE_TEST_SHARDS=OUT, `cached` copies a set
+found there instead of encoding it (`load_test_shards` reads its videos back from the tars).
 """
 
 from __future__ import annotations
@@ -36,9 +41,17 @@ PATTERN_AMPLITUDE = 24
 MAX_FRAMES = (255 - 2 * PATTERN_AMPLITUDE - LEVEL_BASE) // LEVEL_STEP  # levels stay inside 0..255
 
 
-def ffmpeg_exe() -> str:
-    import imageio_ffmpeg
+PREBUILT_ENV = "PIPELINE_TEST_SHARDS"  # a folder of pre-built sets, one sub-folder per cache name
 
+
+def ffmpeg_exe() -> str:
+    try:
+        import imageio_ffmpeg
+    except ImportError as e:
+        raise RuntimeError(
+            f"no ffmpeg (imageio-ffmpeg) to encode test clips; pre-build the sets on a machine that has it "
+            f"(python tests/pipeline_shards.py OUT SET...) and point ${PREBUILT_ENV} at OUT"
+        ) from e
     return imageio_ffmpeg.get_ffmpeg_exe()
 
 
@@ -318,10 +331,71 @@ def _root() -> str:
 
 
 def cached(name: str, build) -> TestShards:
-    """Build a shard set once per process under a private temporary directory."""
+    """Build a shard set once per process under a private temporary directory; a pre-built copy of it in
+    $PIPELINE_TEST_SHARDS (OUT/name/manifest.json) is copied there instead (nothing encoded)."""
     if name not in _CACHE:
-        _CACHE[name] = build(os.path.join(_root(), name))
+        directory = os.path.join(_root(), name)
+        prebuilt = os.path.join(os.environ.get(PREBUILT_ENV) or "", name)
+        if os.environ.get(PREBUILT_ENV) and os.path.isfile(os.path.join(prebuilt, fmt.MANIFEST_NAME)):
+            import shutil
+
+            shutil.copytree(prebuilt, directory)
+            _CACHE[name] = load_test_shards(directory)
+        else:
+            _CACHE[name] = build(directory)
     return _CACHE[name]
+
+
+def load_test_shards(directory: str | os.PathLike) -> TestShards:
+    """A shard set written by `write_shards`, read back: every sample's members, cuts table, label and frame count
+    from its tars (the manifest's order of shards and samples)."""
+    directory = Path(directory)
+    manifest = json.loads((directory / fmt.MANIFEST_NAME).read_text())
+    tars, videos = [], []
+    for entry in manifest["shards"]:
+        tar_path = directory / entry["tar"]
+        tars.append(str(tar_path))
+        samples: dict[str, dict[str, bytes]] = {}
+        with tarfile.open(tar_path) as tar:
+            for member in tar.getmembers():
+                key, ext = member.name.split(".", 1)
+                samples.setdefault(key, {})[ext] = tar.extractfile(member).read()
+        for key, parts in samples.items():
+            meta = json.loads(parts[fmt.META_EXT])
+            container = fmt.IVF_EXT if any(ext.endswith(fmt.IVF_EXT) for ext in parts) else "mp4"
+            members = [parts[ext] for ext in fmt.video_exts(meta.get("phases", 1), container)]
+            videos.append(
+                TestVideo(
+                    key,
+                    members[0],
+                    meta["num_frames"],
+                    meta["label"],
+                    sample_id=meta["sample_id"],
+                    phase_mp4s=members if len(members) > 1 else None,
+                    container=container,
+                    cuts=parts.get(fmt.CUTS_EXT),
+                )
+            )
+    return TestShards(str(directory), tars, videos, {v.sample_id: v for v in videos})
+
+
+def prebuild(out: str | os.PathLike, specs: list[str]) -> list[TestShards]:
+    """Each set of `specs` ("function:arg:...", e.g. "gpu_train_shards:4:ivf"; integer arguments as digits) made by
+    that function of this module, then copied to OUT/<its cache name> (temporary name, then renamed)."""
+    import shutil
+
+    made = []
+    for spec in specs:
+        name, *args = spec.split(":")
+        shards = globals()[name](*(int(a) if a.isdigit() else a for a in args))
+        target = Path(out) / Path(shards.directory).name
+        partial = target.with_name(f".{target.name}.tmp")
+        shutil.rmtree(partial, ignore_errors=True)
+        shutil.copytree(shards.directory, partial)
+        shutil.rmtree(target, ignore_errors=True)
+        partial.rename(target)
+        made.append(shards)
+    return made
 
 
 def train_shards(phases: int = 1, container: str = "ivf") -> TestShards:
@@ -350,3 +424,33 @@ def eval_shards(phases: int = 1, container: str = "ivf") -> TestShards:
             container=container,
         ),
     )
+
+
+def gpu_train_shards(phases: int = 1, container: str = "ivf") -> TestShards:
+    """The GPU tests' training set: NVDEC decodes VP9 only from 128x128 up (H100: "Video is too small ...
+    supported: 128x128"), so 128x160, else as `train_shards`."""
+    return cached(
+        f"gpu_train_p{phases}_{container}",
+        lambda d: make_test_shards(
+            d, TRAIN_FRAME_COUNTS, height=128, width=160, per_shard=4, phases=phases, container=container
+        ),
+    )
+
+
+def gpu_eval_shards(container: str = "ivf") -> TestShards:
+    """The GPU tests' eval set: 5 videos of 128x176, 2 per shard."""
+    return cached(
+        f"gpu_eval_{container}",
+        lambda d: make_test_shards(
+            d, [40, 25, 63, 17, 33], height=128, width=176, per_shard=2, split="val", seed=100, container=container
+        ),
+    )
+
+
+if __name__ == "__main__":
+    import sys
+
+    if len(sys.argv) < 3:
+        sys.exit("usage: python tests/pipeline_shards.py OUT SET... (SET: e.g. gpu_train_shards:4:ivf)")
+    for made in prebuild(sys.argv[1], sys.argv[2:]):
+        print(f"{made.directory} -> {sys.argv[1]}: {len(made.videos)} videos")

@@ -30,7 +30,7 @@ REHEARSAL = {  # the GPU run's parameters, scaled down (bench/gpu_headline.sh)
     "LOG_INTERVAL": "2",
     "TRAIN_WARMUP": "1",
     "INPUT": "32",
-    "THREADS": "2",
+    "THREADS": "4",  # a rank's threads, split between a strategy's pipelines: 4 pipelines need 4
     "REPEAT": "4",
     "PEAK_TFLOPS": "1",
     "BUDGET": "3000",  # the GPU limits assume a GPU; on a busy 2-core machine steps take longer
@@ -72,6 +72,10 @@ def staged(tmp_path_factory):
         assert sorted(keys) == ["bigbuckbunny_bigbuckbunny", "bikes_bikes", "carphone_carphone"], keys
     described = json.loads((data / "dataset.json").read_text())
     assert described["layouts"]["cut4"]["videos"] == 3 and described["bytes"] > 0
+    assert set(described["layouts"]) == {"timeline", "cut4"}
+    # the GPU check's clips, pre-built (no ffmpeg on the GPU machine): 12 videos in 4 phases
+    prebuilt = json.loads((data / "testshards" / "gpu_train_p4_ivf" / "manifest.json").read_text())
+    assert prebuilt["num_samples"] == 12
     site = root / "site"
     (site / "headline_probe").mkdir(parents=True)
     (site / "headline_probe" / "__init__.py").write_text("VALUE = 'unpacked'\n")
@@ -107,6 +111,31 @@ def test_stage_parts_unpack_to_the_site_and_data_set(staged):
         assert original == copied
 
 
+def test_check_refuses_a_call_over_the_limit_less_the_margin(tmp_path):
+    """`stage_gpu.sh check`: part + tree <= 64 - 2 MiB passes, one byte more fails loudly, naming the call. The tree
+    is a small git checkout of known size (TREE), the parts sparse files of exact sizes."""
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    (tree / "file.bin").write_bytes(b"x" * 100_000)
+    subprocess.run(["git", "init", "-q", str(tree)], check=True)
+    stage = tmp_path / "stage"
+    for index in (0, 1):
+        (stage / f"p{index}").mkdir(parents=True)
+    folder = int(subprocess.run(["du", "-sb", str(stage / "p0")], capture_output=True, text=True).stdout.split()[0])
+    allowed = (64 - 2) * 1024 * 1024 - 100_000 - folder  # du -sb counts the part's folder too
+    for index, size in ((0, allowed), (1, allowed - 1)):
+        subprocess.run(["truncate", "-s", str(size), str(stage / f"p{index}" / f"site.txz.0{index}")], check=True)
+    env = shell_env(STAGE=str(stage), TREE=str(tree))
+    fits = bash("bench/stage_gpu.sh", "check", env=env, timeout=60)
+    assert fits.returncode == 0, fits.stdout + fits.stderr
+    assert fits.stdout.count("MiB of 64 (at most 62: a 2 MiB margin)") == 2
+    subprocess.run(["truncate", "-s", str(allowed + 1), str(stage / "p1" / "site.txz.01")], check=True)
+    over = bash("bench/stage_gpu.sh", "check", env=env, timeout=60)
+    assert over.returncode == 1
+    assert f"stage_gpu: CALL TOO LARGE: {stage}/p1: {64 * 1024 * 1024 - 2 * 1024 * 1024 + 1} bytes" in over.stderr
+    assert "p0:" not in over.stderr
+
+
 def test_a_damaged_part_is_named_before_anything_is_unpacked(staged, tmp_path):
     _, _, stage, _ = staged
     copy = tmp_path / "stage"
@@ -132,6 +161,7 @@ def test_headline_rehearsal_runs_every_step(staged, tmp_path):
     proc = bash("bench/gpu.sh", "headline", str(out), env=env, timeout=1700)
     console = proc.stdout + proc.stderr
     assert proc.returncode == 0, console[-6000:]
+    assert "headline: the GPU check reads its test clips pre-built in" in console
     for name in STEPS:  # in the issue's order, each with its own command line and rc 0
         assert f"=== {name} (limit" in console and f"--- {name}: rc=0" in console, name
     order = [console.index(f"=== {name} (limit") for name in STEPS]
@@ -160,9 +190,12 @@ def test_headline_rehearsal_runs_every_step(staged, tmp_path):
         assert run["decoded_clips_per_s"] > 0 and run["repeats"] == 2, name
         runs[name] = run
     assert runs["decode_old"]["layout"] == "timeline" and runs["decode_old"]["spec"] == "1:0"
-    assert [runs[f"decode_new{i}"]["spec"] for i in (1, 2, 3)] == ["1:0:1:4", "2:1:1:2", "auto"]
+    assert [runs[f"decode_new{i}"]["spec"] for i in (1, 2, 3)] == ["1:0:4:4", "2:1:4:2", "auto"]
     assert all(runs[f"decode_new{i}"]["layout"] == "cut4" for i in (1, 2, 3))
     assert runs["decode_new1"]["pipelines"] == 4 and runs["decode_new2"]["cpu_decoder_groups"] == 1
+    # the 4 threads of every run split between its pipelines, as DALI built them
+    assert runs["decode_new1"]["pipeline_threads"] == [1] * 4 and runs["decode_new2"]["pipeline_threads"] == [2, 2]
+    assert runs["decode_old"]["pipeline_threads"] == [4]
     assert runs["decode_new3"]["decode_table"]  # decode=auto timed its candidates
 
     decode = json.loads((out / "decode_summary.json").read_text())

@@ -12,13 +12,14 @@ FALLBACK = (
 
 
 def sweep_json(path, layout, spec, decoded, threads, pipelines, groups, cpu_groups, auto=False, sm=None):
-    """A decode step's JSON as bench.bench_pipeline writes it (one --decode-sweep entry), with bench.gpu_util's
-    entry when `sm` is given."""
+    """A decode step's JSON as bench.bench_pipeline writes it (one --decode-sweep entry: `threads` of all its
+    pipelines together, each built with threads // pipelines), with bench.gpu_util's entry when `sm` is given."""
     run = {
         "loader": "dali",
         "layout": layout,
         "repeats": 2,
         "threads": threads,
+        "pipeline_threads": [threads // pipelines] * pipelines,
         "decoded_clips_per_s": decoded,
         "clips_per_s": 2 * decoded,
         "decoder_groups": groups,
@@ -62,7 +63,7 @@ def test_a_run_cut_short_after_decoding_reports_what_it_measured(tmp_path):
     result = headline.headline(tmp_path)
     assert result["decoded_clips_per_s"] == 420.0 and "saturation" not in result
     text = headline.headline_text(result)
-    assert "1. Decoded clips/s per GPU, K = 2: 420.0 (cut4, decode=auto chose 2 pipeline(s) x 16 threads" in text
+    assert "1. Decoded clips/s per GPU, K = 2: 420.0 (cut4, decode=auto chose 2 pipeline(s) x 8 threads" in text
     assert "old configuration 80.0" in text and ": 5.25x" in text
     assert "2. End-to-end saturation: not measured" in text and "3. MFU: not measured" in text
     assert "Machine: not recorded" in text and f"auto: loader fallback: {FALLBACK}" in text

@@ -2,39 +2,19 @@
 
 The same seeds give the same random draws in both backends (every draw is a CPU operator), so the GPU backend must
 reproduce the CPU backend's samples, frame indices, boxes and masks exactly, and its frames up to the rounding of
-two YUV->RGB implementations. Needs the ffmpeg binary (imageio-ffmpeg) to make the test shards.
+two YUV->RGB implementations. Needs the ffmpeg binary (imageio-ffmpeg) to make the test shards, or them pre-built
+($PIPELINE_TEST_SHARDS, see tests/pipeline_shards.py: the headline run's check reads them so).
 """
 
 import numpy as np
+import pipeline_shards as ps
 import pytest
 import torch
-
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-pytest.importorskip("imageio_ffmpeg")
-
-import pipeline_shards as ps
+from pipeline_shards import gpu_eval_shards, gpu_train_shards
 
 from pipeline import build_loader
 
-
-def gpu_train_shards(phases: int = 1, container: str = "ivf"):
-    """NVDEC decodes VP9 only from 128x128 up (H100: "Video is too small ... supported: 128x128")."""
-    return ps.cached(
-        f"gpu_train_p{phases}_{container}",
-        lambda d: ps.make_test_shards(
-            d, ps.TRAIN_FRAME_COUNTS, height=128, width=160, per_shard=4, phases=phases, container=container
-        ),
-    )
-
-
-def gpu_eval_shards(container: str = "ivf"):
-    return ps.cached(
-        f"gpu_eval_{container}",
-        lambda d: ps.make_test_shards(
-            d, [40, 25, 63, 17, 33], height=128, width=176, per_shard=2, split="val", seed=100, container=container
-        ),
-    )
-
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 SMALL = dict(num_frames=4, stride=4, input_size=48)
 ONE_LEVEL = 1 / 255 / 0.224  # one grey level in normalized units

@@ -56,7 +56,8 @@ def test_pipelines_yield_the_single_pipeline_batches(mode, batch, strategy):
     shards = ps.train_shards() if mode == "pretrain" else ps.eval_shards()
     options = dict(debug_outputs=True, seed=3, **SMALL, **({"num_repeats": 2} if mode == "pretrain" else {}))
     single = two_epochs(build_loader(shards.directory, mode, batch, **options))
-    several = build_loader(shards.directory, mode, batch, **options, **strategy)
+    # a thread per pipeline: the rank's budget (the cores' share by default) never lowers the pipelines asked for
+    several = build_loader(shards.directory, mode, batch, num_threads=strategy["pipelines"], **options, **strategy)
     assert len(several._run.pipes) == strategy["pipelines"]
     assert_same_batches(single, two_epochs(several))
 
@@ -65,7 +66,7 @@ def test_pipelines_in_finetuning_keep_samples_frames_and_crops():
     """RandAugment's and the erasing noise's inner draws are made per decoded sub-batch (as with decoder groups and
     on resume), so only they may differ; without them every key is equal."""
     directory = ps.train_shards().directory
-    options = dict(debug_outputs=True, seed=4, num_repeats=2, **SMALL)
+    options = dict(debug_outputs=True, seed=4, num_repeats=2, num_threads=2, **SMALL)
     plain = dict(rand_augment=False, erase_prob=0.0)
     assert_same_batches(
         records(build_loader(directory, "finetune", 4, **options, **plain)),
@@ -79,13 +80,14 @@ def test_pipelines_in_finetuning_keep_samples_frames_and_crops():
 
 
 def test_many_threads_per_pipeline():
-    """Well above 16 threads per pipeline (the GPU suite sweeps 32 and more; NVDEC decodes one video per thread)."""
+    """Well above 16 threads per pipeline (the GPU suite sweeps 32 and more; NVDEC decodes one video per thread):
+    96 threads for the rank, far above its cores (honoured as asked), 48 in each of 2 pipelines."""
     directory = ps.train_shards().directory
     options = dict(num_repeats=2, debug_outputs=True, **SMALL)
     expected = records(build_loader(directory, "pretrain", 4, **options))
-    assert_same_batches(
-        expected, records(build_loader(directory, "pretrain", 4, num_threads=48, pipelines=2, **options))
-    )
+    many = build_loader(directory, "pretrain", 4, num_threads=96, pipelines=2, **options)
+    assert many.pipeline_threads == [48, 48]
+    assert_same_batches(expected, records(many))
 
 
 @pytest.mark.parametrize("stop_after,never_empty", [(2, False), (5, False), (2, True)])
@@ -96,7 +98,7 @@ def test_resume_with_several_pipelines_continues_exactly(stop_after, never_empty
     if never_empty:
         monkeypatch.setattr(plan_module, "NEVER_EMPTY_DEVICES", frozenset({"cpu", "gpu"}))
     directory = ps.train_shards().directory
-    options = dict(num_repeats=2, debug_outputs=True, seed=7, **SMALL)
+    options = dict(num_repeats=2, debug_outputs=True, seed=7, num_threads=2, **SMALL)
     expected = two_epochs(build_loader(directory, "pretrain", 3, **options))  # 4 batches per epoch
     for saved_with, resumed_with in ((2, 2), (2, 1), (1, 2)):
         first = build_loader(directory, "pretrain", 3, pipelines=saved_with, **options)
@@ -122,7 +124,7 @@ def test_corrupt_samples_are_recovered_with_several_pipelines(tmp_path, caplog):
     position); the batches are those of one pipeline recovering from the same samples."""
     shards = ps.make_corrupt_shards(tmp_path / "bad", [40] * 6 + [16, 40], garbage_at=1, truncated_at=4, damaged_at=6)
     bad = {v.sample_id for v in shards.videos if not v.valid}
-    options = dict(seed=2, debug_outputs=True, **SMALL)
+    options = dict(seed=2, debug_outputs=True, num_threads=2, **SMALL)
     with caplog.at_level(logging.WARNING, logger="pipeline"):
         single = build_loader(shards.directory, "pretrain", 2, **options)
         expected = two_epochs(single)
@@ -131,7 +133,9 @@ def test_corrupt_samples_are_recovered_with_several_pipelines(tmp_path, caplog):
     assert several.stats.corrupt_samples == single.stats.corrupt_samples == 3 and several.stats.rebuilds >= 1
     assert not bad & {i for b in got for i in b["sample_id"].tolist()}
     assert_same_batches(expected, got)
-    evaluator = build_loader(shards.directory, "eval", 3, pipelines=2, state=several.state_dict(), **SMALL)
+    evaluator = build_loader(
+        shards.directory, "eval", 3, pipelines=2, num_threads=2, state=several.state_dict(), **SMALL
+    )
     ids = torch.cat([b["sample_id"] for b in evaluator])
     assert sorted(ids.tolist()) == sorted([i for i in range(8) if i not in bad] * 15)
 
@@ -176,7 +180,7 @@ def test_strategy_options_are_checked_in_one_line():
 # -- decode="auto" ------------------------------------------------------------------------------------------------
 def test_auto_decode_times_candidates_logs_them_and_keeps_the_batches(caplog):
     directory = ps.train_shards().directory
-    options = dict(num_repeats=2, debug_outputs=True, seed=11, **SMALL)
+    options = dict(num_repeats=2, debug_outputs=True, seed=11, num_threads=2, **SMALL)
     fixed = two_epochs(build_loader(directory, "pretrain", 4, **options))
     with caplog.at_level(logging.INFO, logger="pipeline"):
         auto = build_loader(directory, "pretrain", 4, decode="auto", auto_batches=2, **options)
@@ -184,6 +188,8 @@ def test_auto_decode_times_candidates_logs_them_and_keeps_the_batches(caplog):
     strategies = [(r["pipelines"], r["decoder_groups"], r["cpu_decoder_groups"]) for r in table]
     assert strategies == [(1, 1, 0), (1, 2, 0), (2, 1, 0), (2, 2, 0)]
     assert all(r["clips_per_s"] > 0 for r in table)
+    # each candidate built with its share of the 2 threads, as DALI reports them
+    assert [r["threads"] for r in table] == [[2], [2], [1, 1], [1, 1]]
     chosen = (auto.cfg.pipelines, auto.cfg.decoder_groups, auto.cfg.cpu_decoder_groups)
     assert chosen in strategies and len(auto._run.pipes) == auto.cfg.pipelines
     best = max(table, key=lambda r: r["clips_per_s"])
@@ -201,7 +207,7 @@ def test_auto_decode_keeps_the_fastest_and_survives_failing_candidates(monkeypat
     skipped; when none runs, the configured strategy stays. A resumed auto run continues exactly."""
     rates = {(1, 1): 10.0, (1, 2): 30.0, (2, 1): RuntimeError("no decoder here"), (2, 2): 20.0}
 
-    def fake(self, cfg, epoch):
+    def fake(self, cfg, epoch, row=None):
         rate = rates[(cfg.pipelines, cfg.decoder_groups)]
         if isinstance(rate, Exception):
             raise rate
@@ -209,7 +215,7 @@ def test_auto_decode_keeps_the_fastest_and_survives_failing_candidates(monkeypat
 
     monkeypatch.setattr(strategy_module, "time_strategy", fake)
     directory = ps.train_shards().directory
-    options = dict(num_repeats=2, debug_outputs=True, seed=5, **SMALL)
+    options = dict(num_repeats=2, debug_outputs=True, seed=5, num_threads=2, **SMALL)
     with caplog.at_level(logging.INFO, logger="pipeline"):
         auto = build_loader(directory, "pretrain", 4, decode="auto", **options)
     assert (auto.cfg.pipelines, auto.cfg.decoder_groups) == (1, 2)
@@ -229,9 +235,13 @@ def test_auto_decode_keeps_the_fastest_and_survives_failing_candidates(monkeypat
 
 def test_auto_candidates_respect_batch_size_and_start_with_the_configured_strategy():
     directory = ps.train_shards().directory
-    loader = build_loader(directory, "pretrain", 3, pipelines=3, **SMALL)
+    loader = build_loader(directory, "pretrain", 3, pipelines=3, num_threads=3, **SMALL)
     candidates = strategy_module.candidates(loader._builder, loader.cfg)
     assert candidates == [(3, 1, 0), (1, 1, 0), (1, 2, 0), (2, 1, 0)]  # 2 x 2 > batch 3
+    # one thread for the rank: one pipeline (the configured 3 lowered with a warning), never 2 to time
+    single = build_loader(directory, "pretrain", 3, pipelines=3, num_threads=1, **SMALL)
+    assert single.cfg.pipelines == 1
+    assert strategy_module.candidates(single._builder, single.cfg) == [(1, 1, 0), (1, 2, 0)]
 
 
 # -- GPU backend (skipped without CUDA) -----------------------------------------------------------------------------
@@ -239,11 +249,8 @@ gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU
 
 
 def gpu_train_shards():
-    """NVDEC decodes VP9 only from 128x128 up. The clips are encoded here (ffmpeg from imageio-ffmpeg)."""
-    pytest.importorskip("imageio_ffmpeg")
-    return ps.cached(
-        "gpu_train_p1_ivf", lambda d: ps.make_test_shards(d, ps.TRAIN_FRAME_COUNTS, height=128, width=160, per_shard=4)
-    )
+    """NVDEC decodes VP9 only from 128x128 up (the clips encoded here, or pre-built: tests/pipeline_shards.py)."""
+    return ps.gpu_train_shards()
 
 
 @gpu

@@ -30,7 +30,10 @@ class DataConfig:
     val: str | None = None  # shard directory (or pattern) for eval
     batch_size: int = 8  # videos per rank per micro-step; each becomes num_repeats clips
     device: str = "auto"  # where the pipeline decodes and augments: auto (gpu if CUDA) | gpu | cpu
-    num_threads: int = 4
+    # CPU threads of all this rank's DALI pipelines together, split evenly between them (each gets num_threads //
+    # pipelines); None: the cores this process may use / local ranks ($LOCAL_WORLD_SIZE). Above the cores can pay
+    # on NVDEC (one video per thread). The loader logs the split at start.
+    num_threads: int | None = None
     num_frames: int = 16
     stride: int = 4
     input_size: int = 224
