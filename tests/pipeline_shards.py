@@ -339,6 +339,8 @@ def cached(name: str, build) -> TestShards:
         if os.environ.get(PREBUILT_ENV) and os.path.isfile(os.path.join(prebuilt, fmt.MANIFEST_NAME)):
             import shutil
 
+            # a fresh directory each time: the cache may have been emptied (tests do) after a build of `name`
+            directory = os.path.join(tempfile.mkdtemp(prefix="prebuilt-", dir=_root()), name)
             shutil.copytree(prebuilt, directory)
             _CACHE[name] = load_test_shards(directory)
         else:
