@@ -1,0 +1,70 @@
+"""An epoch as a set of samples: which ids of an epoch were consumed, in a form that does not depend on the world size.
+
+A training epoch consumes each sample id at most once (the samples of full batches handed out). A checkpoint stores
+the ids consumed so far in the current epoch as a bitmap (`pack_ids`: one bit per sample, 30 kB for Kinetics-400's
+240k videos), merged over all ranks (`merge`). A run resumed on another shape continues that epoch with the ids not
+yet consumed, in the epoch's own order (`remaining`), split over its ranks by the rules its uninterrupted epochs use
+(`rank_share`): every rank the same number of full batches, the remainder dropped.
+
+    bitmap   uint8[ceil(N / 8)]  bit i (numpy.packbits order: big-endian within a byte) = sample id i consumed
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import numpy as np
+import torch
+
+
+def pack_ids(ids: Iterable[int] | np.ndarray | torch.Tensor, num_samples: int) -> torch.Tensor:
+    """The bitmap (uint8[ceil(num_samples / 8)], a tensor so that `torch.load(weights_only=True)` reads it) of `ids`,
+    each in [0, num_samples)."""
+    ids = np.asarray(torch.as_tensor(ids).cpu() if isinstance(ids, torch.Tensor) else list(ids), dtype=np.int64)
+    if ids.size and (ids.min() < 0 or ids.max() >= num_samples):
+        raise ValueError(f"sample ids must lie in [0, {num_samples}), got {ids.min()}..{ids.max()}")
+    mask = np.zeros(num_samples, dtype=bool)
+    mask[ids] = True
+    return torch.from_numpy(np.packbits(mask))
+
+
+def unpack(bitmap: torch.Tensor | None, num_samples: int) -> np.ndarray:
+    """bool[num_samples]: which ids the bitmap marks (None: none). A bitmap of another length is a ValueError (the
+    dataset changed)."""
+    if bitmap is None:
+        return np.zeros(num_samples, dtype=bool)
+    packed = torch.as_tensor(bitmap).cpu().numpy().astype(np.uint8)
+    if packed.size != -(-num_samples // 8):
+        raise ValueError(f"a bitmap of {packed.size} bytes cannot mark {num_samples} samples")
+    return np.unpackbits(packed, count=num_samples).astype(bool)
+
+
+def merge(bitmaps: Iterable[torch.Tensor | None]) -> torch.Tensor | None:
+    """The union (bitwise or) of bitmaps of one length; None if all are None."""
+    out = None
+    for b in bitmaps:
+        if b is not None:
+            out = torch.as_tensor(b).clone() if out is None else out | torch.as_tensor(b)
+    return out
+
+
+def count(bitmap: torch.Tensor | None) -> int:
+    """Ids marked in a bitmap."""
+    if bitmap is None:
+        return 0
+    return int(np.unpackbits(torch.as_tensor(bitmap).cpu().numpy().astype(np.uint8)).sum())
+
+
+def remaining(order: np.ndarray | torch.Tensor, consumed: np.ndarray) -> np.ndarray:
+    """The ids of the epoch's `order` (int[N], a permutation of sample ids) not marked in `consumed` (bool[N]), in
+    that order."""
+    order = np.asarray(order, dtype=np.int64)
+    return order[~consumed[order]]
+
+
+def rank_share(ids: np.ndarray, rank: int, world_size: int, batch_size: int) -> np.ndarray:
+    """This rank's ids of an epoch (or the rest of one) of `ids`: interleaved (ids[rank::world_size]) and cut to the
+    full batches that every rank has (len(ids) // world_size // batch_size of them), so that all ranks step alike;
+    the remainder is dropped, as in every training epoch."""
+    per_rank = len(ids) // world_size // batch_size * batch_size
+    return np.asarray(ids)[rank::world_size][:per_rank]
