@@ -156,6 +156,42 @@ def test_same_shape_resume_keeps_every_rank_state(two_ranks, tmp_path):
         torch.testing.assert_close(b["model"][name], value, rtol=0, atol=0, msg=name)
 
 
+def test_dataset_changed_restarts_the_saved_epoch_with_a_warning(two_ranks, tmp_path):
+    """24 videos at the checkpoint, 28 now: the ids consumed before mean nothing in the new epoch order, so epoch 0
+    starts again from its beginning (every one of the 28 once), never at a wrong position."""
+    _, part = two_ranks
+    out = tmp_path / "changed"
+    proc = torchrun(
+        out,
+        1,
+        "data.batch_size=2",
+        "optim.grad_accum=2",
+        "data.synthetic_samples=28",
+        resume=str(latest_checkpoint(part)),
+    )
+    (warning,) = [line for line in proc.stderr.splitlines() if "restarting it from its beginning" in line]
+    assert "24 samples, now 28" in warning, proc.stderr
+    (rec,) = records(out, 1)
+    assert sorted(epoch_ids([rec], 0)) == list(range(28))
+    assert rec["steps"][0][:2] == (3, 12)  # the schedule's position is kept: it is in samples, not in data
+
+
+def test_checkpoint_of_the_other_mode_is_refused_in_one_line(tmp_path, capsys):
+    small = [*ELASTIC, "data.batch_size=2", "optim.max_steps=1"]
+    pre, fine = tmp_path / "pre", tmp_path / "fine"
+    assert train.main(train_cmd("pretrain", pre, *small)[2:]) == 0
+    assert train.main(train_cmd("finetune", fine, *small)[2:]) == 0
+    capsys.readouterr()
+    for mode, ckpt, kind in (("finetune", pre, "pretrain"), ("pretrain", fine, "classify")):
+        path = latest_checkpoint(ckpt)
+        assert train.main(train_cmd(mode, tmp_path / f"resume-{mode}", *small, resume=str(path))[2:]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err == [
+            f"config error: {path}: a {kind} checkpoint cannot resume {mode}"
+            + (f"; to fine-tune from its weights: model.pretrained={path}, no --resume" if mode == "finetune" else "")
+        ], err
+
+
 def recording_main(argv: list[str]) -> int:
     """train.py's main, each rank also writing `rank{r}-record.pt` into run.out_dir: the (epoch, sample id) rows it
     trained on, (step, samples before it, lr) per step, and the weights and optimizer state it started from."""
