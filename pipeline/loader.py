@@ -37,8 +37,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipeline import graph
+from pipeline import graph, selection
 from pipeline.config import PipelineConfig
+from pipeline.elastic import ResumedEpoch
 from pipeline.handoff import GpuKeepAlive, eval_view_ids, select_samples, to_batch
 from pipeline.plan import EpochBuilder, EpochRun, merge_outputs
 from pipeline.protocol import LoaderStats
@@ -81,6 +82,8 @@ class VideoLoader:
         self._keepalive = GpuKeepAlive() if device == "gpu" else None
         self._view_ids: tuple | None = None  # eval's (clip, crop) constants, made on first use
         self._expected_samples: int | None = None
+        self._handed: list[torch.Tensor] = []  # training: the sample ids of this epoch's batches handed out so far
+        self._prior: torch.Tensor | None = None  # this rank's consumed bitmap of the epoch it was restored in
 
         self.shards = ShardSet(shards)
         self.shards.check_stride(self.cfg.stride)
@@ -159,19 +162,29 @@ class VideoLoader:
                 self.batch_size,
             )
         epoch = self.epoch
-        while self.epoch == epoch and self._run.position < len(self):
+        while self.epoch == epoch and self._run.position < self._epoch_batches(epoch):
             index = self._run.position
             outputs = self._fetch()
             self._run.position += 1
             batch = self._to_torch(outputs, index)
-            if self._run.position == len(self):
+            if self._run.position == self._epoch_batches(epoch):
                 self._advance_epoch()  # the next epoch decodes while this batch trains
             if batch is not None:
                 yield batch
         if len(self) == 0:
             self._advance_epoch()
 
+    def _epoch_batches(self, epoch: int) -> int:
+        """Batches of `epoch` on this rank: len(self), or those of the rest of an epoch resumed on another shape (its
+        N' samples padded and cut by the same rules)."""
+        resumed = self._builder.resumed
+        if resumed is None or epoch != resumed.epoch or self.cfg.mode == "eval":
+            return len(self)
+        per_rank = -(-(self.num_samples - resumed.removed) // self.world_size)
+        return per_rank // self.batch_size if self.cfg.drop_last else -(-per_rank // self.batch_size)
+
     def _advance_epoch(self) -> None:
+        self._handed, self._prior = [], None
         self._drop_pipeline()
         self._run = self._open(self.epoch + 1, 0)
         self.epoch += 1
@@ -203,6 +216,8 @@ class VideoLoader:
             self._view_ids = eval_view_ids(self.cfg, self.batch_size, self.torch_device)
         batch = to_batch(out, self.cfg, self.batch_size, self._view_ids)
         views = self.cfg.views_per_sample
+        if self.cfg.mode != "eval":  # consumed (pipeline.selection); a copy: DALI reuses its buffers
+            self._handed.append(batch["sample_id"][::views].clone())
         keep = self._kept_samples(index, batch["sample_id"])
         if keep is not None:
             if not keep.any():
@@ -237,12 +252,14 @@ class VideoLoader:
         device = "cpu" if inspecting else self.device
         cfg = dataclasses.replace(self.cfg, pipelines=1) if inspecting else self.cfg
         run = self._builder.build(cfg, epoch, start, device)
-        n = run.epoch_size()
+        resumed = self._builder.resumed
+        filtered = resumed is not None and epoch == resumed.epoch
+        n = run.epoch_size() + (resumed.removed if filtered else 0)  # the whole epoch's samples
         if self.num_samples < 0:
             self.num_samples = n
             if n < self.world_size:
                 raise ValueError(f"{n} samples cannot be split over {self.world_size} ranks")
-            if self._expected_samples is not None and self._expected_samples != n and position:
+            if self._expected_samples is not None and self._expected_samples != n and (position or filtered):
                 log.warning(
                     "pipeline: the saved loader state counted %d samples, the shards hold %d; restarting "
                     "epoch %d from its beginning",
@@ -253,9 +270,14 @@ class VideoLoader:
                 position = 0
                 for plan in run.plans:
                     plan.start = 0
+                if filtered:  # the consumed ids name other samples now: the whole epoch again
+                    self._builder = dataclasses.replace(self._builder, resumed=None)
+                    del run
+                    run = self._builder.build(cfg, epoch, 0, device)
+                    self.num_samples = n = run.epoch_size()
         elif n != self.num_samples:
             raise RuntimeError(f"the shards now hold {n} samples, {self.num_samples} before")
-        run.begin(position, stop=len(self) if inspect_batch is None else inspect_batch + 1)
+        run.begin(position, stop=self._epoch_batches(epoch) if inspect_batch is None else inspect_batch + 1)
         self.stats.fast_forwarded += position
         return run
 
@@ -285,7 +307,14 @@ class VideoLoader:
 
     # -- state ---------------------------------------------------------------------------------------------------
     def state_dict(self) -> dict:
-        """Where the next batch comes from. Batches already handed out count as consumed."""
+        """Where the next batch comes from. Batches already handed out count as consumed; `consumed`: the bitmap
+        (pipeline.selection) of this epoch's ids consumed on this rank, with those consumed before a resume on
+        another shape (`consumed_before`)."""
+        resumed = self._builder.resumed
+        before = resumed.consumed if resumed is not None and resumed.epoch == self.epoch else None
+        mine = None
+        if self._handed:
+            mine = selection.pack_ids(torch.cat(self._handed).cpu(), self.num_samples)
         return {
             "format": STATE_FORMAT,
             "epoch": self.epoch,
@@ -296,6 +325,8 @@ class VideoLoader:
             "num_samples": self.num_samples,
             "mode": self.cfg.mode,
             "blocked": dict(self.shards.blocked),
+            "consumed_before": before,
+            "consumed": selection.merge([before, self._prior, mine]),
         }
 
     def _restore(self, state: dict) -> tuple[int, int]:
@@ -306,6 +337,22 @@ class VideoLoader:
             if tar in self.shards.tars:
                 self._corrupt.block(key, reason)
         epoch, position = int(state["epoch"]), int(state["position"])
+        if state.get("consumed_before") is not None and (state.get("seed"), state.get("mode")) == (
+            self.seed,
+            self.cfg.mode,
+        ):  # the epoch goes on with the samples not consumed before (pipeline.elastic)
+            resumed = ResumedEpoch(self.shards, epoch, state["consumed_before"])
+            self._builder = dataclasses.replace(self._builder, resumed=resumed)
+            self._expected_samples = state.get("num_samples")
+            if state.get("elastic"):
+                return epoch, 0
+        elif state.get("elastic"):
+            log.warning(
+                "pipeline: the checkpoint records no consumed samples of epoch %d (or another seed or mode); "
+                "restarting it from its beginning",
+                epoch,
+            )
+            return epoch, 0
         same = {k: state.get(k) for k in ("seed", "world_size", "batch_size", "mode")} == {
             "seed": self.seed,
             "world_size": self.world_size,
@@ -320,11 +367,14 @@ class VideoLoader:
             )
             return epoch, 0
         self._expected_samples = state.get("num_samples")
+        self._prior = state.get("consumed")
         return epoch, position
 
     def close(self) -> None:
         """Stop decoding and delete the patched index files. The loader cannot be iterated afterwards."""
         self._drop_pipeline()
+        if self._builder.resumed is not None:
+            self._builder.resumed.close()
         self.shards.close()
 
     def __del__(self):

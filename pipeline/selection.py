@@ -18,33 +18,37 @@ import torch
 
 
 def pack_ids(ids: Iterable[int] | np.ndarray | torch.Tensor, num_samples: int) -> torch.Tensor:
-    """The bitmap (uint8[ceil(num_samples / 8)], a tensor so that `torch.load(weights_only=True)` reads it) of `ids`,
-    each in [0, num_samples)."""
+    """The bitmap (uint8[ceil(max(num_samples, max id + 1) / 8)], a tensor so that `torch.load(weights_only=True)`
+    reads it) of `ids` (>= 0; a shard subset may hold ids past its own sample count)."""
     ids = np.asarray(torch.as_tensor(ids).cpu() if isinstance(ids, torch.Tensor) else list(ids), dtype=np.int64)
-    if ids.size and (ids.min() < 0 or ids.max() >= num_samples):
-        raise ValueError(f"sample ids must lie in [0, {num_samples}), got {ids.min()}..{ids.max()}")
-    mask = np.zeros(num_samples, dtype=bool)
+    if ids.size and ids.min() < 0:
+        raise ValueError(f"sample ids must be >= 0, got {ids.min()}")
+    mask = np.zeros(max(num_samples, int(ids.max()) + 1 if ids.size else 0), dtype=bool)
     mask[ids] = True
     return torch.from_numpy(np.packbits(mask))
 
 
 def unpack(bitmap: torch.Tensor | None, num_samples: int) -> np.ndarray:
-    """bool[num_samples]: which ids the bitmap marks (None: none). A bitmap of another length is a ValueError (the
-    dataset changed)."""
+    """bool[max(num_samples, 8 * bytes)]: which ids the bitmap marks (None: none)."""
     if bitmap is None:
         return np.zeros(num_samples, dtype=bool)
-    packed = torch.as_tensor(bitmap).cpu().numpy().astype(np.uint8)
-    if packed.size != -(-num_samples // 8):
-        raise ValueError(f"a bitmap of {packed.size} bytes cannot mark {num_samples} samples")
-    return np.unpackbits(packed, count=num_samples).astype(bool)
+    mask = np.unpackbits(torch.as_tensor(bitmap).cpu().numpy().astype(np.uint8)).astype(bool)
+    return np.pad(mask, (0, max(0, num_samples - mask.size)))
 
 
 def merge(bitmaps: Iterable[torch.Tensor | None]) -> torch.Tensor | None:
-    """The union (bitwise or) of bitmaps of one length; None if all are None."""
+    """The union (bitwise or) of bitmaps (the shorter ones padded with zeros); None if all are None."""
     out = None
     for b in bitmaps:
-        if b is not None:
-            out = torch.as_tensor(b).clone() if out is None else out | torch.as_tensor(b)
+        if b is None:
+            continue
+        b = torch.as_tensor(b).cpu()
+        if out is None:
+            out = b.clone()
+            continue
+        if b.numel() > out.numel():
+            out, b = torch.cat([out, out.new_zeros(b.numel() - out.numel())]), b
+        out[: b.numel()] |= b
     return out
 
 

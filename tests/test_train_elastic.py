@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_train_runs import ROOT, free_port, metrics, run, train_cmd
+from test_train_runs import ROOT, data, free_port, metrics, run, train_cmd  # noqa: F401 (data: a fixture)
 
 import train
 from model.checkpoint import latest_checkpoint, load_checkpoint
@@ -44,7 +44,9 @@ def expected_lr(samples: int, videos_per_step: int = 4) -> float:
     return MIN_LR + 0.5 * (LR - MIN_LR) * (1 + math.cos(math.pi * (x - WARMUP) / (TOTAL - WARMUP)))
 
 
-def torchrun(out: Path, ranks: int, *overrides: str, resume: str | None = None, timeout: int = 300):
+def torchrun(
+    out: Path, ranks: int, *overrides: str, resume: str | None = None, timeout: int = 300, base: list[str] = ELASTIC
+):
     cmd = [
         sys.executable,
         "-m",
@@ -56,7 +58,7 @@ def torchrun(out: Path, ranks: int, *overrides: str, resume: str | None = None, 
         "--master-port",
         str(free_port()),
         __file__,
-        *train_cmd("pretrain", out, *ELASTIC, *overrides, resume=resume)[2:],
+        *train_cmd("pretrain", out, *base, *overrides, resume=resume)[2:],
     ]
     return run(cmd, timeout=timeout, env={"OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)})
 
@@ -154,6 +156,23 @@ def test_same_shape_resume_keeps_every_rank_state(two_ranks, tmp_path):
     assert a["step"] == b["step"] == 8 and a["progress"]["samples"] == b["progress"]["samples"] == 32
     for name, value in a["model"].items():
         torch.testing.assert_close(b["model"][name], value, rtol=0, atol=0, msg=name)
+
+
+def test_dali_two_ranks_resumed_on_one_mid_epoch(data, tmp_path):
+    """The DALI loader over real shards (12 videos, 3 steps of 2 x 2 per epoch): stopped 1 step (4 videos) into
+    epoch 0 on 2 ranks, resumed on 1 rank with grad_accum 2: the other 8 of epoch 0 follow, each once."""
+    base = [*data, "optim.lr_batch_base=0", "optim.max_steps=4", "run.log_interval=1", "run.ckpt_interval=0"]
+    part, out = tmp_path / "part", tmp_path / "one"
+    torchrun(part, 2, "data.batch_size=2", "run.stop_after_steps=1", base=base)
+    ckpt = load_checkpoint(latest_checkpoint(part))
+    assert ckpt["progress"]["samples"] == 4 and ckpt["progress"]["num_samples"] == 12
+    proc = torchrun(out, 1, "data.batch_size=2", "optim.grad_accum=2", base=base, resume=str(latest_checkpoint(part)))
+    assert "restarting" not in proc.stderr, proc.stderr
+    before, after = records(part, 2), records(out, 1)
+    ids = epoch_ids(before, 0) + epoch_ids(after, 0)
+    assert len(epoch_ids(before, 0)) == 4 and sorted(ids) == list(range(12)), ids
+    assert [s[:2] for s in after[0]["steps"]] == [(1, 4), (2, 8), (3, 12)]
+    assert load_checkpoint(latest_checkpoint(out))["progress"]["samples"] == 16
 
 
 def test_dataset_changed_restarts_the_saved_epoch_with_a_warning(two_ranks, tmp_path):

@@ -95,9 +95,9 @@ def progress_state(
     batch_size: int,
     loader_states: list[dict],
 ) -> dict:
-    """The checkpoint's `progress` entry; pops each rank's `consumed` bitmap from `loader_states` (merged here once,
-    instead of one copy per rank)."""
-    consumed = selection.merge([s.pop("consumed", None) for s in loader_states])
+    """The checkpoint's `progress` entry: `consumed` merges the ranks' `consumed` bitmaps (each rank's stays in its
+    loader state, for a resume of the same shape)."""
+    consumed = selection.merge([s.get("consumed") for s in loader_states])
     first = loader_states[0]
     return {
         "samples": samples,

@@ -1,0 +1,82 @@
+"""The rest of an epoch for a DALI loader resumed on another shape: the epoch's shards with the consumed samples
+taken out of their index files.
+
+DALI's webdataset reader reads what the index files list, so an epoch that continues with the samples not yet
+consumed is the same epoch's tar order read through filtered copies of the index files: the consumed samples'
+lines removed (the order of the rest kept), tars left with none dropped. DALI then shards, shuffles, pads and drops
+the remainder of these N' samples over the new ranks exactly as it does for any epoch (pipeline.loader), so the rest
+of the epoch follows the new shape's rules. A sample's id is read from its own info member (shards.format), which is
+the id the batches carry and the consumed bitmap (pipeline.selection) marks.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pipeline import selection
+from pipeline.shardset import ShardSet, read_index
+from shards import format as fmt
+
+
+class ResumedEpoch:
+    """Epoch `epoch` less the ids marked in `consumed` (a pipeline.selection bitmap)."""
+
+    def __init__(self, shards: ShardSet, epoch: int, consumed: torch.Tensor):
+        self.shards, self.epoch, self.consumed = shards, epoch, torch.as_tensor(consumed)
+        self._dir: str | None = None
+        self.removed = 0  # index entries taken out by the last `filter`
+
+    def sample_ids(self, tar: str) -> np.ndarray:
+        """int64[samples of the tar's index]: each sample's id from its info member (-1 where it has none)."""
+        samples = self.shards.index(tar)[1]
+        ids = np.full(len(samples), -1, dtype=np.int64)
+        with open(tar, "rb") as f:
+            for i, sample in enumerate(samples):
+                info = sample.components.get(fmt.INFO_EXT)
+                if info is None or info[1] != 4 * len(fmt.INFO_FIELDS):
+                    continue
+                f.seek(info[0])
+                ids[i] = fmt.unpack_info(f.read(info[1]))["sample_id"]
+        return ids
+
+    def filter(self, tars: list[str], index_paths: list[str]) -> tuple[list[str], list[str]]:
+        """(tars, index paths) of the epoch, in its order, with the consumed samples' lines removed from (copies of)
+        the index files (`index_paths`: the ones DALI would read, patched for corrupt samples or not: their lines
+        are the tar's samples in order)."""
+        if self._dir is None:
+            self._dir = tempfile.mkdtemp(prefix="videomae-resume-idx-")
+        ids_all = [self.sample_ids(tar) for tar in tars]
+        mask = selection.unpack(self.consumed, int(max((ids.max(initial=-1) for ids in ids_all), default=-1)) + 1)
+        out_tars, out_paths, self.removed = [], [], 0
+        for n, (tar, index_path, ids) in enumerate(zip(tars, index_paths, ids_all)):
+            drop = (ids >= 0) & mask[np.maximum(ids, 0)]
+            if not drop.any():
+                out_tars.append(tar)
+                out_paths.append(index_path)
+                continue
+            self.removed += int(drop.sum())
+            if drop.all():
+                continue
+            _, samples = read_index(index_path)
+            kept = [
+                [(ext, o, s, name) for ext, (o, s, name) in sample.components.items()]
+                for sample, d in zip(samples, drop)
+                if not d
+            ]
+            path = os.path.join(self._dir, f"{n:05d}-{Path(tar).stem}.idx")
+            fmt.atomic_write(path, fmt.index_text(kept))
+            out_tars.append(tar)
+            out_paths.append(path)
+        return out_tars, out_paths
+
+    def close(self) -> None:
+        if self._dir is not None:
+            import shutil
+
+            shutil.rmtree(self._dir, ignore_errors=True)
+            self._dir = None
