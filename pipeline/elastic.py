@@ -16,7 +16,6 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from pipeline import selection
 from pipeline.shardset import ShardSet, read_index
@@ -26,8 +25,8 @@ from shards import format as fmt
 class ResumedEpoch:
     """Epoch `epoch` less the ids marked in `consumed` (a pipeline.selection bitmap)."""
 
-    def __init__(self, shards: ShardSet, epoch: int, consumed: torch.Tensor):
-        self.shards, self.epoch, self.consumed = shards, epoch, torch.as_tensor(consumed)
+    def __init__(self, shards: ShardSet, epoch: int, consumed: selection.Bitmap):
+        self.shards, self.epoch, self.consumed = shards, epoch, consumed
         self._dir: str | None = None
         self.removed = 0  # index entries taken out by the last `filter`
 

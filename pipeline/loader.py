@@ -83,7 +83,7 @@ class VideoLoader:
         self._view_ids: tuple | None = None  # eval's (clip, crop) constants, made on first use
         self._expected_samples: int | None = None
         self._handed: list[torch.Tensor] = []  # training: the sample ids of this epoch's batches handed out so far
-        self._prior: torch.Tensor | None = None  # this rank's consumed bitmap of the epoch it was restored in
+        self._prior: selection.Bitmap | None = None  # this rank's consumed bitmap of the epoch it was restored in
 
         self.shards = ShardSet(shards)
         self.shards.check_stride(self.cfg.stride)

@@ -2,61 +2,65 @@
 
 A training epoch consumes each sample id at most once (the samples of full batches handed out). A checkpoint stores
 the ids consumed so far in the current epoch as a bitmap (`pack_ids`: one bit per sample, 30 kB for Kinetics-400's
-240k videos), merged over all ranks (`merge`). A run resumed on another shape continues that epoch with the ids not
-yet consumed, in the epoch's own order (`remaining`), split over its ranks by the rules its uninterrupted epochs use
-(`rank_share`): every rank the same number of full batches, the remainder dropped.
+240k videos, 40 kB as base64 text), merged over all ranks (`merge`). A run resumed on another shape continues that
+epoch with the ids not yet consumed, in the epoch's own order (`remaining`), split over its ranks by the rules its
+uninterrupted epochs use (`rank_share`): every rank the same number of full batches, the remainder dropped.
 
-    bitmap   uint8[ceil(N / 8)]  bit i (numpy.packbits order: big-endian within a byte) = sample id i consumed
+    bitmap   str: base64 of uint8[ceil(N / 8)], bit i (numpy.packbits order: big-endian within a byte) = id i consumed
 """
 
 from __future__ import annotations
 
+import base64
 from collections.abc import Iterable
 
 import numpy as np
 import torch
 
+Bitmap = str  # base64 of numpy.packbits(mask): JSON-able (loader states) and read by torch.load(weights_only=True)
 
-def pack_ids(ids: Iterable[int] | np.ndarray | torch.Tensor, num_samples: int) -> torch.Tensor:
-    """The bitmap (uint8[ceil(max(num_samples, max id + 1) / 8)], a tensor so that `torch.load(weights_only=True)`
-    reads it) of `ids` (>= 0; a shard subset may hold ids past its own sample count)."""
+
+def _bytes(bitmap: Bitmap) -> np.ndarray:
+    return np.frombuffer(base64.b64decode(bitmap), dtype=np.uint8)
+
+
+def _text(packed: np.ndarray) -> Bitmap:
+    return base64.b64encode(np.ascontiguousarray(packed, dtype=np.uint8).tobytes()).decode("ascii")
+
+
+def pack_ids(ids: Iterable[int] | np.ndarray | torch.Tensor, num_samples: int) -> Bitmap:
+    """The bitmap of `ids` (>= 0), covering max(num_samples, max id + 1) ids (a shard subset may hold ids past its
+    own sample count)."""
     ids = np.asarray(torch.as_tensor(ids).cpu() if isinstance(ids, torch.Tensor) else list(ids), dtype=np.int64)
     if ids.size and ids.min() < 0:
         raise ValueError(f"sample ids must be >= 0, got {ids.min()}")
     mask = np.zeros(max(num_samples, int(ids.max()) + 1 if ids.size else 0), dtype=bool)
     mask[ids] = True
-    return torch.from_numpy(np.packbits(mask))
+    return _text(np.packbits(mask))
 
 
-def unpack(bitmap: torch.Tensor | None, num_samples: int) -> np.ndarray:
+def unpack(bitmap: Bitmap | None, num_samples: int) -> np.ndarray:
     """bool[max(num_samples, 8 * bytes)]: which ids the bitmap marks (None: none)."""
     if bitmap is None:
         return np.zeros(num_samples, dtype=bool)
-    mask = np.unpackbits(torch.as_tensor(bitmap).cpu().numpy().astype(np.uint8)).astype(bool)
+    mask = np.unpackbits(_bytes(bitmap)).astype(bool)
     return np.pad(mask, (0, max(0, num_samples - mask.size)))
 
 
-def merge(bitmaps: Iterable[torch.Tensor | None]) -> torch.Tensor | None:
-    """The union (bitwise or) of bitmaps (the shorter ones padded with zeros); None if all are None."""
-    out = None
-    for b in bitmaps:
-        if b is None:
-            continue
-        b = torch.as_tensor(b).cpu()
-        if out is None:
-            out = b.clone()
-            continue
-        if b.numel() > out.numel():
-            out, b = torch.cat([out, out.new_zeros(b.numel() - out.numel())]), b
-        out[: b.numel()] |= b
-    return out
+def merge(bitmaps: Iterable[Bitmap | None]) -> Bitmap | None:
+    """The union of bitmaps (the shorter ones padded with zeros); None if all are None."""
+    parts = [_bytes(b) for b in bitmaps if b is not None]
+    if not parts:
+        return None
+    out = np.zeros(max(p.size for p in parts), dtype=np.uint8)
+    for p in parts:
+        out[: p.size] |= p
+    return _text(out)
 
 
-def count(bitmap: torch.Tensor | None) -> int:
+def count(bitmap: Bitmap | None) -> int:
     """Ids marked in a bitmap."""
-    if bitmap is None:
-        return 0
-    return int(np.unpackbits(torch.as_tensor(bitmap).cpu().numpy().astype(np.uint8)).sum())
+    return 0 if bitmap is None else int(np.unpackbits(_bytes(bitmap)).sum())
 
 
 def remaining(order: np.ndarray | torch.Tensor, consumed: np.ndarray) -> np.ndarray:

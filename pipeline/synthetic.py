@@ -168,7 +168,7 @@ class SyntheticLoader:
             )
             self.position, before = 0, None
         if before is not None:
-            self._resumed_epoch, self._consumed_before = self.epoch, torch.as_tensor(before)
+            self._resumed_epoch, self._consumed_before = self.epoch, before
 
     # -- content -------------------------------------------------------------------------------------------------
     def labels_of(self, sample_ids: torch.Tensor) -> torch.Tensor:

@@ -10,6 +10,7 @@
     model_ema     EMA weights (fine-tuning with EMA) | None
     rng           [per rank] {"torch", "cuda", "numpy", "python"} (+ "mixup": its generator's state)
     loader        [per rank] loader.state_dict()
+    progress      samples trained on, videos per step, the shape, the epoch's consumed-id bitmap (training.progress)
     train_config  the resolved training configuration (plain dict)
 
 Every value is a tensor or a plain Python container of str/int/float/bool/None, so `torch.load(...,
