@@ -28,10 +28,13 @@ class ResumedEpoch:
     def __init__(self, shards: ShardSet, epoch: int, consumed: selection.Bitmap):
         self.shards, self.epoch, self.consumed = shards, epoch, consumed
         self._dir: str | None = None
+        self._ids: dict[str, np.ndarray] = {}  # tar -> its samples' ids (read once: a small read per sample)
         self.removed = 0  # index entries taken out by the last `filter`
 
     def sample_ids(self, tar: str) -> np.ndarray:
         """int64[samples of the tar's index]: each sample's id from its info member (-1 where it has none)."""
+        if tar in self._ids:
+            return self._ids[tar]
         samples = self.shards.index(tar)[1]
         ids = np.full(len(samples), -1, dtype=np.int64)
         with open(tar, "rb") as f:
@@ -41,6 +44,7 @@ class ResumedEpoch:
                     continue
                 f.seek(info[0])
                 ids[i] = fmt.unpack_info(f.read(info[1]))["sample_id"]
+        self._ids[tar] = ids
         return ids
 
     def filter(self, tars: list[str], index_paths: list[str]) -> tuple[list[str], list[str]]:

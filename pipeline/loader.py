@@ -271,6 +271,7 @@ class VideoLoader:
                 for plan in run.plans:
                     plan.start = 0
                 if filtered:  # the consumed ids name other samples now: the whole epoch again
+                    resumed.close()
                     self._builder = dataclasses.replace(self._builder, resumed=None)
                     del run
                     run = self._builder.build(cfg, epoch, 0, device)

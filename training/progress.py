@@ -19,12 +19,18 @@ from __future__ import annotations
 import dataclasses
 import logging
 import random
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from pipeline import selection
+from training.checkpointing import restore_rng_state
+from training.distributed import Dist
 from training.schedule import CosineSchedule
+
+if TYPE_CHECKING:
+    from pipeline.mixup import VideoMixup
 
 log = logging.getLogger("training")
 
@@ -109,6 +115,36 @@ def progress_state(
         "num_samples": first.get("num_samples"),
         "consumed": consumed,
     }
+
+
+def loader_state_for(ckpt: dict, rank: int, world_size: int, batch_size: int) -> dict:
+    """The loader state this rank resumes from: its own saved one on the same shape (exact), else
+    `elastic_loader_state`."""
+    if same_loader_shape(ckpt, world_size, batch_size):
+        return ckpt["loader"][rank]
+    return elastic_loader_state(ckpt)
+
+
+def resume_rng(ckpt: dict, dist: Dist, batch_size: int, seed: int, step: int, mixup: VideoMixup | None) -> None:
+    """This rank's RNG states (torch, numpy, python, mixup's generator): the saved ones on the same shape, else
+    derived from (seed, step, rank) with one line saying so."""
+    if same_loader_shape(ckpt, dist.world_size, batch_size):
+        restore_rng_state(ckpt["rng"][dist.rank])
+        if mixup is not None:
+            mixup.rng.bit_generator.state = ckpt["rng"][dist.rank]["mixup"]
+        return
+    generator = derive_rng(seed, step, dist.rank)
+    if mixup is not None:
+        mixup.rng = generator
+    log.info(
+        "resume on another shape: %d ranks x %d videos from a checkpoint of %d x %d; the epoch goes on with the "
+        "samples not yet consumed; RNG states derived from (seed %d, step %d, rank)",
+        dist.world_size,
+        batch_size,
+        *saved_shape(ckpt)[:2],
+        seed,
+        step,
+    )
 
 
 def elastic_loader_state(ckpt: dict) -> dict:

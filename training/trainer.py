@@ -29,19 +29,13 @@ from model.checkpoint import model_payload, save_checkpoint
 from model.flops import training_flops_per_clip
 from pipeline.protocol import Loader
 from training.build import build_ema, build_loader, build_mixup, make_model
-from training.checkpointing import capture_rng_state, restore_rng_state
+from training.checkpointing import capture_rng_state
 from training.config import Config, DataFacts, model_kind_for
 from training.distributed import Dist, all_reduce, gather
 from training.loss import StepLoss
 from training.metrics import MetricsLog, Window, peak_flops, skipped_samples
 from training.optim import build_optimization
-from training.progress import (
-    derive_rng,
-    elastic_loader_state,
-    progress_state,
-    resume_position,
-    same_loader_shape,
-)
+from training.progress import loader_state_for, progress_state, resume_position, resume_rng
 from training.schedule import CosineSchedule
 from training.step import GraphedStep
 
@@ -103,20 +97,15 @@ class Trainer:
         self.model_kind = model_kind_for(mode)
         self.stop = stop or StopRequest()
         self.out_dir = Path(cfg.run.out_dir)
-        self.step, self.samples = (
-            0,
-            0,
-        )  # optimizer steps; videos trained on (the schedule's position: training.progress)
+        self.step = 0
+        self.samples = 0  # videos trained on: the schedule's position (training.progress)
         torch.manual_seed(cfg.run.seed + dist.rank)
         self.out_dir.mkdir(parents=True, exist_ok=True)
 
         resume_config = ckpt["model_config"] if ckpt else None
         self.model, self.model_cfg = make_model(cfg, mode, data_facts.num_classes, resume_config)
         self.model.to(dist.device).train()
-        self.same_shape = ckpt is None or same_loader_shape(ckpt, dist.world_size, cfg.data.batch_size)
-        loader_state = (
-            None if ckpt is None else ckpt["loader"][dist.rank] if self.same_shape else elastic_loader_state(ckpt)
-        )
+        loader_state = loader_state_for(ckpt, dist.rank, dist.world_size, cfg.data.batch_size) if ckpt else None
         self.loader = build_loader(cfg, mode, dist, self.model_cfg, state=loader_state)
         opt = build_optimization(cfg, self.model, len(self.loader), dist.world_size, dist.device)
         self.lr_schedule, self.optimizer, self.scaler = opt.lr_schedule, opt.optimizer, opt.scaler
@@ -176,14 +165,8 @@ class Trainer:
         if self.mixup is not None:
             rng["mixup"] = self.mixup.rng.bit_generator.state
         rngs, loaders = gather(rng), gather(self.loader.state_dict())
-        progress = progress_state(
-            self.samples,
-            self.videos_per_step,
-            self.schedule_batch,
-            self.dist.world_size,
-            self.cfg.data.batch_size,
-            loaders,
-        )
+        shape = (self.dist.world_size, self.cfg.data.batch_size)
+        progress = progress_state(self.samples, self.videos_per_step, self.schedule_batch, *shape, loaders)
         class_names = self.data_facts.class_names if self.model_kind == "classify" else None
         return {
             **model_payload(self.model_kind, self.model_cfg, self.model, class_names),
@@ -213,23 +196,7 @@ class Trainer:
         at = resume_position(ckpt, self.lr_schedule, self.videos_per_step, self.total_steps)
         self.step, self.samples, self.lr_schedule = at.step, at.samples, at.schedule
         self.schedule_batch, self.total_steps = at.schedule_batch, at.total_steps
-        if self.same_shape:
-            restore_rng_state(ckpt["rng"][self.dist.rank])
-            if self.mixup is not None:
-                self.mixup.rng.bit_generator.state = ckpt["rng"][self.dist.rank]["mixup"]
-            return
-        generator = derive_rng(self.cfg.run.seed, self.step, self.dist.rank)
-        if self.mixup is not None:
-            self.mixup.rng = generator
-        log.info(
-            "resume on another shape: %d ranks x %d videos from a checkpoint of %d x %d; the epoch goes on with the "
-            "samples not yet consumed; RNG states derived from (seed %d, step %d, rank)",
-            self.dist.world_size,
-            self.cfg.data.batch_size,
-            *[len(ckpt["rng"]), int((ckpt.get("progress") or {}).get("batch_size", 0))],
-            self.cfg.run.seed,
-            self.step,
-        )
+        resume_rng(ckpt, self.dist, self.cfg.data.batch_size, self.cfg.run.seed, self.step, self.mixup)
 
     def save(self) -> Path | None:
         """A checkpoint of this step (every rank takes part; rank 0 writes). Its path on rank 0, None elsewhere."""
