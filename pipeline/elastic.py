@@ -11,15 +11,21 @@ the id the batches carry and the consumed bitmap (pipeline.selection) marks.
 
 from __future__ import annotations
 
+import logging
 import os
+import shutil
 import tempfile
+import weakref
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from pipeline import selection
 from pipeline.shardset import ShardSet, read_index
 from shards import format as fmt
+
+log = logging.getLogger("pipeline.loader")
 
 
 class ResumedEpoch:
@@ -51,8 +57,9 @@ class ResumedEpoch:
         """(tars, index paths) of the epoch, in its order, with the consumed samples' lines removed from (copies of)
         the index files (`index_paths`: the ones DALI would read, patched for corrupt samples or not: their lines
         are the tar's samples in order)."""
-        if self._dir is None:
+        if self._dir is None:  # removed with this object (or at exit)
             self._dir = tempfile.mkdtemp(prefix="videomae-resume-idx-")
+            weakref.finalize(self, shutil.rmtree, self._dir, True)
         ids_all = [self.sample_ids(tar) for tar in tars]
         mask = selection.unpack(self.consumed, int(max((ids.max(initial=-1) for ids in ids_all), default=-1)) + 1)
         out_tars, out_paths, self.removed = [], [], 0
@@ -77,9 +84,44 @@ class ResumedEpoch:
             out_paths.append(path)
         return out_tars, out_paths
 
-    def close(self) -> None:
-        if self._dir is not None:
-            import shutil
+    def batches(self, num_samples: int, world_size: int, batch_size: int, drop_last: bool) -> int:
+        """Batches per rank of the rest of the epoch (of `num_samples` in all, less the `removed`): its N' samples
+        padded to ceil(N' / world_size) per rank and cut into batches by the same rules as a whole epoch."""
+        per_rank = -(-(num_samples - self.removed) // world_size)
+        return per_rank // batch_size if drop_last else -(-per_rank // batch_size)
 
-            shutil.rmtree(self._dir, ignore_errors=True)
-            self._dir = None
+
+def resumed_epoch(state: dict, shards: ShardSet, seed: int, mode: str) -> ResumedEpoch | None:
+    """The rest of the saved epoch to read, from a loader state that records ids consumed before a resume on another
+    shape (`consumed_before`) and was made with this seed and mode; else None (a state of another shape without such
+    a record restarts the epoch: said in one warning)."""
+    if state.get("consumed_before") is not None and (state.get("seed"), state.get("mode")) == (seed, mode):
+        return ResumedEpoch(shards, int(state["epoch"]), state["consumed_before"])
+    if state.get("elastic"):
+        log.warning(
+            "pipeline: the checkpoint records no consumed samples of epoch %s (or another seed or mode); restarting it "
+            "from its beginning",
+            state["epoch"],
+        )
+    return None
+
+
+class ConsumedIds:
+    """This rank's consumed ids of the current epoch (training): those of the batches handed out (kept as small
+    device tensors until a checkpoint asks: no host sync per batch), those its restored state recorded (`prior`),
+    and those consumed on all ranks before a resume on another shape (the ResumedEpoch's)."""
+
+    def __init__(self) -> None:
+        self.handed: list[torch.Tensor] = []
+        self.prior: selection.Bitmap | None = None
+
+    def handed_out(self, sample_ids: torch.Tensor) -> None:
+        """int64[B]: one id per sample of a batch (a copy: DALI reuses its buffers)."""
+        self.handed.append(sample_ids.clone())
+
+    def state(self, resumed: ResumedEpoch | None, epoch: int, num_samples: int) -> dict:
+        """The loader state's entries: `consumed_before` (all ranks, before a resume on another shape) and
+        `consumed` (this rank's, those included)."""
+        before = resumed.consumed if resumed is not None and resumed.epoch == epoch else None
+        mine = selection.pack_ids(torch.cat(self.handed).cpu(), num_samples) if self.handed else None
+        return {"consumed_before": before, "consumed": selection.merge([before, self.prior, mine])}

@@ -37,9 +37,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipeline import graph, selection
+from pipeline import graph
 from pipeline.config import PipelineConfig
-from pipeline.elastic import ResumedEpoch
+from pipeline.elastic import ConsumedIds, resumed_epoch
 from pipeline.handoff import GpuKeepAlive, eval_view_ids, select_samples, to_batch
 from pipeline.plan import EpochBuilder, EpochRun, merge_outputs
 from pipeline.protocol import LoaderStats
@@ -82,8 +82,7 @@ class VideoLoader:
         self._keepalive = GpuKeepAlive() if device == "gpu" else None
         self._view_ids: tuple | None = None  # eval's (clip, crop) constants, made on first use
         self._expected_samples: int | None = None
-        self._handed: list[torch.Tensor] = []  # training: the sample ids of this epoch's batches handed out so far
-        self._prior: selection.Bitmap | None = None  # this rank's consumed bitmap of the epoch it was restored in
+        self._consumed = ConsumedIds()  # training: this rank's consumed ids of the epoch (pipeline.selection)
 
         self.shards = ShardSet(shards)
         self.shards.check_stride(self.cfg.stride)
@@ -162,29 +161,20 @@ class VideoLoader:
                 self.batch_size,
             )
         epoch = self.epoch
-        while self.epoch == epoch and self._run.position < self._epoch_batches(epoch):
+        while self.epoch == epoch and self._run.position < self._run.stop:
             index = self._run.position
             outputs = self._fetch()
             self._run.position += 1
             batch = self._to_torch(outputs, index)
-            if self._run.position == self._epoch_batches(epoch):
+            if self._run.position == self._run.stop:
                 self._advance_epoch()  # the next epoch decodes while this batch trains
             if batch is not None:
                 yield batch
         if len(self) == 0:
             self._advance_epoch()
 
-    def _epoch_batches(self, epoch: int) -> int:
-        """Batches of `epoch` on this rank: len(self), or those of the rest of an epoch resumed on another shape (its
-        N' samples padded and cut by the same rules)."""
-        resumed = self._builder.resumed
-        if resumed is None or epoch != resumed.epoch or self.cfg.mode == "eval":
-            return len(self)
-        per_rank = -(-(self.num_samples - resumed.removed) // self.world_size)
-        return per_rank // self.batch_size if self.cfg.drop_last else -(-per_rank // self.batch_size)
-
     def _advance_epoch(self) -> None:
-        self._handed, self._prior = [], None
+        self._consumed = ConsumedIds()
         self._drop_pipeline()
         self._run = self._open(self.epoch + 1, 0)
         self.epoch += 1
@@ -216,8 +206,8 @@ class VideoLoader:
             self._view_ids = eval_view_ids(self.cfg, self.batch_size, self.torch_device)
         batch = to_batch(out, self.cfg, self.batch_size, self._view_ids)
         views = self.cfg.views_per_sample
-        if self.cfg.mode != "eval":  # consumed (pipeline.selection); a copy: DALI reuses its buffers
-            self._handed.append(batch["sample_id"][::views].clone())
+        if self.cfg.mode != "eval":
+            self._consumed.handed_out(batch["sample_id"][::views])
         keep = self._kept_samples(index, batch["sample_id"])
         if keep is not None:
             if not keep.any():
@@ -252,8 +242,7 @@ class VideoLoader:
         device = "cpu" if inspecting else self.device
         cfg = dataclasses.replace(self.cfg, pipelines=1) if inspecting else self.cfg
         run = self._builder.build(cfg, epoch, start, device)
-        resumed = self._builder.resumed
-        filtered = resumed is not None and epoch == resumed.epoch
+        filtered = (resumed := self._builder.resumed) is not None and epoch == resumed.epoch
         n = run.epoch_size() + (resumed.removed if filtered else 0)  # the whole epoch's samples
         if self.num_samples < 0:
             self.num_samples = n
@@ -271,14 +260,15 @@ class VideoLoader:
                 for plan in run.plans:
                     plan.start = 0
                 if filtered:  # the consumed ids name other samples now: the whole epoch again
-                    resumed.close()
                     self._builder = dataclasses.replace(self._builder, resumed=None)
                     del run
                     run = self._builder.build(cfg, epoch, 0, device)
                     self.num_samples = n = run.epoch_size()
         elif n != self.num_samples:
             raise RuntimeError(f"the shards now hold {n} samples, {self.num_samples} before")
-        run.begin(position, stop=self._epoch_batches(epoch) if inspect_batch is None else inspect_batch + 1)
+        rest = self._builder.resumed if filtered else None  # None: dropped above, or not this epoch
+        batches = rest.batches(n, self.world_size, self.batch_size, self.cfg.drop_last) if rest else len(self)
+        run.begin(position, stop=batches if inspect_batch is None else inspect_batch + 1)
         self.stats.fast_forwarded += position
         return run
 
@@ -308,14 +298,7 @@ class VideoLoader:
 
     # -- state ---------------------------------------------------------------------------------------------------
     def state_dict(self) -> dict:
-        """Where the next batch comes from. Batches already handed out count as consumed; `consumed`: the bitmap
-        (pipeline.selection) of this epoch's ids consumed on this rank, with those consumed before a resume on
-        another shape (`consumed_before`)."""
-        resumed = self._builder.resumed
-        before = resumed.consumed if resumed is not None and resumed.epoch == self.epoch else None
-        mine = None
-        if self._handed:
-            mine = selection.pack_ids(torch.cat(self._handed).cpu(), self.num_samples)
+        """Where the next batch comes from. Batches handed out count as consumed (pipeline.elastic.ConsumedIds)."""
         return {
             "format": STATE_FORMAT,
             "epoch": self.epoch,
@@ -326,8 +309,7 @@ class VideoLoader:
             "num_samples": self.num_samples,
             "mode": self.cfg.mode,
             "blocked": dict(self.shards.blocked),
-            "consumed_before": before,
-            "consumed": selection.merge([before, self._prior, mine]),
+            **self._consumed.state(self._builder.resumed, self.epoch, self.num_samples),
         }
 
     def _restore(self, state: dict) -> tuple[int, int]:
@@ -338,21 +320,11 @@ class VideoLoader:
             if tar in self.shards.tars:
                 self._corrupt.block(key, reason)
         epoch, position = int(state["epoch"]), int(state["position"])
-        if state.get("consumed_before") is not None and (state.get("seed"), state.get("mode")) == (
-            self.seed,
-            self.cfg.mode,
-        ):  # the epoch goes on with the samples not consumed before (pipeline.elastic)
-            resumed = ResumedEpoch(self.shards, epoch, state["consumed_before"])
+        resumed = resumed_epoch(state, self.shards, self.seed, self.cfg.mode)  # None, or the rest of the epoch
+        if resumed is not None:
             self._builder = dataclasses.replace(self._builder, resumed=resumed)
             self._expected_samples = state.get("num_samples")
-            if state.get("elastic"):
-                return epoch, 0
-        elif state.get("elastic"):
-            log.warning(
-                "pipeline: the checkpoint records no consumed samples of epoch %d (or another seed or mode); "
-                "restarting it from its beginning",
-                epoch,
-            )
+        if state.get("elastic"):  # another shape: the rest of the epoch (or all of it) from its start
             return epoch, 0
         same = {k: state.get(k) for k in ("seed", "world_size", "batch_size", "mode")} == {
             "seed": self.seed,
@@ -368,14 +340,12 @@ class VideoLoader:
             )
             return epoch, 0
         self._expected_samples = state.get("num_samples")
-        self._prior = state.get("consumed")
+        self._consumed.prior = state.get("consumed")
         return epoch, position
 
     def close(self) -> None:
         """Stop decoding and delete the patched index files. The loader cannot be iterated afterwards."""
         self._drop_pipeline()
-        if self._builder.resumed is not None:
-            self._builder.resumed.close()
         self.shards.close()
 
     def __del__(self):

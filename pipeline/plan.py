@@ -120,6 +120,7 @@ class EpochRun:
     def begin(self, position: int, stop: int | None) -> None:
         """Decode nothing from iteration `stop` on, schedule the first iterations and fast-forward to `position`
         (iterations before each plan's `start` are skipped, so this costs milliseconds per batch)."""
+        self.stop = stop
         for plan in self.plans:
             plan.stop = stop
         for pipe in self.pipes:

@@ -97,8 +97,7 @@ class Trainer:
         self.model_kind = model_kind_for(mode)
         self.stop = stop or StopRequest()
         self.out_dir = Path(cfg.run.out_dir)
-        self.step = 0
-        self.samples = 0  # videos trained on: the schedule's position (training.progress)
+        self.step, self.samples = 0, 0  # optimizer steps; videos trained on (the schedule's position)
         torch.manual_seed(cfg.run.seed + dist.rank)
         self.out_dir.mkdir(parents=True, exist_ok=True)
 
