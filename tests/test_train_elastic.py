@@ -10,8 +10,10 @@ closed-form schedule at a sample count, the checkpoint the stopped run wrote.
 
 from __future__ import annotations
 
+import json
 import math
 import sys
+import tarfile
 from pathlib import Path
 
 import pytest
@@ -158,21 +160,61 @@ def test_same_shape_resume_keeps_every_rank_state(two_ranks, tmp_path):
         torch.testing.assert_close(b["model"][name], value, rtol=0, atol=0, msg=name)
 
 
-def test_dali_two_ranks_resumed_on_one_mid_epoch(data, tmp_path):
-    """The DALI loader over real shards (12 videos, 3 steps of 2 x 2 per epoch): stopped 1 step (4 videos) into
-    epoch 0 on 2 ranks, resumed on 1 rank with grad_accum 2: the other 8 of epoch 0 follow, each once."""
-    base = [*data, "optim.lr_batch_base=0", "optim.max_steps=4", "run.log_interval=1", "run.ckpt_interval=0"]
-    part, out = tmp_path / "part", tmp_path / "one"
-    torchrun(part, 2, "data.batch_size=2", "run.stop_after_steps=1", base=base)
-    ckpt = load_checkpoint(latest_checkpoint(part))
+def dali_base(data: list[str]) -> list[str]:
+    return [*data, "optim.lr_batch_base=0", "optim.max_steps=4", "run.log_interval=1", "run.ckpt_interval=0"]
+
+
+@pytest.fixture(scope="module")
+def dali_stopped(data, tmp_path_factory):
+    """2 ranks over the real shards (12 videos: 3 steps of 2 x 2 per epoch), stopped 1 step (4 videos) into epoch 0."""
+    part = tmp_path_factory.mktemp("dali2")
+    torchrun(part, 2, "data.batch_size=2", "run.stop_after_steps=1", base=dali_base(data))
+    return part
+
+
+def test_dali_two_ranks_resumed_on_one_mid_epoch(data, dali_stopped, tmp_path):
+    """The DALI loader, resumed on 1 rank with grad_accum 2: the other 8 of epoch 0 follow, each once."""
+    ckpt = load_checkpoint(latest_checkpoint(dali_stopped))
     assert ckpt["progress"]["samples"] == 4 and ckpt["progress"]["num_samples"] == 12
-    proc = torchrun(out, 1, "data.batch_size=2", "optim.grad_accum=2", base=base, resume=str(latest_checkpoint(part)))
+    out = tmp_path / "one"
+    proc = torchrun(
+        out,
+        1,
+        "data.batch_size=2",
+        "optim.grad_accum=2",
+        base=dali_base(data),
+        resume=str(latest_checkpoint(dali_stopped)),
+    )
     assert "restarting" not in proc.stderr, proc.stderr
-    before, after = records(part, 2), records(out, 1)
+    before, after = records(dali_stopped, 2), records(out, 1)
     ids = epoch_ids(before, 0) + epoch_ids(after, 0)
     assert len(epoch_ids(before, 0)) == 4 and sorted(ids) == list(range(12)), ids
     assert [s[:2] for s in after[0]["steps"]] == [(1, 4), (2, 8), (3, 12)]
     assert load_checkpoint(latest_checkpoint(out))["progress"]["samples"] == 16
+
+
+def test_dali_dataset_changed_restarts_the_saved_epoch(data, dali_stopped, tmp_path):
+    """Resumed on another shape over 2 of the 3 shards: the consumed ids no longer describe the data, so epoch 0
+    starts again from its beginning (every one of the 8 videos once), with a warning."""
+    train_dir = Path(data[0].split("=", 1)[1])
+    subset = [f"data.train={train_dir}/train-00000{{0..1}}.tar"]
+    keys = json.loads((train_dir / "manifest.json").read_text())["keys"]
+    subset_ids = set()
+    for n in (0, 1):  # the subset's ids, read from the tars themselves
+        with tarfile.open(train_dir / f"train-00000{n}.tar") as tar:
+            subset_ids |= {keys.index(m.name.split("/")[-1].split(".")[0]) for m in tar.getmembers()}
+    out = tmp_path / "subset"
+    proc = torchrun(
+        out,
+        1,
+        "data.batch_size=2",
+        "optim.grad_accum=2",
+        base=[*dali_base(data), *subset],
+        resume=str(latest_checkpoint(dali_stopped)),
+    )
+    assert "the saved loader state counted 12 samples, the shards hold 8; restarting epoch 0" in proc.stderr
+    (rec,) = records(out, 1)
+    assert len(subset_ids) == 8 and sorted(epoch_ids([rec], 0)) == sorted(subset_ids)
 
 
 def test_dataset_changed_restarts_the_saved_epoch_with_a_warning(two_ranks, tmp_path):
