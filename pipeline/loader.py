@@ -15,9 +15,10 @@ Resume. DALI's own checkpointing cannot be used: `fn.decoders.video` does not im
 sample list). A restarted loader rebuilds the epoch's pipeline and runs the handed-out batches again with the
 graph's `plan` input set to skip, which reads the samples and draws every random number (order, frame starts, crops,
 flips, masks, erasing boxes) without decoding (a few milliseconds per batch), so it continues exactly where it
-stopped: no sample repeated, none skipped. (RandAugment's internal draws and the erasing noise are not replayed.) If
-world size, batch size, seed, mode or dataset changed, the saved epoch restarts from its beginning (repeats at most
-one epoch) with a warning.
+stopped: no sample repeated, none skipped. (RandAugment's internal draws and the erasing noise are not replayed.) The
+state also records the ids consumed in the epoch; on another world size or batch size the epoch goes on with the
+samples no rank consumed (`pipeline.elastic`: index files without them, split by the new shape's rules). If seed,
+mode or dataset changed, the saved epoch restarts from its beginning (repeats at most one epoch) with a warning.
 
 The rooms around it: `pipeline.plan` (the decode plan, the pipelines of an epoch, several pipelines per rank),
 `pipeline.recovery` (corrupt samples), `pipeline.strategy` (what NVDEC reads, decode="auto"), `pipeline.handoff`
