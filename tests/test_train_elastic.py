@@ -193,6 +193,17 @@ def test_dali_two_ranks_resumed_on_one_mid_epoch(data, dali_stopped, tmp_path):
     assert load_checkpoint(latest_checkpoint(out))["progress"]["samples"] == 16
 
 
+def test_dali_two_ranks_resumed_on_three_drop_the_new_remainder(data, dali_stopped, tmp_path):
+    """On 3 ranks the other 8 videos of epoch 0 are read as any 8-video epoch of 3 ranks is: ceil(8 / 3) = 3 per rank
+    (DALI pads the short rank), one full batch of 2 each, the remainder dropped: 6 new ids, none seen before."""
+    out = tmp_path / "three"
+    torchrun(out, 3, "data.batch_size=2", base=dali_base(data), resume=str(latest_checkpoint(dali_stopped)))
+    before, after = epoch_ids(records(dali_stopped, 2), 0), epoch_ids(records(out, 3), 0)
+    assert len(after) == len(set(after)) == 6 and not set(after) & set(before), (before, after)
+    steps = records(out, 3)[0]["steps"]
+    assert [s[:2] for s in steps] == [(0, 4), (1, 10)]  # 4 videos = step 0 of 6; the end stays at 16 videos
+
+
 def test_dali_dataset_changed_restarts_the_saved_epoch(data, dali_stopped, tmp_path):
     """Resumed on another shape over 2 of the 3 shards: the consumed ids no longer describe the data, so epoch 0
     starts again from its beginning (every one of the 8 videos once), with a warning."""
