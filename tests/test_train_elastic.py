@@ -47,7 +47,13 @@ def expected_lr(samples: int, videos_per_step: int = 4) -> float:
 
 
 def torchrun(
-    out: Path, ranks: int, *overrides: str, resume: str | None = None, timeout: int = 300, base: list[str] = ELASTIC
+    out: Path,
+    ranks: int,
+    *overrides: str,
+    resume: str | None = None,
+    timeout: int = 300,
+    base: list[str] = ELASTIC,
+    mode: str = "pretrain",
 ):
     cmd = [
         sys.executable,
@@ -60,7 +66,7 @@ def torchrun(
         "--master-port",
         str(free_port()),
         __file__,
-        *train_cmd("pretrain", out, *base, *overrides, resume=resume)[2:],
+        *train_cmd(mode, out, *base, *overrides, resume=resume)[2:],
     ]
     return run(cmd, timeout=timeout, env={"OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)})
 
@@ -147,6 +153,22 @@ def test_one_rank_resumed_on_two(tmp_path):
     torchrun(part, 1, "data.batch_size=4", "run.stop_after_steps=3")
     torchrun(out, 2, "data.batch_size=2", resume=str(latest_checkpoint(part)))
     check_elastic_resume(part, out, 1, 2, 4)
+
+
+def test_finetune_with_mixup_and_ema_two_ranks_resumed_on_one(tmp_path):
+    """Fine-tuning's own random and stateful parts (mixup/cutmix generator, EMA weights) across a change of shape."""
+    extra = ["aug.mixup=0.8", "aug.cutmix=1.0", "aug.smoothing=0.1", "run.ema=true", "run.ema_decay=0.9"]
+    part, out = tmp_path / "part", tmp_path / "one"
+    torchrun(part, 2, "data.batch_size=2", "run.stop_after_steps=3", *extra, mode="finetune")
+    proc = torchrun(
+        out, 1, "data.batch_size=2", "optim.grad_accum=2", *extra, mode="finetune", resume=str(latest_checkpoint(part))
+    )
+    assert "RNG states derived from (seed 0, step 3, rank)" in proc.stdout, proc.stdout
+    ids = epoch_ids(records(part, 2), 0) + epoch_ids(records(out, 1), 0)
+    assert sorted(ids) == list(range(NUM)), ids
+    ckpt, final = load_checkpoint(latest_checkpoint(part)), load_checkpoint(latest_checkpoint(out))
+    assert final["step"] == 8 and final["model_ema"] is not None
+    assert any(not torch.equal(final["model_ema"][k], v) for k, v in ckpt["model_ema"].items())  # the EMA went on
 
 
 def test_same_shape_resume_keeps_every_rank_state(two_ranks, tmp_path):
