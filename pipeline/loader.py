@@ -15,9 +15,10 @@ Resume. DALI's own checkpointing cannot be used: `fn.decoders.video` does not im
 sample list). A restarted loader rebuilds the epoch's pipeline and runs the handed-out batches again with the
 graph's `plan` input set to skip, which reads the samples and draws every random number (order, frame starts, crops,
 flips, masks, erasing boxes) without decoding (a few milliseconds per batch), so it continues exactly where it
-stopped: no sample repeated, none skipped. (RandAugment's internal draws and the erasing noise are not replayed.) If
-world size, batch size, seed, mode or dataset changed, the saved epoch restarts from its beginning (repeats at most
-one epoch) with a warning.
+stopped: no sample repeated, none skipped. (RandAugment's internal draws and the erasing noise are not replayed.) The
+state also records the ids consumed in the epoch; on another world size or batch size the epoch goes on with the
+samples no rank consumed (`pipeline.elastic`: index files without them, split by the new shape's rules). If seed,
+mode or dataset changed, the saved epoch restarts from its beginning (repeats at most one epoch) with a warning.
 
 The rooms around it: `pipeline.plan` (the decode plan, the pipelines of an epoch, several pipelines per rank),
 `pipeline.recovery` (corrupt samples), `pipeline.strategy` (what NVDEC reads, decode="auto"), `pipeline.handoff`
@@ -39,6 +40,7 @@ import torch
 
 from pipeline import graph
 from pipeline.config import PipelineConfig
+from pipeline.elastic import ConsumedIds, resumed_epoch
 from pipeline.handoff import GpuKeepAlive, eval_view_ids, select_samples, to_batch
 from pipeline.plan import EpochBuilder, EpochRun, merge_outputs
 from pipeline.protocol import LoaderStats
@@ -81,6 +83,7 @@ class VideoLoader:
         self._keepalive = GpuKeepAlive() if device == "gpu" else None
         self._view_ids: tuple | None = None  # eval's (clip, crop) constants, made on first use
         self._expected_samples: int | None = None
+        self._consumed = ConsumedIds()  # training: this rank's consumed ids of the epoch (pipeline.selection)
 
         self.shards = ShardSet(shards)
         self.shards.check_stride(self.cfg.stride)
@@ -159,12 +162,12 @@ class VideoLoader:
                 self.batch_size,
             )
         epoch = self.epoch
-        while self.epoch == epoch and self._run.position < len(self):
+        while self.epoch == epoch and self._run.position < self._run.stop:
             index = self._run.position
             outputs = self._fetch()
             self._run.position += 1
             batch = self._to_torch(outputs, index)
-            if self._run.position == len(self):
+            if self._run.position == self._run.stop:
                 self._advance_epoch()  # the next epoch decodes while this batch trains
             if batch is not None:
                 yield batch
@@ -172,6 +175,7 @@ class VideoLoader:
             self._advance_epoch()
 
     def _advance_epoch(self) -> None:
+        self._consumed = ConsumedIds()
         self._drop_pipeline()
         self._run = self._open(self.epoch + 1, 0)
         self.epoch += 1
@@ -203,6 +207,8 @@ class VideoLoader:
             self._view_ids = eval_view_ids(self.cfg, self.batch_size, self.torch_device)
         batch = to_batch(out, self.cfg, self.batch_size, self._view_ids)
         views = self.cfg.views_per_sample
+        if self.cfg.mode != "eval":
+            self._consumed.handed_out(batch["sample_id"][::views])
         keep = self._kept_samples(index, batch["sample_id"])
         if keep is not None:
             if not keep.any():
@@ -237,12 +243,13 @@ class VideoLoader:
         device = "cpu" if inspecting else self.device
         cfg = dataclasses.replace(self.cfg, pipelines=1) if inspecting else self.cfg
         run = self._builder.build(cfg, epoch, start, device)
-        n = run.epoch_size()
+        filtered = (resumed := self._builder.resumed) is not None and epoch == resumed.epoch
+        n = run.epoch_size() + (resumed.removed if filtered else 0)  # the whole epoch's samples
         if self.num_samples < 0:
             self.num_samples = n
             if n < self.world_size:
                 raise ValueError(f"{n} samples cannot be split over {self.world_size} ranks")
-            if self._expected_samples is not None and self._expected_samples != n and position:
+            if self._expected_samples is not None and self._expected_samples != n and (position or filtered):
                 log.warning(
                     "pipeline: the saved loader state counted %d samples, the shards hold %d; restarting "
                     "epoch %d from its beginning",
@@ -253,9 +260,16 @@ class VideoLoader:
                 position = 0
                 for plan in run.plans:
                     plan.start = 0
+                if filtered:  # the consumed ids name other samples now: the whole epoch again
+                    self._builder = dataclasses.replace(self._builder, resumed=None)
+                    del run
+                    run = self._builder.build(cfg, epoch, 0, device)
+                    self.num_samples = n = run.epoch_size()
         elif n != self.num_samples:
             raise RuntimeError(f"the shards now hold {n} samples, {self.num_samples} before")
-        run.begin(position, stop=len(self) if inspect_batch is None else inspect_batch + 1)
+        rest = self._builder.resumed if filtered else None  # None: dropped above, or not this epoch
+        batches = rest.batches(n, self.world_size, self.batch_size, self.cfg.drop_last) if rest else len(self)
+        run.begin(position, stop=batches if inspect_batch is None else inspect_batch + 1)
         self.stats.fast_forwarded += position
         return run
 
@@ -285,7 +299,7 @@ class VideoLoader:
 
     # -- state ---------------------------------------------------------------------------------------------------
     def state_dict(self) -> dict:
-        """Where the next batch comes from. Batches already handed out count as consumed."""
+        """Where the next batch comes from. Batches handed out count as consumed (pipeline.elastic.ConsumedIds)."""
         return {
             "format": STATE_FORMAT,
             "epoch": self.epoch,
@@ -296,6 +310,7 @@ class VideoLoader:
             "num_samples": self.num_samples,
             "mode": self.cfg.mode,
             "blocked": dict(self.shards.blocked),
+            **self._consumed.state(self._builder.resumed, self.epoch, self.num_samples),
         }
 
     def _restore(self, state: dict) -> tuple[int, int]:
@@ -306,6 +321,12 @@ class VideoLoader:
             if tar in self.shards.tars:
                 self._corrupt.block(key, reason)
         epoch, position = int(state["epoch"]), int(state["position"])
+        resumed = resumed_epoch(state, self.shards, self.seed, self.cfg.mode)  # None, or the rest of the epoch
+        if resumed is not None:
+            self._builder = dataclasses.replace(self._builder, resumed=resumed)
+            self._expected_samples = state.get("num_samples")
+        if state.get("elastic"):  # another shape: the rest of the epoch (or all of it) from its start
+            return epoch, 0
         same = {k: state.get(k) for k in ("seed", "world_size", "batch_size", "mode")} == {
             "seed": self.seed,
             "world_size": self.world_size,
@@ -320,6 +341,7 @@ class VideoLoader:
             )
             return epoch, 0
         self._expected_samples = state.get("num_samples")
+        self._consumed.prior = state.get("consumed")
         return epoch, position
 
     def close(self) -> None:

@@ -30,7 +30,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -39,6 +39,9 @@ from pipeline import graph
 from pipeline.config import PipelineConfig
 from pipeline.handoff import as_torch
 from pipeline.shardset import ShardSet
+
+if TYPE_CHECKING:
+    from pipeline.elastic import ResumedEpoch
 
 log = logging.getLogger(__name__)
 # Backends whose decoders must never see an empty batch: after NVDEC's, the next operator fails (bench/RESULTS.md,
@@ -117,6 +120,7 @@ class EpochRun:
     def begin(self, position: int, stop: int | None) -> None:
         """Decode nothing from iteration `stop` on, schedule the first iterations and fast-forward to `position`
         (iterations before each plan's `start` are skipped, so this costs milliseconds per batch)."""
+        self.stop = stop
         for plan in self.plans:
             plan.stop = stop
         for pipe in self.pipes:
@@ -149,6 +153,17 @@ class EpochBuilder:
     num_threads: int | None  # the rank's thread budget as asked for (None: its share of the cores); thread_budget
     prefetch_depth: int
     cut: bool = True
+    resumed: ResumedEpoch | None = None  # an epoch resumed on another shape: read less its consumed samples
+
+    def epoch_shards(self, epoch: int, cfg: PipelineConfig) -> tuple[list[str], list[str]]:
+        """(tars, index paths) DALI reads in `epoch`, in the epoch's order (less the consumed samples of a resumed
+        epoch: pipeline.elastic)."""
+        order = self.shards.epoch_order(self.seed, epoch, cfg.shuffle)
+        index_paths = self.shards.patched_index_paths(keep_own_info=cfg.mode == "eval")
+        tars, paths = [self.shards.tars[i] for i in order], [index_paths[i] for i in order]
+        if self.resumed is not None and epoch == self.resumed.epoch:
+            return self.resumed.filter(tars, paths)
+        return tars, paths
 
     def thread_budget(self) -> int:
         """CPU threads of all this rank's pipelines together: `num_threads` (a per-rank total, honoured as given:
@@ -201,8 +216,7 @@ class EpochBuilder:
         """cfg.pipelines built (not yet scheduled) pipelines of `epoch` on `device` (default: the loader's), their
         plans decoding from iteration `start`; `EpochRun.begin` starts them."""
         device = device or self.device
-        order = self.shards.epoch_order(self.seed, epoch, cfg.shuffle)
-        index_paths = self.shards.patched_index_paths(keep_own_info=cfg.mode == "eval")
+        tars, index_paths = self.epoch_shards(epoch, cfg)
         pipes, plans = [], []
         for i in range(cfg.pipelines):
             plan = DecodePlan(
@@ -214,8 +228,8 @@ class EpochBuilder:
             )
             pipe = graph.build_pipeline(
                 cfg,
-                [self.shards.tars[i] for i in order],
-                [index_paths[i] for i in order],
+                tars,
+                index_paths,
                 batch_size=self.batch_size,
                 device=device,
                 device_id=self.device_id if device == "gpu" else None,

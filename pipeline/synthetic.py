@@ -24,12 +24,16 @@ V = num_clips * num_crops (eval) views per sample, views of one sample in consec
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 
 import torch
 
+from pipeline import selection
 from pipeline.config import MODES
 from pipeline.protocol import LoaderStats
+
+log = logging.getLogger(__name__)
 
 
 class SyntheticLoader:
@@ -80,6 +84,8 @@ class SyntheticLoader:
         self.in_memory = in_memory
         self.nan_batches = set(nan_batches)  # fault injection: these batches (counted from 0) hold NaN videos
         self.epoch, self.position = 0, 0
+        # an elastic resume: the ids of epoch `_resumed_epoch` consumed before it (pipeline.selection bitmap)
+        self._resumed_epoch, self._consumed_before = -1, None
         self.stats = LoaderStats()  # corrupt_samples stays 0: nothing is decoded
         if state is not None:
             self.load_state_dict(state)
@@ -90,21 +96,22 @@ class SyntheticLoader:
 
     # -- the loader interface ------------------------------------------------------------------------------------
     def __len__(self) -> int:
-        """Batches per epoch on this rank (train: full batches only; eval: every sample, last batch may be short)."""
-        per_rank = len(self._rank_ids(0))
+        """Batches per (whole) epoch on this rank (train: full batches only, the same on every rank; eval: every
+        sample, last batch may be short)."""
         if self.mode == "eval":
-            return -(-per_rank // self.batch_size)
-        return per_rank // self.batch_size
+            return -(-len(self._rank_ids(0)) // self.batch_size)
+        return self.num_samples // self.world_size // self.batch_size
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         ids = self._rank_ids(self.epoch)
-        for b in range(self.position, len(self)):
+        batches = -(-len(ids) // self.batch_size) if self.mode == "eval" else len(ids) // self.batch_size
+        for b in range(self.position, batches):
             batch_ids = ids[b * self.batch_size : (b + 1) * self.batch_size]
             batch = self._cached_batch(batch_ids) if self.in_memory else self._make_batch(batch_ids)
             # Counted when handed out, so state_dict() taken after a step resumes after it; the epoch moves on with
             # its last batch (as pipeline.build_loader does), so `epoch` already names the next batch's epoch.
             self.position = b + 1
-            if self.position == len(self):
+            if self.position == batches:
                 self.epoch, self.position = self.epoch + 1, 0
             if self.stats.batches in self.nan_batches:
                 batch = {**batch, "video": torch.full_like(batch["video"], float("nan"))}
@@ -115,12 +122,23 @@ class SyntheticLoader:
             self.epoch += 1
 
     def state_dict(self) -> dict:
+        """Where the next batch comes from; `consumed`: the bitmap (pipeline.selection) of the ids of the current
+        epoch consumed so far on this rank, those consumed before an elastic resume included."""
+        before = self._consumed_before if self.epoch == self._resumed_epoch else None
+        if self.mode == "eval":
+            mine = None
+        else:
+            mine = selection.pack_ids(self._rank_ids(self.epoch)[: self.position * self.batch_size], self.num_samples)
         return {
             "kind": "synthetic",
             "epoch": self.epoch,
             "position": self.position,
             "seed": self.seed,
             "world_size": self.world_size,
+            "batch_size": self.batch_size,
+            "num_samples": self.num_samples,
+            "consumed_before": before,
+            "consumed": selection.merge([before, mine]),
         }
 
     def close(self) -> None:
@@ -128,22 +146,45 @@ class SyntheticLoader:
         self._cached = None
 
     def load_state_dict(self, state: dict) -> None:
+        """Continue from `state`: a state_dict() of this shape (exactly where it stopped), or an elastic state
+        (training.progress: {"elastic": True, "epoch", "num_samples", "consumed_before": the merged bitmap of every
+        rank}) whose epoch goes on with the ids not yet consumed. A dataset of another size restarts the epoch."""
         if state.get("kind") != "synthetic":
             raise ValueError(f"loader state of kind {state.get('kind')!r} cannot resume a synthetic loader")
-        if state["world_size"] != self.world_size:
-            raise ValueError(f"loader state was saved with world_size={state['world_size']}, now {self.world_size}")
         self.epoch, self.position = int(state["epoch"]), int(state["position"])
+        same_shape = (state["world_size"], state.get("batch_size", self.batch_size)) == (
+            self.world_size,
+            self.batch_size,
+        )
+        if not (same_shape or state.get("elastic")):
+            raise ValueError(f"loader state was saved with world_size={state['world_size']}, now {self.world_size}")
+        before = state.get("consumed_before")
+        if state.get("num_samples", self.num_samples) != self.num_samples:
+            log.warning(
+                "synthetic: the checkpoint's epoch %d had %d samples, now %d; restarting it from its beginning",
+                self.epoch,
+                state["num_samples"],
+                self.num_samples,
+            )
+            self.position, before = 0, None
+        if before is not None:
+            self._resumed_epoch, self._consumed_before = self.epoch, before
 
     # -- content -------------------------------------------------------------------------------------------------
     def labels_of(self, sample_ids: torch.Tensor) -> torch.Tensor:
         return (sample_ids * 7 + self.seed) % self.num_classes
 
     def _rank_ids(self, epoch: int) -> torch.Tensor:
+        """This rank's ids of `epoch` in the order it trains on them: eval, every id once (ranks interleaved);
+        training, the epoch's seeded permutation (less the ids consumed before an elastic resume) split by
+        `selection.rank_share` (the same number of full batches on every rank)."""
         if self.mode == "eval":
-            order = torch.arange(self.num_samples)
-        else:
-            order = torch.randperm(self.num_samples, generator=torch.Generator().manual_seed(self.seed + 7919 * epoch))
-        return order[self.rank :: self.world_size]
+            return torch.arange(self.num_samples)[self.rank :: self.world_size]
+        order = torch.randperm(self.num_samples, generator=torch.Generator().manual_seed(self.seed + 7919 * epoch))
+        ids = order.numpy()
+        if epoch == self._resumed_epoch:
+            ids = selection.remaining(ids, selection.unpack(self._consumed_before, self.num_samples))
+        return torch.from_numpy(selection.rank_share(ids, self.rank, self.world_size, self.batch_size).copy())
 
     def _make_batch(self, sample_ids: torch.Tensor) -> dict[str, torch.Tensor]:
         ids = sample_ids.repeat_interleave(self.views)

@@ -10,6 +10,7 @@
     model_ema     EMA weights (fine-tuning with EMA) | None
     rng           [per rank] {"torch", "cuda", "numpy", "python"} (+ "mixup": its generator's state)
     loader        [per rank] loader.state_dict()
+    progress      samples trained on, videos per step, the shape, the epoch's consumed-id bitmap (training.progress)
     train_config  the resolved training configuration (plain dict)
 
 Every value is a tensor or a plain Python container of str/int/float/bool/None, so `torch.load(...,
@@ -33,7 +34,7 @@ import torch
 
 from model.checkpoint import list_checkpoints, load_checkpoint
 from training.config import ConfigError, model_kind_for
-from training.distributed import Dist
+from training.distributed import Dist, broadcast_object
 
 log = logging.getLogger("training")
 
@@ -102,8 +103,25 @@ def set_aside(path: str | os.PathLike) -> Path:
 
 def load_resume(resume: str | None, out_dir: Path, mode: str, dist: Dist) -> dict | None:
     """The checkpoint `--resume` names (auto: the newest intact one in `out_dir`), read fully before anything is
-    written, so that a damaged file fails here and not mid-run; None for a fresh start. A checkpoint of another kind
-    or rank count, or one that does not load, is a ConfigError."""
+    written, so that a damaged file fails here and not mid-run; None for a fresh start. Rank 0 alone finds and reads
+    it and sends it to every rank (`broadcast_object`), so ranks whose `out_dir` is node-local (or not yet in sync)
+    resume from the same file. A checkpoint of another kind (pretrain <-> finetune), or one that does not load, is a
+    ConfigError on every rank. Any world size and batch size may resume it (training.progress)."""
+    if dist.world_size == 1:
+        return _load_resume(resume, out_dir, mode, dist)
+    outcome: tuple[str, Any] = ("ok", None)
+    if dist.is_main:
+        try:
+            outcome = ("ok", _load_resume(resume, out_dir, mode, dist))
+        except ConfigError as e:
+            outcome = ("error", str(e))
+    outcome = broadcast_object(outcome)
+    if outcome[0] == "error":
+        raise ConfigError(outcome[1])
+    return outcome[1]
+
+
+def _load_resume(resume: str | None, out_dir: Path, mode: str, dist: Dist) -> dict | None:
     ckpt = None
     if resume == "auto":
         path, ckpt, skipped = newest_intact_checkpoint(out_dir, RESUME_KEYS)
@@ -124,10 +142,10 @@ def load_resume(resume: str | None, out_dir: Path, mode: str, dist: Dist) -> dic
         except (OSError, ValueError) as e:
             raise ConfigError(str(e).splitlines()[0]) from e
     if ckpt is not None:
-        if ckpt["kind"] != model_kind_for(mode) or len(ckpt["rng"]) != dist.world_size:
-            raise ConfigError(
-                f"{path}: a {ckpt['kind']} checkpoint of {len(ckpt['rng'])} ranks cannot resume "
-                f"{mode} on {dist.world_size}"
+        if ckpt["kind"] != model_kind_for(mode):
+            hint = (
+                f"; to fine-tune from its weights: model.pretrained={path}, no --resume" if mode == "finetune" else ""
             )
-        log.info("resuming from %s at step %s", path, ckpt["step"])
+            raise ConfigError(f"{path}: a {ckpt['kind']} checkpoint cannot resume {mode}{hint}")
+        log.info("resuming from %s at step %s (written by %d ranks)", path, ckpt["step"], len(ckpt["rng"]))
     return ckpt

@@ -67,3 +67,13 @@ def gather(obj: Any) -> list:
     out = [None] * torch_dist.get_world_size()
     torch_dist.all_gather_object(out, obj)
     return out
+
+
+def broadcast_object(obj: Any, src: int = 0) -> Any:
+    """Rank `src`'s `obj` (picklable: a checkpoint's tensors travel on the CPU) on every rank; `obj` elsewhere is
+    ignored."""
+    if not torch_dist.is_initialized():
+        return obj
+    box = [obj if torch_dist.get_rank() == src else None]
+    torch_dist.broadcast_object_list(box, src=src)
+    return box[0]

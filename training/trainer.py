@@ -29,12 +29,13 @@ from model.checkpoint import model_payload, save_checkpoint
 from model.flops import training_flops_per_clip
 from pipeline.protocol import Loader
 from training.build import build_ema, build_loader, build_mixup, make_model
-from training.checkpointing import capture_rng_state, restore_rng_state
+from training.checkpointing import capture_rng_state
 from training.config import Config, DataFacts, model_kind_for
 from training.distributed import Dist, all_reduce, gather
 from training.loss import StepLoss
 from training.metrics import MetricsLog, Window, peak_flops, skipped_samples
 from training.optim import build_optimization
+from training.progress import loader_state_for, progress_state, resume_position, resume_rng
 from training.schedule import CosineSchedule
 from training.step import GraphedStep
 
@@ -96,18 +97,19 @@ class Trainer:
         self.model_kind = model_kind_for(mode)
         self.stop = stop or StopRequest()
         self.out_dir = Path(cfg.run.out_dir)
-        self.step = 0
+        self.step, self.samples = 0, 0  # optimizer steps; videos trained on (the schedule's position)
         torch.manual_seed(cfg.run.seed + dist.rank)
         self.out_dir.mkdir(parents=True, exist_ok=True)
 
         resume_config = ckpt["model_config"] if ckpt else None
         self.model, self.model_cfg = make_model(cfg, mode, data_facts.num_classes, resume_config)
         self.model.to(dist.device).train()
-        self.loader = build_loader(cfg, mode, dist, self.model_cfg, state=ckpt["loader"][dist.rank] if ckpt else None)
+        loader_state = loader_state_for(ckpt, dist.rank, dist.world_size, cfg.data.batch_size) if ckpt else None
+        self.loader = build_loader(cfg, mode, dist, self.model_cfg, state=loader_state)
         opt = build_optimization(cfg, self.model, len(self.loader), dist.world_size, dist.device)
         self.lr_schedule, self.optimizer, self.scaler = opt.lr_schedule, opt.optimizer, opt.scaler
         self.total_steps, self.steps_per_epoch = opt.total_steps, opt.steps_per_epoch
-        self.videos_per_step = opt.videos_per_step
+        self.videos_per_step = self.schedule_batch = opt.videos_per_step
         self.ema = build_ema(cfg, self.model)
         self.mixup = build_mixup(cfg, data_facts.num_classes, dist.rank) if mode == "finetune" else None
         if ckpt is not None:
@@ -162,6 +164,8 @@ class Trainer:
         if self.mixup is not None:
             rng["mixup"] = self.mixup.rng.bit_generator.state
         rngs, loaders = gather(rng), gather(self.loader.state_dict())
+        shape = (self.dist.world_size, self.cfg.data.batch_size)
+        progress = progress_state(self.samples, self.videos_per_step, self.schedule_batch, *shape, loaders)
         class_names = self.data_facts.class_names if self.model_kind == "classify" else None
         return {
             **model_payload(self.model_kind, self.model_cfg, self.model, class_names),
@@ -173,6 +177,7 @@ class Trainer:
             "model_ema": self.ema.module.state_dict() if self.ema else None,
             "rng": rngs,
             "loader": loaders,
+            "progress": progress,
             "train_config": dataclasses.asdict(self.cfg),
         }
 
@@ -187,10 +192,10 @@ class Trainer:
             self.ema.module.load_state_dict(ckpt.get("model_ema") or ckpt["model"])
         if ckpt["scheduler"] != self.lr_schedule.state_dict():
             log.info("note: lr schedule %s in the checkpoint, now %s", ckpt["scheduler"], self.lr_schedule.state_dict())
-        self.step = int(ckpt["step"])
-        restore_rng_state(ckpt["rng"][self.dist.rank])
-        if self.mixup is not None:
-            self.mixup.rng.bit_generator.state = ckpt["rng"][self.dist.rank]["mixup"]
+        at = resume_position(ckpt, self.lr_schedule, self.videos_per_step, self.total_steps)
+        self.step, self.samples, self.lr_schedule = at.step, at.samples, at.schedule
+        self.schedule_batch, self.total_steps = at.schedule_batch, at.total_steps
+        resume_rng(ckpt, self.dist, self.cfg.data.batch_size, self.cfg.run.seed, self.step, self.mixup)
 
     def save(self) -> Path | None:
         """A checkpoint of this step (every rank takes part; rank 0 writes). Its path on rank 0, None elsewhere."""
@@ -243,11 +248,11 @@ class Trainer:
         loss is summed on the device; a non-finite one is remembered there for log_and_check_stop (or, with
         run.skip_nonfinite, the step is skipped: a host sync per step)."""
         if self.graphed is not None:  # forward, backward, clipping and AdamW in one replay (check_step_options)
-            self.lr = self.lr_schedule(self.step)
+            self.lr = self.lr_schedule(self.samples / self.schedule_batch)
             self.graphed.set_lr(self.lr)
             step_loss, self.grad_norm = self.graphed(self.loss_fn.graph_inputs(self.next_batch()))
         else:
-            self.lr = self.lr_schedule.apply(self.optimizer, self.step)
+            self.lr = self.lr_schedule.apply(self.optimizer, self.samples / self.schedule_batch)
             step_loss, self.grad_norm = self._backward()
         # Gradients are already all-reduced, so every rank sees the same norm and decides alike.
         if self.cfg.run.skip_nonfinite and not torch.isfinite(self.grad_norm).item():
@@ -273,6 +278,7 @@ class Trainer:
         if self.graphed is None:  # a graphed step overwrites its gradients; dropping them would free the graph's memory
             self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
+        self.samples += self.videos_per_step
 
     # ------------------------------------------------------------------------------------------------------ run
     def log_and_check_stop(self) -> bool:
