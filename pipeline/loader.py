@@ -40,10 +40,12 @@ import torch
 from pipeline import graph
 from pipeline.config import PipelineConfig
 from pipeline.handoff import GpuKeepAlive, eval_view_ids, select_samples, to_batch
-from pipeline.plan import EpochBuilder, EpochRun, merge_outputs
+from pipeline.plan import EpochRun, merge_outputs
 from pipeline.protocol import LoaderStats
 from pipeline.recovery import CorruptSamples, DecodeProbe, error_reason
-from pipeline.shardset import ShardSet, split_source
+from pipeline.remote import open_shards
+from pipeline.segments import epoch_builder_class
+from pipeline.shardset import split_source
 from pipeline.strategy import choose_nvdec_input, choose_strategy
 
 log = logging.getLogger(__name__)
@@ -82,7 +84,7 @@ class VideoLoader:
         self._view_ids: tuple | None = None  # eval's (clip, crop) constants, made on first use
         self._expected_samples: int | None = None
 
-        self.shards = ShardSet(shards)
+        self.shards = open_shards(shards, self.cfg, self.stats)  # a URL: through the node's cache (pipeline.remote)
         self.shards.check_stride(self.cfg.stride)
         decoders = self.cfg.decodes_on(device)
         if "cpu" in decoders:
@@ -92,7 +94,7 @@ class VideoLoader:
         self.cut = True  # IVF members are cut at a key frame before decoding (see pipeline.strategy)
         if "mixed" in decoders and self.shards.layout.cuttable:
             self.cfg, self.cut = choose_nvdec_input(self.shards, self.cfg, self.device_id)
-        self._builder = EpochBuilder(
+        self._builder = epoch_builder_class(self.shards, self.cfg)(  # remote sets: in segments (pipeline.segments)
             shards=self.shards,
             batch_size=batch_size,
             device=device,
