@@ -107,6 +107,7 @@ class RemoteShardSet(ShardSet):
     def __init__(self, spec, cache: ShardCache, cfg: PipelineConfig, stats: LoaderStats):
         self.cache, self.cfg, self.stats = cache, cfg, stats
         self.skipped: list[str] = []
+        self._skipped_keys: set[tuple] = set()
         super().__init__(spec)
         self._check_bound()
         self.prefetcher = Prefetcher(self, cfg.fetch_workers)
@@ -172,9 +173,13 @@ class RemoteShardSet(ShardSet):
                 return sniff_codec(self.read_member(tar, offset, size))
         return None
 
-    def skip(self, tar: str, samples: int, reason: str) -> None:
-        """Count `samples` of `tar` as skipped (substituted by others of their segment) and log one line."""
-        line = f"{self.url(tar)}: {samples} sample(s) skipped (shard could not be fetched: {reason})"
+    def skip(self, epoch: int, segment: int, tar: str, samples: int, reason: str) -> None:
+        """Count `samples` of `tar` in `segment` of `epoch` as skipped (substituted by others of their segment) and
+        log one line; once per (epoch, segment, tar), however often the segment is rebuilt."""
+        if (epoch, segment, tar) in self._skipped_keys:
+            return
+        self._skipped_keys.add((epoch, segment, tar))
+        line = f"{self.url(tar)}: {samples} sample(s) of epoch {epoch} skipped (shard could not be fetched: {reason})"
         log.warning("pipeline: %s", line)
         self.skipped.append(line)
         self.stats.corrupt_samples += samples

@@ -139,6 +139,7 @@ class SegmentedRun:
         self._segment: Segment | None = None
         self._pipes: list = []
         self._next = 0  # the batch the next `outputs` returns
+        self._skips: list[tuple] = []  # (epoch, segment, tar, samples, reason) of the open segment, not yet counted
         self._held: dict[tuple[int, int], list[int]] = {}  # (epoch, segment) -> its tars, held in the prefetcher
         self._index_dir = tempfile.mkdtemp(prefix="videomae-segment-idx-")
         self._finalizer = weakref.finalize(self, _release, self.shards, self._held, self._index_dir)
@@ -183,6 +184,9 @@ class SegmentedRun:
 
     def _step(self, cuda_stream=None) -> list:
         out = [p.outputs(cuda_stream=cuda_stream) if cuda_stream is not None else p.outputs() for p in self._pipes]
+        for skip in self._skips:
+            self.shards.skip(*skip)
+        self._skips.clear()
         for p in self._pipes:
             p.schedule_run()
         self._next += 1
@@ -267,16 +271,13 @@ class SegmentedRun:
         full = self.shards.patched_index_paths(keep_own_info=self.cfg.mode == "eval")
         good = [p for p in segment.pieces if p.tar not in failed]
         if failed and not good:
-            raise RuntimeError(
-                f"{self.shards.url(self.shards.tars[segment.pieces[0].tar])}: no shard of segment {segment.index} "
-                f"of epoch {self.epoch} could be fetched ({next(iter(failed.values()))})"
-            )
+            good = [self._donor(segment, failed)]
         donors = [(p.tar, line) for p in good for line in range(p.first, p.stop)]
         paths, indexes, used = [], [], 0
         for piece in segment.pieces:
             n = piece.stop - piece.first
-            if piece.tar in failed:
-                self.shards.skip(self.shards.tars[piece.tar], n, failed[piece.tar])
+            if piece.tar in failed:  # counted when the segment's first batch is read (`_step`)
+                self._skips.append((self.epoch, segment.index, self.shards.tars[piece.tar], n, failed[piece.tar]))
                 for tar, lines in _group([donors[(used + k) % len(donors)] for k in range(n)]):
                     paths.append(self.shards.tars[tar])
                     indexes.append(self._index_file(full[tar], lines))
@@ -285,6 +286,25 @@ class SegmentedRun:
             paths.append(self.shards.tars[piece.tar])
             indexes.append(self._index_file(full[piece.tar], list(range(piece.first, piece.stop))))
         return paths, indexes
+
+    def _donor(self, segment: Segment, failed: dict[int, str]) -> Piece:
+        """A whole tar from outside `segment` (the next fetchable one in tar order), held with the segment, whose
+        samples stand in for a segment none of whose shards could be fetched."""
+        prefetcher = self.shards.prefetcher
+        count = len(self.shards.tars)
+        for step in range(1, count):
+            t = (segment.tars[-1] + step) % count
+            if t in failed:
+                continue
+            prefetcher.hold([t])
+            if prefetcher.wait(t) is None:
+                self._held[(self.epoch, -1 - t)] = [t]  # released with the run
+                return Piece(t, 0, len(self.shards.index(self.shards.tars[t])[1]))
+            prefetcher.release([t])
+            failed[t] = "unfetchable"
+        raise RuntimeError(
+            f"{self.shards.remote.base}: no shard of the set could be fetched ({failed[segment.tars[0]]})"
+        )
 
     def _index_file(self, source: str, lines: list[int]) -> str:
         """An index file listing samples `lines` of the index `source` (DALI reads just those samples)."""
