@@ -308,7 +308,7 @@ def resolve_shards(spec: str | os.PathLike | Sequence[str | os.PathLike]) -> lis
         raise FileNotFoundError(f"{spec}: no shards")
     for tar in out:
         if "://" in tar:
-            raise ValueError(f"{tar}: remote URLs are not read directly; copy or mount the shards locally (see README)")
+            raise ValueError(f"{tar}: a URL is read by the loader through its cache (pipeline.remote), not as a path")
         if not os.path.isfile(tar):
             raise FileNotFoundError(f"{tar}: shard not found")
         if not os.path.isfile(index_path_for(tar)):
