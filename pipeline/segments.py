@@ -140,6 +140,7 @@ class SegmentedRun:
         self._pipes: list = []
         self._next = 0  # the batch the next `outputs` returns
         self._skips: list[tuple] = []  # (epoch, segment, tar, samples, reason) of the open segment, not yet counted
+        self._ready: tuple | None = None  # (segment, pipes, skips): the next segment, built ahead
         self._held: dict[tuple[int, int], list[int]] = {}  # (epoch, segment) -> its tars, held in the prefetcher
         self._index_dir = tempfile.mkdtemp(prefix="videomae-segment-idx-")
         self._finalizer = weakref.finalize(self, _release, self.shards, self._held, self._index_dir)
@@ -150,7 +151,7 @@ class SegmentedRun:
 
     @property
     def pipes(self) -> list:
-        if self._segment is None:
+        if self._segment is None:  # built (and scheduled) before `begin`: begin keeps them if it starts there
             self._open(self._segment_of(self.plans[0].start))
         return self._pipes
 
@@ -167,20 +168,24 @@ class SegmentedRun:
         segment = self._segment_of(position)
         if self._segment is not segment:
             self._open(segment)
-        for pipe in self._pipes:
-            pipe.schedule_run()
         self._next = segment.first_batch
         while self._next < position:
             self._step()
         self.position = position
 
     def outputs(self, cuda_stream=None) -> list:
-        """The next batch: one tuple of outputs per pipeline of its segment."""
-        if self._next >= self._segment.first_batch + self._segment.batches and self._segment is not self.segments[-1]:
-            self._open(self.segments[self._segment.index + 1])
-            for pipe in self._pipes:
-                pipe.schedule_run()
-        return self._step(cuda_stream)
+        """The next batch: one tuple of outputs per pipeline of its segment. Once the segment's last batches are
+        queued in its pipelines, the next segment's pipelines are built and started, so they decode while those
+        batches are handed out."""
+        segment = self._segment
+        following = self.segments[segment.index + 1] if segment.index + 1 < len(self.segments) else None
+        end = segment.first_batch + segment.batches
+        if following is not None and self._next >= end:
+            self._open(following)
+        out = self._step(cuda_stream)
+        if following is not None and self._ready is None and end - self._next <= max(1, self.builder.prefetch_depth):
+            self._ready = (following, *self._build(following))
+        return out
 
     def _step(self, cuda_stream=None) -> list:
         out = [p.outputs(cuda_stream=cuda_stream) if cuda_stream is not None else p.outputs() for p in self._pipes]
@@ -194,9 +199,10 @@ class SegmentedRun:
 
     # -- segments ----------------------------------------------------------------------------------------------
     def _open(self, segment: Segment) -> None:
-        """Drop the current segment's pipelines, wait for `segment`'s tars and build its pipelines; queue the
-        downloads of the segments after it."""
+        """Make `segment` the one read: its pipelines (built ahead, or now: waiting for its tars), scheduled; the
+        previous segment released, the downloads of the ones after it queued."""
         self._pipes = []
+        ready, self._ready = self._ready, None
         gc.collect()  # DALI pipelines sit in reference cycles: free their threads and buffers now
         previous = self._segment
         self._segment = segment
@@ -205,9 +211,20 @@ class SegmentedRun:
             self._hold(*key)
         if previous is not None:
             self._release_one((self.epoch, previous.index))
-        paths, indexes = self._inputs(segment)
+        if ready is not None and ready[0] is segment:
+            self._pipes, self._skips = ready[1], ready[2]
+            return
+        self._pipes, self._skips = self._build(segment)
+
+    def _build(self, segment: Segment) -> tuple[list, list]:
+        """`segment`'s pipelines, built over its cached tars and scheduled, and its skips (shards that could not be
+        fetched), counted when its first batch is read."""
+        self._hold(self.epoch, segment.index)
+        skips: list[tuple] = []
+        paths, indexes = self._inputs(segment, skips)
         b = self.builder
         start, stop = self.plans[0].start - segment.first_batch, self.plans[0].stop
+        pipes = []
         for i in range(self.cfg.pipelines):
             plan = DecodePlan(
                 b.batch_size,
@@ -234,7 +251,10 @@ class SegmentedRun:
                 cut=b.cut,
             )
             pipe.build()
-            self._pipes.append(pipe)
+            pipes.append(pipe)
+        for pipe in pipes:
+            pipe.schedule_run()
+        return pipes, skips
 
     def _ahead(self, segment: Segment) -> list[tuple[int, int]]:
         """(epoch, segment) keys of the `prefetch_segments` segments after `segment`, into the next epoch."""
@@ -262,7 +282,7 @@ class SegmentedRun:
         if tars is not None:
             self.shards.prefetcher.release(tars)
 
-    def _inputs(self, segment: Segment) -> tuple[list[str], list[str]]:
+    def _inputs(self, segment: Segment, skips: list) -> tuple[list[str], list[str]]:
         """The tar paths and index files of `segment`'s pieces; pieces of tars that could not be fetched replaced
         by as many samples of the segment's other pieces (logged and counted once per tar and segment)."""
         prefetcher = getattr(self.shards, "prefetcher", None)
@@ -277,7 +297,7 @@ class SegmentedRun:
         for piece in segment.pieces:
             n = piece.stop - piece.first
             if piece.tar in failed:  # counted when the segment's first batch is read (`_step`)
-                self._skips.append((self.epoch, segment.index, self.shards.tars[piece.tar], n, failed[piece.tar]))
+                skips.append((self.epoch, segment.index, self.shards.tars[piece.tar], n, failed[piece.tar]))
                 for tar, lines in _group([donors[(used + k) % len(donors)] for k in range(n)]):
                     paths.append(self.shards.tars[tar])
                     indexes.append(self._index_file(full[tar], lines))
