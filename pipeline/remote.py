@@ -81,6 +81,11 @@ class Prefetcher:
         except Exception as e:  # noqa: BLE001 - any failure skips the shard (one line), never the run
             return fetch_error_line(e)
 
+    def done(self, tars: Sequence[int]) -> bool:
+        """Whether the downloads of these held tars have all ended (fetched or failed), without waiting."""
+        with self.lock:
+            return all(i in self.futures and self.futures[i].done() for i in tars)
+
     def release(self, tars: Sequence[int]) -> None:
         with self.lock:
             for i in tars:

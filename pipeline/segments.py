@@ -174,18 +174,33 @@ class SegmentedRun:
         self.position = position
 
     def outputs(self, cuda_stream=None) -> list:
-        """The next batch: one tuple of outputs per pipeline of its segment. Once the segment's last batches are
-        queued in its pipelines, the next segment's pipelines are built and started, so they decode while those
-        batches are handed out."""
-        segment = self._segment
-        following = self.segments[segment.index + 1] if segment.index + 1 < len(self.segments) else None
-        end = segment.first_batch + segment.batches
-        if following is not None and self._next >= end:
-            self._open(following)
+        """The next batch: one tuple of outputs per pipeline of its segment. The next segment's pipelines are built
+        and started as soon as its tars are cached (at the latest once this segment's last batches are queued), so
+        that their first batches decode while this segment's are handed out: two segments' pipelines live at once
+        for a while (twice the pipeline buffers)."""
+        if self._next >= self._end(self._segment) and self._following() is not None:
+            self._open(self._following())
         out = self._step(cuda_stream)
-        if following is not None and self._ready is None and end - self._next <= max(1, self.builder.prefetch_depth):
-            self._ready = (following, *self._build(following))
+        following = self._following()
+        if following is not None and self._ready is None:
+            last = self._end(self._segment) - self._next <= max(1, self.builder.prefetch_depth)
+            if last or self._fetched(following):
+                self._ready = (following, *self._build(following))
         return out
+
+    def _following(self) -> Segment | None:
+        index = self._segment.index + 1
+        return self.segments[index] if index < len(self.segments) else None
+
+    @staticmethod
+    def _end(segment: Segment) -> int:
+        return segment.first_batch + segment.batches
+
+    def _fetched(self, segment: Segment) -> bool:
+        """Whether every tar of `segment` is in the cache already (or a local set): its pipelines can be built now
+        without waiting, and decode their first batches while this segment's are handed out."""
+        prefetcher = getattr(self.shards, "prefetcher", None)
+        return prefetcher is None or prefetcher.done(segment.tars)
 
     def _step(self, cuda_stream=None) -> list:
         out = [p.outputs(cuda_stream=cuda_stream) if cuda_stream is not None else p.outputs() for p in self._pipes]

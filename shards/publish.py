@@ -113,6 +113,45 @@ def upload(directory: str | os.PathLike, url: str, retry: Retry = DEFAULT_RETRY)
     return sent
 
 
+def staged_argv(argv: list[str]) -> tuple[str | None, str | None, list[str]]:
+    """`shards.build --out URL --staging DIR ...`: (URL, DIR, the arguments with --out DIR and without --staging);
+    other command lines are returned as they are, with (None, None). A URL without --staging, or with --part (a
+    part has no manifest: publish after `shards.merge`), exits with status 2 and one line."""
+    from shards.remote import is_url
+
+    args = list(argv)
+
+    def value(flag: str) -> str | None:
+        i = args.index(flag) if flag in args else len(args)
+        return args[i + 1] if i + 1 < len(args) else None
+
+    def usage(message: str) -> SystemExit:
+        print(f"python -m shards.build: error: {message}", file=sys.stderr)
+        return SystemExit(2)
+
+    url, staging = value("--out"), value("--staging")
+    if not is_url(url):
+        if staging is not None:
+            raise usage("--staging is for an --out URL (s3://, gs://)")
+        return None, None, args
+    if staging is None or "--part" in args:
+        raise usage(f"--out {url}: build into --staging DIR (a filesystem) and publish it, without --part")
+    i = args.index("--staging")
+    del args[i : i + 2]
+    args[args.index("--out") + 1] = staging
+    return url, staging, args
+
+
+def publish_after_build(status: int, staging: str | None, url: str | None) -> int:
+    """After a build into `staging`: publish it to `url` (verified, without decoding: the build just wrote it)."""
+    if status != 0 or url is None:
+        return status
+    problems = publish(staging, url, decode=False)
+    for problem in problems:
+        log.error(f"problem: {problem}")
+    return 1 if problems else 0
+
+
 def main(argv: list[str] | None = None) -> int:
     configure_logging()
     p = argparse.ArgumentParser(prog="python -m shards.publish", description=__doc__.split("\n\n")[0])

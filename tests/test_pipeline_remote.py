@@ -156,10 +156,11 @@ def test_resume_mid_segment_is_exact_and_downloads_nothing_already_read(s3_set, 
     assert_same(epochs(resumed, 1)[0], expected[1])
 
 
-def test_http_faults_retried_and_a_missing_shard_skipped_ranks_in_step(tmp_path, caplog):
+@pytest.mark.parametrize("broken", ["missing", "differs"])
+def test_http_faults_retried_and_an_unfetchable_shard_skipped_ranks_in_step(tmp_path, caplog, broken):
     """Over HTTPS-style URLs: a shard answered 500 twice and one whose connection drops mid-body are read anyway; a
-    shard that cannot be fetched (gone from the server) is skipped in one line, its samples counted, replaced by
-    others of its segment, and both ranks still yield the same number of batches."""
+    shard that cannot be fetched (gone from the server, or bytes that differ from the manifest) is skipped in one
+    line, its samples counted, replaced by others of its segment, and both ranks yield the same number of batches."""
     shards = ps.train_shards()
     src, served = Path(shards.directory), tmp_path / "served"
     served.mkdir()
@@ -169,7 +170,12 @@ def test_http_faults_retried_and_a_missing_shard_skipped_ranks_in_step(tmp_path,
             (served / name).write_bytes((src / name).read_bytes())
     fmt.write_manifest(served, manifest)
     a, b, c = (s["tar"] for s in manifest["shards"])
-    (served / c).unlink()
+    if broken == "missing":
+        (served / c).unlink()
+    else:
+        data = bytearray((served / c).read_bytes())
+        data[len(data) // 3] ^= 0x55  # the same size, one byte changed
+        (served / c).write_bytes(bytes(data))
     missing_ids = set(range(manifest["shards"][2]["first_sample_id"], 12))
     with FaultyHTTPServer(served) as server:
         server.faults = {a: ["500", "500"], b: ["drop"]}
@@ -186,6 +192,6 @@ def test_http_faults_retried_and_a_missing_shard_skipped_ranks_in_step(tmp_path,
         assert lengths[0] == lengths[1] == 3
         assert not set(seen) & missing_ids and set(seen) == set(range(12)) - missing_ids
         assert skipped == len(missing_ids)
-        lines = [r.getMessage() for r in caplog.records if c in r.getMessage()]
+        lines = [r.getMessage() for r in caplog.records if r.name == "pipeline.remote" and c in r.getMessage()]
         assert lines and all("\n" not in line and "skipped" in line for line in lines)
         assert server.gets[a] >= 3 and server.gets[b] >= 2

@@ -235,3 +235,23 @@ def test_bytes_differing_from_the_manifest_are_refused(tmp_path):
         # download_set (verify by URL) refuses it the same way
         with pytest.raises(FetchError, match="sha256"):
             download_set(remote, tmp_path / "dl", FAST)
+
+
+def test_build_with_an_out_url_builds_in_staging_and_publishes(s3, shard_build_args, shard_dirs, tmp_path):
+    from shards.build import main as build_main
+
+    args = list(shard_build_args["val"])
+    args[args.index("--out") + 1] = "s3://bkt/built"
+    assert build_main([*args, "--staging", str(tmp_path / "staging")]) == 0
+    built = bucket_objects("s3://bkt/built")
+    assert fmt.MANIFEST_NAME in built
+    staged = tmp_path / "staging"
+    for name in set(built) - {fmt.MANIFEST_NAME}:
+        assert built[name] == (staged / name).read_bytes()
+    # the same videos build the same tars as the fixture's local build
+    local = shard_dirs["val"]
+    for shard in fmt.read_manifest(local)["shards"]:
+        assert built[shard["tar"]] == (local / shard["tar"]).read_bytes()
+    with pytest.raises(SystemExit) as stop:
+        build_main([*args])  # a URL without --staging: a usage error, nothing built
+    assert stop.value.code == 2
