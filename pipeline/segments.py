@@ -28,13 +28,13 @@ segment's other pieces (duplicates), so every rank keeps its batch count; each i
 from __future__ import annotations
 
 import dataclasses
-import gc
 import hashlib
 import logging
 import os
 import tempfile
 import types
 import weakref
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
@@ -140,7 +140,7 @@ class SegmentedRun:
         self._pipes: list = []
         self._next = 0  # the batch the next `outputs` returns
         self._skips: list[tuple] = []  # (epoch, segment, tar, samples, reason) of the open segment, not yet counted
-        self._ready: tuple | None = None  # (segment, pipes, skips): the next segment, built ahead
+        self._ready: tuple | None = None  # (segment, Future of (pipes, skips)): the next segment, built ahead
         self._held: dict[tuple[int, int], list[int]] = {}  # (epoch, segment) -> its tars, held in the prefetcher
         self._index_dir = tempfile.mkdtemp(prefix="videomae-segment-idx-")
         self._finalizer = weakref.finalize(self, _release, self.shards, self._held, self._index_dir)
@@ -185,7 +185,8 @@ class SegmentedRun:
         if following is not None and self._ready is None:
             last = self._end(self._segment) - self._next <= max(1, self.builder.prefetch_depth)
             if last or self._fetched(following):
-                self._ready = (following, *self._build(following))
+                self._hold(self.epoch, following.index)
+                self._ready = (following, _builder_thread().submit(self._build, following))
         return out
 
     def _following(self) -> Segment | None:
@@ -216,9 +217,10 @@ class SegmentedRun:
     def _open(self, segment: Segment) -> None:
         """Make `segment` the one read: its pipelines (built ahead, or now: waiting for its tars), scheduled; the
         previous segment released, the downloads of the ones after it queued."""
+        for pipe in self._pipes:  # stop their threads now (they sit in reference cycles, freed by a later gc;
+            pipe._shutdown()  # handed-out batches keep their own buffers, as when the loader drops an epoch's)
         self._pipes = []
         ready, self._ready = self._ready, None
-        gc.collect()  # DALI pipelines sit in reference cycles: free their threads and buffers now
         previous = self._segment
         self._segment = segment
         self._hold(self.epoch, segment.index)
@@ -227,14 +229,17 @@ class SegmentedRun:
         if previous is not None:
             self._release_one((self.epoch, previous.index))
         if ready is not None and ready[0] is segment:
-            self._pipes, self._skips = ready[1], ready[2]
+            self._pipes, self._skips = ready[1].result()
             return
+        if ready is not None:
+            ready[1].result()  # built for nothing (a jump): dropped
+        self._hold(self.epoch, segment.index)
         self._pipes, self._skips = self._build(segment)
 
     def _build(self, segment: Segment) -> tuple[list, list]:
         """`segment`'s pipelines, built over its cached tars and scheduled, and its skips (shards that could not be
-        fetched), counted when its first batch is read."""
-        self._hold(self.epoch, segment.index)
+        fetched), counted when its first batch is read. Held by the caller; runs on the segment-build thread for
+        the next segment (DALI's graph is built in Python: off the training thread, it overlaps decoding)."""
         skips: list[tuple] = []
         paths, indexes = self._inputs(segment, skips)
         b = self.builder
@@ -350,6 +355,16 @@ class SegmentedRun:
         if not os.path.exists(path):
             fmt.atomic_write(path, text)
         return path
+
+
+_BUILD_THREAD: list[ThreadPoolExecutor] = []
+
+
+def _builder_thread() -> ThreadPoolExecutor:
+    """The one thread of this process that builds next segments' pipelines ahead."""
+    if not _BUILD_THREAD:
+        _BUILD_THREAD.append(ThreadPoolExecutor(1, thread_name_prefix="segment-build"))
+    return _BUILD_THREAD[0]
 
 
 def _group(entries: list[tuple[int, int]]) -> list[tuple[int, list[int]]]:
