@@ -92,6 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--per-class", type=int, default=12, help="synthetic set: videos per class (4 classes)")
     p.add_argument("--per-shard", type=int, default=8, help="synthetic set: samples per shard")
     p.add_argument("--segment-shards", type=int, default=2)
+    p.add_argument("--prefetch-segments", type=int, default=1)
     p.add_argument("--out", default="bench/out/cpu/remote.json")
     p.add_argument("--child", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -111,10 +112,10 @@ def main(argv: list[str] | None = None) -> int:
         "machine": {"cpu": platform.processor() or platform.machine(), "cores": len(os.sched_getaffinity(0))},
         "set": {"dir": str(directory), "shards": len(manifest["shards"]), "samples": manifest["num_samples"]},
         "bytes_per_sample": round(per_sample),
-        "options": {**OPTIONS, **base, "segment_shards": args.segment_shards},
+        "options": {**OPTIONS, **base, "segment_shards": args.segment_shards, "prefetch": args.prefetch_segments},
         "runs": runs,
     }
-    seg = dict(segment_shards=args.segment_shards)
+    seg = dict(segment_shards=args.segment_shards, prefetch_segments=args.prefetch_segments)
     for name, options in (("local", {}), ("local-seg", dict(segmented=True, **seg))):
         spec = {"name": name, "shards": str(directory), "options": options, **base}
         runs.append({"name": name, **run_child(spec, os.environ.copy())})
@@ -133,7 +134,8 @@ def main(argv: list[str] | None = None) -> int:
             with Throttle(port, rate * 1e6 if rate else None) as proxy, tempfile.TemporaryDirectory() as cache:
                 env_run = {**os.environ, "AWS_ENDPOINT_URL": f"http://127.0.0.1:{proxy.port}"}
                 # a bound below the set (so later epochs download again), above what the readers pin at once
-                pinned = 3 * (args.segment_shards + 1) * largest + 2 * (set_bytes // len(manifest["shards"]))
+                pinned = (args.prefetch_segments + 1) * (args.segment_shards + 1) * largest
+                pinned += 2 * (set_bytes // len(manifest["shards"]))  # index files, manifest
                 options = dict(cache_dir=cache, cache_gb=max(pinned, 0.75 * set_bytes) / 2**30, **seg)
                 spec = {"name": name, "shards": "s3://bench/set", "options": options, **base}
                 result = run_child(spec, env_run)

@@ -231,8 +231,9 @@ class SegmentedRun:
         if ready is not None and ready[0] is segment:
             self._pipes, self._skips = ready[1].result()
             return
-        if ready is not None:
-            ready[1].result()  # built for nothing (a jump): dropped
+        if ready is not None:  # built for nothing (the loader jumped elsewhere): stopped
+            for pipe in ready[1].result()[0]:
+                pipe._shutdown()
         self._hold(self.epoch, segment.index)
         self._pipes, self._skips = self._build(segment)
 
