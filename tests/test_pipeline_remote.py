@@ -195,3 +195,29 @@ def test_http_faults_retried_and_an_unfetchable_shard_skipped_ranks_in_step(tmp_
         lines = [r.getMessage() for r in caplog.records if r.name == "pipeline.remote" and c in r.getMessage()]
         assert lines and all("\n" not in line and "skipped" in line for line in lines)
         assert server.gets[a] >= 3 and server.gets[b] >= 2
+
+
+def test_train_py_pretrains_from_an_s3_url(s3_set, shard_dirs, tmp_path):
+    """`data.train=s3://...` end to end: the config check reads the manifest by URL, the loader reads through the
+    cache set in `data.options`."""
+    from test_train_runs import metrics, run, train_cmd
+
+    upload(shard_dirs["train"], "s3://bkt/built")
+    cache = tmp_path / "cache"
+    out = tmp_path / "run"
+    run(
+        train_cmd(
+            "pretrain",
+            out,
+            "data.train=s3://bkt/built",
+            f"data.options={{cache_dir: {cache}, segment_shards: 1}}",
+            "data.batch_size=4",
+            "optim.max_steps=4",
+            "optim.warmup_steps=1",
+            "run.log_interval=2",
+            "run.ckpt_interval=0",
+        )
+    )
+    losses = [m["loss"] for m in metrics(out)]
+    assert len(losses) == 2 and all(x == x for x in losses)
+    assert list(cache.glob("*/*.tar")) and list(cache.glob("*/manifest.json"))
