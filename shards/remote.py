@@ -48,7 +48,9 @@ def filesystem(url: str) -> Any:
     try:
         import fsspec
 
-        return fsspec.filesystem(scheme)
+        # a new instance, not fsspec's cached one: endpoints and credentials are read from the environment when it
+        # is made, and the environment may have changed since (another endpoint: a stale client)
+        return fsspec.filesystem(scheme, skip_instance_cache=True)
     except ImportError as e:
         raise ImportError(
             f"{url}: reading {scheme}:// needs the cloud extra (pip install 'videomae-fast[cloud]': fsspec, s3fs, "
