@@ -75,6 +75,13 @@ class PipelineConfig:
     decode: str = "fixed"  # "auto": time candidate strategies (pipelines, decoder groups, CPU groups) on
     # the first batches at start and keep the fastest (outputs do not change)
     auto_batches: int = 3  # decode="auto": timed batches per candidate, after one untimed batch
+    # remote shard sets (s3://, gs://, https://; pipeline.remote): read through a node-local cache, in segments
+    cache_dir: str | None = None  # default: $VIDEOMAE_CACHE_DIR, else <tmp>/videomae-shard-cache
+    cache_gb: float = 64.0  # bound on the cache's bytes, shared by every rank of the node
+    segment_shards: int = 4  # shards' worth of samples per segment (one DALI reader each), per rank
+    prefetch_segments: int = 2  # segments fetched ahead of the one being read, per rank
+    fetch_workers: int = 4  # downloads in flight per rank
+    segmented: bool = False  # read a local set in segments too, as a remote one is (comparisons, benchmarks)
 
     def resolved(self) -> PipelineConfig:
         """A copy with every mode-dependent `None` replaced by the mode's default, validated."""
@@ -124,6 +131,11 @@ class PipelineConfig:
                 raise ValueError(f"eval_clips={self.eval_clips}, eval_crops={self.eval_crops}: both must be >= 1")
             if self.short_side < self.input_size:
                 raise ValueError(f"short_side={self.short_side} is smaller than input_size={self.input_size}")
+        if self.segment_shards < 1 or self.prefetch_segments < 0 or self.fetch_workers < 1 or self.cache_gb <= 0:
+            raise ValueError(
+                f"segment_shards={self.segment_shards}, prefetch_segments={self.prefetch_segments}, fetch_workers="
+                f"{self.fetch_workers}, cache_gb={self.cache_gb}: need >= 1, >= 0, >= 1, > 0"
+            )
         if not 0.0 <= self.erase_prob <= 1.0:
             raise ValueError(f"erase_prob={self.erase_prob}: must be in [0, 1]")
 

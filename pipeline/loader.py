@@ -42,10 +42,12 @@ from pipeline import graph
 from pipeline.config import PipelineConfig
 from pipeline.elastic import ConsumedIds, resumed_epoch
 from pipeline.handoff import GpuKeepAlive, eval_view_ids, select_samples, to_batch
-from pipeline.plan import EpochBuilder, EpochRun, merge_outputs
+from pipeline.plan import EpochRun, merge_outputs
 from pipeline.protocol import LoaderStats
 from pipeline.recovery import CorruptSamples, DecodeProbe, error_reason
-from pipeline.shardset import ShardSet, split_source
+from pipeline.remote import open_shards
+from pipeline.segments import SegmentedEpochBuilder, epoch_builder_class
+from pipeline.shardset import split_source
 from pipeline.strategy import choose_nvdec_input, choose_strategy
 
 log = logging.getLogger(__name__)
@@ -85,7 +87,7 @@ class VideoLoader:
         self._expected_samples: int | None = None
         self._consumed = ConsumedIds()  # training: this rank's consumed ids of the epoch (pipeline.selection)
 
-        self.shards = ShardSet(shards)
+        self.shards = open_shards(shards, self.cfg, self.stats)  # a URL: through the node's cache (pipeline.remote)
         self.shards.check_stride(self.cfg.stride)
         decoders = self.cfg.decodes_on(device)
         if "cpu" in decoders:
@@ -95,7 +97,7 @@ class VideoLoader:
         self.cut = True  # IVF members are cut at a key frame before decoding (see pipeline.strategy)
         if "mixed" in decoders and self.shards.layout.cuttable:
             self.cfg, self.cut = choose_nvdec_input(self.shards, self.cfg, self.device_id)
-        self._builder = EpochBuilder(
+        self._builder = epoch_builder_class(self.shards, self.cfg)(  # remote sets: in segments (pipeline.segments)
             shards=self.shards,
             batch_size=batch_size,
             device=device,
@@ -322,6 +324,15 @@ class VideoLoader:
                 self._corrupt.block(key, reason)
         epoch, position = int(state["epoch"]), int(state["position"])
         resumed = resumed_epoch(state, self.shards, self.seed, self.cfg.mode)  # None, or the rest of the epoch
+        if resumed is not None and isinstance(self._builder, SegmentedEpochBuilder):
+            # the rest of an epoch is made by filtering local index files by sample id (pipeline.elastic); segments
+            # of a remote set are planned from sample counts before their tars are fetched, so they restart it
+            log.warning(
+                "pipeline: a set read in segments resumes on another shape from the beginning of epoch %d (the "
+                "samples already consumed in it are read again)",
+                int(state["epoch"]),
+            )
+            resumed = None
         if resumed is not None:
             self._builder = dataclasses.replace(self._builder, resumed=resumed)
             self._expected_samples = state.get("num_samples")

@@ -97,7 +97,7 @@ class ShardSet:
     """Local tar shards with their index files, plus the loader's substitutions for corrupt samples."""
 
     def __init__(self, spec: str | os.PathLike | Sequence[str | os.PathLike]):
-        self.tars: list[str] = fmt.resolve_shards(spec)
+        self.tars: list[str] = self._resolve(spec)
         self.index_paths: list[str] = [fmt.index_path_for(t) for t in self.tars]
         self._index_cache: dict[str, tuple[str, list[IndexedSample]]] = {}
         self.blocked: dict[str, str] = {}  # "tar:member" -> reason
@@ -108,6 +108,10 @@ class ShardSet:
         self.video_exts = self.layout.video_exts  # the first names the sample (source, codec, blocking)
         # the members a decode reads: the videos and, in IVF layouts, their cuts table
         self.decode_exts = self.video_exts + ([fmt.CUTS_EXT] if self.layout.cuttable else [])
+
+    def _resolve(self, spec) -> list[str]:
+        """The local tar paths of `spec` (pipeline.remote.RemoteShardSet: where a remote set's tars are cached)."""
+        return fmt.resolve_shards(spec)
 
     def _check_sizes(self) -> None:
         """Refuse, in one line naming the shard, a tar shorter than its index says (DALI would read past its end:

@@ -3,6 +3,10 @@
     python -m shards.build --csv kinetics400/train.csv --root kinetics400/videos --split train --out shards/k400/train
     python -m shards.build --csv kinetics400/val.csv --root kinetics400/videos --split val --out shards/k400/val \
         --classes shards/k400/train/manifest.json
+    python -m shards.build ... --out s3://bucket/k400/train --staging /scratch/k400/train   # build, then publish
+
+An `--out` URL (s3://, gs://) builds into `--staging DIR` (a filesystem: the builder's locks and resume need one)
+and, once the build succeeded, publishes it there (`shards.publish`: verified, manifest last, resumable).
 
 Flow: read the inputs (shards.inputs) -> plan: sort by key, shuffle with --seed (shards.plan) -> a process pool
 (shards.pool, or Ray tasks, `--executor ray`: shards.executors) transcodes (shards.transcode) while a single writer
@@ -193,7 +197,11 @@ def _add_transcoding_args(p: argparse.ArgumentParser) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     configure_logging()
-    return run_build(parse_args(argv))
+    from shards.publish import publish_after_build, staged_argv
+
+    url, staging, argv = staged_argv(sys.argv[1:] if argv is None else list(argv))  # --out URL --staging DIR
+    status = run_build(parse_args(argv))
+    return publish_after_build(status, staging, url)
 
 
 if __name__ == "__main__":

@@ -233,14 +233,20 @@ def read_manifest(directory: str | os.PathLike) -> dict:
         manifest = read_json_object(path)
     except ValueError as e:
         raise ValueError(f"{e}; rebuild it with `python -m shards.build`") from None
+    return validate_manifest(manifest, path)
+
+
+def validate_manifest(manifest: dict, where: str | os.PathLike) -> dict:
+    """`manifest` itself when it holds what every reader needs, else a one-line ValueError naming `where` (its file
+    or URL) and the problem (another format, a missing key)."""
     if manifest.get("format") not in READABLE_FORMATS:
         raise ValueError(
-            f"{path}: format {manifest.get('format')!r}, expected one of {READABLE_FORMATS} (rebuild "
+            f"{where}: format {manifest.get('format')!r}, expected one of {READABLE_FORMATS} (rebuild "
             f"it with `python -m shards.build`)"
         )
     problem = _manifest_problem(manifest)
     if problem:
-        raise ValueError(f"{path}: {problem} (damaged or hand-edited; rebuild it with `python -m shards.build`)")
+        raise ValueError(f"{where}: {problem} (damaged or hand-edited; rebuild it with `python -m shards.build`)")
     return manifest
 
 
@@ -302,7 +308,7 @@ def resolve_shards(spec: str | os.PathLike | Sequence[str | os.PathLike]) -> lis
         raise FileNotFoundError(f"{spec}: no shards")
     for tar in out:
         if "://" in tar:
-            raise ValueError(f"{tar}: remote URLs are not read directly; copy or mount the shards locally (see README)")
+            raise ValueError(f"{tar}: a URL is read by the loader through its cache (pipeline.remote), not as a path")
         if not os.path.isfile(tar):
             raise FileNotFoundError(f"{tar}: shard not found")
         if not os.path.isfile(index_path_for(tar)):

@@ -493,14 +493,39 @@ def _check_ivf_decoding(tars: list[str], layout: fmt.Layout, expected, mismatch)
     return problems
 
 
+def verify_url(url: str, download_dir: str | None = None, decode: bool = True) -> list[str]:
+    """`verify` on the shard set at `url` (see `shards.remote`), downloaded into `download_dir` (default: a temporary
+    directory, removed after). A download that fails or differs from the manifest is one problem line."""
+    from shards.fetch import FetchError
+    from shards.remote import download_set, open_remote_set
+
+    with tempfile.TemporaryDirectory(prefix="videomae-verify-") as tmp:
+        try:
+            directory = download_set(open_remote_set(url), download_dir or tmp)
+        except (FetchError, ValueError) as e:
+            return [str(e)]
+        log.info(f"verify: {url} downloaded into {directory}")
+        return verify(directory, decode=decode)
+
+
 def main(argv: list[str] | None = None) -> int:
     configure_logging()
     p = argparse.ArgumentParser(prog="python -m shards.verify", description=__doc__.split("\n\n")[0])
-    p.add_argument("directory", help="a shard directory (holding manifest.json)")
+    p.add_argument(
+        "directory",
+        help="a shard directory (holding manifest.json), or its URL (s3://, gs://, https://: downloaded first, each "
+        "object checked against the manifest)",
+    )
+    p.add_argument("--download-dir", help="with a URL: download into this directory (default: a temporary one)")
     p.add_argument("--no-decode", action="store_true", help="skip decoding (structure and checksums only)")
     p.add_argument("--no-sha", action="store_true", help="skip the sha256 of each shard (sizes still checked)")
     args = p.parse_args(argv)
-    problems = verify(args.directory, decode=not args.no_decode, check_sha=not args.no_sha)
+    from shards.remote import is_url
+
+    if is_url(args.directory):
+        problems = verify_url(args.directory, args.download_dir, decode=not args.no_decode)
+    else:
+        problems = verify(args.directory, decode=not args.no_decode, check_sha=not args.no_sha)
     for problem in problems:
         log.error(f"problem: {problem}")
     return 1 if problems else 0

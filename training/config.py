@@ -364,14 +364,18 @@ def _data_facts(cfg: Config, mode: str) -> DataFacts:
         if not split:
             raise ConfigError(f"{mode} needs {split_key} (a shard directory)")
         from shards import format as shard_format
+        from shards.remote import is_url, open_remote_set
 
         try:
-            shard_format.resolve_shards(split)
-            if os.path.isdir(split):
-                manifest = shard_format.read_manifest(split)
-            from pipeline.shardset import ShardSet
+            if is_url(split):  # s3://, gs://, https://: its manifest now; the loader reads it through its cache
+                manifest = open_remote_set(split).manifest
+            else:
+                shard_format.resolve_shards(split)
+                if os.path.isdir(split):
+                    manifest = shard_format.read_manifest(split)
+                from pipeline.shardset import ShardSet
 
-            ShardSet(split).check_stride(d.stride)
+                ShardSet(split).check_stride(d.stride)
         except (OSError, ValueError) as e:
             raise ConfigError(f"{split_key}: {str(e).splitlines()[0]}") from e
         from pipeline import PipelineConfig
