@@ -18,6 +18,8 @@ from collections.abc import Callable
 import numpy as np
 
 from pipeline import graph
+from pipeline.ivfcheck import REASON as ivfcheck_reason
+from pipeline.ivfcheck import checked_header
 from pipeline.protocol import LoaderStats
 from pipeline.shardset import ShardSet, split_source
 from shards import format as fmt
@@ -27,7 +29,9 @@ _SOURCE_RE = re.compile(r'"([^"\n]+?\.tar:\d+:[^"\n]+)"')
 
 
 def error_reason(error: Exception) -> str:
-    """The most specific line of a DALI error message."""
+    """The most specific line of a DALI error message (for `pipeline.ivfcheck`'s deliberate failure: its reason)."""
+    if f"in {checked_header.__name__}" in str(error):  # DALI quotes the graph-building frames of the failing operator
+        return ivfcheck_reason
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
     for line in lines:
         if line.startswith(("Assert on", "Error", "[/")) and "failed:" in line:
