@@ -32,6 +32,7 @@ from training.build import build_ema, build_loader, build_mixup, make_model
 from training.checkpointing import capture_rng_state, restore_rng_state
 from training.config import Config, DataFacts, model_kind_for
 from training.distributed import Dist, all_reduce, gather
+from training.finite import first_nonfinite
 from training.loss import StepLoss
 from training.metrics import MetricsLog, Window, peak_flops, skipped_samples
 from training.optim import build_optimization
@@ -193,7 +194,15 @@ class Trainer:
             self.mixup.rng.bit_generator.state = ckpt["rng"][self.dist.rank]["mixup"]
 
     def save(self) -> Path | None:
-        """A checkpoint of this step (every rank takes part; rank 0 writes). Its path on rank 0, None elsewhere."""
+        """A checkpoint of this step (every rank takes part; rank 0 writes). Its path on rank 0, None elsewhere.
+        Never of non-finite weights: NonFiniteLoss, or (run.skip_nonfinite) no checkpoint and a warning."""
+        bad = first_nonfinite({"model": self.model, "model_ema": self.ema.module if self.ema else None})
+        if bad is not None:  # DDP keeps the ranks' weights equal: every rank decides alike
+            if not self.cfg.run.skip_nonfinite:
+                raise NonFiniteLoss(f"the weights are not finite at step {self.step} ({bad}); stopped without saving")
+            if self.dist.is_main:
+                log.warning("step %d: the weights are not finite (%s); checkpoint not saved", self.step, bad)
+            return None
         state = self.state_dict()
         if not self.dist.is_main:
             return None
@@ -257,10 +266,15 @@ class Trainer:
                     "step %d: non-finite loss or gradient, step skipped (%d so far)", self.step, self.skipped_steps
                 )
         else:
-            if self.scaler is not None:
-                self.scaler.step(self.optimizer)
-            elif self.graphed is None:
-                self.optimizer.step()
+            try:
+                if self.scaler is not None:
+                    self.scaler.step(self.optimizer)
+                elif self.graphed is None:
+                    self.optimizer.step()
+            except RuntimeError as e:  # AdamW's step size (lr / bias correction) beyond the weights' dtype
+                if "overflow" not in str(e):
+                    raise
+                raise NonFiniteLoss(f"the update of step {self.step} overflows (lr {self.lr:g}); stopped") from None
             if self.ema is not None:
                 self.ema.update(self.model, step=self.step)
             self.first_bad_step = torch.where(
@@ -346,12 +360,12 @@ class Trainer:
                     break
                 if cfg.run.ckpt_interval and self.step % cfg.run.ckpt_interval == 0 and self.step < self.stop_at:
                     self._checkpoint()
+            path = self.save() if cfg.run.ckpt_final or stopped_by else None
         except NonFiniteLoss as e:
             if dist.is_main:  # every rank raised the same (all-reduced) step: one line, not one per rank
                 log.error("error: %s", e)
             self.metrics.close()
             return 3
-        path = self.save() if cfg.run.ckpt_final or stopped_by else None
         self.metrics.close()
         outcome = f"stopped by {stopped_by}" if stopped_by else "finished"
         log.info(
