@@ -11,6 +11,7 @@ sample's rows (eval, where the neighbour's video is read under the corrupt sampl
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import shutil
 import tempfile
@@ -22,6 +23,8 @@ import numpy as np
 
 from shards import format as fmt
 from shards import ivf
+
+log = logging.getLogger(__name__)
 
 _FOURCC_CODECS = {
     b"avc1": "h264",
@@ -97,9 +100,9 @@ class ShardSet:
     """Local tar shards with their index files, plus the loader's substitutions for corrupt samples."""
 
     def __init__(self, spec: str | os.PathLike | Sequence[str | os.PathLike]):
-        self.tars: list[str] = fmt.resolve_shards(spec)
-        self.index_paths: list[str] = [fmt.index_path_for(t) for t in self.tars]
         self._index_cache: dict[str, tuple[str, list[IndexedSample]]] = {}
+        self.tars: list[str] = self._without_empty(fmt.resolve_shards(spec))
+        self.index_paths: list[str] = [fmt.index_path_for(t) for t in self.tars]
         self.blocked: dict[str, str] = {}  # "tar:member" -> reason
         self._patch_dir: str | None = None
         self._check_sizes()
@@ -108,6 +111,17 @@ class ShardSet:
         self.video_exts = self.layout.video_exts  # the first names the sample (source, codec, blocking)
         # the members a decode reads: the videos and, in IVF layouts, their cuts table
         self.decode_exts = self.video_exts + ([fmt.CUTS_EXT] if self.layout.cuttable else [])
+
+    def _without_empty(self, tars: list[str]) -> list[str]:
+        """`tars` less those whose index lists no sample (DALI cannot even map an empty tar: a long traceback), with
+        one warning line; ValueError (one line) when that leaves none."""
+        empty = [tar for tar in tars if not self.index(tar)[1]]
+        if empty and len(empty) == len(tars):
+            others = f" (and so do the {len(empty) - 1} other shards)" if len(empty) > 1 else ""
+            raise ValueError(f"{empty[0]}: its index {fmt.index_path_for(empty[0])} lists no samples{others}")
+        if empty:
+            log.warning("pipeline: skipping %d shard(s) whose index lists no samples: %s", len(empty), ", ".join(empty))
+        return [tar for tar in tars if tar not in empty]
 
     def _check_sizes(self) -> None:
         """Refuse, in one line naming the shard, a tar shorter than its index says (DALI would read past its end:
