@@ -42,7 +42,7 @@ from pipeline.config import PipelineConfig
 from pipeline.handoff import GpuKeepAlive, eval_view_ids, select_samples, to_batch
 from pipeline.plan import EpochBuilder, EpochRun, merge_outputs
 from pipeline.protocol import LoaderStats
-from pipeline.recovery import CorruptSamples, DecodeProbe, error_reason
+from pipeline.recovery import CorruptSamples, DecodeProbe, error_reason, report_incomplete
 from pipeline.shardset import ShardSet, split_source
 from pipeline.strategy import choose_nvdec_input, choose_strategy
 
@@ -112,6 +112,7 @@ class VideoLoader:
             self.epoch, position = self._restore(state)
         for key, reason in self.shards.structural_problems().items():
             self._corrupt.block(key, reason)
+        report_incomplete(self.shards, self.cfg.mode, self.stats, rank)
         self.num_samples = -1
         self.decode_table: list[dict] = []  # decode="auto": what was timed (strategy, clips/s or error)
         if self.cfg.decode == "auto":

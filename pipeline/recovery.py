@@ -139,3 +139,15 @@ class CorruptSamples:
             if not self.probe(tar, member, frames):
                 failing.append(source)
         return failing
+
+
+def report_incomplete(shards: ShardSet, mode: str, stats: LoaderStats, rank: int) -> None:
+    """Count the samples that lack a member the graph reads (DALI's reader leaves them out without a word) in
+    `stats.incomplete_samples`, and say so in one warning line (rank 0: every rank sees the same shards)."""
+    incomplete = shards.incomplete_samples(shards.video_exts[:1] if mode == "eval" else shards.video_exts)
+    stats.incomplete_samples = len(incomplete)
+    if incomplete and rank == 0:
+        first, what = next(iter(incomplete.items()))
+        log.warning(
+            "pipeline: %d sample(s) lack a member and are left out (first: %s: %s)", len(incomplete), first, what
+        )

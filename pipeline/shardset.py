@@ -257,6 +257,20 @@ class ShardSet:
                     problems[f"{tar}:{video[2]}"] = f"cuts table of {cuts[1]} bytes, not whole rows"
         return problems
 
+    def incomplete_samples(self, video_exts: list[str]) -> dict[str, str]:
+        """Samples lacking a member the graph reads (`video_exts`, the cuts table in IVF layouts, the info member),
+        which DALI's reader leaves out of every epoch (missing_component_behavior="skip"): "tar:key" -> what is
+        missing."""
+        needed = [*video_exts, *([fmt.CUTS_EXT] if self.layout.cuttable else []), fmt.INFO_EXT]
+        found = {}
+        for tar in self.tars:
+            for sample in self.index(tar)[1]:
+                missing = [ext for ext in needed if ext not in sample.components]
+                if missing:
+                    key = sample.key
+                    found[f"{tar}:{key}"] = "no " + ", ".join(f"{key}.{ext}" for ext in missing)
+        return found
+
     # -- epoch order -------------------------------------------------------------------------------------------
     def epoch_order(self, seed: int, epoch: int, shuffle: bool) -> list[int]:
         """Tar order for an epoch: a permutation shared by every rank (same seed), or the given order."""

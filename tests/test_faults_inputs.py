@@ -49,3 +49,23 @@ def test_an_empty_shard_among_others_is_skipped_with_one_warning(tmp_path, caplo
     (line,) = [r.getMessage() for r in caplog.records if "lists no samples" in r.getMessage()]
     assert str(empty) in line
     shutil.rmtree(tmp_path / "set")
+
+
+def test_a_sample_without_its_video_member_is_counted_and_warned_once(tmp_path, caplog):
+    shards = ps.make_test_shards(tmp_path / "set", [20] * 8)
+    index = fmt.index_path_for(shards.tars[0])
+    samples = fmt.read_index(index)
+    samples[2] = [e for e in samples[2] if e.ext != fmt.IVF_EXT]  # vid0002 without its video (as if never written)
+    with open(index, "w") as f:
+        f.write(fmt.index_text(samples))
+    for mode in ("pretrain", "eval"):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="pipeline"):
+            loader = build_loader(shards.directory, mode, 2, **SMALL)
+            ids = {i for b in loader for i in b["sample_id"].tolist()}
+        assert 2 not in ids and loader.stats.incomplete_samples == 1
+        (line,) = [r.getMessage() for r in caplog.records if "lack a member" in r.getMessage()]
+        assert (
+            line
+            == f"pipeline: 1 sample(s) lack a member and are left out (first: {shards.tars[0]}:vid0002: no vid0002.ivf)"
+        )
