@@ -32,7 +32,7 @@ from training.build import build_ema, build_loader, build_mixup, make_model
 from training.checkpointing import capture_rng_state, restore_rng_state
 from training.config import Config, DataFacts, model_kind_for
 from training.distributed import Dist, all_reduce, gather
-from training.finite import first_nonfinite
+from training.finite import NonFiniteLoss, optimizer_step, weights_may_be_saved
 from training.loss import StepLoss
 from training.metrics import MetricsLog, Window, peak_flops, skipped_samples
 from training.optim import build_optimization
@@ -59,10 +59,6 @@ class StopRequest:
 
     def _handle(self, signum, frame) -> None:
         self.signal = signal.Signals(signum).name
-
-
-class NonFiniteLoss(RuntimeError):
-    """A non-finite loss ends the run (exit status 3) without saving the spoiled weights."""
 
 
 class Trainer:
@@ -196,12 +192,7 @@ class Trainer:
     def save(self) -> Path | None:
         """A checkpoint of this step (every rank takes part; rank 0 writes). Its path on rank 0, None elsewhere.
         Never of non-finite weights: NonFiniteLoss, or (run.skip_nonfinite) no checkpoint and a warning."""
-        bad = first_nonfinite({"model": self.model, "model_ema": self.ema.module if self.ema else None})
-        if bad is not None:  # DDP keeps the ranks' weights equal: every rank decides alike
-            if not self.cfg.run.skip_nonfinite:
-                raise NonFiniteLoss(f"the weights are not finite at step {self.step} ({bad}); stopped without saving")
-            if self.dist.is_main:
-                log.warning("step %d: the weights are not finite (%s); checkpoint not saved", self.step, bad)
+        if not weights_may_be_saved(self.model, self.ema, self.step, self.cfg.run.skip_nonfinite, self.dist.is_main):
             return None
         state = self.state_dict()
         if not self.dist.is_main:
@@ -266,15 +257,8 @@ class Trainer:
                     "step %d: non-finite loss or gradient, step skipped (%d so far)", self.step, self.skipped_steps
                 )
         else:
-            try:
-                if self.scaler is not None:
-                    self.scaler.step(self.optimizer)
-                elif self.graphed is None:
-                    self.optimizer.step()
-            except RuntimeError as e:  # AdamW's step size (lr / bias correction) beyond the weights' dtype
-                if "overflow" not in str(e):
-                    raise
-                raise NonFiniteLoss(f"the update of step {self.step} overflows (lr {self.lr:g}); stopped") from None
+            if self.scaler is not None or self.graphed is None:
+                optimizer_step(self.optimizer, self.scaler, self.step, self.lr)
             if self.ema is not None:
                 self.ema.update(self.model, step=self.step)
             self.first_bad_step = torch.where(
