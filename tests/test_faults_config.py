@@ -53,3 +53,30 @@ def test_train_py_says_it_in_one_line(bad_label_shards, tmp_path):
     assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "vid0005.info holds label 77" in lines[0], proc.stderr
+
+
+@pytest.mark.parametrize(
+    "override,said",
+    [
+        ("model.overrides={depth: -1}", "model: VideoMAEConfig: depth -1 is not a whole number >= 1"),
+        ("model.overrides={num_heads: 0}", "model: VideoMAEConfig: num_heads 0 is not a whole number >= 1"),
+        ("model.overrides={mlp_ratio: .nan}", "model: VideoMAEConfig: mlp_ratio nan is not a finite number > 0"),
+        ("run.seed=-1", "run.seed must be a whole number in [0, 2^32 - 1], got -1"),
+        ("run.seed=99999999999999999999999", "run.seed must be a whole number in [0, 2^32 - 1], got 9999"),
+        ("model.pretrained=/nonexistent", "model.pretrained=/nonexistent: pretraining does not read it"),
+    ],
+)
+def test_config_values_are_refused_in_one_line_naming_the_key(override, said, tmp_path):
+    synthetic = ["data.source=synthetic", "data.synthetic_samples=8", f"run.out_dir={tmp_path}"]
+    with pytest.raises(ConfigError) as error:
+        _check("pretrain", *synthetic, override)
+    assert str(error.value).startswith(said) and "\n" not in str(error.value)
+
+
+def test_train_py_refuses_a_negative_depth_before_training(tmp_path):
+    cmd = train_cmd("pretrain", tmp_path, "data.source=synthetic", "model.overrides={depth: -1}")
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
+        "config error: model: VideoMAEConfig: depth -1 is not a whole number >= 1"
+    ], proc.stderr
+    assert not (tmp_path / "metrics.jsonl").exists()

@@ -260,6 +260,13 @@ def check_config(cfg: Config, mode: str) -> DataFacts:
 def _check_values(cfg: Config, mode: str) -> None:
     """Choices, counts and finite numbers in range."""
     d, m, o, r = cfg.data, cfg.model, cfg.optim, cfg.run
+    if isinstance(r.seed, bool) or not isinstance(r.seed, int) or not 0 <= r.seed < 2**32:
+        raise ConfigError(f"run.seed must be a whole number in [0, 2^32 - 1], got {r.seed!r}")
+    if mode == "pretrain" and m.pretrained:  # pretraining starts from random weights: it would be ignored
+        raise ConfigError(
+            f"model.pretrained={m.pretrained}: pretraining does not read it (it starts from random weights; "
+            "--resume continues a run); remove it"
+        )
     choices = {
         "data.source": (d.source, ("shards", "synthetic")),
         "data.device": (d.device, ("auto", "gpu", "cpu")),
