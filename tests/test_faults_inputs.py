@@ -69,3 +69,14 @@ def test_a_sample_without_its_video_member_is_counted_and_warned_once(tmp_path, 
             line
             == f"pipeline: 1 sample(s) lack a member and are left out (first: {shards.tars[0]}:vid0002: no vid0002.ivf)"
         )
+
+
+def test_preview_of_data_smaller_than_one_batch_is_one_line(tmp_path, capsys):
+    from pipeline.preview import main as preview_main
+
+    shards = ps.make_test_shards(tmp_path / "two", [20] * 2)
+    args = ["--shards", shards.directory, "--batch-size", "4", "--num-frames", "4", "--input-size", "48"]
+    assert preview_main([*args, "--out", str(tmp_path / "p.png")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == f"preview: {shards.directory}: 2 samples, fewer than one batch of 4; pass a smaller --batch-size"
+    assert not (tmp_path / "p.png").exists()
