@@ -463,7 +463,8 @@ def _transcode(source: str, settings: EncodeSettings, workdir: str | None, start
             ours = own_failure(_error_lines(log), proc.returncode, os.path.dirname(tmp))
             if ours is not None:
                 raise ours
-            return failed(describe_ffmpeg_error(_error_lines(log), proc.returncode))
+            short = _too_short_for_phases(source, settings, log)
+            return failed(short or describe_ffmpeg_error(_error_lines(log), proc.returncode))
         videos = []
         for path in outputs:
             with open(path, "rb") as f:
@@ -499,6 +500,22 @@ def _transcode(source: str, settings: EncodeSettings, workdir: str | None, start
     if info.num_frames < settings.min_frames:
         return failed(f"too few frames: {info.num_frames} < --min-frames {settings.min_frames}")
     return TranscodeResult(source, True, videos=videos, info=info, cuts=cuts, seconds=time.perf_counter() - started)
+
+
+def _too_short_for_phases(source: str, settings: EncodeSettings, log: str) -> str | None:
+    """The reason for a phase split whose encoder never opened because a phase got no frame (a video of fewer
+    frames than --phases): the frame count, as the --min-frames check words it. None for any other failure."""
+    if settings.phases == 1 or "Could not open encoder before EOF" not in log:
+        return None
+    try:
+        frames = count_decoded_frames(source, timeout=settings.timeout)
+    except (RuntimeError, subprocess.TimeoutExpired):
+        return None
+    if frames < settings.min_frames:
+        return f"too few frames: {frames} < --min-frames {settings.min_frames}"
+    if frames < settings.phases:
+        return f"too few frames: {frames} < --phases {settings.phases} (each phase member needs one)"
+    return None
 
 
 def _ivf_problem(streams: list[ivf.IvfStream]) -> str | None:

@@ -30,3 +30,16 @@ def test_bad_build_settings_are_refused_before_transcoding(synth_root, tmp_path,
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert said in lines[-1] and len([line for line in lines if "error:" in line]) == 1, proc.stderr
     assert not out.exists() or not any(out.iterdir())  # nothing transcoded, nothing recorded
+
+
+def test_a_video_shorter_than_its_phases_says_so(tmp_path):
+    import pipeline_shards as ps
+
+    from shards.transcode import EncodeSettings, transcode
+
+    source = tmp_path / "three.mp4"
+    source.write_bytes(ps.encode(ps.synthetic_frames(3, 64, 96, 0), codec="h264"))
+    expected = {1: "too few frames: 3 < --phases 4 (each phase member needs one)", 16: "< --min-frames 16"}
+    for min_frames, said in expected.items():
+        result = transcode(str(source), EncodeSettings(short_side=64, phases=4, min_frames=min_frames), str(tmp_path))
+        assert not result.ok and said in result.reason, result.reason
