@@ -97,3 +97,23 @@ def test_the_probe_applies_the_same_check_cut_or_whole(good, cut):
     probe.build()
     with pytest.raises(RuntimeError, match="checked_header"):
         probe.run(video=[np.frombuffer(damaged, dtype=np.uint8)], **inputs)
+
+
+def test_each_phase_member_is_checked_against_its_own_rows(tmp_path, caplog):
+    # 4 stride phases: every member of sample 2 has random frame headers, only phase 2 of sample 5 has; eval decodes
+    # phase 0 only, so sample 5 is delivered there, while training (clips of any phase) never delivers sample 2
+    videos = ps.make_test_shards(tmp_path / "good", [40] * 8, phases=4).videos
+    rng = np.random.default_rng(3)
+    videos[BAD].phase_mp4s = [_corrupt(m, "header_kept", rng) for m in videos[BAD].phase_mp4s]
+    videos[BAD].mp4 = videos[BAD].phase_mp4s[0]
+    videos[5].phase_mp4s[2] = _corrupt(videos[5].phase_mp4s[2], "header_kept", rng)
+    shards = ps.write_shards(tmp_path / "bad", videos, per_shard=4)
+    with caplog.at_level(logging.WARNING, logger="pipeline"):
+        evaluator = build_loader(shards.directory, "eval", 2, **SMALL)
+        ids = [i for b in evaluator for i in _sample_ids(b, evaluator.cfg.views_per_sample)]
+    assert sorted(ids) == [i for i in range(8) if i != BAD] and evaluator.stats.corrupt_samples == 1
+    trainer = build_loader(shards.directory, "pretrain", 2, **SMALL)
+    for _ in range(2):
+        ids = [i for b in trainer for i in _sample_ids(b, 1)]
+        assert len(ids) == 8 and BAD not in ids
+    assert all(REASON in line for line in trainer.stats.corrupt)
