@@ -223,23 +223,20 @@ def patch_shard_ids(tar_path: Path, old_first: int, new_first: int) -> str:
     untouched tar and saved whole (temp then rename) in `journal_path(tar_path)` before the first write into the tar;
     the journal goes once the tar and its index are written. A merge killed at any instant leaves either no journal
     (the tar untouched, or finished with its index) or a whole one, which the re-run replays as is, so a member whose
-    header was rewritten before its data is never read back. Idempotent: a member already holding its new id is
-    rewritten to the same bytes. ValueError (naming the tar and member) for a member that holds neither id."""
+    header was rewritten before its data is never read back (a journal whose tar was rebuilt since is planned
+    again). Idempotent: a member already holding its new id is rewritten to the same bytes. ValueError (naming the
+    tar and member) for a member that holds neither id."""
     journal = journal_path(tar_path)
     planned = {"tar": tar_path.name, "old_first": old_first, "new_first": new_first}
-    if journal.is_file():
-        try:
-            entry = json.loads(journal.read_text())
-            writes = [(int(at), bytes.fromhex(data)) for at, data in entry["writes"]]
-            members = [(str(name), int(offset), int(size)) for name, offset, size in entry["members"]]
-            if {k: entry[k] for k in planned} != planned:
-                raise ValueError("another merge's")
-        except (ValueError, KeyError, TypeError) as e:
-            raise ValueError(f"{journal}: unreadable merge journal ({e})") from None
+    journaled = _journaled(journal, planned, tar_path)
+    if journaled is not None:
+        writes, members = journaled
     else:
         writes, members = _plan_renumbering(tar_path, old_first, new_first)
         journal.parent.mkdir(parents=True, exist_ok=True)
-        record = {**planned, "writes": [[at, data.hex()] for at, data in writes], "members": members}
+        with open(tar_path, "rb") as f:  # each region's bytes before: a replay checks the tar is still this one
+            before = [os.pread(f.fileno(), len(data), at).hex() for at, data in writes]
+        record = {**planned, "writes": [[at, data.hex()] for at, data in writes], "before": before, "members": members}
         fmt.atomic_write(journal, json.dumps(record))
         _wrote()
     fd = os.open(tar_path, os.O_RDWR | os.O_CLOEXEC)
@@ -255,6 +252,28 @@ def patch_shard_ids(tar_path: Path, old_first: int, new_first: int) -> str:
     journal.unlink()
     _wrote()
     return sha256_file(tar_path)
+
+
+def _journaled(journal: Path, planned: dict, tar_path: Path) -> tuple[list, list] | None:
+    """The (writes, members) of `journal` when a merge was killed while applying it: every region of the tar then
+    holds its bytes from before or after. None when there is no journal, or a stale one (the part was rebuilt since:
+    a region holds other bytes), which is then planned again. ValueError for a journal that cannot be read."""
+    if not journal.is_file():
+        return None
+    try:
+        entry = json.loads(journal.read_text())
+        writes = [(int(at), bytes.fromhex(data)) for at, data in entry["writes"]]
+        before = [bytes.fromhex(data) for data in entry["before"]]
+        members = [(str(name), int(offset), int(size)) for name, offset, size in entry["members"]]
+        if {k: entry[k] for k in planned} != planned or len(before) != len(writes):
+            raise ValueError("another merge's")
+    except (ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"{journal}: unreadable merge journal ({e}); delete it and re-run the merge") from None
+    with open(tar_path, "rb") as f:
+        if any(os.pread(f.fileno(), len(data), at) not in (data, old) for (at, data), old in zip(writes, before)):
+            log.warning(f"shards.merge: {journal}: {tar_path.name} changed since it was written; planned again")
+            return None
+    return writes, members
 
 
 def _plan_renumbering(

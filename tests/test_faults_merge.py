@@ -61,3 +61,23 @@ def test_a_merge_killed_twice_in_a_row_still_finishes(unmerged, merged, tmp_path
         assert _merge(out, kill_after).returncode == -signal.SIGKILL
     assert _merge(out).returncode == 0
     assert build_files(out) == build_files(merged[0])
+
+
+def test_a_journal_left_for_a_tar_rebuilt_since_is_planned_again(tmp_path, caplog):
+    from test_shards_parts import _fake_shard
+
+    from shards.merge import journal_path, patch_shard_ids
+
+    tar = _fake_shard(tmp_path, [10, 11], ["/videos/a.mp4", "/videos/b.mp4"])
+    code = f"import pathlib, shards.merge as m; m.patch_shard_ids(pathlib.Path({str(tar)!r}), 10, 8)"
+    env = module_env() | {KILL_AFTER_ENV: "1"}  # killed right after writing its journal
+    assert subprocess.run([sys.executable, "-c", code], env=env).returncode == -signal.SIGKILL
+    assert journal_path(tar).is_file()
+    # the part is rebuilt (other sources: other json members) before the merge is re-run
+    fresh = tmp_path / "fresh"
+    fresh.mkdir()
+    for directory in (tmp_path, fresh):
+        _fake_shard(directory, [10, 11], ["/videos/other-a.mp4", "/videos/longer-name-b.mp4"])
+    expected = patch_shard_ids(fresh / tar.name, 10, 8)
+    assert patch_shard_ids(tar, 10, 8) == expected and not journal_path(tar).exists()
+    assert "changed since it was written; planned again" in caplog.text
