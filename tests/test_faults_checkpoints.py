@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import os
 import resource
+import shutil
 import signal
 import subprocess
 
+import pytest
 import torch
 from test_train_runs import ROOT, SYNTHETIC, train_cmd
 
@@ -66,3 +68,35 @@ def test_a_killed_saves_temp_file_is_removed_by_the_next_save(tmp_path):
     save_checkpoint(model_payload("pretrain", VideoMAEConfig(), model), tmp_path, step=4)
     assert not stale.exists() and live.exists()
     assert [p.name for p in list_checkpoints(tmp_path)] == ["checkpoint-00000004.pt"]
+
+
+def _mount_tmpfs(path, size: int) -> bool:
+    """A tmpfs of `size` bytes at `path` (a real full disk: ENOSPC); False where this process may not mount."""
+    if os.geteuid() != 0 or not shutil.which("mount"):
+        return False
+    path.mkdir()
+    return subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)]).returncode == 0
+
+
+def test_a_full_disk_during_a_save_is_one_line_and_the_previous_checkpoint_stays(tmp_path):
+    cmd = train_cmd("pretrain", tmp_path / "run", *RUN, "run.stop_after_steps=2")
+    first = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    assert first.returncode == 0, first.stderr
+    (previous,) = list_checkpoints(tmp_path / "run")
+    disk = tmp_path / "disk"
+    if not _mount_tmpfs(disk, previous.stat().st_size * 3 // 2 + 65536):  # room for one checkpoint, not two
+        pytest.skip("needs root to mount a small tmpfs (the RLIMIT_FSIZE test covers the same path)")
+    try:
+        shutil.copytree(tmp_path / "run", disk / "run")
+        before = (disk / "run" / previous.name).read_bytes()
+        proc = subprocess.run(
+            train_cmd("pretrain", disk / "run", *RUN, resume="auto"), capture_output=True, text=True, cwd=ROOT
+        )
+        assert proc.returncode == 75, proc.stderr
+        lines = proc.stderr.strip().splitlines()
+        assert len(lines) == 1 and "checkpoint-00000004.pt: cannot be written (No space left on device)" in lines[0]
+        assert [p.name for p in list_checkpoints(disk / "run")] == [previous.name]
+        assert (disk / "run" / previous.name).read_bytes() == before
+        assert not [p for p in (disk / "run").iterdir() if ".tmp-" in p.name]
+    finally:
+        subprocess.run(["umount", str(disk)])
