@@ -20,6 +20,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from model.checkpoint import CheckpointWriteError
 from pipeline.config import MODES
 from shards.logs import configure_logging
 from training.checkpointing import load_resume
@@ -27,6 +28,8 @@ from training.config import ConfigError, check_config, check_resume_arg, load_co
 from training.distributed import setup, teardown
 from training.evaluate import evaluate
 from training.trainer import StopRequest, Trainer
+
+EXIT_WRITE_FAILED = 75  # sysexits' EX_TEMPFAIL, as shards.build: fix the cause, re-run the same command
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -39,7 +42,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Exit status: 0 done (or stopped by a signal, with a checkpoint), 2 configuration error, 3 non-finite loss."""
+    """Exit status: 0 done (or stopped by a signal, with a checkpoint), 2 configuration error, 3 non-finite loss,
+    75 a checkpoint the disk refused (the earlier ones intact: re-run with --resume auto)."""
     args = parse_args(argv)
     configure_logging()  # rank 0 (from $RANK) logs from INFO up on stdout, the other ranks warnings only
     try:
@@ -55,6 +59,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:  # every rank fails alike; the CLI's one line on stderr, whatever the logging set-up
         print(f"config error: {e}", file=sys.stderr, flush=True)
         return 2
+    except CheckpointWriteError as e:  # a full disk: the checkpoints already written are intact
+        print(f"error: {e}; free space and re-run with --resume auto", file=sys.stderr, flush=True)
+        return EXIT_WRITE_FAILED
     finally:
         teardown()
 

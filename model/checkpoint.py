@@ -13,7 +13,9 @@ Training adds the run's state to the same dict (step, optimizer, schedule, RNG a
 weights_only=True)` reads the whole file.
 
 Files are `checkpoint-{step:08d}.pt` in the run directory. A save writes `*.pt.tmp-{pid}` first, then renames it
-(`os.replace` is atomic on POSIX filesystems), so a crash never leaves a half-written file under a real name.
+(`os.replace` is atomic on POSIX filesystems), so a crash never leaves a half-written file under a real name; the
+temp file of a killed save is removed by the next save in that directory once its PID is gone. A save the disk
+refuses (full, quota) is a one-line `CheckpointWriteError`, and the previous checkpoints stay as they were.
 """
 
 from __future__ import annotations
@@ -75,27 +77,88 @@ def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
     return found[-1] if found else None
 
 
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written (a full disk, a quota, a file-size limit): its message is one line naming
+    the file and the cause. Nothing under a checkpoint's real name was touched: the previous ones are intact."""
+
+    def __str__(self) -> str:  # the message alone, without OSError's "[Errno 28] " prefix
+        return str(self.strerror)
+
+
+class _RecordingWriter:
+    """The file torch.save writes through, remembering the OSError of a failed write (torch.save reports it as a
+    RuntimeError without the cause: "unexpected pos 704 vs 598")."""
+
+    def __init__(self, f) -> None:
+        self.f, self.error = f, None
+
+    def write(self, data) -> int:
+        try:
+            return self.f.write(data)
+        except OSError as e:
+            self.error = e
+            raise
+
+    def flush(self) -> None:
+        self.f.flush()
+
+
 def save_atomic(payload: dict, path: str | os.PathLike) -> Path:
-    """torch.save to a temp name in the same directory, flush to disk, then rename over `path`."""
+    """torch.save to a temp name in the same directory, flush to disk, then rename over `path`.
+    CheckpointWriteError (one line) when the disk refuses it; the temp file goes."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         with open(tmp, "wb") as f:
-            torch.save(payload, f)
+            writer = _RecordingWriter(f)
+            try:
+                torch.save(payload, writer)
+            except RuntimeError:
+                if writer.error is None:
+                    raise
+                raise writer.error from None
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as e:
+        raise CheckpointWriteError(e.errno, f"{path}: cannot be written ({e.strerror or e})") from e
     finally:
         if tmp.exists():
             tmp.unlink()
     return path
 
 
+_TEMP = re.compile(r"^checkpoint-\d{8,}\.pt\.tmp-(\d+)$")
+
+
+def remove_stale_temps(run_dir: str | os.PathLike) -> list[Path]:
+    """Delete the `checkpoint-*.pt.tmp-PID` files that a killed save left in `run_dir` (PID no longer running on
+    this machine; a live process's file is kept). Returns the files removed."""
+    removed = []
+    for p in Path(run_dir).iterdir() if Path(run_dir).is_dir() else []:
+        m = _TEMP.match(p.name)
+        if m and not _pid_alive(int(m.group(1))):
+            p.unlink(missing_ok=True)
+            removed.append(p)
+    return removed
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
 def save_checkpoint(payload: dict, run_dir: str | os.PathLike, step: int, keep_last: int = 0) -> Path:
     """Write `checkpoint-{step}.pt` atomically, then delete all but the newest `keep_last` (0 keeps all)."""
     if payload.get("format") != FORMAT:
         raise ValueError(f"checkpoint payload must have format={FORMAT!r}")
+    remove_stale_temps(run_dir)  # left by a save that was killed (SIGKILL, a lost node)
     path = save_atomic(payload, Path(run_dir) / checkpoint_name(step))
     if keep_last > 0:
         for old in list_checkpoints(run_dir)[:-keep_last]:

@@ -11,6 +11,7 @@ says how to rebuild its model.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,6 +33,25 @@ _ALIASES = {
     "vit-l": "large",
     "vit-h": "huge",
 }
+
+
+_POSITIVE = (
+    "img_size",
+    "patch_size",
+    "tubelet_size",
+    "num_frames",
+    "in_chans",
+    "embed_dim",
+    "depth",
+    "num_heads",
+    "decoder_embed_dim",
+    "decoder_depth",
+    "decoder_num_heads",
+)
+
+
+def _whole(value: Any, low: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= low
 
 
 @dataclass
@@ -96,7 +116,15 @@ class VideoMAEConfig:
     decoder_mask_ratio: float = 0.0
 
     def __post_init__(self) -> None:
-        problems = []
+        # sizes first: a zero would divide below, a negative depth would build a model with no blocks
+        bad = [n for n in _POSITIVE if not _whole(getattr(self, n), 1)]
+        problems = [f"{n} {getattr(self, n)!r} is not a whole number >= 1" for n in bad]
+        if not _whole(self.num_classes, 0):
+            problems.append(f"num_classes {self.num_classes!r} is not a whole number >= 0")
+        if not (isinstance(self.mlp_ratio, (int, float)) and math.isfinite(self.mlp_ratio) and self.mlp_ratio > 0):
+            problems.append(f"mlp_ratio {self.mlp_ratio!r} is not a finite number > 0")
+        if problems:
+            raise ValueError("VideoMAEConfig: " + "; ".join(problems))
         if self.img_size % self.patch_size:
             problems.append(f"img_size {self.img_size} is not a multiple of patch_size {self.patch_size}")
         if self.num_frames % self.tubelet_size:

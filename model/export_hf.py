@@ -31,7 +31,8 @@ The directory is written into a temporary directory beside `--out`, then renamed
 absent, the previous export (without `--overwrite`, a non-empty `--out` is refused), or the complete new one.
 
 CLI exit status: 0 written; 1 the checkpoint is missing, unreadable or not exportable; 2 bad arguments (an
-existing non-empty `--out` without `--overwrite`, or `--out` naming a file). Errors are one `error: ...` line.
+existing non-empty `--out` without `--overwrite`, `--out` naming a file, or an `--out` that is the checkpoint or
+holds it, such as its run directory: replacing it would delete what is read). Errors are one `error: ...` line.
 """
 
 from __future__ import annotations
@@ -240,6 +241,17 @@ def refuse_occupied_export_dir(out: Path, overwrite: bool) -> None:
         raise ValueError(f"{out}: directory exists and is not empty (pass --overwrite to replace it)")
 
 
+def refuse_out_over_source(out: Path, checkpoint: str | os.PathLike) -> None:
+    """ValueError (one line) when `out` is the checkpoint (file or directory) or a directory holding it, such as its
+    run directory: replacing `out` would delete the data being read (and a run's other checkpoints and logs)."""
+    source, target = Path(checkpoint).resolve(), out.resolve()
+    if source == target or target in source.parents:
+        raise ValueError(
+            f"--out {out} would replace {'the checkpoint' if source == target else 'the directory holding'} "
+            f"{checkpoint} that it exports; choose an --out outside it"
+        )
+
+
 def export_model(model: nn.Module, out: str | os.PathLike, overwrite: bool = False, source: str | None = None) -> Path:
     """Write `model` (a VideoMAEPretrain or VideoMAEClassifier, its class names from `model.class_names`) as a
     transformers VideoMAE directory `out` (config.json + model.safetensors), atomically. Returns `out`.
@@ -303,6 +315,7 @@ def export_checkpoint(
     """Load `checkpoint` (anything `load_pretrained` reads; a run directory means its latest checkpoint) and
     `export_model` it to `out`. `overrides`: VideoMAEConfig fields for `load_pretrained` (geometry and head counts
     of official .pth files). Returns (out, the loaded model)."""
+    refuse_out_over_source(Path(out), checkpoint)
     refuse_occupied_export_dir(Path(out), overwrite)  # before the (possibly long) load
     path = resolve_checkpoint_path(checkpoint)
     model = load_pretrained(path, **overrides)
@@ -338,6 +351,7 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging()
     out = Path(args.out)
     try:
+        refuse_out_over_source(out, args.checkpoint)
         refuse_occupied_export_dir(out, args.overwrite)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)

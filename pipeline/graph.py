@@ -50,10 +50,10 @@ from nvidia.dali.auto_aug import rand_augment as ra
 from nvidia.dali.auto_aug.core import augmentation
 
 from pipeline.config import PipelineConfig
+from pipeline.ivfcheck import checked_header, checked_member
 from pipeline.masking import tube_mask_from_scores, tube_mask_scores
 from shards import format as fmt
 
-IVF_HEADER = 32  # bytes of an IVF file header (shards.ivf)
 RRC_ATTEMPTS = 10  # torchvision/VideoMAE random resized crop: 10 attempts, then a central fallback
 ERASE_ATTEMPTS = 10  # timm RandomErasing: 10 attempts per frame
 ERASE_AREA = (0.02, 1 / 3)
@@ -168,7 +168,8 @@ def _graph(cfg, paths, index_paths, device, shard_id, num_shards, plan_source, l
     if skip:
         video, box, frames, mask = _placeholders(cfg, device)
     else:
-        encoded, run = keyframe_cut(member, cuts, phase, run) if cuts is not None and cut else (member, run)
+        encoded = checked_member(member, cuts, phase) if cuts is not None and not cut else member
+        encoded, run = keyframe_cut(member, cuts, phase, run) if cuts is not None and cut else (encoded, run)
         video, box, frames, mask = _decode_and_augment(encoded, run, plan, draws, cfg, device)
 
     outputs = {
@@ -290,7 +291,7 @@ def keyframe_cut(member, rows, phase, run: FrameRun):
     last = run.first + (run.count - 1) * run.step
     end = fn.reductions.max(fn.cast(mine & (frame == last + 1), dtype=types.INT32) * offset)
     body = fn.slice(member, fn.stack(start), fn.stack(end - start), axes=[0])
-    return fn.cat(member[0:IVF_HEADER], body), run.moved(key)
+    return fn.cat(checked_header(member, rows, phase), body), run.moved(key)  # a corrupt member raises
 
 
 def build_probe(layout: fmt.Layout, stride: int, device: str, device_id: int | None, cut: bool = True):
@@ -300,21 +301,17 @@ def build_probe(layout: fmt.Layout, stride: int, device: str, device_id: int | N
     once) and the clip (uint8[L, H, W, 3], in frame_idx order). Used to find corrupt samples and to check what a
     decoder reads."""
 
-    @pipeline_def(
-        batch_size=1,
-        num_threads=1,
-        prefetch_queue_depth=1,
-        enable_conditionals=False,
-        device_id=device_id if device == "gpu" else None,
-    )
+    device_id = device_id if device == "gpu" else None
+
+    @pipeline_def(batch_size=1, num_threads=1, prefetch_queue_depth=1, enable_conditionals=False, device_id=device_id)
     def probe():
         member = fn.external_source(name="video", dtype=types.UINT8, ndim=1)
         frame_idx = fn.external_source(name="frame_idx", dtype=types.INT32, ndim=1)
         phase = clip_phase(frame_idx, layout.phases)
         run = frame_run(frame_idx, layout.phases, stride)
-        if layout.cuttable and cut:
+        if layout.cuttable:  # checked against its cuts table as in the training graph, cut or whole
             rows = cut_rows(fn.external_source(name="cuts", dtype=types.INT32, ndim=1))
-            member, run = keyframe_cut(member, rows, phase, run)
+            member, run = keyframe_cut(member, rows, phase, run) if cut else (checked_member(member, rows, phase), run)
         video = decode_run(member, run, "mixed" if device == "gpu" else "cpu")
         return video, fn.sequence_rearrange(video, new_order=run.order)
 

@@ -44,7 +44,7 @@ from pipeline.elastic import ConsumedIds, resumed_epoch
 from pipeline.handoff import GpuKeepAlive, eval_view_ids, select_samples, to_batch
 from pipeline.plan import EpochRun, merge_outputs
 from pipeline.protocol import LoaderStats
-from pipeline.recovery import CorruptSamples, DecodeProbe, error_reason
+from pipeline.recovery import CorruptSamples, DecodeProbe, error_reason, report_incomplete
 from pipeline.remote import open_shards
 from pipeline.segments import SegmentedEpochBuilder, epoch_builder_class
 from pipeline.shardset import split_source
@@ -117,6 +117,7 @@ class VideoLoader:
             self.epoch, position = self._restore(state)
         for key, reason in self.shards.structural_problems().items():
             self._corrupt.block(key, reason)
+        report_incomplete(self.shards, self.cfg.mode, self.stats, rank)
         self.num_samples = -1
         self.decode_table: list[dict] = []  # decode="auto": what was timed (strategy, clips/s or error)
         if self.cfg.decode == "auto":

@@ -49,7 +49,12 @@ def collect(args: argparse.Namespace) -> dict[str, np.ndarray]:
         seed=args.seed,
         **options,
     )
-    batch = next(iter(loader))
+    batch = next(iter(loader), None)
+    if batch is None:  # training modes drop a last partial batch: fewer samples than one batch yield none
+        raise ValueError(
+            f"{args.shards}: {loader.num_samples} samples, fewer than one batch of {args.batch_size}; pass a "
+            f"smaller --batch-size"
+        )
     views = loader.cfg.views_per_sample
     sources = [s for s in batch["source"] for _ in range(views)]
     dump = {

@@ -22,6 +22,7 @@ class LoaderStats:
     samples: int = 0  # samples (not views) in them
     corrupt_samples: int = 0  # distinct samples skipped because DALI could not decode them (substituted in training)
     corrupt: list[str] = field(default_factory=list)  # "tar:member: reason", one per corrupt sample
+    incomplete_samples: int = 0  # samples left out of every epoch: a member the graph reads is missing
     rebuilds: int = 0  # pipelines rebuilt to recover from a failure
     fast_forwarded: int = 0  # batches replayed without decoding (resume, recovery)
 

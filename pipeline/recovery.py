@@ -18,6 +18,8 @@ from collections.abc import Callable
 import numpy as np
 
 from pipeline import graph
+from pipeline.ivfcheck import REASON as ivfcheck_reason
+from pipeline.ivfcheck import checked_header
 from pipeline.protocol import LoaderStats
 from pipeline.shardset import ShardSet, split_source
 from shards import format as fmt
@@ -27,7 +29,9 @@ _SOURCE_RE = re.compile(r'"([^"\n]+?\.tar:\d+:[^"\n]+)"')
 
 
 def error_reason(error: Exception) -> str:
-    """The most specific line of a DALI error message."""
+    """The most specific line of a DALI error message (for `pipeline.ivfcheck`'s deliberate failure: its reason)."""
+    if f"in {checked_header.__name__}" in str(error):  # DALI quotes the graph-building frames of the failing operator
+        return ivfcheck_reason
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
     for line in lines:
         if line.startswith(("Assert on", "Error", "[/")) and "failed:" in line:
@@ -135,3 +139,15 @@ class CorruptSamples:
             if not self.probe(tar, member, frames):
                 failing.append(source)
         return failing
+
+
+def report_incomplete(shards: ShardSet, mode: str, stats: LoaderStats, rank: int) -> None:
+    """Count the samples that lack a member the graph reads (DALI's reader leaves them out without a word) in
+    `stats.incomplete_samples`, and say so in one warning line (rank 0: every rank sees the same shards)."""
+    incomplete = shards.incomplete_samples(shards.video_exts[:1] if mode == "eval" else shards.video_exts)
+    stats.incomplete_samples = len(incomplete)
+    if incomplete and rank == 0:
+        first, what = next(iter(incomplete.items()))
+        log.warning(
+            "pipeline: %d sample(s) lack a member and are left out (first: %s: %s)", len(incomplete), first, what
+        )

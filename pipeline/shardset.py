@@ -11,6 +11,7 @@ sample's rows (eval, where the neighbour's video is read under the corrupt sampl
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import shutil
 import tempfile
@@ -22,6 +23,8 @@ import numpy as np
 
 from shards import format as fmt
 from shards import ivf
+
+log = logging.getLogger(__name__)
 
 _FOURCC_CODECS = {
     b"avc1": "h264",
@@ -97,9 +100,9 @@ class ShardSet:
     """Local tar shards with their index files, plus the loader's substitutions for corrupt samples."""
 
     def __init__(self, spec: str | os.PathLike | Sequence[str | os.PathLike]):
-        self.tars: list[str] = self._resolve(spec)
-        self.index_paths: list[str] = [fmt.index_path_for(t) for t in self.tars]
         self._index_cache: dict[str, tuple[str, list[IndexedSample]]] = {}
+        self.tars: list[str] = self._without_empty(self._resolve(spec))
+        self.index_paths: list[str] = [fmt.index_path_for(t) for t in self.tars]
         self.blocked: dict[str, str] = {}  # "tar:member" -> reason
         self._patch_dir: str | None = None
         self._check_sizes()
@@ -112,6 +115,17 @@ class ShardSet:
     def _resolve(self, spec) -> list[str]:
         """The local tar paths of `spec` (pipeline.remote.RemoteShardSet: where a remote set's tars are cached)."""
         return fmt.resolve_shards(spec)
+
+    def _without_empty(self, tars: list[str]) -> list[str]:
+        """`tars` less those whose index lists no sample (DALI cannot even map an empty tar: a long traceback), with
+        one warning line; ValueError (one line) when that leaves none."""
+        empty = [tar for tar in tars if not self.index(tar)[1]]
+        if empty and len(empty) == len(tars):
+            others = f" (and so do the {len(empty) - 1} other shards)" if len(empty) > 1 else ""
+            raise ValueError(f"{empty[0]}: its index {fmt.index_path_for(empty[0])} lists no samples{others}")
+        if empty:
+            log.warning("pipeline: skipping %d shard(s) whose index lists no samples: %s", len(empty), ", ".join(empty))
+        return [tar for tar in tars if tar not in empty]
 
     def _check_sizes(self) -> None:
         """Refuse, in one line naming the shard, a tar shorter than its index says (DALI would read past its end:
@@ -246,6 +260,20 @@ class ShardSet:
                 elif cuts[1] == 0 or cuts[1] % row_size:
                     problems[f"{tar}:{video[2]}"] = f"cuts table of {cuts[1]} bytes, not whole rows"
         return problems
+
+    def incomplete_samples(self, video_exts: list[str]) -> dict[str, str]:
+        """Samples lacking a member the graph reads (`video_exts`, the cuts table in IVF layouts, the info member),
+        which DALI's reader leaves out of every epoch (missing_component_behavior="skip"): "tar:key" -> what is
+        missing."""
+        needed = [*video_exts, *([fmt.CUTS_EXT] if self.layout.cuttable else []), fmt.INFO_EXT]
+        found = {}
+        for tar in self.tars:
+            for sample in self.index(tar)[1]:
+                missing = [ext for ext in needed if ext not in sample.components]
+                if missing:
+                    key = sample.key
+                    found[f"{tar}:{key}"] = "no " + ", ".join(f"{key}.{ext}" for ext in missing)
+        return found
 
     # -- epoch order -------------------------------------------------------------------------------------------
     def epoch_order(self, seed: int, epoch: int, shuffle: bool) -> list[int]:

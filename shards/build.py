@@ -42,6 +42,7 @@ Messages: the outcome on stdout, skipped videos and errors on stderr (`shards.lo
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 
 from shards import format as fmt
@@ -130,6 +131,8 @@ def parse_args(argv: list[str] | None = None) -> BuildOptions:
         p.error("--samples-per-shard must be >= 1")
     if args.workers is not None and args.workers < 1:
         p.error("--workers must be >= 1")
+    if args.shard_size_mb is not None and not (math.isfinite(args.shard_size_mb) and args.shard_size_mb > 0):
+        p.error(f"--shard-size-mb must be a finite number > 0, got {args.shard_size_mb}")
     return BuildOptions.resolve(**vars(args))
 
 

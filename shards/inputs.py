@@ -29,7 +29,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-VIDEO_SUFFIXES = (".mp4", ".mkv", ".webm", ".avi", ".mov", ".m4v", ".mpg", ".mpeg", ".flv", ".3gp")
+VIDEO_SUFFIXES = (
+    *(".mp4", ".mkv", ".webm", ".avi", ".mov", ".m4v", ".mpg", ".mpeg", ".flv", ".3gp"),
+    *(".ts", ".mts", ".m2ts"),  # MPEG transport streams (camcorders, broadcast): ffmpeg reads them like the rest
+)
 KINETICS_COLUMNS = ("label", "youtube_id", "time_start", "time_end")
 # The Kinetics CSVs name the validation split "val" (400) or "validate" (600/700); users say either.
 _SPLIT_ALIASES = {"val": "val", "validate": "val", "validation": "val", "valid": "val"}
@@ -117,7 +120,7 @@ def _csv_rows(csv_path: Path, report) -> tuple[list[str], list[tuple[int, dict]]
     """The header and the well-formed rows of a CSV as (line number, {column: value}); a row with another number
     of fields than the header, or one an unbalanced quote ran into the following lines, goes to `report`."""
     try:
-        with open(csv_path, newline="") as f:
+        with open(csv_path, newline="", encoding="utf-8-sig") as f:  # -sig: a byte-order mark (Excel) is not text
             reader = csv.reader(f)
             header = [c.strip() for c in next(reader, [])]
             rows, last_line = [], reader.line_num
@@ -219,21 +222,25 @@ def read_list_file(
         raise InputError(f"{list_path}: list file not found")
     root = Path(root) if root is not None else list_path.parent
     report = _rejected_or_raise(rejected)
+    try:
+        with open(list_path, encoding="utf-8-sig") as f:
+            lines = f.read().split("\n")
+    except UnicodeDecodeError as e:
+        raise InputError(f"{list_path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
     inputs = []
-    with open(list_path) as f:
-        for line_no, line in enumerate(f, start=1):
-            line = line.rstrip("\n").rstrip("\r")
-            if not line.strip() or line.lstrip().startswith("#"):
-                continue
-            parts = line.split("\t") if "\t" in line else line.rsplit(maxsplit=1)
-            if len(parts) != 2 or not parts[0].strip() or not parts[1].strip():
-                report(f"{list_path}:{line_no}", f"expected 'path LABEL', got {line[:100]!r}")
-                continue
-            rel, label = parts[0].strip(), parts[1].strip()
-            source = rel if os.path.isabs(rel) else str(root / rel)
-            inputs.append(
-                VideoInput(sanitize_key(os.path.splitext(rel)[0]), source, label, origin=f"{list_path}:{line_no}")
-            )
+    for line_no, line in enumerate(lines, start=1):
+        line = line.rstrip("\n").rstrip("\r")
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        parts = line.split("\t") if "\t" in line else line.rsplit(maxsplit=1)
+        if len(parts) != 2 or not parts[0].strip() or not parts[1].strip():
+            report(f"{list_path}:{line_no}", f"expected 'path LABEL', got {line[:100]!r}")
+            continue
+        rel, label = parts[0].strip(), parts[1].strip()
+        source = rel if os.path.isabs(rel) else str(root / rel)
+        inputs.append(
+            VideoInput(sanitize_key(os.path.splitext(rel)[0]), source, label, origin=f"{list_path}:{line_no}")
+        )
     return inputs
 
 
@@ -256,9 +263,14 @@ def read_classes_file(path: str | os.PathLike) -> list[str]:
     path = Path(path)
     if not path.is_file():
         raise InputError(f"{path}: classes file not found")
-    text = path.read_text()
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+        data = json.loads(text) if path.suffix == ".json" else None
+    except UnicodeDecodeError as e:
+        raise InputError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    except json.JSONDecodeError as e:
+        raise InputError(f"{path}: not JSON ({e.msg} at line {e.lineno} column {e.colno})") from None
     if path.suffix == ".json":
-        data = json.loads(text)
         names = data.get("classes") if isinstance(data, dict) else data
         if not isinstance(names, list):
             raise InputError(f"{path}: expected a JSON list of class names or a manifest with 'classes'")

@@ -16,8 +16,11 @@ before them failed), and takes their new sha256. No video byte moves and no shar
 the renumbered shards, not a rewrite. Then failures.jsonl (rejected inputs, then each part's failures: plan order) and
 manifest.json, last, as `shards.build` writes them (plus "parts": N), and `OUT/.build/` goes.
 
-A merge stopped half-way (killed, a full disk: exit 75) is re-run as is: each rewrite writes the final id whether the
-member holds the provisional one or already the final one, and anything else is refused as damage.
+A merge stopped half-way (killed at any instant, a full disk: exit 75) is re-run as is: each shard's rewrite is
+written ahead whole into OUT/.build/NAME.tar.journal before its first byte goes into the tar (`patch_shard_ids`), so a
+re-run replays a half-applied rewrite from its journal instead of reading a member whose header was rewritten before
+its data; without a journal a rewrite writes the final id whether the member holds the provisional one or already the
+final one, and anything else is refused as damage (one line naming the tar and the member).
 """
 
 from __future__ import annotations
@@ -28,8 +31,11 @@ import json
 import logging
 import os
 import shutil
+import signal
+import struct
 import sys
 import tarfile
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -186,53 +192,134 @@ def _check_record(out_dir: Path, part: Part, first: Part, first_record: PartReco
     return record
 
 
+KILL_AFTER_ENV = "SHARDS_MERGE_KILL_AFTER"  # fault injection (tests): SIGKILL the merge after its Nth write
+_writes = {"done": 0}
+_writes_lock = threading.Lock()
+
+
+def _wrote() -> None:
+    """Count one write of the merge; when $SHARDS_MERGE_KILL_AFTER is N and this was the Nth, die by SIGKILL, as a
+    merge killed right after that write would (tests kill it after each write in turn and re-run it)."""
+    limit = os.environ.get(KILL_AFTER_ENV)
+    if not limit:
+        return
+    with _writes_lock:
+        _writes["done"] += 1
+        if _writes["done"] == int(limit):
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+def journal_path(tar_path: Path) -> Path:
+    """Where the merge writes ahead the bytes it is about to write into `tar_path`: OUT/.build/NAME.journal."""
+    return tar_path.parent / STATE_DIR / f"{tar_path.name}.journal"
+
+
 def patch_shard_ids(tar_path: Path, old_first: int, new_first: int) -> str:
     """Give the samples of `tar_path` (provisional ids old_first, old_first+1, ...) the ids new_first, ... in their
     `.info` and `.json` members, in place, then rewrite its index (a json member may have shrunk); returns the tar's
-    new sha256. Member offsets never change; sizes are read from the tar's own headers, so a re-run after a merge
-    killed between the tar and its index still finds every member. Idempotent: a member already holding its new
-    id is rewritten to the same bytes. ValueError for a member that holds neither id (damage)."""
-    index_path = fmt.index_path_for(tar_path)
-    members = []
+    new sha256. Member offsets never change.
+
+    Write-ahead: every byte to be written (member headers, member data, the index's member list) is computed from the
+    untouched tar and saved whole (temp then rename) in `journal_path(tar_path)` before the first write into the tar;
+    the journal goes once the tar and its index are written. A merge killed at any instant leaves either no journal
+    (the tar untouched, or finished with its index) or a whole one, which the re-run replays as is, so a member whose
+    header was rewritten before its data is never read back (a journal whose tar was rebuilt since is planned
+    again). Idempotent: a member already holding its new id is rewritten to the same bytes. ValueError (naming the
+    tar and member) for a member that holds neither id."""
+    journal = journal_path(tar_path)
+    planned = {"tar": tar_path.name, "old_first": old_first, "new_first": new_first}
+    journaled = _journaled(journal, planned, tar_path)
+    if journaled is not None:
+        writes, members = journaled
+    else:
+        writes, members = _plan_renumbering(tar_path, old_first, new_first)
+        journal.parent.mkdir(parents=True, exist_ok=True)
+        with open(tar_path, "rb") as f:  # each region's bytes before: a replay checks the tar is still this one
+            before = [os.pread(f.fileno(), len(data), at).hex() for at, data in writes]
+        record = {**planned, "writes": [[at, data.hex()] for at, data in writes], "before": before, "members": members}
+        fmt.atomic_write(journal, json.dumps(record))
+        _wrote()
     fd = os.open(tar_path, os.O_RDWR | os.O_CLOEXEC)
     try:
-        for k, sample in enumerate(fmt.read_index(index_path)):
-            for ext, offset, size, name in sample:
-                if ext in (fmt.INFO_EXT, fmt.META_EXT):
-                    size = _renumber_member(fd, tar_path, name, offset, old_first + k, new_first + k)
-                members.append((name, offset, size))
+        for at, data in writes:
+            os.pwrite(fd, data, at)
+            _wrote()
         os.fsync(fd)
     finally:
         os.close(fd)
-    fmt.write_dali_index(members, index_path)
+    fmt.write_dali_index(members, fmt.index_path_for(tar_path))
+    _wrote()
+    journal.unlink()
+    _wrote()
     return sha256_file(tar_path)
 
 
-def _renumber_member(fd: int, tar_path: Path, name: str, offset: int, old_id: int, new_id: int) -> int:
-    """Rewrite the `.info` or `.json` member `name` whose data starts at `offset` to hold `new_id` (its header
-    too when its size changes); returns its size."""
+def _journaled(journal: Path, planned: dict, tar_path: Path) -> tuple[list, list] | None:
+    """The (writes, members) of `journal` when a merge was killed while applying it: every region of the tar then
+    holds its bytes from before or after. None when there is no journal, or a stale one (the part was rebuilt since:
+    a region holds other bytes), which is then planned again. ValueError for a journal that cannot be read."""
+    if not journal.is_file():
+        return None
+    try:
+        entry = json.loads(journal.read_text())
+        writes = [(int(at), bytes.fromhex(data)) for at, data in entry["writes"]]
+        before = [bytes.fromhex(data) for data in entry["before"]]
+        members = [(str(name), int(offset), int(size)) for name, offset, size in entry["members"]]
+        if {k: entry[k] for k in planned} != planned or len(before) != len(writes):
+            raise ValueError("another merge's")
+    except (ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"{journal}: unreadable merge journal ({e}); delete it and re-run the merge") from None
+    with open(tar_path, "rb") as f:
+        if any(os.pread(f.fileno(), len(data), at) not in (data, old) for (at, data), old in zip(writes, before)):
+            log.warning(f"shards.merge: {journal}: {tar_path.name} changed since it was written; planned again")
+            return None
+    return writes, members
+
+
+def _plan_renumbering(
+    tar_path: Path, old_first: int, new_first: int
+) -> tuple[list[tuple[int, bytes]], list[tuple[str, int, int]]]:
+    """What renumbering `tar_path` writes, read from the tar and its index, writing nothing: the (tar offset, bytes)
+    writes, data before header for each member, and the index's (name, offset, size) members in tar order."""
+    writes, members = [], []
+    with open(tar_path, "rb") as f:
+        fd = f.fileno()
+        for k, sample in enumerate(fmt.read_index(fmt.index_path_for(tar_path))):
+            for ext, offset, size, name in sample:
+                if ext in (fmt.INFO_EXT, fmt.META_EXT):
+                    size = _renumber_member(fd, tar_path, name, offset, old_first + k, new_first + k, writes)
+                members.append((name, offset, size))
+    return writes, members
+
+
+def _renumber_member(
+    fd: int, tar_path: Path, name: str, offset: int, old_id: int, new_id: int, writes: list[tuple[int, bytes]]
+) -> int:
+    """Plan the rewrite of the `.info` or `.json` member `name` whose data starts at `offset` to hold `new_id`
+    (appended to `writes`: its data, then its header when its size changes); returns its new size."""
     header = tarfile.TarInfo.frombuf(os.pread(fd, fmt.TAR_BLOCK, offset - fmt.TAR_BLOCK), "utf-8", "strict")
     if header.name != name:
         raise ValueError(f"{tar_path}: the index puts {name} at offset {offset}, the tar has {header.name} there")
     data = os.pread(fd, header.size, offset)
-    if name.endswith("." + fmt.INFO_EXT):
-        info = fmt.unpack_info(data)
-        if info["sample_id"] not in (old_id, new_id):
-            raise ValueError(f"{tar_path}: {name} holds sample_id {info['sample_id']}, expected {old_id}")
-        new = fmt.pack_info(info["num_frames"], info["label"], new_id)
-    else:
-        held = json.loads(data).get("sample_id")
-        if held not in (old_id, new_id):
-            raise ValueError(f"{tar_path}: {name} holds sample_id {held}, expected {old_id}")
-        new = fmt.renumber_meta(data, new_id)
-        if len(new) > header.size:  # ids only ever shrink; more would overwrite the next member
-            raise ValueError(f"{tar_path}: {name}: sample_id {new_id} does not fit its member")
-        if -(-len(new) // fmt.TAR_BLOCK) != -(-header.size // fmt.TAR_BLOCK):  # would free a block: keep the size
-            new += b" " * (header.size - len(new))
-    padding = b"\0" * (-len(new) % fmt.TAR_BLOCK)
+    try:
+        if name.endswith("." + fmt.INFO_EXT):
+            info = fmt.unpack_info(data)
+            held = info["sample_id"]
+            new = fmt.pack_info(info["num_frames"], info["label"], new_id)
+        else:
+            held = json.loads(data).get("sample_id")
+            new = fmt.renumber_meta(data, new_id)
+    except (ValueError, AttributeError, struct.error) as e:
+        raise ValueError(f"{tar_path}: member {name} is unreadable ({' '.join(str(e).split())})") from None
+    if held not in (old_id, new_id):
+        raise ValueError(f"{tar_path}: {name} holds sample_id {held}, expected {old_id}")
+    if len(new) > header.size:  # ids only ever shrink; more would overwrite the next member
+        raise ValueError(f"{tar_path}: {name}: sample_id {new_id} does not fit its member")
+    if -(-len(new) // fmt.TAR_BLOCK) != -(-header.size // fmt.TAR_BLOCK):  # would free a block: keep the size
+        new += b" " * (header.size - len(new))
+    writes.append((offset, new + b"\0" * (-len(new) % fmt.TAR_BLOCK)))
     if len(new) != header.size:
-        os.pwrite(fd, member_header(name, len(new)), offset - fmt.TAR_BLOCK)
-    os.pwrite(fd, new + padding, offset)
+        writes.append((offset - fmt.TAR_BLOCK, member_header(name, len(new))))
     return len(new)
 
 
@@ -262,6 +349,7 @@ def _write_merged(out_dir: Path, records: list[PartRecord], markers: list[ShardM
     for record in records:
         failures += [f for m in record.markers for f in m.failures] + record.orphan_failures
     fmt.atomic_write(out_dir / fmt.FAILURES_NAME, failure_lines(failures))
+    _wrote()
     if not markers:
         first_failure = f"; first: {failures[0]['source']}: {failures[0]['reason']}" if failures else ""
         raise MergeRefused(
@@ -271,6 +359,7 @@ def _write_merged(out_dir: Path, records: list[PartRecord], markers: list[ShardM
     manifest = manifest_record(first.identity, first.classes, first.ffmpeg, markers, len(failures), first.num_inputs)
     manifest["parts"] = len(records)
     fmt.write_manifest(out_dir, manifest)
+    _wrote()
     return manifest
 
 

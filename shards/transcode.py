@@ -29,6 +29,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import functools
+import math
 import os
 import re
 import signal
@@ -46,6 +47,9 @@ from shards.mp4info import VideoInfo, read_mp4_video_info
 
 CODECS = ("vp9", "h264", "mjpeg")
 DEFAULT_QUALITY = {"vp9": 36, "h264": 23, "mjpeg": 3}  # crf (vp9, h264), q:v 2..31 (mjpeg)
+QUALITY_RANGE = {"vp9": (0, 63), "h264": (0, 51), "mjpeg": (2, 31)}  # what the encoders accept
+MAX_SHORT_SIDE = 8192  # 8K: beyond it the encoders refuse (VP9 levels, x264) or a frame would not fit a member
+MAX_FPS = 1000.0
 # Keyframe intervals `shards.build` uses unless told (the measurements behind them: bench/RESULTS.md, "Keyframe
 # interval"). IVF members are cut at the key frame before a clip, so a clip decodes about gop/2 frames more than
 # its own; MP4 members are decoded from their start (DALI 2.4 does not seek), so there key frames only cost bytes.
@@ -86,6 +90,22 @@ class EncodeSettings:
             raise ValueError("gop and threads must be >= 1")
         if not 1 <= self.phases <= MAX_PHASES:
             raise ValueError(f"phases must be 1..{MAX_PHASES}, got {self.phases}")
+        self._check_ranges()
+
+    def _check_ranges(self) -> None:
+        """Values every video would fail with, refused before the first transcode (ValueError naming the option);
+        NaN fails every comparison, so numbers are also checked to be finite."""
+        low, high = QUALITY_RANGE[self.codec]
+        if self.quality is not None and not low <= self.quality <= high:
+            raise ValueError(f"--quality {self.quality}: {self.codec} takes {low}..{high}")
+        if self.short_side > MAX_SHORT_SIDE:
+            raise ValueError(f"--short-side {self.short_side}: at most {MAX_SHORT_SIDE} px")
+        if self.fps is not None and not (math.isfinite(self.fps) and 0 < self.fps <= MAX_FPS):
+            raise ValueError(f"--fps {self.fps}: a frame rate in (0, {MAX_FPS}] is needed")
+        if not (math.isfinite(self.timeout) and self.timeout > 0):
+            raise ValueError(f"--timeout {self.timeout}: a finite number of seconds > 0 is needed")
+        if self.min_frames < 1:
+            raise ValueError(f"--min-frames {self.min_frames}: at least 1")
 
     @property
     def effective_quality(self) -> int:
@@ -443,7 +463,8 @@ def _transcode(source: str, settings: EncodeSettings, workdir: str | None, start
             ours = own_failure(_error_lines(log), proc.returncode, os.path.dirname(tmp))
             if ours is not None:
                 raise ours
-            return failed(describe_ffmpeg_error(_error_lines(log), proc.returncode))
+            short = _too_short_for_phases(source, settings, log)
+            return failed(short or describe_ffmpeg_error(_error_lines(log), proc.returncode))
         videos = []
         for path in outputs:
             with open(path, "rb") as f:
@@ -479,6 +500,22 @@ def _transcode(source: str, settings: EncodeSettings, workdir: str | None, start
     if info.num_frames < settings.min_frames:
         return failed(f"too few frames: {info.num_frames} < --min-frames {settings.min_frames}")
     return TranscodeResult(source, True, videos=videos, info=info, cuts=cuts, seconds=time.perf_counter() - started)
+
+
+def _too_short_for_phases(source: str, settings: EncodeSettings, log: str) -> str | None:
+    """The reason for a phase split whose encoder never opened because a phase got no frame (a video of fewer
+    frames than --phases): the frame count, as the --min-frames check words it. None for any other failure."""
+    if settings.phases == 1 or "Could not open encoder before EOF" not in log:
+        return None
+    try:
+        frames = count_decoded_frames(source, timeout=settings.timeout)
+    except (RuntimeError, subprocess.TimeoutExpired):
+        return None
+    if frames < settings.min_frames:
+        return f"too few frames: {frames} < --min-frames {settings.min_frames}"
+    if frames < settings.phases:
+        return f"too few frames: {frames} < --phases {settings.phases} (each phase member needs one)"
+    return None
 
 
 def _ivf_problem(streams: list[ivf.IvfStream]) -> str | None:

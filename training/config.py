@@ -260,6 +260,13 @@ def check_config(cfg: Config, mode: str) -> DataFacts:
 def _check_values(cfg: Config, mode: str) -> None:
     """Choices, counts and finite numbers in range."""
     d, m, o, r = cfg.data, cfg.model, cfg.optim, cfg.run
+    if isinstance(r.seed, bool) or not isinstance(r.seed, int) or not 0 <= r.seed < 2**32:
+        raise ConfigError(f"run.seed must be a whole number in [0, 2^32 - 1], got {r.seed!r}")
+    if mode == "pretrain" and m.pretrained:  # pretraining starts from random weights: it would be ignored
+        raise ConfigError(
+            f"model.pretrained={m.pretrained}: pretraining does not read it (it starts from random weights; "
+            "--resume continues a run); remove it"
+        )
     choices = {
         "data.source": (d.source, ("shards", "synthetic")),
         "data.device": (d.device, ("auto", "gpu", "cpu")),
@@ -391,6 +398,10 @@ def _data_facts(cfg: Config, mode: str) -> DataFacts:
     num_classes = cfg.model.num_classes or (len(class_names) if class_names else None)
     if mode != "pretrain" and not num_classes:
         raise ConfigError(f"{split_key}: no class list in the manifest; set model.num_classes")
+    if mode != "pretrain" and class_names and num_classes < len(class_names):
+        raise ConfigError(f"model.num_classes={num_classes}, but {split_key} {split} has {len(class_names)} classes")
+    if mode != "pretrain" and d.source != "synthetic":
+        _check_labels(split_key, split, num_classes)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if mode != "eval" and num_samples is not None and num_samples < d.batch_size * world:
         raise ConfigError(
@@ -398,6 +409,19 @@ def _data_facts(cfg: Config, mode: str) -> DataFacts:
             f"(data.batch_size {d.batch_size} x {world} ranks)"
         )
     return DataFacts(manifest=manifest, class_names=class_names, num_classes=num_classes, num_samples=num_samples)
+
+
+def _check_labels(split_key: str, split: str, num_classes: int) -> None:
+    """Every sample's label fits the classifier (training.labels: one read of each 12-byte info member)."""
+    from pipeline.shardset import ShardSet
+    from training.labels import label_problem
+
+    try:
+        problem = label_problem(ShardSet(split), num_classes)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"{split_key}: {str(e).splitlines()[0]}") from e
+    if problem:
+        raise ConfigError(f"{split_key}: {problem}")
 
 
 def _check_model(cfg: Config, mode: str) -> None:

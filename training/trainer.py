@@ -32,6 +32,7 @@ from training.build import build_ema, build_loader, build_mixup, make_model
 from training.checkpointing import capture_rng_state
 from training.config import Config, DataFacts, model_kind_for
 from training.distributed import Dist, all_reduce, gather
+from training.finite import NonFiniteLoss, optimizer_step, weights_may_be_saved
 from training.loss import StepLoss
 from training.metrics import MetricsLog, Window, peak_flops, skipped_samples
 from training.optim import build_optimization
@@ -59,10 +60,6 @@ class StopRequest:
 
     def _handle(self, signum, frame) -> None:
         self.signal = signal.Signals(signum).name
-
-
-class NonFiniteLoss(RuntimeError):
-    """A non-finite loss ends the run (exit status 3) without saving the spoiled weights."""
 
 
 class Trainer:
@@ -198,7 +195,10 @@ class Trainer:
         resume_rng(ckpt, self.dist, self.cfg.data.batch_size, self.cfg.run.seed, self.step, self.mixup)
 
     def save(self) -> Path | None:
-        """A checkpoint of this step (every rank takes part; rank 0 writes). Its path on rank 0, None elsewhere."""
+        """A checkpoint of this step (every rank takes part; rank 0 writes). Its path on rank 0, None elsewhere.
+        Never of non-finite weights: NonFiniteLoss, or (run.skip_nonfinite) no checkpoint and a warning."""
+        if not weights_may_be_saved(self.model, self.ema, self.step, self.cfg.run.skip_nonfinite, self.dist.is_main):
+            return None
         state = self.state_dict()
         if not self.dist.is_main:
             return None
@@ -262,10 +262,8 @@ class Trainer:
                     "step %d: non-finite loss or gradient, step skipped (%d so far)", self.step, self.skipped_steps
                 )
         else:
-            if self.scaler is not None:
-                self.scaler.step(self.optimizer)
-            elif self.graphed is None:
-                self.optimizer.step()
+            if self.scaler is not None or self.graphed is None:
+                optimizer_step(self.optimizer, self.scaler, self.step, self.lr)
             if self.ema is not None:
                 self.ema.update(self.model, step=self.step)
             self.first_bad_step = torch.where(
@@ -352,12 +350,12 @@ class Trainer:
                     break
                 if cfg.run.ckpt_interval and self.step % cfg.run.ckpt_interval == 0 and self.step < self.stop_at:
                     self._checkpoint()
+            path = self.save() if cfg.run.ckpt_final or stopped_by else None
         except NonFiniteLoss as e:
             if dist.is_main:  # every rank raised the same (all-reduced) step: one line, not one per rank
                 log.error("error: %s", e)
             self.metrics.close()
             return 3
-        path = self.save() if cfg.run.ckpt_final or stopped_by else None
         self.metrics.close()
         outcome = f"stopped by {stopped_by}" if stopped_by else "finished"
         log.info(
