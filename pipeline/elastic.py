@@ -91,10 +91,19 @@ class ResumedEpoch:
         return per_rank // batch_size if drop_last else -(-per_rank // batch_size)
 
 
-def resumed_epoch(state: dict, shards: ShardSet, seed: int, mode: str) -> ResumedEpoch | None:
+def resumed_epoch(state: dict, shards: ShardSet, seed: int, mode: str, segmented: bool = False) -> ResumedEpoch | None:
     """The rest of the saved epoch to read, from a loader state that records ids consumed before a resume on another
     shape (`consumed_before`) and was made with this seed and mode; else None (a state of another shape without such
-    a record restarts the epoch: said in one warning)."""
+    a record restarts the epoch: said in one warning). `segmented`: the set is read in segments (pipeline.segments),
+    which restart the epoch too: the rest of an epoch is made by filtering local index files by sample id, while the
+    segments of a remote set are planned from sample counts before their tars are fetched."""
+    if segmented and state.get("consumed_before") is not None:
+        log.warning(
+            "pipeline: a set read in segments resumes on another shape from the beginning of epoch %s (the samples "
+            "already consumed in it are read again)",
+            state["epoch"],
+        )
+        return None
     if state.get("consumed_before") is not None and (state.get("seed"), state.get("mode")) == (seed, mode):
         return ResumedEpoch(shards, int(state["epoch"]), state["consumed_before"])
     if state.get("elastic"):

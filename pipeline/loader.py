@@ -324,28 +324,15 @@ class VideoLoader:
             if tar in self.shards.tars:
                 self._corrupt.block(key, reason)
         epoch, position = int(state["epoch"]), int(state["position"])
-        resumed = resumed_epoch(state, self.shards, self.seed, self.cfg.mode)  # None, or the rest of the epoch
-        if resumed is not None and isinstance(self._builder, SegmentedEpochBuilder):
-            # the rest of an epoch is made by filtering local index files by sample id (pipeline.elastic); segments
-            # of a remote set are planned from sample counts before their tars are fetched, so they restart it
-            log.warning(
-                "pipeline: a set read in segments resumes on another shape from the beginning of epoch %d (the "
-                "samples already consumed in it are read again)",
-                int(state["epoch"]),
-            )
-            resumed = None
+        segmented = isinstance(self._builder, SegmentedEpochBuilder)
+        resumed = resumed_epoch(state, self.shards, self.seed, self.cfg.mode, segmented)  # None, or the epoch's rest
         if resumed is not None:
             self._builder = dataclasses.replace(self._builder, resumed=resumed)
             self._expected_samples = state.get("num_samples")
         if state.get("elastic"):  # another shape: the rest of the epoch (or all of it) from its start
             return epoch, 0
-        same = {k: state.get(k) for k in ("seed", "world_size", "batch_size", "mode")} == {
-            "seed": self.seed,
-            "world_size": self.world_size,
-            "batch_size": self.batch_size,
-            "mode": self.cfg.mode,
-        }
-        if not same:
+        shape = {"seed": self.seed, "world_size": self.world_size, "batch_size": self.batch_size, "mode": self.cfg.mode}
+        if {k: state.get(k) for k in shape} != shape:
             log.warning(
                 "pipeline: the saved loader state was made with other settings (seed, world size, batch "
                 "size or mode); restarting epoch %d from its beginning",

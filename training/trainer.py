@@ -195,8 +195,7 @@ class Trainer:
         resume_rng(ckpt, self.dist, self.cfg.data.batch_size, self.cfg.run.seed, self.step, self.mixup)
 
     def save(self) -> Path | None:
-        """A checkpoint of this step (every rank takes part; rank 0 writes). Its path on rank 0, None elsewhere.
-        Never of non-finite weights: NonFiniteLoss, or (run.skip_nonfinite) no checkpoint and a warning."""
+        """A checkpoint of this step, of finite weights only (training.finite). Its path on rank 0, None elsewhere."""
         if not weights_may_be_saved(self.model, self.ema, self.step, self.cfg.run.skip_nonfinite, self.dist.is_main):
             return None
         state = self.state_dict()
