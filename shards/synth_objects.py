@@ -75,17 +75,19 @@ def object_track(
 
 
 def render_objects(
-    name: str, seed: int, num_frames: int = 64, height: int = 96, width: int = 128
+    name: str, seed: int, num_frames: int = 64, height: int = 96, width: int = 128, num_blobs: int = NUM_BLOBS
 ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-    """uint8[T, H, W, 3] RGB frames of one "objects" video of motion `name` and its `object_track`; a pure
-    function of the arguments. Translations wrap around the frame (a torus), so the blob is drawn at its position
-    modulo the frame and at the neighbouring copies, which keeps every frame smooth across the edge."""
+    """uint8[T, H, W, 3] RGB frames of one "objects" video of motion `name` and the first blob's `object_track`;
+    a pure function of the arguments. Translations wrap around the frame (a torus): distances are taken on the
+    torus, which keeps every frame smooth across the edge. `num_blobs` < NUM_BLOBS draws the same video with only
+    the first blobs (0: the background alone; tests find the objects from pixels this way)."""
     rng = np.random.default_rng(seed)
     background = _gradient(rng, height, width)
     blobs = []
     for _ in range(NUM_BLOBS):  # each with its own colour, size, start and speed; all move as the class says
         colour = _blob_colour(rng, background).astype(np.float32)
         blobs.append((colour, rng.uniform(0.85, 1.0), object_track(name, rng, num_frames, height, width)))
+    blobs = blobs[:num_blobs]
     yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
     frames = np.empty((num_frames, height, width, 3), dtype=np.uint8)
     for i in range(num_frames):
@@ -98,4 +100,4 @@ def render_objects(
             alpha = (strength * np.exp(-(dx * dx + dy * dy) / (2 * s * s)))[..., None]
             frame = frame * (1 - alpha) + colour * alpha
         frames[i] = np.clip(frame + 0.5, 0, 255).astype(np.uint8)
-    return frames, blobs[0][2]
+    return frames, blobs[0][2] if blobs else {}
