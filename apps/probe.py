@@ -94,27 +94,23 @@ def _loader(shards: Any, cfg, *, clips: int, stride: int, batch_size: int, threa
 
 @torch.no_grad()
 def split_pass(
+    loader,
     shards: Any,
     models: dict[str, nn.Module],
     *,
     clips: int = 5,
-    stride: int = 4,
-    batch_size: int = 8,
     mask_ratio: float | None = None,
     seed: int = 0,
-    threads: int | None = None,
 ) -> dict[str, Any]:
-    """One pass over `shards` for every model: per-video features {name: float[V, D]}, labels int64[V], and with
-    `mask_ratio` the held-out pretraining loss {name: float} (mean over clips, fixed masks from `seed`)."""
+    """One pass of `loader` (an eval loader over `shards`, `clips` clips x 1 crop) for every model, then closes it:
+    per-video features {name: float[V, D]}, labels int64[V], and with `mask_ratio` the held-out pretraining loss
+    {name: float} (mean over clips, fixed masks from `seed`)."""
     cfg = next(iter(models.values())).cfg
-    loader = _loader(shards, cfg, clips=clips, stride=stride, batch_size=batch_size, threads=threads)
     generator = torch.Generator().manual_seed(seed)
     sums: dict[str, list[torch.Tensor]] = {name: [] for name in models}
     losses = dict.fromkeys(models, 0.0)
     ids, labels, seen = [], [], 0
     try:
-        if loader.num_samples == 0 or len(loader) == 0:
-            raise ValueError(f"{shards}: no samples")
         for batch in loader:
             video = batch["video"].float()
             mask = tube_masks(len(video), cfg, mask_ratio, generator) if mask_ratio is not None else None
@@ -191,9 +187,20 @@ def probe(
     if not hasattr(pretrained, "encoder") or not hasattr(pretrained, "decoder"):
         raise ValueError(f"{checkpoint}: a {type(pretrained).__name__} is not a pretraining model")
     models = {"pretrained": pretrained.eval(), "random": random_twin(pretrained, seed)}
-    common = dict(clips=clips, stride=stride, batch_size=batch_size, threads=threads)
-    tr = split_pass(train, models, **common)
-    va = split_pass(val, models, mask_ratio=mask_ratio, seed=seed, **common)
+    loaders = {}
+    try:  # both splits open before any decoding: a bad val split fails at once
+        for split, shards in (("val", val), ("train", train)):
+            loaders[split] = _loader(
+                shards, pretrained.cfg, clips=clips, stride=stride, batch_size=batch_size, threads=threads
+            )
+            if len(loaders[split]) == 0:
+                raise ValueError(f"{shards}: no samples")
+    except BaseException:
+        for loader in loaders.values():
+            loader.close()
+        raise
+    tr = split_pass(loaders["train"], train, models, clips=clips)
+    va = split_pass(loaders["val"], val, models, clips=clips, mask_ratio=mask_ratio, seed=seed)
     num_classes = int(max(tr["labels"].max(), va["labels"].max())) + 1
     out: dict[str, Any] = {}
     for name in models:

@@ -1,14 +1,16 @@
 """The "objects" style of `shards.synth`: smooth content whose masked tubes can be predicted from the visible ones.
 
-Every video shows two soft Gaussian blobs over a linear colour gradient. There is no per-pixel noise and no
-texture, so every tubelet is a smooth function of a few numbers (gradient direction and colours, blob centre, size
-and colour) that the visible tubelets reveal: VideoMAE's normalized-pixel target is predictable, unlike the
+Every video shows four soft Gaussian blobs over a linear colour gradient. There is no per-pixel noise and no
+texture, so every tubelet is a smooth function of a few numbers (gradient direction and colours, blob centres,
+sizes and colours) that the visible tubelets reveal: VideoMAE's normalized-pixel target is predictable, unlike the
 "texture" style's random blocks and pixel noise, which per-tubelet normalization turns into unpredictable targets.
 
-The class is the motion, continued over the whole video so that a clip starting at any frame shows it:
-translation (wrapping around the frame's edge, so the blob never leaves), a clockwise orbit on a small circle, or
-pulsing (the blob grows and shrinks periodically in place). Nuisance variation per video: gradient direction and
-colours, blob colour, size and start position, speed, orbit radius and phase, pulse period.
+The class is the motion of the blob layer, continued over the whole video so that a clip starting at any frame
+shows it: translation (wrapping around the frame's edge: blobs leave on one side and come back on the other), a
+clockwise turn about the frame's centre ("orbit"), or pulsing (every blob grows and shrinks in step, in place).
+All blobs of a video move by the same law and speed, so every part of the frame shows the class. Nuisance
+variation per video: gradient direction and colours, blob colours, sizes and positions, speed, slant, pulse period
+and phase.
 
 The background gradient spans at least 70 grey levels in every channel across the frame, so even a 16 px patch
 of plain background carries a ramp well above codec noise once normalized.
@@ -22,7 +24,7 @@ import numpy as np
 
 # Ordered so that the first two are a mirror pair; the demo uses the first 4.
 OBJECT_MOTIONS = ("move right", "move left", "orbit", "pulse", "move down", "move up")
-NUM_BLOBS = 2
+NUM_BLOBS = 4
 
 
 def _gradient(rng: np.random.Generator, height: int, width: int) -> np.ndarray:
@@ -46,58 +48,66 @@ def _blob_colour(rng: np.random.Generator, background: np.ndarray) -> np.ndarray
     return 255.0 - mean  # unreachable in practice: the opposite colour
 
 
-def object_track(
-    name: str, rng: np.random.Generator, num_frames: int, height: int, width: int
+def object_tracks(
+    name: str, rng: np.random.Generator, num_blobs: int, num_frames: int, height: int, width: int
 ) -> dict[str, np.ndarray]:
-    """Per-frame blob pose: `center` float[T, 2] (x, y pixels, before wrapping), `sigma` float[T] (pixels)."""
+    """Per-frame blob poses: `center` float[T, K, 2] (x, y pixels, before wrapping), `sigma` float[T, K] (pixels).
+
+    All K blobs move by one law (the class) with one set of parameters per video, as a layer over the background:
+    every part of the frame shows the class's motion, and its speed is shared."""
     if name not in OBJECT_MOTIONS:
         raise ValueError(f"unknown object motion {name!r}; expected one of {OBJECT_MOTIONS}")
     short = min(height, width)
-    t = np.arange(num_frames, dtype=np.float64)
-    start = np.array([rng.uniform(0, 1) * width, rng.uniform(0.2, 0.8) * height])
-    center = np.repeat(start[None], num_frames, axis=0)
-    sigma = np.full(num_frames, rng.uniform(0.10, 0.14) * short)
+    t = np.arange(num_frames, dtype=np.float64)[:, None]  # [T, 1]
+    hub = np.array([width, height]) / 2
+    # start positions: anywhere for translations (they wrap), else on a ring around the centre that stays inside
+    radius = rng.uniform(0.15, 0.42, size=num_blobs) * short
+    angle0 = rng.uniform(0, 2 * math.pi, size=num_blobs)
+    ring = hub + radius[:, None] * np.stack([np.cos(angle0), np.sin(angle0)], axis=1)  # [K, 2]
+    sigma = np.repeat(rng.uniform(0.08, 0.12, size=num_blobs)[None] * short, num_frames, axis=0)
     speed = rng.uniform(0.018, 0.028) * short  # pixels per frame: 7-11 px between frames 4 apart at 96 px
-    if name in ("move right", "move left", "move down", "move up"):
+    if name.startswith("move "):
+        start = rng.uniform(0, 1, size=(num_blobs, 2)) * np.array([width, height])
         axis = 0 if name in ("move right", "move left") else 1
         sign = 1.0 if name in ("move right", "move down") else -1.0
-        center[:, axis] += sign * speed * t
-        center[:, 1 - axis] += rng.uniform(-0.15, 0.15) * speed * t  # a slight slant: not pure axes
-    elif name == "orbit":  # clockwise on screen (y down): the angle grows
-        radius = rng.uniform(0.12, 0.18) * short
-        omega = speed / radius  # about 0.15 rad per frame: a clip of 13 frames turns ~2 rad, a visible curve
-        phase = rng.uniform(0, 2 * math.pi)
-        center = start + radius * np.stack([np.cos(phase + omega * t), np.sin(phase + omega * t)], axis=1)
-    else:  # pulse: the size oscillates in place, between ~0.5x and ~1.5x
+        velocity = np.zeros(2)
+        velocity[axis] = sign * speed
+        velocity[1 - axis] = rng.uniform(-0.15, 0.15) * speed  # a slight slant: directions are not pure axes
+        center = start[None] + t[..., None] * velocity
+    elif name == "orbit":  # the layer turns clockwise on screen (y down: the angle grows) about the frame's centre
+        omega = speed / (0.3 * short)  # ~0.06-0.09 rad per frame
+        angle = angle0[None] + omega * t  # [T, K]
+        center = hub + radius[None, :, None] * np.stack([np.cos(angle), np.sin(angle)], axis=-1)
+    else:  # pulse: in place, every blob's size oscillates in step, between 0.5x and 1.5x
         period = rng.uniform(16, 28)
         sigma = sigma * (1 + 0.5 * np.sin(2 * math.pi * t / period + rng.uniform(0, 2 * math.pi)))
+        center = np.repeat(ring[None], num_frames, axis=0)
     return {"center": center, "sigma": sigma}
 
 
 def render_objects(
     name: str, seed: int, num_frames: int = 64, height: int = 96, width: int = 128, num_blobs: int = NUM_BLOBS
 ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-    """uint8[T, H, W, 3] RGB frames of one "objects" video of motion `name` and the first blob's `object_track`;
+    """uint8[T, H, W, 3] RGB frames of one "objects" video of motion `name` and its `object_tracks` (all blobs);
     a pure function of the arguments. Translations wrap around the frame (a torus): distances are taken on the
     torus, which keeps every frame smooth across the edge. `num_blobs` < NUM_BLOBS draws the same video with only
     the first blobs (0: the background alone; tests find the objects from pixels this way)."""
     rng = np.random.default_rng(seed)
     background = _gradient(rng, height, width)
-    blobs = []
-    for _ in range(NUM_BLOBS):  # each with its own colour, size, start and speed; all move as the class says
-        colour = _blob_colour(rng, background).astype(np.float32)
-        blobs.append((colour, rng.uniform(0.85, 1.0), object_track(name, rng, num_frames, height, width)))
-    blobs = blobs[:num_blobs]
-    yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
+    colours = [_blob_colour(rng, background).astype(np.float32) for _ in range(NUM_BLOBS)]
+    strengths = rng.uniform(0.85, 1.0, size=NUM_BLOBS)
+    tracks = object_tracks(name, rng, NUM_BLOBS, num_frames, height, width)
+    ys, xs = np.arange(height, dtype=np.float32), np.arange(width, dtype=np.float32)
     frames = np.empty((num_frames, height, width, 3), dtype=np.uint8)
     for i in range(num_frames):
         frame = background.copy()
-        for colour, strength, track in blobs:
-            cx, cy = track["center"][i][0] % width, track["center"][i][1] % height
-            s = float(track["sigma"][i])
-            dx = np.minimum(np.abs(xx - cx), width - np.abs(xx - cx))  # distance on the torus
-            dy = np.minimum(np.abs(yy - cy), height - np.abs(yy - cy))
-            alpha = (strength * np.exp(-(dx * dx + dy * dy) / (2 * s * s)))[..., None]
-            frame = frame * (1 - alpha) + colour * alpha
+        for k in range(num_blobs):
+            cx, cy = tracks["center"][i, k, 0] % width, tracks["center"][i, k, 1] % height
+            s2 = np.float32(2 * tracks["sigma"][i, k] ** 2)
+            dx = np.minimum(np.abs(xs - cx), width - np.abs(xs - cx))  # distances on the torus
+            dy = np.minimum(np.abs(ys - cy), height - np.abs(ys - cy))
+            # the Gaussian is separable: an outer product of two 1-D profiles
+            alpha = (np.float32(strengths[k]) * np.outer(np.exp(-dy * dy / s2), np.exp(-dx * dx / s2)))[..., None]
+            frame = frame * (1 - alpha) + colours[k] * alpha
         frames[i] = np.clip(frame + 0.5, 0, 255).astype(np.uint8)
-    return frames, blobs[0][2] if blobs else {}
+    return frames, tracks
