@@ -1,6 +1,6 @@
 """The "objects" style of `shards.synth`: smooth content whose masked tubes can be predicted from the visible ones.
 
-Every video shows four soft Gaussian blobs over a linear colour gradient. There is no per-pixel noise and no
+Every video shows three soft Gaussian blobs over a linear colour gradient. There is no per-pixel noise and no
 texture, so every tubelet is a smooth function of a few numbers (gradient direction and colours, blob centres,
 sizes and colours) that the visible tubelets reveal: VideoMAE's normalized-pixel target is predictable, unlike the
 "texture" style's random blocks and pixel noise, which per-tubelet normalization turns into unpredictable targets.
@@ -24,7 +24,7 @@ import numpy as np
 
 # Ordered so that the first two are a mirror pair; the demo uses the first 4.
 OBJECT_MOTIONS = ("move right", "move left", "orbit", "pulse", "move down", "move up")
-NUM_BLOBS = 4
+NUM_BLOBS = 3
 
 
 def _gradient(rng: np.random.Generator, height: int, width: int) -> np.ndarray:
