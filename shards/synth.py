@@ -14,6 +14,11 @@ colours, size, orientation, position). Its class is only the motion: direction o
 in or out, and speed. Each class has a mirror class (left/right, clockwise/anticlockwise, in/out) whose single
 frames follow the same distribution, so one frame cannot tell them apart; a model has to compare frames over time.
 Frames are made with numpy (`render_video`) and piped into ffmpeg as raw RGB.
+
+`--style objects` (`shards.synth_objects`) draws smooth content instead: a soft blob over a colour gradient, no
+texture and no pixel noise, so that masked tubes can be predicted from visible ones (the demo pretrains on it);
+its classes are `OBJECT_MOTIONS` (move right / left, orbit, pulse, ...). The default "texture" style is the
+benchmarks' data.
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ import numpy as np
 
 from shards.format import atomic_write
 from shards.inputs import kinetics_stem
+from shards.synth_objects import OBJECT_MOTIONS, render_objects
 from shards.transcode import ffmpeg_exe
 
 
@@ -61,6 +67,7 @@ MOTIONS = (
     Motion("rotate clockwise fast", "rotate", +1, fast=True),
     Motion("rotate counterclockwise fast", "rotate", -1, fast=True),
 )
+STYLES = ("texture", "objects")
 _ID_ALPHABET = np.array(list("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"))
 
 
@@ -216,16 +223,21 @@ def make_dataset(
     num_frames: int = 64,
     fps: float = 25.0,
     workers: int | None = None,
+    style: str = "texture",
 ) -> dict:
-    """Write the dataset (see module docstring); returns a summary {classes, train, val, seconds}."""
-    if not 1 <= num_classes <= len(MOTIONS):
-        raise ValueError(f"--classes must be 1..{len(MOTIONS)}, got {num_classes}")
+    """Write the dataset (see module docstring); returns a summary {classes, train, val, seconds}.
+    style: "texture" (textured rectangles, the default) or "objects" (smooth blobs, `shards.synth_objects`)."""
+    if style not in STYLES:
+        raise ValueError(f"--style must be one of {', '.join(STYLES)}, got {style!r}")
+    names = [m.name for m in MOTIONS] if style == "texture" else list(OBJECT_MOTIONS)
+    if not 1 <= num_classes <= len(names):
+        raise ValueError(f"--classes must be 1..{len(names)} for style {style}, got {num_classes}")
     if width % 2 or height % 2:
         raise ValueError(f"width and height must be even, got {width}x{height}")
     started = time.perf_counter()
     val_per_class = max(1, per_class // 4) if val_per_class is None else val_per_class
     out = Path(out)
-    motions = MOTIONS[:num_classes]
+    motions = names[:num_classes]
     rng = np.random.default_rng(seed)
     jobs = []  # (split, motion, video seed, youtube_id, start)
     counts = {"train": per_class, "val": val_per_class}
@@ -237,12 +249,15 @@ def make_dataset(
 
     def make(job) -> dict:
         split, motion, video_seed, youtube_id, start = job
-        folder = out / split / motion.name
+        folder = out / split / motion
         folder.mkdir(parents=True, exist_ok=True)
-        frames, _ = render_video(motion, video_seed, num_frames, height, width)
+        if style == "objects":
+            frames, _ = render_objects(motion, video_seed, num_frames, height, width)
+        else:
+            frames, _ = render_video(MOTIONS[names.index(motion)], video_seed, num_frames, height, width)
         encode_h264(frames, folder / f"{kinetics_stem(youtube_id, start, start + 10)}.mp4", fps)
         return {
-            "label": motion.name,
+            "label": motion,
             "youtube_id": youtube_id,
             "time_start": start,
             "time_end": start + 10,
@@ -258,7 +273,7 @@ def make_dataset(
         writer.writeheader()
         writer.writerows(split_rows)
         atomic_write(out / f"{split}.csv", text.getvalue())
-    classes = sorted(m.name for m in motions)
+    classes = sorted(motions)
     (out / "classes.txt").write_text("".join(c + "\n" for c in classes))
     return {
         "classes": classes,
@@ -271,7 +286,16 @@ def make_dataset(
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m shards.synth", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", required=True, help="output directory")
-    p.add_argument("--classes", type=int, default=4, help=f"number of motion classes, 1..{len(MOTIONS)} (default 4)")
+    p.add_argument(
+        "--classes", type=int, default=4, help=f"number of motion classes, 1..{len(MOTIONS)} (objects: 1..6; default 4)"
+    )
+    p.add_argument(
+        "--style",
+        choices=STYLES,
+        default="texture",
+        help="texture: textured rectangles, pixel noise (default; the benchmarks' data); objects: smooth blobs "
+        "over a gradient, predictable masked tubes (the demo's data)",
+    )
     p.add_argument("--per-class", type=int, default=8, help="train videos per class (default 8)")
     p.add_argument("--val-per-class", type=int, default=None, help="val videos per class (default per-class/4)")
     p.add_argument("--seed", type=int, default=0, help="(default 0)")
@@ -293,6 +317,7 @@ def main(argv: list[str] | None = None) -> int:
             args.frames,
             args.fps,
             args.workers,
+            args.style,
         )
     except (ValueError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
