@@ -2,8 +2,9 @@
 
     python -m apps.demo [--out demo]
 
-1. `shards.synth --style objects` makes 4 motion classes (96 train + 24 val videos each, 64 frames: two soft
-   blobs over a colour gradient that move right, move left, orbit or pulse), in the Kinetics layout;
+1. `shards.synth` makes 4 motion classes (96 train + 24 val videos each, 64 frames of a textured shape that moves
+   left or right or rotates clockwise or counterclockwise), in the Kinetics layout (`--style objects`, smooth blobs
+   with class-specific motion, is the candidate for a demo whose pretraining visibly pays: README, Quickstart);
 2. `shards.build` transcodes them to VP9 WebDataset shards, each video stored in 4 stride phases (train, then val
    with train's classes); `shards.verify`;
 3. `train.py pretrain` (configs/demo_pretrain.yaml): VideoMAE tube-masked pretraining of a tiny ViT;
@@ -51,12 +52,6 @@ def steps(out: Path) -> list[tuple[str, list[str]]]:
                 "shards.synth",
                 "--out",
                 str(raw),
-                "--style",
-                "objects",
-                "--size",
-                "128x96",
-                "--frames",
-                "64",
                 "--classes",
                 "4",
                 "--per-class",
@@ -138,7 +133,7 @@ def steps(out: Path) -> list[tuple[str, list[str]]]:
                 "--val",
                 str(shards / "val"),
                 "--stride",
-                "4",
+                "16",
                 "--mask-ratio",
                 "0.75",
                 "--seed",
@@ -192,7 +187,7 @@ def steps(out: Path) -> list[tuple[str, list[str]]]:
                 "--mask-ratio",
                 "0.75",
                 "--stride",
-                "4",
+                "16",
             ],
         ),  # as demo_pretrain
     ]
