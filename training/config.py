@@ -400,7 +400,9 @@ def _data_facts(cfg: Config, mode: str) -> DataFacts:
         raise ConfigError(f"{split_key}: no class list in the manifest; set model.num_classes")
     if mode != "pretrain" and class_names and num_classes < len(class_names):
         raise ConfigError(f"model.num_classes={num_classes}, but {split_key} {split} has {len(class_names)} classes")
-    if mode != "pretrain" and d.source != "synthetic":
+    if mode != "pretrain" and d.source != "synthetic" and not is_url(split):
+        # a remote set's tars are fetched by the loader, in segments: its labels are checked against the manifest's
+        # class list only (above)
         _check_labels(split_key, split, num_classes)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if mode != "eval" and num_samples is not None and num_samples < d.batch_size * world:
