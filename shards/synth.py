@@ -294,7 +294,7 @@ def main(argv: list[str] | None = None) -> int:
         choices=STYLES,
         default="texture",
         help="texture: textured rectangles, pixel noise (default; the benchmarks' data); objects: smooth blobs "
-        "over a gradient, predictable masked tubes (the demo's data)",
+        "over a gradient, predictable masked tubes (meant for the demo)",
     )
     p.add_argument("--per-class", type=int, default=8, help="train videos per class (default 8)")
     p.add_argument("--val-per-class", type=int, default=None, help="val videos per class (default per-class/4)")
