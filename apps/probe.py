@@ -240,14 +240,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0, help="masks and random encoder: the run's run.seed (default 0)")
     p.add_argument("--batch-size", type=int, default=8, help="videos per batch (default 8)")
     p.add_argument("--threads", type=int, default=None, help="pipeline CPU threads (default: all cores)")
+    p.add_argument("--torch-threads", type=int, default=None, help="torch CPU threads (default: torch's own)")
     p.add_argument("--trust-pickle", action="store_true", help="full unpickling of a checkpoint you trust")
     args = p.parse_args(argv)
     if args.clips < 1 or args.batch_size < 1 or not 0 < args.mask_ratio < 1:
         p.error("--clips and --batch-size must be >= 1, --mask-ratio in (0, 1)")
     configure_logging()
-    # One torch thread: the model is tiny next to the decoding, and on a busy machine a second OpenMP thread that
-    # waits for its cores at every op barrier made each layer 10x slower (measured on 2 shared cores).
-    torch.set_num_threads(1)
+    if args.torch_threads:
+        # the demo's model is tiny next to its decoding: on 2 busy cores a second OpenMP thread, waiting for its core
+        # at every op barrier, made each layer 10x slower (measured); a real encoder wants torch's default
+        torch.set_num_threads(args.torch_threads)
     for what, path in (("--train", args.train), ("--val", args.val)):
         if not Path(path).exists() and not any(c in str(path) for c in "{*?"):
             print(f"error: {what} {path}: no such file or directory", file=sys.stderr)

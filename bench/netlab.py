@@ -113,9 +113,10 @@ class Throttle:
 
 
 @contextlib.contextmanager
-def local_s3(bucket: str = "bench") -> Iterator[tuple[str, dict[str, str]]]:
+def local_s3(bucket: str | None = "bench") -> Iterator[tuple[str, dict[str, str]]]:
     """moto's S3 server (`python -m moto.server`, the `moto[server]` test dependency) on a free port of 127.0.0.1
-    with `bucket` made; yields (endpoint URL, the environment that points s3fs at it)."""
+    with `bucket` made (None: none); yields (endpoint URL, the environment that points s3fs at it). The tests'
+    server too (tests/remote_servers.py)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -141,7 +142,8 @@ def local_s3(bucket: str = "bench") -> Iterator[tuple[str, dict[str, str]]]:
                 if proc.poll() is not None or time.monotonic() > deadline:
                     raise RuntimeError(f"moto server did not start on port {port}") from None
                 time.sleep(0.1)
-        urllib.request.urlopen(urllib.request.Request(f"{endpoint}/{bucket}", method="PUT"), timeout=10).close()
+        if bucket:
+            urllib.request.urlopen(urllib.request.Request(f"{endpoint}/{bucket}", method="PUT"), timeout=10).close()
         yield endpoint, env
     finally:
         proc.terminate()

@@ -14,11 +14,7 @@ import contextlib
 import http.server
 import os
 import socket
-import subprocess
-import sys
 import threading
-import time
-import urllib.request
 from collections import defaultdict
 from collections.abc import Iterator
 from pathlib import Path
@@ -42,28 +38,11 @@ def s3_env(endpoint: str) -> dict[str, str]:
 
 @contextlib.contextmanager
 def moto_server() -> Iterator[str]:
-    """`python -m moto.server` on 127.0.0.1 (a real S3 API over HTTP); yields its endpoint URL."""
-    port = free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    endpoint = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                urllib.request.urlopen(f"{endpoint}/moto-api/", timeout=2).close()
-                break
-            except OSError:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"moto server did not start on port {port}") from None
-                time.sleep(0.1)
+    """`python -m moto.server` on 127.0.0.1 (a real S3 API over HTTP; bench.netlab starts it); yields its endpoint."""
+    from bench.netlab import local_s3
+
+    with local_s3(bucket=None) as (endpoint, _):
         yield endpoint
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
 
 
 class _Handler(http.server.BaseHTTPRequestHandler):
