@@ -10,10 +10,12 @@ rank 0, here as on a cluster whose first node hosts the rendezvous.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -38,9 +40,10 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
 
 
 def two_agents(out_dirs: tuple[Path, Path], *overrides: str, resume: str | None = None) -> list[str]:
-    """Run the two agents (the first started first) to the end; returns their stdouts."""
+    """Run the two agents (the first started first) to the end; returns their outputs (stdout and stderr). One that
+    fails ends the wait: the other would sit at torchrun's exit barrier for 300 s."""
     port = free_port()
-    agents = []
+    agents, logs = [], []
     for out in out_dirs:
         cmd = [
             sys.executable,
@@ -58,11 +61,12 @@ def two_agents(out_dirs: tuple[Path, Path], *overrides: str, resume: str | None 
             "two-nodes",
             *train_cmd("pretrain", out, *RUN, *overrides, resume=resume)[1:],
         ]
+        logs.append(tempfile.TemporaryFile("w+"))  # files, not pipes: nothing blocks while the agents are polled
         agents.append(
             subprocess.Popen(
                 cmd,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
+                stdout=logs[-1],
+                stderr=subprocess.STDOUT,
                 text=True,
                 cwd=ROOT,
                 env=ENV,
@@ -72,15 +76,25 @@ def two_agents(out_dirs: tuple[Path, Path], *overrides: str, resume: str | None 
         time.sleep(0.5)  # the first agent is the older process: rank 0
     outputs = []
     try:
-        for agent in agents:
-            stdout, stderr = agent.communicate(timeout=180)
-            assert agent.returncode == 0, stdout + stderr
-            outputs.append(stdout)
-    finally:
+        deadline = time.monotonic() + 180
+        while any(agent.poll() is None for agent in agents) and time.monotonic() < deadline:
+            if any(agent.poll() not in (None, 0) for agent in agents):
+                break
+            time.sleep(0.2)
         for agent in agents:
             if agent.poll() is None:  # its workers too: they would wait on each other forever
                 os.killpg(agent.pid, signal.SIGKILL)
-                agent.communicate()
+        for i, (agent, log) in enumerate(zip(agents, logs)):
+            agent.wait()
+            log.seek(0)
+            outputs.append(log.read())
+            assert agent.returncode == 0, f"agent {i} exit {agent.returncode}:\n{outputs[-1]}"
+    finally:
+        for agent, log in zip(agents, logs):
+            if agent.poll() is None:
+                os.killpg(agent.pid, signal.SIGKILL)
+                agent.wait()
+            log.close()
     return outputs
 
 
@@ -106,3 +120,19 @@ def test_two_agents_with_their_own_out_dirs_stop_resume_and_match_one_agent(tmp_
     assert sorted(got) == sorted(expected) == list(range(1, 9))
     for step, loss in expected.items():
         assert got[step] == pytest.approx(loss, rel=1e-6, abs=1e-9), step
+
+
+def test_no_gloo_thread_outlives_a_finished_run(tmp_path):
+    """The cause of an agent that hung at torchrun's exit barrier (CI of 2026-12-04): the trainer's DDP kept the
+    process group, so gloo's threads outlived destroy_process_group and aborted one rank's exit 1 time in ~5."""
+    out = tmp_path / "run"
+    cmd = train_cmd("pretrain", out, *RUN, "optim.max_steps=2")
+    run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1"]
+        + ["--master-port", str(free_port()), str(ROOT / "tests" / "train_exit_threads.py"), *cmd[2:]],
+        env={**ENV, "THREADS_OUT": str(tmp_path)},
+    )
+    for rank in (0, 1):
+        report = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert report["status"] == 0
+        assert not [name for name in report["threads"] if "gloo" in name], (rank, report["threads"])

@@ -4,6 +4,7 @@ are no-ops in a single process. (Console lines are logging's: `shards.logs.confi
 
 from __future__ import annotations
 
+import gc
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -46,7 +47,13 @@ def setup() -> Dist:
 
 
 def teardown() -> None:
+    """Destroy the process group once nothing holds it. DistributedDataParallel keeps a reference to the group, and a
+    trainer left in a reference cycle keeps DDP: collect it first, or gloo's worker threads outlive
+    `destroy_process_group` and now and then abort the process as the interpreter shuts down ("terminate called
+    without an active exception", exit -6 after a run that finished), which leaves the other torchrun agents waiting
+    at their exit barrier."""
     if torch_dist.is_available() and torch_dist.is_initialized():
+        gc.collect()
         torch_dist.destroy_process_group()
 
 
