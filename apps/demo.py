@@ -2,9 +2,8 @@
 
     python -m apps.demo [--out demo]
 
-1. `shards.synth` makes 4 motion classes (96 train + 24 val videos each, 64 frames of a textured shape that moves
-   left or right or rotates clockwise or counterclockwise), in the Kinetics layout (`--style objects`, smooth blobs
-   with class-specific motion, is the candidate for a demo whose pretraining visibly pays: README, Quickstart);
+1. `shards.synth --style objects` makes 4 motion classes (96 train + 24 val videos each, 64 frames of soft blobs over
+   a colour gradient, all moving right, left, down or up), in the Kinetics layout;
 2. `shards.build` transcodes them to VP9 WebDataset shards, each video stored in 4 stride phases (train, then val
    with train's classes); `shards.verify`;
 3. `train.py pretrain` (configs/demo_pretrain.yaml): VideoMAE tube-masked pretraining of a tiny ViT;
@@ -12,7 +11,8 @@
    features, for the pretrained encoder and the same encoder at its random initialisation;
 5. `train.py finetune` (configs/demo_finetune.yaml) from that checkpoint;
 6. `train.py eval` (configs/demo_eval.yaml): 5 clips x 3 crops per held-out video;
-7. `apps.reconstruct`: original / masked / reconstructed frames of two held-out clips (PNG);
+7. the control: the same fine-tuning and evaluation from a randomly initialised encoder (`model.pretrained=null`);
+8. `apps.reconstruct`: original / masked / reconstructed frames of two held-out clips (PNG);
 then a table (stage, time, loss, probe, top-1), also written as OUT/summary.json. Each step is the command a user
 would type (printed before it runs); re-running continues where a step stopped (builds and training resume) and
 redoes nothing that finished.
@@ -60,6 +60,10 @@ def steps(out: Path) -> list[tuple[str, list[str]]]:
                 "24",
                 "--seed",
                 "0",
+                "--style",
+                "objects",
+                "--size",
+                "128x96",
             ],
         ),
         (
@@ -133,7 +137,7 @@ def steps(out: Path) -> list[tuple[str, list[str]]]:
                 "--val",
                 str(shards / "val"),
                 "--stride",
-                "16",
+                "4",
                 "--mask-ratio",
                 "0.75",
                 "--seed",
@@ -173,6 +177,34 @@ def steps(out: Path) -> list[tuple[str, list[str]]]:
             ],
         ),
         (
+            "finetune, no pretraining",
+            [
+                py,
+                "train.py",
+                "finetune",
+                "--config",
+                CONFIGS["finetune"],
+                "--resume",
+                "auto",
+                *data,
+                "model.pretrained=null",
+                f"run.out_dir={runs / 'finetune_scratch'}",
+            ],
+        ),  # the control: the same fine-tuning from a randomly initialised encoder
+        (
+            "eval, no pretraining",
+            [
+                py,
+                "train.py",
+                "eval",
+                "--config",
+                CONFIGS["eval"],
+                f"data.val={shards / 'val'}",
+                f"model.pretrained={runs / 'finetune_scratch'}",
+                f"run.out_dir={runs / 'eval_scratch'}",
+            ],
+        ),
+        (
             "reconstruction",
             [
                 py,
@@ -189,7 +221,7 @@ def steps(out: Path) -> list[tuple[str, list[str]]]:
                 "--mask-ratio",
                 "0.75",
                 "--stride",
-                "16",
+                "4",
             ],
         ),  # as demo_pretrain
     ]
@@ -209,6 +241,7 @@ def results(out: Path, timings: dict[str, float]) -> dict:
     run), plus each stage's seconds and training losses."""
     runs = out / "runs"
     probe, ev = _json(out / "probe.json"), _json(runs / "eval" / "eval.json")
+    control = _json(runs / "eval_scratch" / "eval.json")
     get = lambda d, *keys: None if not d else d[keys[0]][keys[1]]
     result = {
         "pretrain_heldout_loss_init": get(probe, "random", "heldout_loss"),
@@ -216,11 +249,16 @@ def results(out: Path, timings: dict[str, float]) -> dict:
         "probe_top1_pretrained": get(probe, "pretrained", "probe_top1"),
         "probe_top1_random": get(probe, "random", "probe_top1"),
         "finetune_top1": ev.get("top1"),
+        "finetune_top1_no_pretraining": control.get("top1"),
         "eval_videos": ev.get("videos"),
         "seconds": {name: round(sec, 1) for name, sec in timings.items()},
     }
-    for stage in ("pretrain", "finetune"):
-        records = _metrics(runs / stage)
+    for stage, run in (
+        ("pretrain", "pretrain"),
+        ("finetune", "finetune"),
+        ("finetune_no_pretraining", "finetune_scratch"),
+    ):
+        records = _metrics(runs / run)
         if records:
             result[f"{stage}_train_loss"] = [records[0]["loss"], records[-1]["loss"]]
             result[f"{stage}_steps"] = records[-1]["step"]
@@ -245,6 +283,13 @@ def table(res: dict) -> str:
         rows.append(("finetune", sec.get("finetune", 0.0), f"train {first:.3f} -> {last:.3f}", "", ""))
     if res["finetune_top1"] is not None:
         rows.append(("eval 5x3", sec.get("eval", 0.0), "", "", pct(res["finetune_top1"])))
+    if "finetune_no_pretraining_train_loss" in res:  # the control: the same fine-tuning from a random encoder
+        first, last = res["finetune_no_pretraining_train_loss"]
+        loss = f"train {first:.3f} -> {last:.3f}"
+        rows.append(("finetune, no PT", sec.get("finetune, no pretraining", 0.0), loss, "", ""))
+    if res.get("finetune_top1_no_pretraining") is not None:
+        top1 = pct(res["finetune_top1_no_pretraining"])
+        rows.append(("eval, no PT", sec.get("eval, no pretraining", 0.0), "", "", top1))
     rows.append(("reconstruction", sec.get("reconstruction", 0.0), "", "", ""))
     lines = ["", "demo summary", f"  {'stage':15s} {'time':>7s}  {'loss':34s} {'probe top-1':34s} {'top-1':>6s}"]
     for stage, seconds, loss, probe, top1 in rows:

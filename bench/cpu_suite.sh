@@ -24,8 +24,9 @@ echo "== model training step: reference vs fused, fp32 vs bf16 (ViT-S, 8 x 112 p
 $py -m bench.bench_model --device cpu --size small --frames 8 --img 112 --batch 2 --steps 2 --warmup 1 \
   --variants ref-fp32,fused-fp32,ref-bf16,fused-bf16 --out "$out/model.json"
 echo "== end-to-end: demo pretraining fed by the real pipeline vs in-memory tensors"
+# data.stride=16: the clip span of the recorded figures (bench/RESULTS.md); the demo itself now samples stride 4
 $py -m bench.bench_train --config configs/demo_pretrain.yaml --steps 60 --log-interval 10 --warmup 1 \
-  --out "$out/train.json" data.train=bench/out/pipeline_shards/train-cut4
+  --out "$out/train.json" data.train=bench/out/pipeline_shards/train-cut4 data.stride=16
 plots=("$out/pipeline.json")  # one line per layout
 [ -f bench/h100/pipeline_vp9.json ] && plots+=(bench/h100/pipeline_vp9.json)
 $py -m bench.plot "${plots[@]}" --out bench/pipeline_scaling.png

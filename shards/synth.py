@@ -15,10 +15,10 @@ in or out, and speed. Each class has a mirror class (left/right, clockwise/antic
 frames follow the same distribution, so one frame cannot tell them apart; a model has to compare frames over time.
 Frames are made with numpy (`render_video`) and piped into ffmpeg as raw RGB.
 
-`--style objects` (`shards.synth_objects`) draws smooth content instead: a soft blob over a colour gradient, no
-texture and no pixel noise, so that masked tubes can be predicted from visible ones (the demo pretrains on it);
-its classes are `OBJECT_MOTIONS` (move right / left, orbit, pulse, ...). The default "texture" style is the
-benchmarks' data.
+`--style objects` (`shards.synth_objects`) draws smooth content instead: soft blobs over a colour gradient, no
+texture and no pixel noise, so that masked tubes can be predicted from visible ones (the demo's data); its classes
+are `OBJECT_MOTIONS` (move right / left / down / up, orbit, pulse). The default "texture" style is the benchmarks'
+data.
 """
 
 from __future__ import annotations

@@ -22,8 +22,9 @@ import math
 
 import numpy as np
 
-# Ordered so that the first two are a mirror pair; the demo uses the first 4.
-OBJECT_MOTIONS = ("move right", "move left", "orbit", "pulse", "move down", "move up")
+# The demo uses the first 4: the four directions of translation, told apart by the direction of motion alone (the
+# first two are a mirror pair: no horizontal flip in training; the next two a vertical one).
+OBJECT_MOTIONS = ("move right", "move left", "move down", "move up", "orbit", "pulse")
 NUM_BLOBS = 3
 
 

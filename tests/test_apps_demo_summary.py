@@ -28,6 +28,9 @@ def test_summary_json_and_table(tmp_path):
     }
     _write(tmp_path / "probe.json", json.dumps(probe))
     _write(tmp_path / "runs" / "eval" / "eval.json", json.dumps({"top1": 0.9375, "top5": 1.0, "videos": 96}))
+    _write(tmp_path / "runs" / "eval_scratch" / "eval.json", json.dumps({"top1": 0.3125, "top5": 1.0, "videos": 96}))
+    control = [{"step": 96, "loss": 1.39}, {"step": 960, "loss": 1.25}]
+    _write(tmp_path / "runs" / "finetune_scratch" / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in control))
     lines = [{"step": 48, "loss": 1.2}, {"step": 960, "loss": 0.6}]
     _write(tmp_path / "runs" / "pretrain" / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in lines))
     timings = {"synthetic videos": 10.0, "train shards": 20.0, "pretrain": 100.0, "probe": 9.0, "eval": 5.0}
@@ -38,10 +41,13 @@ def test_summary_json_and_table(tmp_path):
     assert "held-out 1.250 -> 0.500 (0.40x)" in text
     assert "random 30.0% -> pretrained 75.0%" in text and "93.8%" in text
     assert "CPU user+sys 189 s" in text
+    # the control: the same fine-tuning from a random encoder
+    assert got["finetune_top1_no_pretraining"] == 0.3125 and got["finetune_no_pretraining_train_loss"] == [1.39, 1.25]
+    assert "train 1.390 -> 1.250" in text and "31.2%" in text
 
 
 def test_summary_of_a_run_that_stopped_early(tmp_path):
     text = summary(tmp_path, {"synthetic videos": 3.0})
     got = json.loads((tmp_path / "summary.json").read_text())
-    assert all(got[k] is None for k in KEYS)
+    assert all(got[k] is None for k in KEYS) and got["finetune_top1_no_pretraining"] is None
     assert "data" in text
