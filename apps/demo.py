@@ -43,6 +43,17 @@ def steps(out: Path) -> list[tuple[str, list[str]]]:
     py = sys.executable
     raw, shards, runs = out / "raw", out / "shards", out / "runs"
     data = [f"data.train={shards / 'train'}"]
+
+    def finetune_and_eval(suffix: str, pretrained: Path | None, run: Path, ev: Path) -> list[tuple[str, list[str]]]:
+        """Fine-tuning from `pretrained` (None: a random encoder) into `run`, then its 5 x 3 eval into `ev`."""
+        weights = f"model.pretrained={pretrained if pretrained else 'null'}"
+        train = ["train.py", "finetune", "--config", CONFIGS["finetune"], "--resume", "auto", *data, weights]
+        evaluate = ["train.py", "eval", "--config", CONFIGS["eval"], f"data.val={shards / 'val'}"]
+        return [
+            (f"finetune{suffix}", [py, *train, f"run.out_dir={run}"]),
+            (f"eval{suffix}", [py, *evaluate, f"model.pretrained={run}", f"run.out_dir={ev}"]),
+        ]
+
     return [
         (
             "synthetic videos",
@@ -148,62 +159,9 @@ def steps(out: Path) -> list[tuple[str, list[str]]]:
                 "1",
             ],
         ),  # stride, mask ratio and seed as demo_pretrain; a 1M-parameter model runs best on one torch thread
-        (
-            "finetune",
-            [
-                py,
-                "train.py",
-                "finetune",
-                "--config",
-                CONFIGS["finetune"],
-                "--resume",
-                "auto",
-                *data,
-                f"model.pretrained={runs / 'pretrain'}",
-                f"run.out_dir={runs / 'finetune'}",
-            ],
-        ),
-        (
-            "eval",
-            [
-                py,
-                "train.py",
-                "eval",
-                "--config",
-                CONFIGS["eval"],
-                f"data.val={shards / 'val'}",
-                f"model.pretrained={runs / 'finetune'}",
-                f"run.out_dir={runs / 'eval'}",
-            ],
-        ),
-        (
-            "finetune, no pretraining",
-            [
-                py,
-                "train.py",
-                "finetune",
-                "--config",
-                CONFIGS["finetune"],
-                "--resume",
-                "auto",
-                *data,
-                "model.pretrained=null",
-                f"run.out_dir={runs / 'finetune_scratch'}",
-            ],
-        ),  # the control: the same fine-tuning from a randomly initialised encoder
-        (
-            "eval, no pretraining",
-            [
-                py,
-                "train.py",
-                "eval",
-                "--config",
-                CONFIGS["eval"],
-                f"data.val={shards / 'val'}",
-                f"model.pretrained={runs / 'finetune_scratch'}",
-                f"run.out_dir={runs / 'eval_scratch'}",
-            ],
-        ),
+        *finetune_and_eval("", runs / "pretrain", runs / "finetune", runs / "eval"),
+        # the control: the same fine-tuning and evaluation from a randomly initialised encoder
+        *finetune_and_eval(", no pretraining", None, runs / "finetune_scratch", runs / "eval_scratch"),
         (
             "reconstruction",
             [

@@ -55,13 +55,13 @@ def s3fs_now():
 def bucket_objects(prefix: str) -> dict[str, bytes]:
     """name -> bytes of every object under `prefix` (s3://bkt/...), read back independently of shards.remote."""
     fs = s3fs_now()
-    return {p.rsplit("/", 1)[1]: fs.cat_file(p) for p in fs.find(prefix.rstrip("/") + "/")}
+    return {p.rsplit("/", 1)[1]: fs.cat_file(p) for p in bucket_names(prefix, fs)}
 
 
-def bucket_names(prefix: str) -> list[str]:
+def bucket_names(prefix: str, fs=None) -> list[str]:
     """Keys under `prefix/`, nothing read: safe to poll while an upload is landing (listing then reading raced with
     it: a NoSuchKey for the prefix itself, seen once in a loaded test run)."""
-    return s3fs_now().find(prefix.rstrip("/") + "/")
+    return (fs or s3fs_now()).find(prefix.rstrip("/") + "/")
 
 
 def test_split_spec():

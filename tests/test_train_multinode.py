@@ -74,27 +74,23 @@ def two_agents(out_dirs: tuple[Path, Path], *overrides: str, resume: str | None 
             )
         )
         time.sleep(0.5)  # the first agent is the older process: rank 0
-    outputs = []
     try:
         deadline = time.monotonic() + 180
-        while any(agent.poll() is None for agent in agents) and time.monotonic() < deadline:
-            if any(agent.poll() not in (None, 0) for agent in agents):
+        while time.monotonic() < deadline and not any(agent.poll() for agent in agents):  # a non-zero exit ends it
+            if all(agent.poll() == 0 for agent in agents):
                 break
             time.sleep(0.2)
+    finally:
         for agent in agents:
             if agent.poll() is None:  # its workers too: they would wait on each other forever
                 os.killpg(agent.pid, signal.SIGKILL)
-        for i, (agent, log) in enumerate(zip(agents, logs)):
             agent.wait()
+    outputs = []
+    for i, (agent, log) in enumerate(zip(agents, logs)):
+        with log:
             log.seek(0)
             outputs.append(log.read())
-            assert agent.returncode == 0, f"agent {i} exit {agent.returncode}:\n{outputs[-1]}"
-    finally:
-        for agent, log in zip(agents, logs):
-            if agent.poll() is None:
-                os.killpg(agent.pid, signal.SIGKILL)
-                agent.wait()
-            log.close()
+        assert agent.returncode == 0, f"agent {i} exit {agent.returncode}:\n{outputs[-1]}"
     return outputs
 
 
