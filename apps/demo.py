@@ -7,7 +7,7 @@
 2. `shards.build` transcodes them to VP9 WebDataset shards (crf 24: the default 36's artifacts on these smooth
    frames are noise the normalized-pixel loss cannot predict), each video stored in 4 stride phases (train, then val
    with train's classes); `shards.verify`;
-3. `train.py pretrain` (configs/demo_pretrain.yaml): VideoMAE tube-masked pretraining of a tiny ViT;
+3. `train.py pretrain` (configs/demo_pretrain.yaml): VideoMAE pretraining of a tiny ViT, 75% random masking;
 4. `apps.probe`: held-out pretraining loss (val split, fixed masks) and a linear probe on frozen mean-pooled
    features, for the pretrained encoder and the same encoder at its random initialisation;
 5. `train.py finetune` (configs/demo_finetune.yaml) from that checkpoint;
@@ -156,6 +156,8 @@ def steps(out: Path) -> list[tuple[str, list[str]]]:
                 "4",
                 "--mask-ratio",
                 "0.75",
+                "--mask-type",
+                "random",
                 "--seed",
                 "0",
                 "--json",
@@ -163,7 +165,7 @@ def steps(out: Path) -> list[tuple[str, list[str]]]:
                 "--torch-threads",
                 "1",
             ],
-        ),  # stride, mask ratio and seed as demo_pretrain; a 1M-parameter model runs best on one torch thread
+        ),  # stride, mask ratio and type, and seed as demo_pretrain; a 1M-parameter model runs best on one torch thread
         *finetune_and_eval("", runs / "pretrain", runs / "finetune", runs / "eval"),
         # the control: the same fine-tuning and evaluation from a randomly initialised encoder
         *finetune_and_eval(", no pretraining", None, runs / "finetune_scratch", runs / "eval_scratch"),
@@ -183,6 +185,8 @@ def steps(out: Path) -> list[tuple[str, list[str]]]:
                 "2",
                 "--mask-ratio",
                 "0.75",
+                "--mask-type",
+                "random",
                 "--stride",
                 "4",
             ],

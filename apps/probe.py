@@ -8,8 +8,9 @@ the checkpoint and for the same architecture at random initialisation.
 2. Linear probe: multinomial logistic regression on the train split's features (standardized with the train
    statistics, L2 penalty, full-batch L-BFGS in float64: deterministic), top-1 on the val split.
 3. Held-out pretraining loss: the checkpoint's own objective (normalized-pixel MSE on masked tubelets) on the val
-   split's clips, with tube masks drawn from a generator seeded by `--seed`: the same masks for both models and on
-   every run, so the numbers are comparable across checkpoints of a run.
+   split's clips, with masks (`--mask-type` tube or random, as the run's data.mask_type) drawn from a generator
+   seeded by `--seed`: the same masks for both models and on every run, so the numbers are comparable across
+   checkpoints of a run.
 
 The random encoder is the checkpoint's architecture initialised after `torch.manual_seed(--seed)`, exactly as
 `train.py pretrain` initialises it with run.seed = --seed: its loss is the run's loss at initialisation.
@@ -65,6 +66,17 @@ def tube_masks(num: int, cfg, mask_ratio: float, generator: torch.Generator) -> 
     return spatial.repeat(1, slots)
 
 
+def random_masks(num: int, cfg, mask_ratio: float, generator: torch.Generator) -> torch.Tensor:
+    """bool[num, N] random masks as the pipeline draws them with mask_type "random": int(ratio * N) of all N tokens
+    per clip, True = masked."""
+    n = cfg.num_patches
+    order = torch.rand(num, n, generator=generator).argsort(dim=1)
+    return torch.zeros(num, n, dtype=torch.bool).scatter_(1, order[:, : int(mask_ratio * n)], True)
+
+
+MASKS = {"tube": tube_masks, "random": random_masks}
+
+
 @torch.no_grad()
 def pooled_features(model: nn.Module, video: torch.Tensor) -> torch.Tensor:
     """video float[B, C, T, H, W] -> float[B, D]: the encoder (with its final norm) over all tokens, mean-pooled."""
@@ -100,6 +112,7 @@ def split_pass(
     *,
     clips: int = 5,
     mask_ratio: float | None = None,
+    mask_type: str = "tube",
     seed: int = 0,
 ) -> dict[str, Any]:
     """One pass of `loader` (an eval loader over `shards`, `clips` clips x 1 crop) for every model, then closes it:
@@ -113,7 +126,7 @@ def split_pass(
     try:
         for batch in loader:
             video = batch["video"].float()
-            mask = tube_masks(len(video), cfg, mask_ratio, generator) if mask_ratio is not None else None
+            mask = MASKS[mask_type](len(video), cfg, mask_ratio, generator) if mask_ratio is not None else None
             for name, model in models.items():
                 feats = pooled_features(model, video)
                 sums[name].append(feats.view(-1, clips, feats.shape[1]).mean(dim=1))
@@ -174,6 +187,7 @@ def probe(
     clips: int = 5,
     stride: int = 4,
     mask_ratio: float = 0.9,
+    mask_type: str = "tube",
     seed: int = 0,
     batch_size: int = 8,
     threads: int | None = None,
@@ -182,6 +196,8 @@ def probe(
     """The probe and held-out loss of `checkpoint` and of its random twin (see the module docstring). Returns
     {"pretrained": {"probe_top1", "heldout_loss"}, "random": {...}, "classes", "train_videos", "val_videos",
     "seconds"}; accuracies are fractions."""
+    if mask_type not in MASKS:
+        raise ValueError(f"mask type must be one of {', '.join(MASKS)}, got {mask_type!r}")
     started = time.perf_counter()
     pretrained = checkpoint if isinstance(checkpoint, nn.Module) else load_pretraining_encoder(checkpoint, trust_pickle)
     if not hasattr(pretrained, "encoder") or not hasattr(pretrained, "decoder"):
@@ -200,7 +216,7 @@ def probe(
             loader.close()
         raise
     tr = split_pass(loaders["train"], train, models, clips=clips)
-    va = split_pass(loaders["val"], val, models, clips=clips, mask_ratio=mask_ratio, seed=seed)
+    va = split_pass(loaders["val"], val, models, clips=clips, mask_ratio=mask_ratio, mask_type=mask_type, seed=seed)
     num_classes = int(max(tr["labels"].max(), va["labels"].max())) + 1
     out: dict[str, Any] = {}
     for name in models:
@@ -237,6 +253,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--clips", type=int, default=5, help="clips per video, features averaged (default 5)")
     p.add_argument("--stride", type=int, default=4, help="frame sampling rate, as in pretraining (default 4)")
     p.add_argument("--mask-ratio", type=float, default=0.9, help="held-out loss tube masking ratio (default 0.9)")
+    p.add_argument(
+        "--mask-type", choices=tuple(MASKS), default="tube", help="held-out masks, as the run's data.mask_type"
+    )
     p.add_argument("--seed", type=int, default=0, help="masks and random encoder: the run's run.seed (default 0)")
     p.add_argument("--batch-size", type=int, default=8, help="videos per batch (default 8)")
     p.add_argument("--threads", type=int, default=None, help="pipeline CPU threads (default: all cores)")
@@ -262,6 +281,7 @@ def main(argv: list[str] | None = None) -> int:
             clips=args.clips,
             stride=args.stride,
             mask_ratio=args.mask_ratio,
+            mask_type=args.mask_type,
             seed=args.seed,
             batch_size=args.batch_size,
             threads=args.threads,

@@ -52,6 +52,7 @@ def reconstruct(
     num: int = 2,
     seed: int = 0,
     mask_ratio: float = 0.9,
+    mask_type: str = "tube",
     stride: int = 4,
     device: str = "cpu",
     trust_pickle: bool = False,
@@ -85,6 +86,7 @@ def reconstruct(
         patch_size=cfg.patch_size,
         tubelet_size=cfg.tubelet_size,
         mask_ratio=mask_ratio,
+        mask_type=mask_type,
         seed=seed,
         debug_outputs=True,
         shuffle_buffer=64,
@@ -164,7 +166,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--num", type=int, default=2, help="clips to show (default 2)")
     p.add_argument("--seed", type=int, default=0, help="which clips, crops and masks (default 0)")
     p.add_argument("--frames", type=int, default=4, help="time steps shown per clip (default 4)")
-    p.add_argument("--mask-ratio", type=float, default=0.9, help="tube masking ratio (default 0.9)")
+    p.add_argument("--mask-ratio", type=float, default=0.9, help="masking ratio (default 0.9)")
+    p.add_argument(
+        "--mask-type", choices=["tube", "random"], default="tube", help="as the run's data.mask_type (default tube)"
+    )
     p.add_argument("--stride", type=int, default=4, help="frame sampling rate (default 4)")
     p.add_argument("--device", choices=["cpu", "gpu"], default="cpu")
     p.add_argument(
@@ -183,6 +188,7 @@ def main(argv: list[str] | None = None) -> int:
             num=args.num,
             seed=args.seed,
             mask_ratio=args.mask_ratio,
+            mask_type=args.mask_type,
             stride=args.stride,
             device=args.device,
             trust_pickle=args.trust_pickle,

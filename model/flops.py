@@ -33,15 +33,18 @@ def _block_flops(n: int, d: int, mlp_ratio: float) -> int:
 
 
 def forward_flops(
-    cfg: VideoMAEConfig, kind: str, num_masked: int | None = None, mask_ratio: float = 0.9
+    cfg: VideoMAEConfig, kind: str, num_masked: int | None = None, mask_ratio: float = 0.9, mask_type: str = "tube"
 ) -> dict[str, int]:
-    """Forward matmul FLOPs per clip in training, by part. `num_masked` defaults to the official tube masking at
-    `mask_ratio`."""
+    """Forward matmul FLOPs per clip in training, by part. `num_masked` defaults to the official masking at
+    `mask_ratio`: tube (int(ratio * H'W') per temporal slot) or random (int(ratio * N))."""
     n = cfg.num_patches
     d = cfg.embed_dim
     parts: dict[str, int] = {}
     if kind == "pretrain":
-        m = num_tube_masked(cfg.grid, mask_ratio) if num_masked is None else num_masked
+        if num_masked is None:
+            random = mask_type == "random"
+            num_masked = int(mask_ratio * n) if random else num_tube_masked(cfg.grid, mask_ratio)
+        m = num_masked
         v = n - m
         k = m - int(cfg.decoder_mask_ratio * m)  # masked tokens the decoder reconstructs (all of them without V2's)
         dd = cfg.decoder_embed_dim
@@ -61,7 +64,7 @@ def forward_flops(
 
 
 def training_flops_per_clip(
-    cfg: VideoMAEConfig, kind: str, num_masked: int | None = None, mask_ratio: float = 0.9
+    cfg: VideoMAEConfig, kind: str, num_masked: int | None = None, mask_ratio: float = 0.9, mask_type: str = "tube"
 ) -> int:
     """FLOPs of one training step per clip = 3 x the forward matmul FLOPs (see module docstring)."""
-    return 3 * forward_flops(cfg, kind, num_masked, mask_ratio)["total"]
+    return 3 * forward_flops(cfg, kind, num_masked, mask_ratio, mask_type)["total"]

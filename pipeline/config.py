@@ -25,6 +25,7 @@ from dataclasses import dataclass
 
 MODES = ("pretrain", "finetune", "eval")  # the one definition: other modules import it
 DECODE_CHOICES = ("fixed", "auto")
+MASK_TYPES = ("tube", "random")  # the official --mask_type choices
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -36,8 +37,11 @@ class PipelineConfig:
     stride: int = 4  # sampling rate between consecutive frames of a clip
     input_size: int = 224  # output frames are input_size x input_size
     num_repeats: int = 1  # K views per decoded clip (repeated augmentation)
-    # pretraining mask (official TubeMaskingGenerator: int(ratio * spatial tokens) per temporal slot)
+    # pretraining mask: "tube" (official TubeMaskingGenerator: int(ratio * spatial tokens) per temporal slot, the same
+    # spatial pattern at every slot) or "random" (RandomMaskingGenerator: int(ratio * N) of all N tokens, a fresh
+    # pattern per slot; the paper's ablation, which lets a token be predicted from its place in another slot)
     mask_ratio: float = 0.9
+    mask_type: str = "tube"
     patch_size: int = 16
     tubelet_size: int = 2
     # spatial augmentation
@@ -126,6 +130,8 @@ class PipelineConfig:
                 raise ValueError(f"num_frames={self.num_frames} is not a multiple of tubelet_size={self.tubelet_size}")
             if not 0.0 <= self.mask_ratio < 1.0:
                 raise ValueError(f"mask_ratio={self.mask_ratio}: must be in [0, 1)")
+            if self.mask_type not in MASK_TYPES:
+                raise ValueError(f"mask_type={self.mask_type!r}: expected one of {MASK_TYPES}")
         if self.mode == "eval":
             if self.eval_clips < 1 or self.eval_crops < 1:
                 raise ValueError(f"eval_clips={self.eval_clips}, eval_crops={self.eval_crops}: both must be >= 1")
@@ -167,3 +173,10 @@ class PipelineConfig:
     def masked_per_slot(self) -> int:
         """Masked spatial tokens per temporal slot, as the official TubeMaskingGenerator counts them."""
         return int(self.mask_ratio * self.spatial_tokens)
+
+    @property
+    def num_masked(self) -> int:
+        """Masked tokens per clip: tube int(ratio * S) * T', random int(ratio * N) (the official generators)."""
+        if self.mask_type == "random":
+            return int(self.mask_ratio * self.num_tokens)
+        return self.masked_per_slot * (self.num_frames // self.tubelet_size)

@@ -51,7 +51,7 @@ from nvidia.dali.auto_aug.core import augmentation
 
 from pipeline.config import PipelineConfig
 from pipeline.ivfcheck import checked_header, checked_member
-from pipeline.masking import tube_mask_from_scores, tube_mask_scores
+from pipeline.masking import mask_score_count, mask_scores, pretrain_masks
 from shards import format as fmt
 
 RRC_ATTEMPTS = 10  # torchvision/VideoMAE random resized crop: 10 attempts, then a central fallback
@@ -325,7 +325,7 @@ def _view_draws(cfg: PipelineConfig) -> dict:
     draws = {}
     if cfg.mode == "pretrain":
         draws["pair"], draws["offset"] = uniform(k), uniform(k)
-        draws["mask_scores"] = tube_mask_scores(k, cfg.spatial_tokens)
+        draws["mask_scores"] = mask_scores(k, mask_score_count(cfg))
     else:
         draws["area"], draws["ratio"] = uniform(k, RRC_ATTEMPTS), uniform(k, RRC_ATTEMPTS)
         draws["top"], draws["left"] = uniform(k, RRC_ATTEMPTS), uniform(k, RRC_ATTEMPTS)
@@ -435,10 +435,7 @@ def _decode_and_augment(encoded, run: FrameRun, group, draws, cfg: PipelineConfi
     if cfg.mode != "eval" and cfg.erase_prob > 0:
         video = _erase(video, erase_boxes(cfg, *draws["erase"]), cfg, device)
     if cfg.mode == "pretrain":
-        slots = cfg.num_frames // cfg.tubelet_size
-        mask = tube_mask_from_scores(
-            _to(draws["mask_scores"], device), cfg.num_repeats, cfg.spatial_tokens, slots, cfg.masked_per_slot, device
-        )
+        mask = pretrain_masks(_to(draws["mask_scores"], device), cfg, device)
     else:
         mask = _to(fn.zeros(shape=[cfg.views_per_sample, 1], dtype=types.BOOL), device)
     return video, box, frames, mask

@@ -30,7 +30,7 @@ from collections.abc import Iterator
 import torch
 
 from pipeline import selection
-from pipeline.config import MODES
+from pipeline.config import MASK_TYPES, MODES
 from pipeline.protocol import LoaderStats
 
 log = logging.getLogger(__name__)
@@ -48,6 +48,7 @@ class SyntheticLoader:
         input_size: int = 224,
         num_repeats: int = 1,
         mask_ratio: float = 0.9,
+        mask_type: str = "tube",
         patch_size: int = 16,
         tubelet_size: int = 2,
         num_clips: int = 5,
@@ -73,7 +74,9 @@ class SyntheticLoader:
         self.shape = (channels, num_frames, input_size, input_size)
         self.views = num_clips * num_crops if mode == "eval" else num_repeats
         self.num_clips, self.num_crops = num_clips, num_crops
-        self.mask_ratio = mask_ratio
+        if mask_type not in MASK_TYPES:
+            raise ValueError(f"mask_type must be one of {MASK_TYPES}, got {mask_type!r}")
+        self.mask_ratio, self.mask_type = mask_ratio, mask_type
         self.grid = (num_frames // tubelet_size, input_size // patch_size, input_size // patch_size)
         self.seed, self.rank, self.world_size = seed, rank, world_size
         self.device = (
@@ -196,18 +199,21 @@ class SyntheticLoader:
             videos[row] = self.templates[labels[row]] + torch.randn(self.shape, generator=g)
         batch = {"video": videos, "label": labels, "sample_id": ids}
         if self.mode == "pretrain":
-            batch["mask"] = self._tube_masks(ids, view)
+            batch["mask"] = self._masks(ids, view)
         if self.mode == "eval":
             batch["clip"], batch["crop"] = view // self.num_crops, view % self.num_crops
         return {k: t.to(self.device, non_blocking=True) for k, t in batch.items()}
 
-    def _tube_masks(self, ids: torch.Tensor, view: torch.Tensor) -> torch.Tensor:
+    def _masks(self, ids: torch.Tensor, view: torch.Tensor) -> torch.Tensor:
+        """bool[rows, N]: tube masks (one spatial pattern repeated over the T' slots) or random masks (int(ratio * N)
+        of all N tokens), with the official generators' counts."""
         t, h, w = self.grid
-        num_masked = int(self.mask_ratio * h * w)
+        tokens = h * w if self.mask_type == "tube" else t * h * w
+        num_masked = int(self.mask_ratio * tokens)
         g = torch.Generator().manual_seed(_mix(self.seed, self.epoch, *ids.tolist(), *view.tolist(), 1))
-        scores = torch.rand((len(ids), h * w), generator=g)
+        scores = torch.rand((len(ids), tokens), generator=g)
         masked = scores.argsort(dim=1).argsort(dim=1) < num_masked  # exactly num_masked True per row
-        return masked.repeat(1, t)
+        return masked.repeat(1, t) if self.mask_type == "tube" else masked
 
     def _cached_batch(self, sample_ids: torch.Tensor) -> dict[str, torch.Tensor]:
         if self._cached is None or len(self._cached["sample_id"]) != len(sample_ids) * self.views:

@@ -65,8 +65,10 @@ def object_tracks(
     radius = rng.uniform(0.15, 0.42, size=num_blobs) * short
     angle0 = rng.uniform(0, 2 * math.pi, size=num_blobs)
     ring = hub + radius[:, None] * np.stack([np.cos(angle0), np.sin(angle0)], axis=1)  # [K, 2]
-    sigma = np.repeat(rng.uniform(0.08, 0.12, size=num_blobs)[None] * short, num_frames, axis=0)
-    speed = rng.uniform(0.018, 0.028) * short  # pixels per frame: 7-11 px between frames 4 apart at 96 px
+    sigma = np.repeat(rng.uniform(0.072, 0.108, size=num_blobs)[None] * short, num_frames, axis=0)
+    # pixels per frame: 14-22 px between frames 4 apart at 96 px. Half as fast (and blobs 1/0.9 as large), a
+    # random encoder's mean-pooled features read the direction as well as a pretrained one's (2026-12-06)
+    speed = rng.uniform(0.036, 0.056) * short
     if name.startswith("move "):
         start = rng.uniform(0, 1, size=(num_blobs, 2)) * np.array([width, height])
         axis = 0 if name in ("move right", "move left") else 1
@@ -76,7 +78,7 @@ def object_tracks(
         velocity[1 - axis] = rng.uniform(-0.15, 0.15) * speed  # a slight slant: directions are not pure axes
         center = start[None] + t[..., None] * velocity
     elif name == "orbit":  # the layer turns clockwise on screen (y down: the angle grows) about the frame's centre
-        omega = speed / (0.3 * short)  # ~0.06-0.09 rad per frame
+        omega = speed / (0.3 * short)  # ~0.12-0.19 rad per frame
         angle = angle0[None] + omega * t  # [T, K]
         center = hub + radius[None, :, None] * np.stack([np.cos(angle), np.sin(angle)], axis=-1)
     else:  # pulse: in place, every blob's size oscillates in step, between 0.5x and 1.5x

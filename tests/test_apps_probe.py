@@ -13,7 +13,7 @@ import torch
 from conftest import module_env
 from model_weights import tiny_config
 
-from apps.probe import linear_probe, main, random_twin, tube_masks
+from apps.probe import linear_probe, main, random_masks, random_twin, tube_masks
 from model import build_model
 from model.checkpoint import model_payload, save_atomic
 
@@ -75,6 +75,16 @@ def test_tube_masks_are_fixed_by_the_seed():
     per_slot = a.view(5, slots, h * w)
     assert (per_slot.sum(-1) == int(0.75 * h * w)).all()  # the official count per temporal slot ...
     assert (per_slot == per_slot[:, :1]).all()  # ... and the same spatial pattern at every slot (tubes)
+
+
+def test_random_masks_are_fixed_by_the_seed_and_not_tubes():
+    cfg = tiny_config()
+    a = random_masks(50, cfg, 0.75, torch.Generator().manual_seed(3))
+    assert torch.equal(a, random_masks(50, cfg, 0.75, torch.Generator().manual_seed(3)))
+    assert a.shape == (50, cfg.num_patches) and (a.sum(1) == int(0.75 * cfg.num_patches)).all()
+    slots, h, w = cfg.grid
+    per_slot = a.view(50, slots, h * w)
+    assert (per_slot != per_slot[:, :1]).any()  # each slot its own pattern
 
 
 def test_random_twin_is_the_training_initialisation():

@@ -147,6 +147,13 @@ def test_reconstruct_cli_writes_the_picture(pretrain_ckpt, shard_dirs, tmp_path,
     assert (masked[hidden] == 0.5).all() and np.allclose(masked[~hidden], original[~hidden])
     assert np.isfinite(result["loss"]) and result["loss"] > 0
 
+    # --mask-type random: the masks of a run pretrained with data.mask_type random, a fresh pattern per slot
+    rand = reconstruct(pretrain_ckpt, shard_dirs["train"], num=2, seed=1, mask_ratio=0.75, mask_type="random")
+    slots = torch.from_numpy(rand["mask"]).view(2, 4, 16)
+    assert (slots.sum((1, 2)) == int(0.75 * 64)).all() and (slots != slots[:, :1]).any()
+    hidden = rand["mask"].reshape(2, 4, 1, 4, 1, 4, 1).repeat(2, 2).repeat(16, 4).repeat(16, 6).reshape(2, 8, 64, 64)
+    assert (rand["masked"][hidden] == 0.5).all()
+
 
 def test_classifier_checkpoint_is_refused(tmp_path, shard_dirs):
     cfg = tiny_config()

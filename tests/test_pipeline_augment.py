@@ -73,6 +73,28 @@ def test_tube_masks_are_uniform_over_tokens():
     assert (freq - 4 / 9).abs().max() < 0.2
 
 
+def test_random_masks_count_every_token_and_differ_between_slots():
+    """mask_type "random" (official RandomMaskingGenerator): int(ratio * N) of all N tokens, not tubes, each token
+    masked with probability ~ratio."""
+    cfg = PipelineConfig(mode="pretrain", mask_type="random", num_frames=4, input_size=48, mask_ratio=0.5)
+    assert (cfg.num_tokens, cfg.num_masked) == (18, 9)
+    kw = dict(num_frames=4, stride=4, input_size=48, num_repeats=4, mask_ratio=0.5, mask_type="random")
+    loader = build_loader(ps.train_shards().directory, "pretrain", 4, **kw)
+    masks = torch.cat([b["mask"] for _ in range(3) for b in loader])  # 3 epochs
+    assert masks.dtype == torch.bool and masks.shape[1] == 18 and masks.sum(1).eq(9).all()
+    slots = masks.view(-1, 2, 9)
+    assert (slots[:, 0] != slots[:, 1]).any(1).float().mean() > 0.9  # a fresh pattern per slot (tubes: never)
+    assert (slots.sum(-1) != 4).any()  # per-slot counts vary: the count is over the clip, not per slot
+    assert (masks.float().mean(0) - 0.5).abs().max() < 0.2
+    again = build_loader(ps.train_shards().directory, "pretrain", 4, **kw)
+    assert torch.equal(torch.cat([b["mask"] for b in again]), masks[: len(masks) // 3])  # the seed fixes them
+
+
+def test_unknown_mask_type_is_refused():
+    with pytest.raises(ValueError, match="mask_type='block'"):
+        PipelineConfig(mode="pretrain", mask_type="block").resolved()
+
+
 def test_pretrain_boxes_are_official_multiscale_crops_and_views_differ():
     shards = ps.train_shards()
     candidates = official_multiscale_boxes(96, 64, 48)

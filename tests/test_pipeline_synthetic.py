@@ -35,6 +35,19 @@ def test_layout_and_tube_masks():
     assert not torch.equal(batch["video"][0], batch["video"][1])  # different noise per repeat
 
 
+def test_random_masks_cover_the_clip_not_tubes():
+    kw = dict(num_samples=12, num_frames=4, input_size=32, patch_size=16, num_repeats=2, mask_ratio=0.75)
+    masks = torch.cat([b["mask"] for b in SyntheticLoader("pretrain", 3, mask_type="random", **kw)])
+    assert masks.shape == (24, 8) and (masks.sum(1) == 6).all()  # int(0.75 * 8) of the clip's 8 tokens
+    assert not torch.equal(masks[:, :4], masks[:, 4:])  # not one spatial pattern repeated
+    try:
+        SyntheticLoader("pretrain", 3, mask_type="tubes", **kw)
+    except ValueError as e:
+        assert "mask_type must be one of" in str(e)
+    else:
+        raise AssertionError("an unknown mask_type was accepted")
+
+
 def test_resume_mid_epoch_gives_the_same_batches():
     kw = dict(num_samples=20, num_frames=2, input_size=16, patch_size=8, tubelet_size=2, seed=3)
     full = collect(SyntheticLoader("pretrain", 4, **kw)) + collect(

@@ -154,6 +154,25 @@ def test_decoder_masking_trains_and_is_counted_in_the_flops(tmp_path, capsys):
     assert 0.5 < expected / plain < 0.7
 
 
+def test_random_masking_reaches_the_loader_and_the_flops(tmp_path, capsys):
+    """data.mask_type=random: the loader hands out int(ratio * N) masks over the whole clip (not tubes), the run
+    trains, and MFU counts the encoder over N - int(ratio * N) visible tokens."""
+    argv = ["pretrain", *SYNTHETIC, "data.num_frames=4", "data.mask_type=random"]
+    cfg = load_config(None, [a for a in argv[1:] if "=" in a])
+    from training.build import build_loader
+    from training.distributed import Dist
+
+    loader = build_loader(cfg, "pretrain", Dist(0, 1, torch.device("cpu")), make_model(cfg, "pretrain", None)[1])
+    mask = next(iter(loader))["mask"]
+    assert mask.shape == (2, 8) and (mask.sum(1) == 4).all()  # 2 slots x 4 tokens, int(0.5 * 8) masked
+    assert train.main([*argv, f"run.out_dir={tmp_path / 'a'}"]) == 0
+    one_line_error(capsys, [*argv, "data.mask_type=tubes", f"run.out_dir={tmp_path / 'b'}"], "data.mask_type")
+    cfg_b = VideoMAEConfig.from_name("base")
+    tube = flops.training_flops_per_clip(cfg_b, "pretrain", mask_ratio=0.9)  # 1408 masked: 176 of 196 per slot
+    rand = flops.training_flops_per_clip(cfg_b, "pretrain", mask_ratio=0.9, mask_type="random")  # 1411 masked
+    assert rand == flops.training_flops_per_clip(cfg_b, "pretrain", num_masked=1411) < tube
+
+
 def test_pipeline_strategy_options_pass_through_data_options(tmp_path, capsys, caplog):
     directory = ps.train_shards().directory
     base = [

@@ -174,6 +174,7 @@ def test_small_dataset_and_bad_enums(tmp_path):
         ("data.mask_ratio=1", "data.mask_ratio must be in (0, 1), got 1.0"),
         # 16 px frames of 8 px patches: 4 tokens per frame slot, int(0.2 x 4) = 0 of them masked
         ("data.mask_ratio=0.2", "data.mask_ratio 0.2 masks 0 of the 4 tokens per frame slot"),
+        ("data.mask_type=block", "data.mask_type must be 'tube' or 'random', got 'block'"),
         ("optim.lr=[1,", "override 'optim.lr=[1,': the value is not valid YAML: expected the node content"),
     ],
 )

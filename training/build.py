@@ -20,7 +20,7 @@ def build_loader(cfg: Config, mode: str, dist: Dist, model_cfg, state: dict | No
         num_frames=d.num_frames,
         input_size=d.input_size,
         num_repeats=1 if evaluating else d.num_repeats,
-        mask_ratio=d.mask_ratio,
+        **d.masking,
         patch_size=model_cfg.patch_size,
         tubelet_size=model_cfg.tubelet_size,
         seed=cfg.run.seed,

@@ -39,6 +39,7 @@ class DataConfig:
     input_size: int = 224
     num_repeats: int = 1  # repeated augmentation: clips per decoded video
     mask_ratio: float = 0.9
+    mask_type: str = "tube"  # "tube" (VideoMAE) or "random" (the paper's ablation: int(ratio * N) of all tokens)
     flip: bool | None = None  # None: the pipeline's default for the mode (VideoMAE pretraining does not flip)
     test_clips: int = 5
     test_crops: int = 3
@@ -46,6 +47,11 @@ class DataConfig:
     synthetic_samples: int = 256
     synthetic_classes: int = 4
     synthetic_in_memory: bool = False  # hand out one ready batch again and again (saturation benchmark)
+
+    @property
+    def masking(self) -> dict:
+        """The pretraining masks' keyword arguments (loaders, FLOPs): mask_ratio and mask_type."""
+        return {"mask_ratio": self.mask_ratio, "mask_type": self.mask_type}
 
 
 @dataclass
@@ -436,15 +442,19 @@ def _check_model(cfg: Config, mode: str) -> None:
     except (ValueError, TypeError) as e:
         raise ConfigError(f"model: {str(e).splitlines()[0]}") from e
     if mode == "pretrain":
-        # the pipeline's tube mask hides int(ratio x tokens per frame slot) tokens: with none hidden the loss is 0/0,
-        # with none visible the encoder sees nothing
+        # the pipeline's tube mask hides int(ratio x tokens per frame slot) tokens (a random mask int(ratio x all
+        # tokens)): with none hidden the loss is 0/0, with none visible the encoder sees nothing
+        if d.mask_type not in ("tube", "random"):
+            raise ConfigError(f"data.mask_type must be 'tube' or 'random', got {d.mask_type!r}")
         spatial = (d.input_size // model_cfg.patch_size) ** 2
         if not 0.0 < d.mask_ratio < 1.0:  # NaN included
             raise ConfigError(f"data.mask_ratio must be in (0, 1), got {d.mask_ratio}")
-        masked = int(d.mask_ratio * spatial)
-        if not 0 < masked < spatial:
+        tokens = spatial if d.mask_type == "tube" else spatial * (d.num_frames // model_cfg.tubelet_size)
+        masked = int(d.mask_ratio * tokens)
+        if not 0 < masked < tokens:
+            where = "tokens per frame slot" if d.mask_type == "tube" else "tokens of a clip"
             raise ConfigError(
-                f"data.mask_ratio {d.mask_ratio} masks {masked} of the {spatial} tokens per frame slot "
+                f"data.mask_ratio {d.mask_ratio} masks {masked} of the {tokens} {where} "
                 f"(data.input_size {d.input_size}, patch {model_cfg.patch_size}); pretraining needs "
                 "at least one masked and one visible token"
             )

@@ -127,7 +127,7 @@ class Trainer:
             self.ddp_model = torch.compile(self.ddp_model, mode=mode)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.metrics = MetricsLog(self.out_dir, dist.is_main, cfg.run.tensorboard)
-        self.flops_per_clip = training_flops_per_clip(self.model_cfg, self.model_kind, mask_ratio=cfg.data.mask_ratio)
+        self.flops_per_clip = training_flops_per_clip(self.model_cfg, self.model_kind, **cfg.data.masking)
         self.peak = peak_flops(cfg.run.peak_tflops, dist.device)
         self.stop_at = min(self.total_steps, cfg.run.stop_after_steps or self.total_steps)
         self.loss_fn = StepLoss(self.mode, self.ddp_model, cfg, dist.device, self.mixup)
