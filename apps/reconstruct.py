@@ -24,6 +24,7 @@ from torch import nn
 
 from model.pixels import mask_video, reconstruct_pixels
 from model.runtime import pipeline_device, resolve_device
+from pipeline.config import MASK_TYPES
 from shards import format as fmt
 from shards.logs import configure_logging
 
@@ -167,9 +168,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0, help="which clips, crops and masks (default 0)")
     p.add_argument("--frames", type=int, default=4, help="time steps shown per clip (default 4)")
     p.add_argument("--mask-ratio", type=float, default=0.9, help="masking ratio (default 0.9)")
-    p.add_argument(
-        "--mask-type", choices=["tube", "random"], default="tube", help="as the run's data.mask_type (default tube)"
-    )
+    p.add_argument("--mask-type", choices=MASK_TYPES, default="tube", help="as the run's data.mask_type (default tube)")
     p.add_argument("--stride", type=int, default=4, help="frame sampling rate (default 4)")
     p.add_argument("--device", choices=["cpu", "gpu"], default="cpu")
     p.add_argument(

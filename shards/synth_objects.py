@@ -66,8 +66,8 @@ def object_tracks(
     angle0 = rng.uniform(0, 2 * math.pi, size=num_blobs)
     ring = hub + radius[:, None] * np.stack([np.cos(angle0), np.sin(angle0)], axis=1)  # [K, 2]
     sigma = np.repeat(rng.uniform(0.072, 0.108, size=num_blobs)[None] * short, num_frames, axis=0)
-    # pixels per frame: 14-22 px between frames 4 apart at 96 px. Half as fast (and blobs 1/0.9 as large), a
-    # random encoder's mean-pooled features read the direction as well as a pretrained one's (2026-12-06)
+    # pixels per frame: 14-22 px between frames 4 apart at 96 px. The demo with blobs half as fast and 1/0.9 as large
+    # (tube masks, 1200 steps) gained only 4 probe points over a random encoder (README Quickstart, 2026-12-06)
     speed = rng.uniform(0.036, 0.056) * short
     if name.startswith("move "):
         start = rng.uniform(0, 1, size=(num_blobs, 2)) * np.array([width, height])

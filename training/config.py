@@ -18,7 +18,7 @@ from typing import Any
 import yaml
 
 from model.runtime import PRECISIONS
-from pipeline.config import MODES  # the one definition of the modes (pipeline.config loads no DALI)
+from pipeline.config import MASK_TYPES, MODES  # the one definition of the modes (pipeline.config loads no DALI)
 
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
@@ -444,7 +444,7 @@ def _check_model(cfg: Config, mode: str) -> None:
     if mode == "pretrain":
         # the pipeline's tube mask hides int(ratio x tokens per frame slot) tokens (a random mask int(ratio x all
         # tokens)): with none hidden the loss is 0/0, with none visible the encoder sees nothing
-        if d.mask_type not in ("tube", "random"):
+        if d.mask_type not in MASK_TYPES:
             raise ConfigError(f"data.mask_type must be 'tube' or 'random', got {d.mask_type!r}")
         spatial = (d.input_size // model_cfg.patch_size) ** 2
         if not 0.0 < d.mask_ratio < 1.0:  # NaN included
